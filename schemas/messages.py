@@ -1,0 +1,209 @@
+"""The webhook body, and every message the service writes to Kafka (architecture section 4)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.call import (
+    AccountId,
+    Call,
+    CallId,
+    CallStatus,
+    Direction,
+    Rfc3339,
+    empty_strings_as_absent,
+    format_rfc3339,
+)
+
+
+class Source(StrEnum):
+    WEBHOOK = "webhook"  # a FreeClimb callback: callStatus, no revision, no dates
+    RESOURCE = "resource"  # a Call resource body: status, usually revision and dates
+
+
+class RejectReason(StrEnum):
+    ILLEGAL_TRANSITION = "illegal_transition"
+    OUT_OF_ORDER = "out_of_order"
+    STALE_REVISION = "stale_revision"
+    CONFLICTING_REVISION = "conflicting_revision"
+
+
+class WebhookBody(BaseModel):
+    """What FreeClimb POSTs to a status callback URL (reference section 2).
+
+    Only the fields the service relies on are declared; the rest (conferenceId, queueId,
+    recording fields, and whatever FreeClimb adds later) are tolerated.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True, validate_by_alias=True)
+
+    requestType: str = Field(min_length=1)
+    callId: CallId
+    accountId: AccountId | None = None
+    callStatus: CallStatus
+    direction: Direction | None = None
+    from_: str | None = Field(default=None, alias="from")
+    to: str | None = None
+    parentCallId: CallId | None = None
+    callEndedReason: str | None = None
+    callDuration: int | None = Field(default=None, ge=0)
+
+    _absent = model_validator(mode="before")(empty_strings_as_absent)
+
+    def to_call(self) -> Call:
+        return Call(
+            callId=self.callId,
+            parentCallId=self.parentCallId,
+            accountId=self.accountId,
+            to=self.to,
+            **{"from": self.from_},
+            status=self.callStatus,
+            direction=self.direction,
+            duration=self.callDuration,
+        )
+
+
+def normalise_body(body: dict[str, Any]) -> tuple[Source, str | None, Call]:
+    """Read either accepted body shape into one Call. Raises pydantic's ValidationError,
+    whose entries name the offending field in the body's own vocabulary."""
+    if "requestType" in body or "callStatus" in body:
+        hook = WebhookBody.model_validate(body)
+        return Source.WEBHOOK, hook.requestType, hook.to_call()
+    return Source.RESOURCE, None, Call.model_validate(body)
+
+
+class IngestEvent(BaseModel):
+    """One validated callback, as written to the ingest topic."""
+
+    model_config = ConfigDict(frozen=True)
+
+    eventId: str = Field(description="assigned once at ingest; never changes downstream")
+    receivedAt: Rfc3339
+    source: Source
+    requestType: str | None
+    call: Call
+    body: dict[str, Any] = Field(description="the request body exactly as received")
+
+
+def encode_ingest(
+    event_id: str,
+    received_at: datetime,
+    source: Source,
+    request_type: str | None,
+    call: Call,
+    raw_body: bytes,
+) -> bytes:
+    """Serialise an :class:`IngestEvent` without re-serialising the body: the raw bytes
+    (already proven to be a JSON object) are spliced in as they came."""
+    head = json.dumps(
+        {
+            "eventId": event_id,
+            "receivedAt": format_rfc3339(received_at),
+            "source": source.value,
+            "requestType": request_type,
+        },
+        separators=(",", ":"),
+    )
+    return b"".join((head[:-1].encode(), b',"call":', call.to_json(), b',"body":', raw_body, b"}"))
+
+
+class _Outcome(BaseModel):
+    """Fields shared by the changes and rejected messages."""
+
+    model_config = ConfigDict(frozen=True, serialize_by_alias=True)
+
+    eventId: str
+    callId: str
+    accountId: str | None
+    previousStatus: CallStatus | None = Field(description="null for the first event of a call")
+    status: CallStatus
+    previousRevision: int | None
+    revision: int | None
+    source: Source
+    requestType: str | None
+    receivedAt: Rfc3339
+    processedAt: Rfc3339
+    call: Call
+
+
+class ChangeMessage(_Outcome):
+    """An accepted change of a call, on the changes topic."""
+
+
+class RejectedMessage(_Outcome):
+    """An event the state machine refused, on the rejected topic."""
+
+    reason: RejectReason
+    detail: str
+
+
+class StateMessage(BaseModel):
+    """The per-call state, on the compacted state topic (a tombstone deletes it)."""
+
+    model_config = ConfigDict(frozen=True, serialize_by_alias=True)
+
+    callId: str
+    status: CallStatus
+    revision: int | None
+    eventId: str = Field(description="the last accepted event")
+    updatedAt: Rfc3339 = Field(description="when the last accepted event was processed")
+    call: Call
+
+
+MessageKind = Literal["ingest", "changes", "rejected", "state"]
+
+
+def _head(fields: dict[str, Any]) -> bytes:
+    # The object without its closing brace, so the call can be spliced in after it.
+    return json.dumps(fields, separators=(",", ":"))[:-1].encode()
+
+
+def encode_outcome(
+    *,
+    event_id: str,
+    call: Call,
+    previous_status: CallStatus | None,
+    previous_revision: int | None,
+    source: Source,
+    request_type: str | None,
+    received_at: datetime,
+    processed_at: datetime,
+    reason: RejectReason | None = None,
+    detail: str = "",
+) -> bytes:
+    """Serialise a :class:`ChangeMessage`, or a :class:`RejectedMessage` when ``reason``
+    is given. Built by hand because it runs per event; tests hold it to the models."""
+    fields: dict[str, Any] = {
+        "eventId": event_id,
+        "callId": call.callId,
+        "accountId": call.accountId,
+        "previousStatus": previous_status,
+        "status": call.status,
+        "previousRevision": previous_revision,
+        "revision": call.revision,
+        "source": source,
+        "requestType": request_type,
+        "receivedAt": format_rfc3339(received_at),
+        "processedAt": format_rfc3339(processed_at),
+    }
+    if reason is not None:
+        fields["reason"] = reason
+        fields["detail"] = detail
+    return b"".join((_head(fields), b',"call":', call.to_json(), b"}"))
+
+
+def encode_state(call: Call, revision: int | None, event_id: str, updated_at: datetime) -> bytes:
+    """Serialise a :class:`StateMessage`."""
+    fields = {
+        "callId": call.callId,
+        "status": call.status,
+        "revision": revision,
+        "eventId": event_id,
+        "updatedAt": format_rfc3339(updated_at),
+    }
+    return b"".join((_head(fields), b',"call":', call.to_json(), b"}"))

@@ -1,0 +1,1 @@
+"""FreeClimb call-status processor: verified webhooks in, legal call-state changes out."""

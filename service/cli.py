@@ -1,0 +1,127 @@
+"""The ``callstatus`` command: ``serve``, ``sign``, ``tail`` and ``local-secret``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+
+from service import logs, signature
+from service.settings import LOCAL_ENV_FILE, SettingsError, load_settings
+
+
+def _fail(message: str) -> int:
+    print(f"callstatus: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_serve(_: argparse.Namespace) -> int:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        return _fail(str(exc))
+    logs.configure(settings.log_level, settings.log_format)
+    if not settings.verify_signatures:
+        import structlog
+
+        structlog.get_logger("callstatus").warning(
+            "SIGNATURE VERIFICATION IS OFF: anyone can post events; local play only"
+        )
+    from service.server import build
+
+    server = build(settings)
+    server.run()
+    # uvicorn returns normally after a failed start-up; make that a failed exit.
+    return 0 if server.started else 3
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    secret = args.secret
+    if secret is None:
+        try:
+            configured = load_settings().signing_secrets
+        except SettingsError as exc:
+            return _fail(str(exc))
+        if not configured:
+            return _fail("no secret: pass --secret or set CALLSTATUS_SIGNING_SECRETS")
+        secret = configured[0]
+    body = sys.stdin.buffer.read()
+    timestamp = args.timestamp if args.timestamp is not None else int(time.time())
+    print(signature.sign(secret, timestamp, body))
+    return 0
+
+
+def cmd_local_secret(_: argparse.Namespace) -> int:
+    """Create a signing secret for local play once, unless one is configured already."""
+    if os.environ.get("CALLSTATUS_SIGNING_SECRETS"):
+        print("callstatus: using CALLSTATUS_SIGNING_SECRETS from the environment", file=sys.stderr)
+        return 0
+    if LOCAL_ENV_FILE.exists():
+        print(f"callstatus: using the signing secret in {LOCAL_ENV_FILE}", file=sys.stderr)
+        return 0
+    value = "sigsec_" + secrets.token_hex(20)
+    LOCAL_ENV_FILE.write_text(f"CALLSTATUS_SIGNING_SECRETS={value}\n", encoding="utf-8")
+    LOCAL_ENV_FILE.chmod(0o600)
+    print(
+        f"callstatus: created a local signing secret in {LOCAL_ENV_FILE} (git-ignored); "
+        "`callstatus sign` uses it, and CALLSTATUS_SIGNING_SECRETS overrides it",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        return _fail(str(exc))
+    from service.tail import tail
+
+    return asyncio.run(
+        tail(
+            settings,
+            as_json=args.json,
+            from_beginning=args.from_beginning,
+            max_messages=args.max_messages,
+            idle_timeout=args.idle_timeout,
+        )
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="callstatus", description=__doc__)
+    sub = root.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the service (role from CALLSTATUS_ROLE)").set_defaults(
+        func=cmd_serve
+    )
+    sign = sub.add_parser("sign", help="print a FreeClimb-Signature value for the body on stdin")
+    sign.add_argument("--secret", help="signing secret (default: the first configured one)")
+    sign.add_argument("--timestamp", type=int, help="unix seconds (default: now)")
+    sign.set_defaults(func=cmd_sign)
+    tail = sub.add_parser("tail", help="follow the changes and rejected topics")
+    tail.add_argument("--json", action="store_true", help="print each message's raw JSON")
+    tail.add_argument("--from-beginning", action="store_true", help="start at the oldest message")
+    tail.add_argument("--max-messages", type=int, help="stop after this many messages")
+    tail.add_argument("--idle-timeout", type=float, help="stop after this many quiet seconds")
+    tail.set_defaults(func=cmd_tail)
+    sub.add_parser(
+        "local-secret", help="create a git-ignored signing secret for local play, once"
+    ).set_defaults(func=cmd_local_secret)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["main"]

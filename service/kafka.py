@@ -1,0 +1,175 @@
+"""The Kafka shell: topic set-up and the ingest producer.
+
+Everything here is thin on purpose; the decisions live in ``signature`` and ``fsm``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from service import metrics
+from service.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+DAY_MS = 24 * 3600 * 1000
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    configs: dict[str, str]
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """The four topics of architecture section 4, with their cleanup policies."""
+    return [
+        TopicSpec(settings.topic_ingest, {"retention.ms": str(7 * DAY_MS)}),
+        TopicSpec(settings.topic_changes, {"retention.ms": str(7 * DAY_MS)}),
+        TopicSpec(settings.topic_rejected, {"retention.ms": str(30 * DAY_MS)}),
+        # Compacted: the latest state of each call survives; tombstones delete it.
+        TopicSpec(settings.topic_state, {"cleanup.policy": "compact"}),
+    ]
+
+
+class TopicLayoutError(RuntimeError):
+    """The topics exist but cannot be used as they are."""
+
+
+async def ensure_topics(settings: Settings) -> dict[str, int]:
+    """Create missing topics (when allowed) and return each topic's partition count.
+
+    The processor writes a call's state to the state partition with the same number as
+    its ingest partition, so the two counts must match; we refuse to start otherwise
+    rather than silently scatter state.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [spec for spec in topic_specs(settings) if spec.name not in existing]
+        if missing and settings.create_topics:
+            await admin.create_topics(
+                [
+                    NewTopic(
+                        spec.name,
+                        settings.topic_partitions,
+                        settings.topic_replication_factor,
+                        topic_configs=spec.configs,
+                    )
+                    for spec in missing
+                ]
+            )
+            log.info("topics created", topics=[spec.name for spec in missing])
+        described = await admin.describe_topics(list(settings.topic_names))
+    finally:
+        await admin.close()
+    counts = {t["topic"]: len(t["partitions"]) for t in described if not t["error_code"]}
+    absent = [name for name in settings.topic_names if not counts.get(name)]
+    if absent:
+        raise TopicLayoutError(
+            f"topics missing: {', '.join(absent)} (create them, or set "
+            "CALLSTATUS_CREATE_TOPICS=true)"
+        )
+    if counts[settings.topic_ingest] != counts[settings.topic_state]:
+        raise TopicLayoutError(
+            f"{settings.topic_ingest} has {counts[settings.topic_ingest]} partitions but "
+            f"{settings.topic_state} has {counts[settings.topic_state]}; they must be equal "
+            "because each call's state lives in the partition numbered like its ingest one"
+        )
+    return counts
+
+
+class Unavailable(Exception):
+    """Kafka did not take the event in time; the caller answers 503."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class IngestProducer:
+    """Writes validated events to the ingest topic and waits for the broker's ack.
+
+    ``acks=all`` with idempotence: a 202 means every in-sync replica has the event, and
+    the producer's own retries cannot write it twice. In-flight sends are capped so a
+    slow or absent broker turns into quick 503s instead of an ever-growing queue.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._topic = settings.topic_ingest
+        self._timeout = settings.produce_timeout_seconds
+        self._max_inflight = settings.max_inflight_produces
+        self._inflight = 0
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=1,
+            # Fail a send the broker cannot take within our own answer deadline, plus
+            # margin, so the producer's buffer drains instead of holding stale events.
+            request_timeout_ms=int(settings.produce_timeout_seconds * 1000) + 5000,
+        )
+
+    async def start(self, deadline_seconds: float = 30.0) -> None:
+        """Connect, retrying until ``deadline_seconds``; Kafka may start after us."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + deadline_seconds
+        while True:
+            try:
+                await self._producer.start()
+                return
+            except KafkaError as exc:
+                if loop.time() >= give_up:
+                    raise
+                log.warning("kafka not reachable yet, retrying", error=str(exc))
+                await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        # stop() flushes what is still buffered before closing connections.
+        await self._producer.stop()
+
+    async def publish(self, key: bytes, value: bytes, headers: Headers) -> None:
+        """Return once the broker acknowledged, or raise :class:`Unavailable`.
+
+        On a timeout the event may still reach Kafka later (it sits in the producer's
+        buffer); FreeClimb then sees a 503 and may retry, and the processor drops the
+        repeated status as a duplicate. The reverse, a 202 for an event Kafka lacks,
+        cannot happen.
+        """
+        if self._inflight >= self._max_inflight:
+            metrics.PRODUCE_ERRORS.labels("buffer_full").inc()
+            raise Unavailable("buffer_full")
+        self._inflight += 1
+        try:
+            await asyncio.wait_for(
+                self._producer.send_and_wait(
+                    self._topic, value=value, key=key, headers=list(headers)
+                ),
+                self._timeout,
+            )
+        except TimeoutError:
+            metrics.PRODUCE_ERRORS.labels("timeout").inc()
+            raise Unavailable("timeout") from None
+        except KafkaError as exc:
+            metrics.PRODUCE_ERRORS.labels(type(exc).__name__).inc()
+            raise Unavailable(type(exc).__name__) from None
+        finally:
+            self._inflight -= 1
+
+    async def ready(self) -> bool:
+        """True when a broker answers a metadata request now."""
+        try:
+            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), 2.0)
+        except (TimeoutError, KafkaError, OSError):
+            return False
+        return True

@@ -1,0 +1,50 @@
+"""Prometheus metrics, each defined once. The README lists them with what to alert on."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+HTTP_REQUESTS = Counter(
+    "callstatus_http_requests_total", "HTTP requests by route and status code", ["route", "code"]
+)
+HTTP_LATENCY = Histogram(
+    "callstatus_http_request_duration_seconds",
+    "HTTP request latency by route",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+INGEST_OUTCOMES = Counter(
+    "callstatus_ingest_total",
+    "Ingest requests by outcome (accepted, or why they were refused)",
+    ["outcome"],
+)
+PRODUCE_ERRORS = Counter(
+    "callstatus_produce_errors_total", "Ingest writes Kafka did not acknowledge", ["reason"]
+)
+
+PROCESSOR_EVENTS = Counter(
+    "callstatus_processor_events_total",
+    "Events the state machine judged, by outcome and reject reason",
+    ["outcome", "reason"],
+)
+PROCESSOR_TRANSITIONS = Counter(
+    "callstatus_processor_transitions_total",
+    "Accepted status changes by previous and new status",
+    ["from_status", "to_status"],
+)
+PROCESSOR_BATCH_SECONDS = Histogram(
+    "callstatus_processor_batch_seconds", "Time to process one batch, transaction included"
+)
+PROCESSOR_COMMIT_SECONDS = Histogram(
+    "callstatus_processor_commit_seconds", "Time to commit one Kafka transaction"
+)
+PROCESSOR_RESTORE_SECONDS = Histogram(
+    "callstatus_processor_restore_seconds", "Time to restore one partition's states"
+)
+PROCESSOR_LAG = Gauge(
+    "callstatus_processor_lag", "Ingest records not yet processed, per partition", ["partition"]
+)
+PROCESSOR_CALLS = Gauge("callstatus_processor_calls", "Call states held in memory")
+PROCESSOR_RESTARTS = Counter(
+    "callstatus_processor_restarts_total", "Processor restarts after a Kafka failure", ["reason"]
+)

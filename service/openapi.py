@@ -1,0 +1,126 @@
+"""The OpenAPI 3 description served at ``/openapi.json``, built once from the models."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from schemas.call import Call
+from schemas.messages import WebhookBody
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        },
+    }
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    _, defs = models_json_schema(
+        [(WebhookBody, "validation"), (Call, "validation")],
+        ref_template="#/components/schemas/{model}",
+    )
+    schemas: dict[str, Any] = defs["$defs"]
+    schemas["Problem"] = {
+        "type": "object",
+        "required": ["type", "title", "status", "detail"],
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "errors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+                },
+            },
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "FreeClimb call-status processor", "version": "1"},
+        "paths": {
+            "/v1/call-status": {
+                "post": {
+                    "summary": "Take one FreeClimb webhook body or one Call resource body",
+                    "parameters": [
+                        {
+                            "name": "FreeClimb-Signature",
+                            "in": "header",
+                            "required": True,
+                            "schema": {"type": "string"},
+                            "description": "t=<unix seconds>,v1=<hex HMAC-SHA256>[,v1=...]",
+                        }
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [
+                                        {"$ref": "#/components/schemas/WebhookBody"},
+                                        {"$ref": "#/components/schemas/Call"},
+                                    ]
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": {
+                            "description": "Stored durably in the ingest topic",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "eventId": {"type": "string"},
+                                            "callId": {"type": "string"},
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        "400": _problem("Body is not JSON, or not a JSON object"),
+                        "401": _problem("Signature missing, malformed, wrong or out of tolerance"),
+                        "413": _problem("Body larger than the configured limit"),
+                        "415": _problem("Content type is not JSON"),
+                        "422": _problem("Not a valid call-status event; lists each field error"),
+                        "503": _problem("Kafka did not acknowledge in time; see Retry-After"),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {"summary": "Liveness", "responses": {"200": {"description": "up"}}}
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: Kafka reachable, processor partitions restored",
+                    "responses": {
+                        "200": {"description": "ready"},
+                        "503": {"description": "not ready"},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": {"description": "text format"}},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": {"description": "OpenAPI 3.1"}},
+                }
+            },
+        },
+        "components": {"schemas": schemas},
+    }

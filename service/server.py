@@ -1,0 +1,101 @@
+"""Assembles a running node from settings: HTTP server, ingest producer, processor.
+
+Start-up order: topics, then the producer, then the processor. Shutdown (SIGTERM) runs
+in reverse so nothing that was acknowledged is dropped:
+1. /readyz turns 503 and, after ``drain_delay_seconds``, the listener closes;
+2. in-flight requests finish (bounded by ``shutdown_grace_seconds``), so every 202
+   already waited for its broker ack;
+3. the processor finishes or aborts its open transaction and leaves the group;
+4. the producer flushes and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import FrameType
+
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+
+from service.app import create_app
+from service.kafka import IngestProducer, ensure_topics
+from service.processor import Processor
+from service.settings import Settings
+
+log = structlog.get_logger("callstatus.server")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a readiness drain before the listener closes on the first signal."""
+
+    def __init__(self, config: uvicorn.Config, draining: dict[str, bool], delay: float) -> None:
+        super().__init__(config)
+        self._draining = draining
+        self._delay = delay
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining["value"] or self._delay <= 0 or sig != signal.SIGTERM:
+            self._draining["value"] = True
+            super().handle_exit(sig, frame)
+            return
+        self._draining["value"] = True
+        log.info("draining before shutdown", seconds=self._delay)
+        asyncio.get_running_loop().call_later(self._delay, super().handle_exit, sig, frame)
+
+
+def build(settings: Settings) -> DrainingServer:
+    publisher = IngestProducer(settings) if settings.role.runs_ingest else None
+    processor = Processor(settings) if settings.role.runs_processor else None
+    server: DrainingServer | None = None
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await ensure_topics(settings)
+        if publisher is not None:
+            await publisher.start()
+        task: asyncio.Task[None] | None = None
+        if processor is not None:
+            task = asyncio.create_task(processor.run(), name="processor")
+            task.add_done_callback(_exit_when_processor_dies)
+        log.info("started", role=settings.role.value, port=settings.port)
+        try:
+            yield
+        finally:
+            if processor is not None and task is not None:
+                task.remove_done_callback(_exit_when_processor_dies)
+                await processor.stop()
+                try:
+                    await asyncio.wait_for(task, settings.shutdown_grace_seconds + 10)
+                except TimeoutError:
+                    log.error(
+                        "processor did not stop in time; the next owner aborts its transaction"
+                    )
+            if publisher is not None:
+                await publisher.stop()
+            log.info("stopped")
+
+    def _exit_when_processor_dies(task: asyncio.Task[None]) -> None:
+        # The processor only returns when asked to; anything else is a bug we must not
+        # hide behind a live HTTP server: exit, and let the supervisor restart us.
+        if not task.cancelled() and task.exception() is not None:
+            log.error("processor crashed", exc_info=task.exception())
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, publisher, processor, lifespan)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        server_header=False,
+    )
+    server = DrainingServer(config, app.state.draining, settings.drain_delay_seconds)
+    return server

@@ -1,0 +1,116 @@
+"""The ``FreeClimb-Signature`` check, as pure functions.
+
+Header value: ``t=<unix seconds>,v1=<hex>[,v1=<hex>...]`` where
+``v1 = hex(HMAC-SHA256(secret, f"{t}." + raw_body))``. Several ``v1`` appear while an
+account rotates its secret, and we may hold several secrets for the same reason, so a
+request is authentic when *any* ``v1`` matches the HMAC under *any* of our secrets.
+
+Deliberately unlike the official Python SDK (see shared/reference/freeclimb.md):
+tolerance is in seconds and applies in both directions (a timestamp far in the future is
+as suspicious as an old one), nothing is kept between calls, digests are compared in
+constant time, and a malformed header is a verdict, never an exception escaping to HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from enum import StrEnum
+
+HEADER = "FreeClimb-Signature"
+
+# Bounds that keep a hostile header cheap to reject.
+_MAX_HEADER_CHARS = 4096
+_MAX_SIGNATURES = 16
+_MAX_TIMESTAMP_DIGITS = 12
+_HEX = frozenset("0123456789abcdef")
+
+
+class Verdict(StrEnum):
+    VALID = "valid"
+    MISSING = "missing"
+    MALFORMED = "malformed"
+    TOO_OLD = "too_old"
+    TOO_NEW = "too_new"
+    MISMATCH = "mismatch"
+
+
+class MalformedSignature(ValueError):
+    """The header does not follow the ``t=...,v1=...`` grammar."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedSignature:
+    timestamp: int
+    signatures: tuple[str, ...]
+
+
+def parse_header(value: str) -> ParsedSignature:
+    """Parse a header value; raise :class:`MalformedSignature` on anything unexpected."""
+    if len(value) > _MAX_HEADER_CHARS:
+        raise MalformedSignature("header too long")
+    timestamp: int | None = None
+    signatures: list[str] = []
+    for part in value.split(","):
+        key, sep, item = part.strip().partition("=")
+        if not sep:
+            raise MalformedSignature("element without '='")
+        key, item = key.strip(), item.strip()
+        if key == "t":
+            if timestamp is not None:
+                raise MalformedSignature("more than one t")
+            # isdecimal() also accepts non-ASCII digits, so check ASCII explicitly.
+            if not (item.isascii() and item.isdigit()) or len(item) > _MAX_TIMESTAMP_DIGITS:
+                raise MalformedSignature("t is not a unix timestamp")
+            timestamp = int(item)
+        elif key == "v1":
+            if len(item) != 64 or not _HEX.issuperset(item):
+                raise MalformedSignature("v1 is not 64 lowercase hex digits")
+            signatures.append(item)
+            if len(signatures) > _MAX_SIGNATURES:
+                raise MalformedSignature("too many v1")
+        # Other keys (future schemes) are ignored, as signature schemes of this family do.
+    if timestamp is None:
+        raise MalformedSignature("no t")
+    if not signatures:
+        raise MalformedSignature("no v1")
+    return ParsedSignature(timestamp, tuple(signatures))
+
+
+def compute(secret: str, timestamp: int, body: bytes) -> str:
+    """The hex ``v1`` FreeClimb would send for this body at this time."""
+    message = str(timestamp).encode("ascii") + b"." + body
+    return hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """A complete header value, for ``callstatus sign`` and tests."""
+    return f"t={timestamp},v1={compute(secret, timestamp, body)}"
+
+
+def verify(
+    header: str | None,
+    body: bytes,
+    secrets: tuple[str, ...],
+    now: float,
+    tolerance_seconds: int,
+) -> Verdict:
+    """Judge one request. ``now`` is passed in so the function stays pure."""
+    if header is None or not header.strip():
+        return Verdict.MISSING
+    try:
+        parsed = parse_header(header)
+    except MalformedSignature:
+        return Verdict.MALFORMED
+    age = now - parsed.timestamp
+    if age > tolerance_seconds:
+        return Verdict.TOO_OLD
+    if age < -tolerance_seconds:
+        return Verdict.TOO_NEW
+    for secret in secrets:
+        expected = compute(secret, parsed.timestamp, body)
+        for candidate in parsed.signatures:
+            if hmac.compare_digest(expected, candidate):
+                return Verdict.VALID
+    return Verdict.MISMATCH
