@@ -97,7 +97,7 @@ class Ingest:
         self._tolerance = settings.signature_tolerance_seconds
         self._retry_after = str(max(1, int(settings.produce_timeout_seconds)))
 
-    async def __call__(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
         fields: dict[str, Any] = request.scope[LOG_FIELDS]
         response = await self._handle(request, fields)
         metrics.INGEST_OUTCOMES.labels(fields["outcome"]).inc()
@@ -287,7 +287,7 @@ def create_app(
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
     if publisher is not None:
-        routes.append(Route(INGEST_PATH, Ingest(settings, publisher), methods=["POST"]))
+        routes.append(Route(INGEST_PATH, Ingest(settings, publisher).handle, methods=["POST"]))
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error, Exception: server_error},

@@ -70,10 +70,9 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
                 ]
             )
             log.info("topics created", topics=[spec.name for spec in missing])
-        described = await admin.describe_topics(list(settings.topic_names))
     finally:
         await admin.close()
-    counts = {t["topic"]: len(t["partitions"]) for t in described if not t["error_code"]}
+    counts = await partition_counts(settings.kafka_bootstrap_servers, list(settings.topic_names))
     absent = [name for name in settings.topic_names if not counts.get(name)]
     if absent:
         raise TopicLayoutError(
@@ -87,6 +86,17 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
             "because each call's state lives in the partition numbered like its ingest one"
         )
     return counts
+
+
+async def partition_counts(bootstrap: str, topics: list[str]) -> dict[str, int]:
+    """Partition count of each existing topic (absent topics are left out)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    return {t["topic"]: len(t["partitions"]) for t in described if not t["error_code"]}
 
 
 class Unavailable(Exception):

@@ -24,7 +24,7 @@ from starlette.applications import Starlette
 from service.app import create_app
 from service.kafka import IngestProducer, ensure_topics
 from service.processor import Processor
-from service.settings import Settings
+from service.settings import Role, Settings
 
 log = structlog.get_logger("callstatus.server")
 
@@ -86,7 +86,10 @@ def build(settings: Settings) -> DrainingServer:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, publisher, processor, lifespan)
+    # In role=all the processor's rebalances must not take the webhook endpoint out of
+    # the load balancer, so only a processor-only node reports its restore progress.
+    readiness = processor if settings.role is Role.PROCESSOR else None
+    app = create_app(settings, publisher, readiness, lifespan)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -7,6 +7,7 @@ import sys
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.messages import ChangeMessage, RejectedMessage
+from service.kafka import partition_counts
 from service.settings import Settings
 
 
@@ -39,13 +40,9 @@ async def tail(
     )
     await consumer.start()
     try:
-        topics = (settings.topic_changes, settings.topic_rejected)
-        await consumer.topics()  # loads the metadata partitions_for_topic reads
-        tps = [
-            TopicPartition(topic, p)
-            for topic in topics
-            for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
+        topics = [settings.topic_changes, settings.topic_rejected]
+        counts = await partition_counts(settings.kafka_bootstrap_servers, topics)
+        tps = [TopicPartition(topic, p) for topic in topics for p in range(counts.get(topic, 0))]
         consumer.assign(tps)
         if from_beginning:
             await consumer.seek_to_beginning(*tps)

@@ -1,0 +1,32 @@
+"""Shared fixtures. Integration tests (marked ``kafka``) use the real local broker that
+``deploy/local/kafka up`` started; its address comes from CALLSTATUS_KAFKA_BOOTSTRAP_SERVERS."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from service.settings import Settings
+
+BOOTSTRAP = os.environ.get("CALLSTATUS_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+SECRET = "sigsec_" + "5" * 40
+
+
+def make_settings(**overrides: object) -> Settings:
+    """Settings for a test, isolated from the environment and the local secret file."""
+    values: dict[str, object] = {
+        "kafka_bootstrap_servers": BOOTSTRAP,
+        "signing_secrets": (SECRET,),
+        "log_format": "console",
+    }
+    values.update(overrides)
+    # model_validate skips the environment and .callstatus.env: tests see only these.
+    return Settings.model_validate(values)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique suffix for topic and group names, so tests never share state."""
+    return uuid.uuid4().hex[:10]

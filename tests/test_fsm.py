@@ -1,0 +1,244 @@
+"""The call state machine: every pair of statuses, every revision rule, and properties."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.call import Call, CallStatus
+from schemas.messages import RejectReason
+from service.fsm import (
+    REACHABLE,
+    TERMINAL,
+    TRANSITIONS,
+    CallState,
+    Decision,
+    Outcome,
+    decide,
+    expired,
+)
+
+S = CallStatus
+CALL_ID = "CA" + "0" * 40
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+# The contract's table, written out independently of the code (architecture section 3).
+EDGES = {
+    (S.QUEUED, S.RINGING), (S.QUEUED, S.CANCELED), (S.QUEUED, S.FAILED), (S.QUEUED, S.BUSY),
+    (S.RINGING, S.IN_PROGRESS), (S.RINGING, S.CANCELED), (S.RINGING, S.FAILED),
+    (S.RINGING, S.BUSY), (S.RINGING, S.NO_ANSWER),
+    (S.IN_PROGRESS, S.COMPLETED),
+}  # fmt: skip
+
+
+def call(status: CallStatus, revision: int | None = None, **fields: object) -> Call:
+    return Call.model_validate(
+        {"callId": CALL_ID, "status": status, "revision": revision, **fields}
+    )
+
+
+def state_of(status: CallStatus, revision: int | None = None) -> CallState:
+    return CallState(status, revision, call(status, revision), "e0", T0)
+
+
+def test_table_matches_the_contract() -> None:
+    assert {(a, b) for a, targets in TRANSITIONS.items() for b in targets} == EDGES
+    assert frozenset({S.CANCELED, S.COMPLETED, S.BUSY, S.FAILED, S.NO_ANSWER}) == TERMINAL
+    assert set(TRANSITIONS) == set(CallStatus)
+
+
+def test_reachability_includes_gaps_and_nothing_backwards() -> None:
+    assert S.COMPLETED in REACHABLE[S.QUEUED]  # queued -> completed is a normal gap
+    assert S.NO_ANSWER in REACHABLE[S.QUEUED]
+    assert S.QUEUED not in REACHABLE[S.RINGING]
+    assert S.BUSY not in REACHABLE[S.IN_PROGRESS]
+    for status in TERMINAL:
+        assert REACHABLE[status] == frozenset()
+    for status in CallStatus:
+        assert status not in REACHABLE[status]
+
+
+@pytest.mark.parametrize("status", list(CallStatus))
+def test_first_event_is_accepted_whatever_its_status(status: CallStatus) -> None:
+    d = decide(None, call(status), "e1", T0)
+    assert d.outcome is Outcome.ACCEPTED
+    assert d.state == CallState(status, None, call(status), "e1", T0)
+
+
+def _expected_without_revision(
+    current: CallStatus, new: CallStatus
+) -> tuple[Outcome, RejectReason | None]:
+    if new == current:
+        return Outcome.DUPLICATE, None
+    if new in REACHABLE[current]:
+        return Outcome.ACCEPTED, None
+    if current in REACHABLE[new]:
+        return Outcome.REJECTED, RejectReason.OUT_OF_ORDER
+    return Outcome.REJECTED, RejectReason.ILLEGAL_TRANSITION
+
+
+@pytest.mark.parametrize(("current", "new"), list(itertools.product(CallStatus, repeat=2)))
+def test_every_pair_without_revisions(current: CallStatus, new: CallStatus) -> None:
+    d = decide(state_of(current), call(new), "e1", T0)
+    outcome, reason = _expected_without_revision(current, new)
+    assert (d.outcome, d.reason) == (outcome, reason)
+    if outcome is Outcome.ACCEPTED:
+        assert d.state is not None and d.state.status is new and d.state.event_id == "e1"
+    else:
+        assert d.state == state_of(current)  # refused events leave the state untouched
+
+
+@pytest.mark.parametrize(
+    ("current", "new", "reason"),
+    [
+        (S.IN_PROGRESS, S.RINGING, RejectReason.OUT_OF_ORDER),
+        (S.COMPLETED, S.QUEUED, RejectReason.OUT_OF_ORDER),
+        (S.IN_PROGRESS, S.BUSY, RejectReason.ILLEGAL_TRANSITION),
+        (S.CANCELED, S.COMPLETED, RejectReason.ILLEGAL_TRANSITION),
+        (S.BUSY, S.NO_ANSWER, RejectReason.ILLEGAL_TRANSITION),
+    ],
+)
+def test_examples_from_the_contract(
+    current: CallStatus, new: CallStatus, reason: RejectReason
+) -> None:
+    d = decide(state_of(current), call(new), "e1", T0)
+    assert d.outcome is Outcome.REJECTED
+    assert d.reason is reason
+    assert current.value in d.detail and new.value in d.detail
+
+
+class TestRevisions:
+    def test_lower_revision_is_stale(self) -> None:
+        d = decide(state_of(S.RINGING, 3), call(S.COMPLETED, 2), "e1", T0)
+        assert (d.outcome, d.reason) == (Outcome.REJECTED, RejectReason.STALE_REVISION)
+
+    def test_equal_revision_same_content_is_a_duplicate(self) -> None:
+        d = decide(state_of(S.RINGING, 3), call(S.RINGING, 3), "e1", T0)
+        assert d.outcome is Outcome.DUPLICATE
+        assert d.state == state_of(S.RINGING, 3)
+
+    def test_equal_revision_different_content_conflicts(self) -> None:
+        d = decide(state_of(S.RINGING, 3), call(S.RINGING, 3, to="+15550001111"), "e1", T0)
+        assert (d.outcome, d.reason) == (Outcome.REJECTED, RejectReason.CONFLICTING_REVISION)
+        d = decide(state_of(S.RINGING, 3), call(S.IN_PROGRESS, 3), "e1", T0)
+        assert (d.outcome, d.reason) == (Outcome.REJECTED, RejectReason.CONFLICTING_REVISION)
+
+    def test_higher_revision_same_status_is_an_update(self) -> None:
+        newer = call(S.COMPLETED, 5, endTime="Mon, 15 Jun 2009 20:45:30 GMT")
+        d = decide(state_of(S.COMPLETED, 4), newer, "e1", T0)
+        assert d.outcome is Outcome.ACCEPTED
+        assert d.state == CallState(S.COMPLETED, 5, newer, "e1", T0)
+
+    def test_higher_revision_reachable_is_accepted_even_with_gaps(self) -> None:
+        d = decide(state_of(S.QUEUED, 1), call(S.COMPLETED, 7), "e1", T0)
+        assert d.outcome is Outcome.ACCEPTED and d.state is not None and d.state.revision == 7
+
+    @pytest.mark.parametrize(
+        ("current", "new"), [(S.IN_PROGRESS, S.RINGING), (S.COMPLETED, S.BUSY)]
+    )
+    def test_higher_revision_backwards_or_sideways_is_illegal(
+        self, current: CallStatus, new: CallStatus
+    ) -> None:
+        d = decide(state_of(current, 2), call(new, 3), "e1", T0)
+        assert (d.outcome, d.reason) == (Outcome.REJECTED, RejectReason.ILLEGAL_TRANSITION)
+
+    def test_event_without_revision_keeps_the_states_revision(self) -> None:
+        d = decide(state_of(S.RINGING, 4), call(S.IN_PROGRESS), "e1", T0)
+        assert d.outcome is Outcome.ACCEPTED and d.state is not None and d.state.revision == 4
+
+    def test_state_without_revision_uses_status_order(self) -> None:
+        d = decide(state_of(S.IN_PROGRESS), call(S.RINGING, 9), "e1", T0)
+        assert (d.outcome, d.reason) == (Outcome.REJECTED, RejectReason.OUT_OF_ORDER)
+        d = decide(state_of(S.RINGING), call(S.IN_PROGRESS, 9), "e1", T0)
+        assert d.outcome is Outcome.ACCEPTED and d.state is not None and d.state.revision == 9
+
+
+class TestRetention:
+    def test_terminal_and_idle_states_expire(self) -> None:
+        states = {
+            "done-old": CallState(S.COMPLETED, None, call(S.COMPLETED), "e", T0),
+            "done-new": CallState(
+                S.COMPLETED, None, call(S.COMPLETED), "e", T0 + timedelta(minutes=90)
+            ),
+            "live-old": CallState(S.RINGING, None, call(S.RINGING), "e", T0),
+            "live-new": CallState(S.RINGING, None, call(S.RINGING), "e", T0 + timedelta(hours=2)),
+        }
+        now = T0 + timedelta(hours=3)
+        gone = expired(states.items(), now, timedelta(hours=2), timedelta(hours=2, minutes=30))
+        assert sorted(gone) == ["done-old", "live-old"]
+
+    def test_the_boundary_is_exclusive(self) -> None:
+        st8 = {"x": CallState(S.COMPLETED, None, call(S.COMPLETED), "e", T0)}
+        hour = timedelta(hours=1)
+        assert expired(st8.items(), T0 + hour, hour, 2 * hour) == []
+        assert expired(st8.items(), T0 + hour + timedelta(seconds=1), hour, 2 * hour) == ["x"]
+
+
+# -- properties -------------------------------------------------------------------
+
+events = st.lists(
+    st.tuples(st.sampled_from(list(CallStatus)), st.one_of(st.none(), st.integers(1, 6))),
+    max_size=25,
+)
+
+
+def run(sequence: list[tuple[CallStatus, int | None]]) -> list[tuple[Call, Decision]]:
+    state: CallState | None = None
+    out = []
+    for i, (status, revision) in enumerate(sequence):
+        c = call(status, revision)
+        d = decide(state, c, f"e{i}", T0)
+        out.append((c, d))
+        state = d.state
+    return out
+
+
+@settings(max_examples=400)
+@given(events)
+def test_accepted_statuses_form_a_path_and_revisions_increase(
+    sequence: list[tuple[CallStatus, int | None]],
+) -> None:
+    accepted = [c for c, d in run(sequence) if d.outcome is Outcome.ACCEPTED]
+    for before, after in itertools.pairwise(accepted):
+        assert after.status == before.status or after.status in REACHABLE[before.status]
+    revisions = [c.revision for c in accepted if c.revision is not None]
+    assert revisions == sorted(set(revisions))  # strictly increasing
+
+
+@settings(max_examples=400)
+@given(events)
+def test_redelivering_each_accepted_event_yields_only_duplicates(
+    sequence: list[tuple[CallStatus, int | None]],
+) -> None:
+    state: CallState | None = None
+    for i, (status, revision) in enumerate(sequence):
+        c = call(status, revision)
+        d = decide(state, c, f"e{i}", T0)
+        state = d.state
+        if d.outcome is Outcome.ACCEPTED:
+            again = decide(state, c, f"e{i}-again", T0)
+            assert again.outcome is Outcome.DUPLICATE
+            assert again.state == state
+
+
+@settings(max_examples=400)
+@given(events)
+def test_replaying_accepted_output_never_reaccepts(
+    sequence: list[tuple[CallStatus, int | None]],
+) -> None:
+    results = run(sequence)
+    final = results[-1][1].state if results else None
+    for c, d in results:
+        if d.outcome is Outcome.ACCEPTED:
+            replay = decide(final, c, "replay", T0)
+            assert replay.outcome is not Outcome.ACCEPTED
+            assert replay.state == final
+
+
+@given(events)
+def test_decide_is_pure(sequence: list[tuple[CallStatus, int | None]]) -> None:
+    assert [d for _, d in run(sequence)] == [d for _, d in run(sequence)]
