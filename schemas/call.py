@@ -47,16 +47,25 @@ def _direction(value: object) -> object:
     return CallDirection.OUTBOUND_API if value == "outbound" else value
 
 
+def _to_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. year 9999 at -01:00: past datetime's range in UTC
+        raise ValueError("date is out of range") from None
+
+
 def _parse_rfc1123(value: object) -> object:
-    if not isinstance(value, str):
+    if isinstance(value, datetime):  # built in Python, not read from JSON
         return value
+    if not isinstance(value, str):
+        raise ValueError("must be a string like 'Mon, 15 Jun 2009 20:45:30 GMT'")
     try:
         parsed = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         raise ValueError("not an RFC 1123 date like 'Mon, 15 Jun 2009 20:45:30 GMT'") from None
     if parsed.tzinfo is None:
         raise ValueError("RFC 1123 date must say GMT")
-    return parsed.astimezone(UTC)
+    return _to_utc(parsed)
 
 
 def _format_rfc1123(value: datetime) -> str:
@@ -64,20 +73,21 @@ def _format_rfc1123(value: datetime) -> str:
 
 
 def _parse_rfc3339(value: object) -> object:
-    if not isinstance(value, str):
+    if isinstance(value, datetime):
         return value
+    if not isinstance(value, str):
+        raise ValueError("must be a string like '2024-10-09T15:05:03.358Z'")
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise ValueError("not an RFC 3339 date like '2024-10-09T15:05:03.358Z'") from None
     if parsed.tzinfo is None:
         raise ValueError("RFC 3339 date needs a UTC offset or Z")
-    return parsed.astimezone(UTC)
+    return _to_utc(parsed)
 
 
 def format_rfc3339(value: datetime) -> str:
-    value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 _RFC1123_PATTERN = r"^[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT$"
@@ -144,7 +154,8 @@ class Call(BaseModel):
     duration: int | None = Field(default=None, ge=0)
     direction: Direction | None = None
     answeredBy: AnsweredBy | None = None
-    subresourceUris: dict[str, str] | None = None
+    # Links as FreeClimb sends them; their shape is FreeClimb's business, not ours.
+    subresourceUris: dict[str, Any] | None = None
     applicationId: str | None = None
 
     _absent = model_validator(mode="before")(empty_strings_as_absent)

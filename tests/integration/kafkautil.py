@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -187,3 +188,87 @@ def settings_for(bootstrap: str, unique: str, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return Settings.model_validate(values)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def settings_env(settings: Settings, port: int) -> dict[str, str]:
+    """The environment that makes ``callstatus serve`` run with these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTATUS_")}
+    env.update(
+        CALLSTATUS_KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
+        CALLSTATUS_ROLE=settings.role.value,
+        CALLSTATUS_VERIFY_SIGNATURES=str(settings.verify_signatures).lower(),
+        CALLSTATUS_SIGNING_SECRETS=",".join(settings.signing_secrets),
+        CALLSTATUS_TOPIC_INGEST=settings.topic_ingest,
+        CALLSTATUS_TOPIC_CHANGES=settings.topic_changes,
+        CALLSTATUS_TOPIC_REJECTED=settings.topic_rejected,
+        CALLSTATUS_TOPIC_STATE=settings.topic_state,
+        CALLSTATUS_TOPIC_PARTITIONS=str(settings.topic_partitions),
+        CALLSTATUS_CONSUMER_GROUP=settings.consumer_group,
+        CALLSTATUS_PROCESSOR_BATCH_MAX=str(settings.processor_batch_max),
+        CALLSTATUS_HOST="127.0.0.1",
+        CALLSTATUS_PORT=str(port),
+        CALLSTATUS_LOG_FORMAT="json",
+    )
+    return env
+
+
+class ServiceProcess:
+    """``callstatus serve`` as a real child process, as it runs in production."""
+
+    def __init__(self, settings: Settings, log_dir: Path, name: str) -> None:
+        self.port = free_port()
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [str(ROOT / ".venv" / "bin" / "callstatus"), "serve"],
+            env=settings_env(settings, self.port),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=log_dir,  # no .callstatus.env there: the environment alone configures it
+        )
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        self._log.close()
+
+    def terminate(self, timeout: float = 60) -> bool:
+        """SIGTERM, wait, and report whether the process shut down cleanly (uvicorn
+        re-raises the signal after its graceful shutdown, so the exit code is -15)."""
+        self.proc.terminate()
+        code = self.proc.wait(timeout=timeout)
+        self._log.close()
+        clean_exit = code in (0, -signal.SIGTERM)
+        return clean_exit and '"event": "stopped"' in self.log_path.read_text()
+
+    async def wait_ready(self, deadline_s: float = 60) -> None:
+        """Poll /readyz until the node says it is ready (for a processor: partitions
+        assigned and restored)."""
+        import httpx
+
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + deadline_s
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}") as client:
+            while True:
+                assert self.alive(), (
+                    f"{self.log_path.name} exited: {self.log_path.read_text()[-3000:]}"
+                )
+                try:
+                    if (await client.get("/readyz")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass  # not listening yet
+                assert loop.time() < give_up, f"{self.log_path.name} never became ready"
+                await asyncio.sleep(0.2)  # polling interval
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
