@@ -1,0 +1,123 @@
+"""A restarted processor restores its states from the state topic and does not
+re-accept old events; states past their retention are tombstoned."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+
+from schemas.call import CallStatus
+from schemas.messages import Source
+from service.kafka import ensure_topics
+from service.processor import Processor
+from service.settings import Settings
+from tests.conftest import BOOTSTRAP
+from tests.integration.kafkautil import (
+    ROOT,
+    Event,
+    make_call,
+    produce,
+    read_committed,
+    settings_env,
+    settings_for,
+)
+
+S = CallStatus
+CALL = "CA" + "5a" * 20
+
+
+def hook(status: CallStatus, call_id: str = CALL) -> Event:
+    return Event(str(uuid.uuid4()), make_call(call_id, status), Source.WEBHOOK)
+
+
+@asynccontextmanager
+async def processor(
+    settings: Settings, clock: Callable[[], datetime] | None = None
+) -> AsyncIterator[Processor]:
+    p = Processor(settings, clock) if clock else Processor(settings)
+    task = asyncio.create_task(p.run())
+    try:
+        yield p
+    finally:
+        await p.stop()
+        await asyncio.wait_for(task, 60)
+
+
+async def test_restart_restores_state_and_never_reaccepts(unique: str) -> None:
+    settings = settings_for(BOOTSTRAP, unique, topic_partitions=2)
+    await ensure_topics(settings)
+    first = [hook(S.QUEUED), hook(S.RINGING), hook(S.IN_PROGRESS)]
+    async with processor(settings):
+        await produce(BOOTSTRAP, settings.topic_ingest, first)
+        await read_committed(BOOTSTRAP, settings.topic_changes, 3, settle_s=0.5)
+
+    # A new processor: it knows nothing but what the state topic says.
+    redelivered = [hook(S.RINGING), hook(S.IN_PROGRESS), hook(S.QUEUED)]
+    last = hook(S.COMPLETED)
+    async with processor(settings):
+        await produce(BOOTSTRAP, settings.topic_ingest, [*redelivered, last])
+        changes = await read_committed(BOOTSTRAP, settings.topic_changes, 4)
+        rejected = await read_committed(BOOTSTRAP, settings.topic_rejected, 2)
+
+    values = [json.loads(r.value or b"") for r in changes]
+    assert [v["eventId"] for v in values] == [e.event_id for e in [*first, last]]
+    # The change after the restart knows where the call was before it.
+    assert (values[-1]["previousStatus"], values[-1]["status"]) == ("inProgress", "completed")
+    # Redelivered old steps: the same status is a silent duplicate, older ones are late.
+    reasons = [json.loads(r.value or b"")["reason"] for r in rejected]
+    assert reasons == ["out_of_order", "out_of_order"]
+
+
+async def test_retention_tombstones_terminal_calls(unique: str) -> None:
+    settings = settings_for(
+        BOOTSTRAP, unique, topic_partitions=1, state_terminal_retention_seconds=60
+    )
+    await ensure_topics(settings)
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    done, live = "CA" + "d0" * 20, "CA" + "11" * 20
+    async with processor(settings, lambda: now[0]):
+        await produce(
+            BOOTSTRAP, settings.topic_ingest, [hook(S.COMPLETED, done), hook(S.RINGING, live)]
+        )
+        await read_committed(BOOTSTRAP, settings.topic_state, 2, settle_s=0.2)
+        now[0] += timedelta(minutes=5)  # past the terminal retention, not the idle one
+        states = await read_committed(BOOTSTRAP, settings.topic_state, 3)
+
+    tombstones = [r.key for r in states if r.value is None]
+    assert tombstones == [done.encode()]
+
+
+async def test_tail_prints_one_line_per_change_and_rejection(unique: str) -> None:
+    settings = settings_for(BOOTSTRAP, unique, topic_partitions=1)
+    await ensure_topics(settings)
+    async with processor(settings):
+        await produce(BOOTSTRAP, settings.topic_ingest, [hook(S.IN_PROGRESS), hook(S.RINGING)])
+        await read_committed(BOOTSTRAP, settings.topic_rejected, 1, settle_s=0.2)
+    env = {**settings_env(settings, 8080), "PATH": os.environ.get("PATH", "")}
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [
+            str(ROOT / ".venv/bin/callstatus"),
+            "tail",
+            "--from-beginning",
+            "--max-messages",
+            "2",
+            "--idle-timeout",
+            "30",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert any(f"CHANGED  {CALL} (new) -> inProgress" in line for line in lines)
+    assert any("REJECTED" in line and "out_of_order" in line for line in lines)
