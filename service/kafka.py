@@ -120,25 +120,30 @@ class IngestProducer:
         self._timeout = settings.produce_timeout_seconds
         self._max_inflight = settings.max_inflight_produces
         self._inflight = 0
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=1,
-            # Fail a send the broker cannot take within our own answer deadline, plus
-            # margin, so the producer's buffer drains instead of holding stale events.
-            request_timeout_ms=int(settings.produce_timeout_seconds * 1000) + 5000,
-        )
+        self._bootstrap = settings.kafka_bootstrap_servers
+        # Created in start(): aiokafka objects must be made inside the running loop.
+        self._producer: AIOKafkaProducer | None = None
 
     async def start(self, deadline_seconds: float = 30.0) -> None:
         """Connect, retrying until ``deadline_seconds``; Kafka may start after us."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + deadline_seconds
         while True:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=1,
+                # Fail a send the broker cannot take within our own answer deadline,
+                # plus margin, so the buffer drains instead of holding stale events.
+                request_timeout_ms=int(self._timeout * 1000) + 5000,
+            )
             try:
-                await self._producer.start()
+                await producer.start()
+                self._producer = producer
                 return
             except KafkaError as exc:
+                await producer.stop()
                 if loop.time() >= give_up:
                     raise
                 log.warning("kafka not reachable yet, retrying", error=str(exc))
@@ -146,7 +151,8 @@ class IngestProducer:
 
     async def stop(self) -> None:
         # stop() flushes what is still buffered before closing connections.
-        await self._producer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
 
     async def publish(self, key: bytes, value: bytes, headers: Headers) -> None:
         """Return once the broker acknowledged, or raise :class:`Unavailable`.
@@ -156,6 +162,8 @@ class IngestProducer:
         repeated status as a duplicate. The reverse, a 202 for an event Kafka lacks,
         cannot happen.
         """
+        if self._producer is None:
+            raise Unavailable("not_started")
         if self._inflight >= self._max_inflight:
             metrics.PRODUCE_ERRORS.labels("buffer_full").inc()
             raise Unavailable("buffer_full")
@@ -178,6 +186,8 @@ class IngestProducer:
 
     async def ready(self) -> bool:
         """True when a broker answers a metadata request now."""
+        if self._producer is None:
+            return False
         try:
             await asyncio.wait_for(self._producer.client.fetch_all_metadata(), 2.0)
         except (TimeoutError, KafkaError, OSError):

@@ -241,6 +241,11 @@ class ServiceProcess:
         self.proc.wait(timeout=30)
         self._log.close()
 
+    def wait(self, timeout: float = 60) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._log.close()
+        return code
+
     def terminate(self, timeout: float = 60) -> bool:
         """SIGTERM, wait, and report whether the process shut down cleanly (uvicorn
         re-raises the signal after its graceful shutdown, so the exit code is -15)."""

@@ -1,0 +1,95 @@
+"""SIGTERM under load, with a real process: every request that got a 202 is in Kafka
+and is processed exactly once; requests after the signal are refused, not lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+
+import httpx
+
+from service.kafka import ensure_topics
+from service.signature import sign
+from tests.conftest import BOOTSTRAP, SECRET
+from tests.integration.kafkautil import ServiceProcess, read_committed, settings_for
+
+
+def webhook(n: int) -> bytes:
+    call_id = "CA" + f"{n:040x}"
+    return json.dumps(
+        {"requestType": "callStatus", "callId": call_id, "callStatus": "queued"}
+    ).encode()
+
+
+async def test_sigterm_under_load_loses_and_duplicates_nothing(unique: str, tmp_path: Path) -> None:
+    settings = settings_for(
+        BOOTSTRAP,
+        unique,
+        role="all",
+        verify_signatures=True,
+        signing_secrets=(SECRET,),
+        topic_partitions=3,
+    )
+    await ensure_topics(settings)
+    node = ServiceProcess(settings, tmp_path, "node")
+    await node.wait_ready()
+
+    accepted: list[str] = []
+    refused = 0
+    sent = 0
+    stop = asyncio.Event()
+
+    async def client(worker: int, http: httpx.AsyncClient) -> None:
+        nonlocal refused, sent
+        for i in range(400):  # bounded: the loop ends by itself
+            if stop.is_set():
+                return
+            body = webhook(worker * 1000 + i)
+            headers = {
+                "content-type": "application/json",
+                "FreeClimb-Signature": sign(SECRET, int(time.time()), body),
+            }
+            sent += 1
+            try:
+                response = await http.post("/v1/call-status", content=body, headers=headers)
+            except httpx.TransportError:
+                refused += 1  # the listener is gone: FreeClimb would retry
+                if node.proc.poll() is not None:
+                    return
+                continue
+            if response.status_code == 202:
+                accepted.append(response.json()["eventId"])
+            else:
+                assert response.status_code == 503, response.text
+                refused += 1
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.port}", timeout=30) as http:
+        workers = [asyncio.create_task(client(w, http)) for w in range(8)]
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 60
+        while len(accepted) < 150:  # under load before the signal
+            assert loop.time() < give_up
+            await asyncio.sleep(0.05)  # polling interval
+        node.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(node.wait, 60)
+        stop.set()
+        await asyncio.gather(*workers)
+    assert code in (0, -signal.SIGTERM)
+    assert '"event": "stopped"' in node.log_path.read_text()
+    assert refused > 0 or sent == len(accepted)
+
+    # A fresh processor finishes the work; every 202 shows up exactly once.
+    after = ServiceProcess(settings_for(BOOTSTRAP, unique, topic_partitions=3), tmp_path, "after")
+    try:
+        ingest = await read_committed(BOOTSTRAP, settings.topic_ingest, len(accepted))
+        stored = [json.loads(r.value or b"")["eventId"] for r in ingest]
+        changes = await read_committed(BOOTSTRAP, settings.topic_changes, len(stored))
+        published = [json.loads(r.value or b"")["eventId"] for r in changes]
+    finally:
+        assert after.terminate()
+    assert set(accepted) <= set(stored)
+    assert len(published) == len(set(published))  # no duplicates
+    assert set(published) == set(stored)  # every stored event (all first events) changed
