@@ -1,0 +1,139 @@
+"""The callstatus command and start-up behaviour that needs no broker: settings errors,
+the local secret, signing, and what the request log line holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service import logs
+from service.app import create_app
+from service.signature import Verdict, sign, verify
+from tests.conftest import SECRET, make_settings
+from tests.test_http import WEBHOOK, MustNotPublish
+
+CLI = [sys.executable, "-m", "service.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(
+    args: list[str], cwd: Path, env: dict[str, str], stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTATUS_")}
+    clean["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [*CLI, *args],
+        cwd=cwd,
+        env={**clean, **env},
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"CALLSTATUS_PORT": "eighty"}, "CALLSTATUS_PORT"),
+        ({"CALLSTATUS_ROLE": "everything", "CALLSTATUS_SIGNING_SECRETS": "s"}, "CALLSTATUS_ROLE"),
+        ({}, "CALLSTATUS_SIGNING_SECRETS"),  # ingest without a secret
+        (
+            {
+                "CALLSTATUS_SIGNING_SECRETS": "s",
+                "CALLSTATUS_TOPIC_STATE": "freeclimb.call-status.ingest",
+            },
+            "CALLSTATUS_TOPIC",
+        ),
+    ],
+)
+def test_bad_settings_stop_with_one_readable_line(
+    tmp_path: Path, env: dict[str, str], names: str
+) -> None:
+    result = run(["serve"], tmp_path, env)
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("callstatus: invalid configuration:")
+    assert names in lines[0]
+    assert "Traceback" not in lines[0]
+
+
+def test_processor_role_needs_no_secret(tmp_path: Path) -> None:
+    from service.settings import Role
+
+    settings = make_settings(role=Role.PROCESSOR, signing_secrets=())
+    assert settings.role is Role.PROCESSOR
+
+
+def test_local_secret_is_made_once_and_sign_uses_it(tmp_path: Path) -> None:
+    first = run(["local-secret"], tmp_path, {})
+    assert first.returncode == 0
+    assert b"created a local signing secret" in first.stderr
+    env_file = tmp_path / ".callstatus.env"
+    secret = env_file.read_text().strip().partition("=")[2]
+    assert secret.startswith("sigsec_") and len(secret) == 47
+    assert env_file.stat().st_mode & 0o077 == 0  # not readable by others
+
+    again = run(["local-secret"], tmp_path, {})
+    assert b"using the signing secret" in again.stderr
+    assert env_file.read_text().strip().partition("=")[2] == secret  # kept, not replaced
+
+    body = json.dumps(WEBHOOK).encode()
+    signed = run(["sign"], tmp_path, {}, stdin=body)
+    header = signed.stdout.decode().strip()
+    assert verify(header, body, (secret,), time.time(), 300) is Verdict.VALID
+
+    # The environment wins over the file.
+    other = "sigsec_" + "e" * 40
+    from_env = run(["sign"], tmp_path, {"CALLSTATUS_SIGNING_SECRETS": other}, stdin=body)
+    assert (
+        verify(from_env.stdout.decode().strip(), body, (other,), time.time(), 300) is Verdict.VALID
+    )
+
+
+def test_sign_with_explicit_secret_and_timestamp(tmp_path: Path) -> None:
+    result = run(
+        ["sign", "--secret", SECRET, "--timestamp", "1700000000"], tmp_path, {}, stdin=b"{}"
+    )
+    assert result.stdout.decode().strip() == sign(SECRET, 1700000000, b"{}")
+
+
+async def test_request_log_line_has_ids_and_no_secret(capfd: pytest.CaptureFixture[str]) -> None:
+    logs.configure("INFO", "json")
+    try:
+        app = create_app(make_settings(), MustNotPublish())
+        body = json.dumps({**WEBHOOK, "callStatus": "bogus"}).encode()
+        header = sign(SECRET, int(time.time()), body)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            await c.post(
+                "/v1/call-status",
+                content=body,
+                headers={
+                    "content-type": "application/json",
+                    "FreeClimb-Signature": header,
+                    "X-Request-ID": "req-42",
+                },
+            )
+    finally:
+        logs.configure("INFO", "console")
+    err = capfd.readouterr().err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    request_lines = [line for line in lines if line.get("event") == "request"]
+    assert len(request_lines) == 1
+    line = request_lines[0]
+    assert line["outcome"] == "invalid"
+    assert line["status"] == 422
+    assert line["request_id"] == "req-42"
+    assert isinstance(line["latency_ms"], float)
+    assert SECRET not in err
+    assert header.split("v1=")[1] not in err
