@@ -284,6 +284,9 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._settled = False
+        # aiokafka logs and swallows exceptions raised in rebalance callbacks; we keep
+        # the first one here and re-raise it from the main loop, which restarts us.
+        self._failure: BaseException | None = None
 
     def ready(self) -> bool:
         """True once joined and every assigned partition is restored."""
@@ -316,11 +319,14 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
             auto_offset_reset="earliest",
         )
         self._consumer = consumer
+        self._failure = None
         consumer.subscribe([s.topic_ingest], listener=self)
         await consumer.start()
         try:
             while not self._stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=s.processor_batch_max)
+                if self._failure is not None:
+                    raise self._failure
                 async with self._lock:
                     now = self.clock()
                     for worker in list(self._workers.values()):
@@ -354,7 +360,10 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         # Waits for an in-flight batch: a partition is never handed over mid-transaction.
         self._settled = False
         async with self._lock:
-            await self._drop_workers()
+            try:
+                await self._drop_workers()
+            except Exception as exc:
+                self._failure = self._failure or exc
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         consumer = self._consumer
@@ -366,10 +375,12 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
                 for partition in partitions:
                     workers[partition] = await self._open_worker(consumer, partition)
                 await self._restore(workers)
-            except BaseException:
+            except Exception as exc:
+                # Without workers these partitions would sit idle; fail loudly instead.
                 for worker in workers.values():
                     await worker.producer.stop()
-                raise
+                self._failure = self._failure or exc
+                return
             self._workers = workers
             self._settled = True
             log.info("partitions assigned", partitions=partitions)
