@@ -58,16 +58,14 @@ async def tail(
                     break
                 continue
             loop_idle = 0.0
-            for tp, records in batches.items():
-                for record in records:
-                    value = record.value or b""
-                    line = (
-                        value.decode()
-                        if as_json
-                        else render(tp.topic == settings.topic_rejected, value)
-                    )
-                    print(line, flush=True)
-                    seen += 1
+            records = [r for batch in batches.values() for r in batch]
+            if max_messages is not None:
+                records = records[: max_messages - seen]
+            for record in records:
+                value = record.value or b""
+                rejected = record.topic == settings.topic_rejected
+                print(value.decode() if as_json else render(rejected, value), flush=True)
+            seen += len(records)
     except KeyboardInterrupt:
         pass
     finally:

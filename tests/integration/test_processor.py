@@ -160,3 +160,16 @@ async def test_state_topic_holds_the_latest_state_per_call(
     assert {r.partition for r in states} == {r.partition for r in changes}
     previous = [json.loads(r.value or b"")["previousStatus"] for r in changes]
     assert previous == [None, "queued", "ringing"]
+
+
+async def test_unequal_partition_counts_refuse_to_start(unique: str) -> None:
+    from service.kafka import TopicLayoutError
+    from tests.integration.kafkautil import create_topics
+
+    settings = settings_for(BOOTSTRAP, unique)
+    await create_topics(
+        BOOTSTRAP, [settings.topic_ingest, settings.topic_changes, settings.topic_rejected], 3
+    )
+    await create_topics(BOOTSTRAP, [settings.topic_state], 2, compact=[settings.topic_state])
+    with pytest.raises(TopicLayoutError, match="must be equal"):
+        await ensure_topics(settings)

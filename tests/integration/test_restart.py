@@ -107,7 +107,7 @@ async def test_tail_prints_one_line_per_change_and_rejection(unique: str) -> Non
             "tail",
             "--from-beginning",
             "--max-messages",
-            "2",
+            "1",
             "--idle-timeout",
             "30",
         ],
@@ -118,6 +118,25 @@ async def test_tail_prints_one_line_per_change_and_rejection(unique: str) -> Non
         check=True,
     )
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 2
-    assert any(f"CHANGED  {CALL} (new) -> inProgress" in line for line in lines)
-    assert any("REJECTED" in line and "out_of_order" in line for line in lines)
+    assert len(lines) == 1  # --max-messages is exact, even within one fetched batch
+    assert f"CHANGED  {CALL} (new) -> inProgress" in lines[0] or (
+        f"REJECTED {CALL} inProgress -> ringing out_of_order" in lines[0]
+    )
+    as_json = await asyncio.to_thread(
+        subprocess.run,
+        [
+            str(ROOT / ".venv/bin/callstatus"),
+            "tail",
+            "--from-beginning",
+            "--json",
+            "--idle-timeout",
+            "3",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    messages = [json.loads(line) for line in as_json.stdout.strip().splitlines()]
+    assert sorted(m.get("reason", "") for m in messages) == ["", "out_of_order"]
