@@ -7,8 +7,10 @@ import asyncio
 import os
 import signal
 import subprocess
+import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +42,24 @@ def kafka(command: str, env: dict[str, str] | None = None) -> str:
         raise RuntimeError(f"kafka {command} failed: {result.stderr[-2000:]}")
     lines = result.stdout.strip().splitlines()
     return lines[-1] if lines else ""
+
+
+@asynccontextmanager
+async def private_broker(port: int) -> AsyncIterator[dict[str, str]]:
+    """A broker of a test's own, started by the project's launcher on ``port`` with a
+    throw-away data dir, so the test may stop and restart it without disturbing others.
+    Yields the launcher environment plus ``address``."""
+    with tempfile.TemporaryDirectory(prefix="callstatus-kafka-") as data:
+        env = {
+            "KAFKA_PORT": str(port),
+            "KAFKA_CONTROLLER_PORT": str(port + 1),
+            "KAFKA_DATA_DIR": str(Path(data) / "kafka"),
+        }
+        address = await asyncio.to_thread(kafka, "up", env)
+        try:
+            yield {**env, "address": address}
+        finally:
+            await asyncio.to_thread(kafka, "down", env)
 
 
 async def create_topics(

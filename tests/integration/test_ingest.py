@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,7 +17,7 @@ from service.kafka import IngestProducer, ensure_topics
 from service.settings import Settings
 from service.signature import sign
 from tests.conftest import BOOTSTRAP, SECRET
-from tests.integration.kafkautil import kafka, read_committed, settings_for
+from tests.integration.kafkautil import kafka, private_broker, read_committed, settings_for
 
 CALL_ID = "CA" + "7e" * 20
 WEBHOOK = (
@@ -90,18 +88,8 @@ async def test_202_event_is_in_the_ingest_topic_keyed_by_call_id(
 
 @pytest.fixture
 async def own_broker() -> AsyncIterator[dict[str, str]]:
-    """A broker of our own on another port, so stopping it disturbs no other test."""
-    with tempfile.TemporaryDirectory(prefix="callstatus-kafka-") as data:
-        env = {
-            "KAFKA_PORT": "19192",
-            "KAFKA_CONTROLLER_PORT": "19193",
-            "KAFKA_DATA_DIR": str(Path(data) / "kafka"),
-        }
-        address = await asyncio.to_thread(kafka, "up", env)
-        try:
-            yield {**env, "address": address}
-        finally:
-            await asyncio.to_thread(kafka, "down", env)
+    async with private_broker(19192) as broker:
+        yield broker
 
 
 async def test_503_while_the_broker_is_down_then_recovers(
