@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import pydantic_core
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,7 +32,7 @@ from service.openapi import openapi_document
 from service.problems import problem
 from service.settings import Settings
 
-log = structlog.get_logger("callstatus.http")
+log = structlog.get_logger(logger_name="callstatus.http")
 
 INGEST_PATH = "/v1/call-status"
 # Where the access log finds what a handler learned about the request (callId, ...).
@@ -96,11 +96,16 @@ class Ingest:
         self._verify = settings.verify_signatures
         self._tolerance = settings.signature_tolerance_seconds
         self._retry_after = str(max(1, int(settings.produce_timeout_seconds)))
+        self._outcomes: dict[str, Counter] = {}
 
     async def handle(self, request: Request) -> Response:
         fields: dict[str, Any] = request.scope[LOG_FIELDS]
         response = await self._handle(request, fields)
-        metrics.INGEST_OUTCOMES.labels(fields["outcome"]).inc()
+        outcome: str = fields["outcome"]
+        counter = self._outcomes.get(outcome)
+        if counter is None:
+            counter = self._outcomes[outcome] = metrics.INGEST_OUTCOMES.labels(outcome)
+        counter.inc()
         return response
 
     async def _handle(self, request: Request, fields: dict[str, Any]) -> Response:
@@ -188,7 +193,9 @@ class Ingest:
                 headers={"Retry-After": self._retry_after},
             )
         fields["outcome"] = "accepted"
-        return JSONResponse({"eventId": event_id, "callId": call.callId}, status_code=202)
+        # Both ids have fixed, JSON-safe shapes (a UUID, CA + hex): no encoder needed.
+        accepted = f'{{"eventId":"{event_id}","callId":"{call.callId}"}}'
+        return Response(accepted, status_code=202, media_type="application/json")
 
 
 class AccessLog:
@@ -201,6 +208,11 @@ class AccessLog:
     def __init__(self, app: ASGIApp, routes: frozenset[str]) -> None:
         self.app = app
         self.routes = routes
+        # Bound once: a lazy structlog proxy would re-bind on every request.
+        self.log = log.bind()
+        # Label children are looked up once per (route, code), not per request.
+        self.counters: dict[tuple[str, int], Counter] = {}
+        self.latencies = {r: metrics.HTTP_LATENCY.labels(r) for r in (*routes, "other")}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -223,10 +235,14 @@ class AccessLog:
             elapsed = time.perf_counter() - start
             path: str = scope["path"]
             route = path if path in self.routes else "other"
-            metrics.HTTP_REQUESTS.labels(route, str(status)).inc()
-            metrics.HTTP_LATENCY.labels(route).observe(elapsed)
+            counter = self.counters.get((route, status))
+            if counter is None:
+                counter = metrics.HTTP_REQUESTS.labels(route, str(status))
+                self.counters[route, status] = counter
+            counter.inc()
+            self.latencies[route].observe(elapsed)
             request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
-            log.info(
+            self.log.info(
                 "request",
                 method=scope["method"],
                 path=path,
@@ -280,14 +296,15 @@ def create_app(
         log.exception("unhandled error", exc_info=exc)
         return problem(500, "internal", "Internal error", "the request could not be handled")
 
-    routes = [
+    routes = []
+    if publisher is not None:  # first: the route matched for every event
+        routes.append(Route(INGEST_PATH, Ingest(settings, publisher).handle, methods=["POST"]))
+    routes += [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    if publisher is not None:
-        routes.append(Route(INGEST_PATH, Ingest(settings, publisher).handle, methods=["POST"]))
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error, Exception: server_error},

@@ -28,7 +28,7 @@ def cmd_serve(_: argparse.Namespace) -> int:
     if not settings.verify_signatures:
         import structlog
 
-        structlog.get_logger("callstatus").warning(
+        structlog.get_logger(logger_name="callstatus").warning(
             "SIGNATURE VERIFICATION IS OFF: anyone can post events; local play only"
         )
     from service.server import build

@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaError
 from service import metrics
 from service.settings import Settings
 
-log = structlog.get_logger(__name__)
+log = structlog.get_logger(logger_name="callstatus.kafka")
 
 DAY_MS = 24 * 3600 * 1000
 

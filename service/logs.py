@@ -1,6 +1,9 @@
-"""structlog set-up: one pipeline for our logs and for the stdlib loggers (uvicorn, aiokafka).
+"""structlog set-up: our own log lines and the stdlib loggers (uvicorn, aiokafka) end up
+as the same JSON lines on stderr, or a readable console format for local play.
 
-JSON lines by default (for log shippers), a readable console format for local play.
+Our loggers write through structlog's WriteLogger directly: the access log runs once per
+request, and skipping the stdlib logging machinery for it keeps the hot path lean. Each
+module names itself with ``structlog.get_logger(logger_name="callstatus.<module>")``.
 """
 
 from __future__ import annotations
@@ -10,14 +13,20 @@ import sys
 from typing import Literal
 
 import structlog
-from structlog.typing import Processor
+from structlog.typing import EventDict, Processor
+
+
+def _stdlib_name(_: object, __: str, event_dict: EventDict) -> EventDict:
+    record = event_dict.get("_record")
+    if record is not None:
+        event_dict["logger_name"] = record.name
+    return event_dict
 
 
 def configure(level: str, fmt: Literal["json", "console"]) -> None:
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
+        structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Processor = (
@@ -26,15 +35,15 @@ def configure(level: str, fmt: Literal["json", "console"]) -> None:
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
+            foreign_pre_chain=[*shared, _stdlib_name],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,

@@ -55,7 +55,7 @@ from service import metrics
 from service.fsm import CallState, Decision, Outcome, decide, expired
 from service.settings import Settings
 
-log = structlog.get_logger("callstatus.processor")
+log = structlog.get_logger(logger_name="callstatus.processor")
 
 CE_SOURCE = b"urn:callstatus:processor"
 CE_TYPE_CHANGED = b"com.freeclimb.call.status.changed"

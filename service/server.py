@@ -26,7 +26,7 @@ from service.kafka import IngestProducer, ensure_topics
 from service.processor import Processor
 from service.settings import Role, Settings
 
-log = structlog.get_logger("callstatus.server")
+log = structlog.get_logger(logger_name="callstatus.server")
 
 
 class DrainingServer(uvicorn.Server):

@@ -4,6 +4,7 @@ the local secret, signing, and what the request log line holds."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import structlog
 
 from service import logs
 from service.app import create_app
@@ -125,7 +127,9 @@ async def test_request_log_line_has_ids_and_no_secret(capfd: pytest.CaptureFixtu
                 },
             )
     finally:
-        logs.configure("INFO", "console")
+        # The configured stream is this test's captured stderr, closed after it.
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
     err = capfd.readouterr().err
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     request_lines = [line for line in lines if line.get("event") == "request"]
