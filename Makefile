@@ -8,7 +8,7 @@ KAFKA := deploy/local/kafka
 export KAFKA_PORT ?= 9092
 export CALLSTATUS_KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:$(KAFKA_PORT)
 
-.PHONY: venv run kafka-up kafka-down kafka-reset lint test test-unit schemas clean
+.PHONY: venv run kafka-up kafka-down kafka-reset lint test test-unit bench schemas clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test-unit: venv
 # Everything: lint, type checks, unit and integration tests against the real broker.
 test: lint kafka-up
 	$(BIN)/pytest
+
+# Per-request cost of the ingest handler next to a bare Starlette endpoint.
+bench: venv
+	$(BIN)/python -m bench.ingest_overhead
 
 schemas: venv
 	$(BIN)/python -m schemas.export

@@ -12,6 +12,7 @@ import logging
 import sys
 from typing import Literal
 
+import pydantic_core
 import structlog
 from structlog.typing import EventDict, Processor
 
@@ -23,6 +24,11 @@ def _stdlib_name(_: object, __: str, event_dict: EventDict) -> EventDict:
     return event_dict
 
 
+def _dumps(obj: object, **_: object) -> str:
+    # pydantic-core's encoder: several times faster than json.dumps for a log line.
+    return pydantic_core.to_json(obj, fallback=repr).decode()
+
+
 def configure(level: str, fmt: Literal["json", "console"]) -> None:
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -30,7 +36,7 @@ def configure(level: str, fmt: Literal["json", "console"]) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Processor = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
