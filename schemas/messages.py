@@ -80,16 +80,22 @@ def normalise_body(body: dict[str, Any]) -> tuple[Source, str | None, Call]:
     return Source.RESOURCE, None, Call.model_validate(body)
 
 
-class IngestEvent(BaseModel):
-    """One validated callback, as written to the ingest topic."""
+class IngestEnvelope(BaseModel):
+    """What the processor reads of an ingest message: everything but the original body,
+    which it never needs and so never builds into Python objects."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     eventId: str = Field(description="assigned once at ingest; never changes downstream")
     receivedAt: Rfc3339
     source: Source
     requestType: str | None
     call: Call
+
+
+class IngestEvent(IngestEnvelope):
+    """One validated callback, as written to the ingest topic."""
+
     body: dict[str, Any] = Field(description="the request body exactly as received")
 
 

@@ -50,7 +50,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from schemas.call import CallStatus, format_rfc3339
-from schemas.messages import IngestEvent, StateMessage, encode_outcome, encode_state
+from schemas.messages import IngestEnvelope, StateMessage, encode_outcome, encode_state
 from service import metrics
 from service.fsm import CallState, Decision, Outcome, decide, expired
 from service.settings import Settings
@@ -86,7 +86,7 @@ class _Output:
 
 
 def _headers(
-    event: IngestEvent, kind: bytes, processed: str, trace: bytes | None
+    event: IngestEnvelope, kind: bytes, processed: str, trace: bytes | None
 ) -> list[tuple[str, bytes]]:
     # CloudEvents Kafka binding, binary mode: the attributes travel as ce_* headers.
     headers = [
@@ -139,7 +139,7 @@ class PartitionWorker:
                 continue  # fetched before a rebalance re-seeked us; already committed
             last = record.offset
             try:
-                event = IngestEvent.model_validate_json(record.value or b"")
+                event = IngestEnvelope.model_validate_json(record.value or b"")
             except ValidationError as exc:
                 # Only our ingest writes this topic, so this is a foreign or corrupt
                 # record. It cannot be judged; skip it loudly rather than block the
