@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -99,6 +100,11 @@ def make_call(
     )
 
 
+def traceparent(event_id: str) -> bytes:
+    """A W3C traceparent derived from the event id, to follow it through the processor."""
+    return f"00-{uuid.UUID(event_id).hex}-00f067aa0ba902b7-01".encode()
+
+
 async def produce(bootstrap: str, topic: str, events: Sequence[Event]) -> None:
     """Write events to the ingest topic as the ingest stage does: keyed by callId,
     acks=all, idempotent, so per-call order is the list order."""
@@ -110,7 +116,10 @@ async def produce(bootstrap: str, topic: str, events: Sequence[Event]) -> None:
             value = encode_ingest(
                 e.event_id, datetime.now(UTC), e.source, None, e.call, e.call.to_json()
             )
-            futures.append(await producer.send(topic, value=value, key=e.call.callId.encode()))
+            headers = [("traceparent", traceparent(e.event_id))]
+            futures.append(
+                await producer.send(topic, value=value, key=e.call.callId.encode(), headers=headers)
+            )
         await asyncio.gather(*futures)
     finally:
         await producer.stop()

@@ -25,6 +25,7 @@ from tests.integration.kafkautil import (
     produce,
     read_committed,
     settings_for,
+    traceparent,
 )
 
 S = CallStatus
@@ -135,6 +136,7 @@ async def test_mixed_sequences_yield_exactly_the_expected_outputs(
         assert headers["ce_type"] == b"com.freeclimb.call.status.changed"
         assert headers["ce_subject"] == msg.callId.encode()
         assert headers["content-type"] == b"application/json"
+        assert headers["traceparent"] == traceparent(msg.eventId)  # the trace continues
     for record in rejected:
         rej = RejectedMessage.model_validate_json(record.value or b"")
         assert dict(record.headers)["ce_type"] == b"com.freeclimb.call.status.rejected"
