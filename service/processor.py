@@ -49,7 +49,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from schemas.call import CallStatus, format_rfc3339
+from schemas.call import format_rfc3339
 from schemas.messages import IngestEnvelope, StateMessage, encode_outcome, encode_state
 from service import metrics
 from service.fsm import CallState, Decision, Outcome, decide, expired
@@ -457,4 +457,4 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         )
 
 
-__all__ = ["CallStatus", "PartitionWorker", "Processor", "transactional_id"]
+__all__ = ["PartitionWorker", "Processor", "transactional_id"]

@@ -246,6 +246,7 @@ def settings_env(settings: Settings, port: int) -> dict[str, str]:
         CALLSTATUS_HOST="127.0.0.1",
         CALLSTATUS_PORT=str(port),
         CALLSTATUS_LOG_FORMAT="json",
+        CALLSTATUS_DRAIN_DELAY_SECONDS=str(settings.drain_delay_seconds),
     )
     return env
 
@@ -282,7 +283,16 @@ class ServiceProcess:
         code = self.proc.wait(timeout=timeout)
         self._log.close()
         clean_exit = code in (0, -signal.SIGTERM)
-        return clean_exit and '"event": "stopped"' in self.log_path.read_text()
+        return clean_exit and self.logged("stopped")
+
+    def logged(self, event: str) -> bool:
+        """Whether the process wrote a JSON log line with this event."""
+        import json
+
+        for line in self.log_path.read_text().splitlines():
+            if line.startswith("{") and json.loads(line).get("event") == event:
+                return True
+        return False
 
     async def wait_ready(self, deadline_s: float = 60) -> None:
         """Poll /readyz until the node says it is ready (for a processor: partitions

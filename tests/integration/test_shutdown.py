@@ -78,7 +78,7 @@ async def test_sigterm_under_load_loses_and_duplicates_nothing(unique: str, tmp_
         stop.set()
         await asyncio.gather(*workers)
     assert code in (0, -signal.SIGTERM)
-    assert '"event": "stopped"' in node.log_path.read_text()
+    assert node.logged("stopped")
     assert refused > 0 or sent == len(accepted)
 
     # A fresh processor finishes the work; every 202 shows up exactly once.
@@ -93,3 +93,33 @@ async def test_sigterm_under_load_loses_and_duplicates_nothing(unique: str, tmp_
     assert set(accepted) <= set(stored)
     assert len(published) == len(set(published))  # no duplicates
     assert set(published) == set(stored)  # every stored event (all first events) changed
+
+
+async def test_sigterm_first_turns_readiness_off_while_still_serving(
+    unique: str, tmp_path: Path
+) -> None:
+    settings = settings_for(
+        BOOTSTRAP, unique, role="ingest", verify_signatures=False, drain_delay_seconds=30
+    )
+    await ensure_topics(settings)
+    node = ServiceProcess(settings, tmp_path, "draining")
+    await node.wait_ready()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.port}", timeout=10) as http:
+        node.proc.send_signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 10
+        while (ready := await http.get("/readyz")).status_code == 200:
+            assert loop.time() < give_up, "readiness never turned off"
+            await asyncio.sleep(0.05)  # polling interval
+        assert ready.json()["checks"]["draining"] is False
+        # Still serving during the drain: the load balancer has time to move away.
+        body = webhook(1)
+        accepted = await http.post(
+            "/v1/call-status", content=body, headers={"content-type": "application/json"}
+        )
+        assert accepted.status_code == 202
+        # A second signal means "now": the node stops without waiting out the drain.
+        node.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(node.wait, 30)
+    assert code in (0, -signal.SIGTERM)
+    assert node.logged("stopped")
