@@ -27,13 +27,11 @@ WORKDIR /src
 # service/, schemas/, an optional requirements.lock).
 COPY . .
 
-# When a lock file exists, install the pinned dependency set first; `pip install .`
-# then finds every requirement already satisfied and adds only the project itself.
+# Install the pinned dependency set first (requirements.lock, `make lock`); then
+# `pip install --no-deps .` adds only the project, so nothing unpinned gets in.
 # pip compiles .pyc files at install time, so the read-only runtime never needs to.
-RUN if [ -f requirements.lock ]; then \
-        pip install --no-cache-dir -r requirements.lock; \
-    fi \
-    && pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -r requirements.lock \
+    && pip install --no-cache-dir --no-deps . \
     && pip check \
     && python -c "import service, schemas"
 

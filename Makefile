@@ -8,7 +8,7 @@ KAFKA := deploy/local/kafka
 export KAFKA_PORT ?= 9092
 export CALLSTATUS_KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:$(KAFKA_PORT)
 
-.PHONY: venv run kafka-up kafka-down kafka-reset lint test test-unit bench schemas clean
+.PHONY: venv run kafka-up kafka-down kafka-reset lint test test-unit bench schemas lock clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,15 @@ bench: venv
 
 schemas: venv
 	$(BIN)/python -m schemas.export
+
+# The image's pinned runtime set: what `pip install .` resolves to in a clean venv.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet .
+	{ echo "# Runtime dependency set of the container image, pinned. Regenerate with \`make lock\`"; \
+	  echo "# (a clean venv, pip install ., pip freeze); tests/test_lock.py checks it."; \
+	  .lock-venv/bin/pip freeze --exclude callstatus; } > requirements.lock
+	rm -rf .lock-venv build callstatus.egg-info
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
