@@ -6,8 +6,9 @@ Everything here is thin on purpose; the decisions live in ``signature`` and ``fs
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -20,6 +21,7 @@ from service.settings import Settings
 log = structlog.get_logger(logger_name="callstatus.kafka")
 
 DAY_MS = 24 * 3600 * 1000
+T = TypeVar("T")
 
 Headers = Sequence[tuple[str, bytes]]
 
@@ -99,6 +101,24 @@ async def partition_counts(bootstrap: str, topics: list[str]) -> dict[str, int]:
     return {t["topic"]: len(t["partitions"]) for t in described if not t["error_code"]}
 
 
+async def retry_at_start(
+    step: Callable[[], Awaitable[T]], what: str, deadline_seconds: float = 60.0
+) -> T:
+    """Run a start-up step, retrying while Kafka is unreachable: in a fresh deployment
+    the broker may come up after us. Past the deadline the error stops the process, and
+    the supervisor's restart back-off takes over."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + deadline_seconds
+    while True:
+        try:
+            return await step()
+        except KafkaError as exc:
+            if loop.time() >= give_up:
+                raise
+            log.warning("kafka not reachable yet, retrying", step=what, error=repr(exc))
+            await asyncio.sleep(1.0)
+
+
 class Unavailable(Exception):
     """Kafka did not take the event in time; the caller answers 503."""
 
@@ -124,30 +144,22 @@ class IngestProducer:
         # Created in start(): aiokafka objects must be made inside the running loop.
         self._producer: AIOKafkaProducer | None = None
 
-    async def start(self, deadline_seconds: float = 30.0) -> None:
-        """Connect, retrying until ``deadline_seconds``; Kafka may start after us."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + deadline_seconds
-        while True:
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self._bootstrap,
-                acks="all",
-                enable_idempotence=True,
-                linger_ms=1,
-                # Fail a send the broker cannot take within our own answer deadline,
-                # plus margin, so the buffer drains instead of holding stale events.
-                request_timeout_ms=int(self._timeout * 1000) + 5000,
-            )
-            try:
-                await producer.start()
-                self._producer = producer
-                return
-            except KafkaError as exc:
-                await producer.stop()
-                if loop.time() >= give_up:
-                    raise
-                log.warning("kafka not reachable yet, retrying", error=str(exc))
-                await asyncio.sleep(1.0)
+    async def start(self) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=1,
+            # Fail a send the broker cannot take within our own answer deadline, plus
+            # margin, so the buffer drains instead of holding stale events.
+            request_timeout_ms=int(self._timeout * 1000) + 5000,
+        )
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer = producer
 
     async def stop(self) -> None:
         # stop() flushes what is still buffered before closing connections.

@@ -22,7 +22,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from service.app import create_app
-from service.kafka import IngestProducer, ensure_topics
+from service.kafka import IngestProducer, ensure_topics, retry_at_start
 from service.processor import Processor
 from service.settings import Role, Settings
 
@@ -54,9 +54,9 @@ def build(settings: Settings) -> DrainingServer:
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        await ensure_topics(settings)
+        await retry_at_start(lambda: ensure_topics(settings), "topics")
         if publisher is not None:
-            await publisher.start()
+            await retry_at_start(publisher.start, "producer")
         task: asyncio.Task[None] | None = None
         if processor is not None:
             task = asyncio.create_task(processor.run(), name="processor")

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,7 +18,13 @@ from service.kafka import IngestProducer, ensure_topics
 from service.settings import Settings
 from service.signature import sign
 from tests.conftest import BOOTSTRAP, SECRET
-from tests.integration.kafkautil import kafka, private_broker, read_committed, settings_for
+from tests.integration.kafkautil import (
+    ServiceProcess,
+    kafka,
+    private_broker,
+    read_committed,
+    settings_for,
+)
 
 CALL_ID = "CA" + "7e" * 20
 WEBHOOK = (
@@ -134,3 +141,15 @@ async def test_503_while_the_broker_is_down_then_recovers(
     records = await read_committed(own_broker["address"], settings.topic_ingest, len(acknowledged))
     stored = {IngestEvent.model_validate_json(r.value or b"").eventId for r in records}
     assert set(acknowledged) <= stored
+
+
+async def test_service_started_before_kafka_waits_for_it(unique: str, tmp_path: Path) -> None:
+    port = 19392
+    settings = settings_for(f"127.0.0.1:{port}", unique, role="all")
+    node = ServiceProcess(settings, tmp_path, "early")  # no broker on that port yet
+    try:
+        async with private_broker(port):
+            await node.wait_ready(deadline_s=90)
+            assert node.logged("started")
+    finally:
+        node.terminate()
