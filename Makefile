@@ -1,7 +1,7 @@
 # Two commands matter: `make run` (service + local Kafka) and `make test` (everything).
 # Both build .venv at the repository root first, from pyproject.toml.
 
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 KAFKA := deploy/local/kafka
