@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from enum import StrEnum
+from functools import lru_cache
 from itertools import pairwise
 from typing import Annotated, Any
 
@@ -86,6 +87,7 @@ def _parse_rfc3339(value: object) -> object:
     return _to_utc(parsed)
 
 
+@lru_cache(maxsize=8)  # the processor stamps a whole batch with the same time
 def format_rfc3339(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -116,7 +118,7 @@ Direction = Annotated[CallDirection, BeforeValidator(_direction)]
 
 def empty_strings_as_absent(data: Any) -> Any:
     """FreeClimb writes "" for fields not reached yet (endTime, duration, ...)."""
-    if isinstance(data, dict):
+    if isinstance(data, dict) and "" in data.values():
         return {k: v for k, v in data.items() if v != ""}
     return data
 

@@ -41,16 +41,24 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
+from prometheus_client import Counter
 from pydantic import ValidationError
 
-from schemas.call import format_rfc3339
-from schemas.messages import IngestEnvelope, StateMessage, encode_outcome, encode_state
+from schemas.call import CallStatus, format_rfc3339
+from schemas.messages import (
+    IngestEnvelope,
+    RejectReason,
+    StateMessage,
+    encode_outcome,
+    encode_state,
+)
 from service import metrics
 from service.fsm import CallState, Decision, Outcome, decide, expired
 from service.settings import Settings
@@ -103,6 +111,25 @@ def _headers(
     return headers
 
 
+@cache
+def _event_counter(outcome: Outcome, reason: RejectReason | None) -> Counter:
+    return metrics.PROCESSOR_EVENTS.labels(outcome.value, reason.value if reason else "")
+
+
+def _count_event(decision: Decision) -> None:
+    # Label children are looked up once per combination, not once per event.
+    _event_counter(decision.outcome, decision.reason).inc()
+
+
+@cache
+def _transition_counter(before: CallStatus | None, after: CallStatus) -> Counter:
+    return metrics.PROCESSOR_TRANSITIONS.labels(before.value if before else "", after.value)
+
+
+def _count_transition(before: CallStatus | None, after: CallStatus) -> None:
+    _transition_counter(before, after).inc()
+
+
 def _state_from_message(message: StateMessage) -> CallState:
     return CallState(
         message.status, message.revision, message.call, message.eventId, message.updatedAt
@@ -151,8 +178,7 @@ class PartitionWorker:
             key = call.callId.encode()
             state = overlay[call.callId] if call.callId in overlay else self.states.get(call.callId)
             decision: Decision = decide(state, call, event.eventId, now)
-            reason = decision.reason.value if decision.reason else ""
-            metrics.PROCESSOR_EVENTS.labels(decision.outcome.value, reason).inc()
+            _count_event(decision)
             if decision.outcome is Outcome.DUPLICATE:
                 continue
             processed = processed or format_rfc3339(now)
@@ -190,9 +216,7 @@ class PartitionWorker:
                     )
                 )
                 overlay[call.callId] = new
-                metrics.PROCESSOR_TRANSITIONS.labels(
-                    state.status.value if state else "", call.status.value
-                ).inc()
+                _count_transition(state.status if state else None, call.status)
             else:
                 outputs.append(
                     _Output(
