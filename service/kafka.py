@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
+from aiokafka.helpers import create_ssl_context
 
 from service import metrics
 from service.settings import Settings
@@ -43,6 +44,29 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     ]
 
 
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Connection options shared by every Kafka client the service creates (producers,
+    consumers, admin), so security settings are written in one place."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        assert settings.kafka_sasl_password is not None  # guaranteed by Settings
+        options.update(
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=settings.kafka_sasl_password.get_secret_value(),
+        )
+    if settings.kafka_security_protocol.endswith("SSL"):
+        options["ssl_context"] = create_ssl_context(
+            cafile=settings.kafka_ssl_cafile,
+            certfile=settings.kafka_ssl_certfile,
+            keyfile=settings.kafka_ssl_keyfile,
+        )
+    return options
+
+
 class TopicLayoutError(RuntimeError):
     """The topics exist but cannot be used as they are."""
 
@@ -54,7 +78,7 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
     its ingest partition, so the two counts must match; we refuse to start otherwise
     rather than silently scatter state.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -74,7 +98,7 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
             log.info("topics created", topics=[spec.name for spec in missing])
     finally:
         await admin.close()
-    counts = await partition_counts(settings.kafka_bootstrap_servers, list(settings.topic_names))
+    counts = await partition_counts(client_options(settings), list(settings.topic_names))
     absent = [name for name in settings.topic_names if not counts.get(name)]
     if absent:
         raise TopicLayoutError(
@@ -90,9 +114,10 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
     return counts
 
 
-async def partition_counts(bootstrap: str, topics: list[str]) -> dict[str, int]:
-    """Partition count of each existing topic (absent topics are left out)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def partition_counts(options: dict[str, Any], topics: list[str]) -> dict[str, int]:
+    """Partition count of each existing topic (absent topics are left out); ``options``
+    as :func:`client_options` makes them."""
+    admin = AIOKafkaAdminClient(**options)
     await admin.start()
     try:
         described = await admin.describe_topics(topics)
@@ -140,13 +165,13 @@ class IngestProducer:
         self._timeout = settings.produce_timeout_seconds
         self._max_inflight = settings.max_inflight_produces
         self._inflight = 0
-        self._bootstrap = settings.kafka_bootstrap_servers
+        self._options = client_options(settings)
         # Created in start(): aiokafka objects must be made inside the running loop.
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
         producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap,
+            **self._options,
             acks="all",
             enable_idempotence=True,
             linger_ms=1,

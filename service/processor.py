@@ -61,6 +61,7 @@ from schemas.messages import (
 )
 from service import metrics
 from service.fsm import CallState, Decision, Outcome, decide, expired
+from service.kafka import client_options
 from service.settings import Settings
 
 log = structlog.get_logger(logger_name="callstatus.processor")
@@ -336,7 +337,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _run_once(self) -> None:
         s = self.settings
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
+            **client_options(s),
             group_id=s.consumer_group,
             enable_auto_commit=False,
             isolation_level="read_committed",
@@ -412,7 +413,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _open_worker(self, consumer: AIOKafkaConsumer, partition: int) -> PartitionWorker:
         s = self.settings
         producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
+            **client_options(s),
             transactional_id=transactional_id(s.consumer_group, s.topic_ingest, partition),
             enable_idempotence=True,
             acks="all",
@@ -440,7 +441,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         started = time.perf_counter()
         s = self.settings
         reader = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
+            **client_options(s),
             enable_auto_commit=False,
             isolation_level="read_committed",
         )

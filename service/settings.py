@@ -11,7 +11,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The local, git-ignored file where `make run` keeps its generated signing secret.
@@ -44,6 +51,14 @@ class Settings(BaseSettings):
     )
 
     kafka_bootstrap_servers: str = "localhost:9092"
+    # Managed clusters (Strimzi with TLS/SCRAM, cloud Kafka) need these; see client_options.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: FilePath | None = None
+    kafka_ssl_certfile: FilePath | None = None
+    kafka_ssl_keyfile: FilePath | None = None
     # NoDecode: a plain comma-separated list, not JSON.
     signing_secrets: Annotated[tuple[str, ...], NoDecode] = ()
     verify_signatures: bool = True
@@ -99,6 +114,20 @@ class Settings(BaseSettings):
                 "CALLSTATUS_SIGNING_SECRETS is empty while signatures are verified; "
                 "set it, or CALLSTATUS_VERIFY_SIGNATURES=false for local play only"
             )
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        has_credentials = self.kafka_sasl_username is not None or self.kafka_sasl_password
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(
+                f"CALLSTATUS_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "CALLSTATUS_KAFKA_SASL_USERNAME and CALLSTATUS_KAFKA_SASL_PASSWORD"
+            )
+        if has_credentials and not sasl:
+            raise ValueError(
+                "SASL credentials are set but CALLSTATUS_KAFKA_SECURITY_PROTOCOL is "
+                f"{self.kafka_security_protocol}; use SASL_SSL or SASL_PLAINTEXT"
+            )
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            raise ValueError("CALLSTATUS_KAFKA_SSL_CERTFILE and _KEYFILE go together")
         topics = self.topic_names
         if len(set(topics)) != len(topics):
             raise ValueError("the four CALLSTATUS_TOPIC_* names must be distinct")

@@ -7,7 +7,7 @@ import sys
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.messages import ChangeMessage, RejectedMessage
-from service.kafka import partition_counts
+from service.kafka import client_options, partition_counts
 from service.settings import Settings
 
 
@@ -34,14 +34,14 @@ async def tail(
     idle_timeout: float | None,
 ) -> int:
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
+        **client_options(settings),
         isolation_level="read_committed",  # never show a change that was rolled back
         enable_auto_commit=False,
     )
     await consumer.start()
     try:
         topics = [settings.topic_changes, settings.topic_rejected]
-        counts = await partition_counts(settings.kafka_bootstrap_servers, topics)
+        counts = await partition_counts(client_options(settings), topics)
         tps = [TopicPartition(topic, p) for topic in topics for p in range(counts.get(topic, 0))]
         consumer.assign(tps)
         if from_beginning:

@@ -129,7 +129,7 @@ async def partitions_of(bootstrap: str, topic: str, give_up: float) -> list[Topi
     """The topic's partitions, once the cluster reports them."""
     loop = asyncio.get_running_loop()
     while True:
-        count = (await partition_counts(bootstrap, [topic])).get(topic, 0)
+        count = (await partition_counts({"bootstrap_servers": bootstrap}, [topic])).get(topic, 0)
         if count:
             return [TopicPartition(topic, p) for p in range(count)]
         if loop.time() > give_up:
