@@ -354,11 +354,21 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
                     raise self._failure
                 async with self._lock:
                     now = self.clock()
-                    for worker in list(self._workers.values()):
-                        records = batches.get(worker.tp, [])
-                        await worker.process(records, now)
+                    workers = list(self._workers.values())
+                    # Partitions are independent (own producer, own transaction), so
+                    # their commits overlap instead of queueing behind each other. All
+                    # are awaited before a failure is raised: none may still be running
+                    # when the restart tears the producers down.
+                    results = await asyncio.gather(
+                        *(w.process(batches.get(w.tp, []), now) for w in workers),
+                        return_exceptions=True,
+                    )
+                    for result in results:
+                        if isinstance(result, BaseException):
+                            raise result
+                    for worker in workers:
                         self._record_lag(consumer, worker)
-                    metrics.PROCESSOR_CALLS.set(sum(len(w.states) for w in self._workers.values()))
+                    metrics.PROCESSOR_CALLS.set(sum(len(w.states) for w in workers))
         finally:
             self._settled = False
             async with self._lock:
