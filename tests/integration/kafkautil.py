@@ -46,7 +46,7 @@ def kafka(command: str, env: dict[str, str] | None = None) -> str:
 
 
 @asynccontextmanager
-async def private_broker(port: int) -> AsyncIterator[dict[str, str]]:
+async def private_broker(port: int, **extra_env: str) -> AsyncIterator[dict[str, str]]:
     """A broker of a test's own, started by the project's launcher on ``port`` with a
     throw-away data dir, so the test may stop and restart it without disturbing others.
     Yields the launcher environment plus ``address``."""
@@ -55,6 +55,7 @@ async def private_broker(port: int) -> AsyncIterator[dict[str, str]]:
             "KAFKA_PORT": str(port),
             "KAFKA_CONTROLLER_PORT": str(port + 1),
             "KAFKA_DATA_DIR": str(Path(data) / "kafka"),
+            **extra_env,
         }
         address = await asyncio.to_thread(kafka, "up", env)
         try:
