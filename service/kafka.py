@@ -99,6 +99,13 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
     finally:
         await admin.close()
     counts = await partition_counts(client_options(settings), list(settings.topic_names))
+    if missing and settings.create_topics:
+        # A just-created topic takes a moment to show up in metadata.
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 30
+        while len(counts) < len(settings.topic_names) and loop.time() < give_up:
+            await asyncio.sleep(0.2)
+            counts = await partition_counts(client_options(settings), list(settings.topic_names))
     absent = [name for name in settings.topic_names if not counts.get(name)]
     if absent:
         raise TopicLayoutError(

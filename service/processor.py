@@ -27,10 +27,20 @@ Rebalances
 ----------
 aiokafka rebalances eagerly: every partition is revoked, then the new set assigned. A
 batch holds ``_lock`` for its whole transaction, and revocation takes the same lock, so
-a partition is never handed over mid-transaction. On assignment each worker is built
-afresh: fence (init the producer), then read the committed offset, then restore states.
-That order matters: fencing first waits for a zombie's pending transaction to end, so
-the offset and states we read afterwards are final.
+a partition is never handed over mid-transaction; between revocation and assignment no
+batch runs at all.
+
+A new worker is built in this order: fence (init the producer), then read the committed
+offset, then restore states. Fencing first waits for a zombie's pending transaction to
+end, so the offset and states read afterwards are final.
+
+Most rebalances hand a member back the partitions it already had, so a worker is kept
+across one when the committed offset is still its own position: nobody else committed
+in between, and its states are current. Restoring every partition on every rebalance
+would stall processing for as long as the state topic takes to read. Keeping is safe
+even if another member did own the partition meanwhile: it initialised the same
+transactional id, which fenced our producer, so our next commit fails before anything
+becomes visible, and the restart rebuilds from Kafka.
 """
 
 from __future__ import annotations
@@ -257,16 +267,19 @@ class PartitionWorker:
             return
         started = time.perf_counter()
         producer = self.producer
+        sent: list[asyncio.Future[Any]] = []
         await producer.begin_transaction()
         try:
             for out in outputs:
                 # send() only enqueues; the commit below flushes and waits for every ack.
-                await producer.send(
-                    out.topic,
-                    value=out.value,
-                    key=out.key,
-                    headers=out.headers,
-                    partition=out.partition,
+                sent.append(
+                    await producer.send(
+                        out.topic,
+                        value=out.value,
+                        key=out.key,
+                        headers=out.headers,
+                        partition=out.partition,
+                    )
                 )
             if next_offset is not None:
                 await producer.send_offsets_to_transaction(
@@ -277,6 +290,8 @@ class PartitionWorker:
         except BaseException:
             # Abort if the producer still can (it cannot once fenced); either way the
             # caller restarts from what Kafka committed, so our memory is not trusted.
+            for future in sent:  # their errors are this one; don't log each at GC
+                future.add_done_callback(_retrieve)
             await _abort_quietly(producer)
             raise
         metrics.PROCESSOR_COMMIT_SECONDS.observe(time.perf_counter() - commit_started)
@@ -289,6 +304,11 @@ class PartitionWorker:
                 self.states[call_id] = state
         if next_offset is not None:
             self.next_offset = next_offset
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _abort_quietly(producer: AIOKafkaProducer) -> None:
@@ -353,6 +373,8 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
                 if self._failure is not None:
                     raise self._failure
                 async with self._lock:
+                    if not self._settled:
+                        continue  # mid-rebalance: records fetched now are re-read later
                     now = self.clock()
                     workers = list(self._workers.values())
                     # Partitions are independent (own producer, own transaction), so
@@ -392,33 +414,47 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     # -- ConsumerRebalanceListener -------------------------------------------------
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        # Waits for an in-flight batch: a partition is never handed over mid-transaction.
+        # Taking the lock waits for an in-flight batch; _settled=False then keeps the
+        # main loop from starting another until the new assignment is in place.
         self._settled = False
         async with self._lock:
-            try:
-                await self._drop_workers()
-            except Exception as exc:
-                self._failure = self._failure or exc
+            pass
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         consumer = self._consumer
         assert consumer is not None
         async with self._lock:
             partitions = sorted(tp.partition for tp in assigned)
+            previous, self._workers = self._workers, {}
             workers: dict[int, PartitionWorker] = {}
+            fresh: dict[int, PartitionWorker] = {}
             try:
+                for partition, worker in previous.items():
+                    if partition in partitions and await self._still_current(consumer, worker):
+                        workers[partition] = worker
+                    else:
+                        await worker.producer.stop()
                 for partition in partitions:
-                    workers[partition] = await self._open_worker(consumer, partition)
-                await self._restore(workers)
+                    if partition not in workers:
+                        fresh[partition] = await self._open_worker(consumer, partition)
+                await self._restore(fresh)
             except Exception as exc:
                 # Without workers these partitions would sit idle; fail loudly instead.
-                for worker in workers.values():
+                for worker in (*workers.values(), *fresh.values()):
                     await worker.producer.stop()
                 self._failure = self._failure or exc
                 return
-            self._workers = workers
+            self._workers = {**workers, **fresh}
             self._settled = True
-            log.info("partitions assigned", partitions=partitions)
+            log.info("partitions assigned", partitions=partitions, kept=sorted(workers))
+
+    async def _still_current(self, consumer: AIOKafkaConsumer, worker: PartitionWorker) -> bool:
+        """Whether a worker we had before this rebalance may go on as it is."""
+        committed = await consumer.committed(worker.tp)
+        if committed is None or committed != worker.next_offset:
+            return False
+        consumer.seek(worker.tp, worker.next_offset)
+        return True
 
     async def _open_worker(self, consumer: AIOKafkaConsumer, partition: int) -> PartitionWorker:
         s = self.settings
@@ -430,10 +466,14 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
             linger_ms=5,
         )
         await producer.start()
-        # An empty transaction returns only after InitProducerId: the previous owner is
-        # fenced and its open transaction finished, so the offset below is final.
-        await producer.begin_transaction()
-        await producer.abort_transaction()
+        try:
+            # An empty transaction returns only after InitProducerId: the previous owner
+            # is fenced and its open transaction finished, so the offset below is final.
+            await producer.begin_transaction()
+            await producer.abort_transaction()
+        except BaseException:
+            await producer.stop()
+            raise
         tp = TopicPartition(s.topic_ingest, partition)
         committed = await consumer.committed(tp)
         if committed is None:
