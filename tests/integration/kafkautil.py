@@ -248,6 +248,7 @@ def settings_env(settings: Settings, port: int) -> dict[str, str]:
         CALLSTATUS_PORT=str(port),
         CALLSTATUS_LOG_FORMAT="json",
         CALLSTATUS_DRAIN_DELAY_SECONDS=str(settings.drain_delay_seconds),
+        CALLSTATUS_SHUTDOWN_GRACE_SECONDS=str(settings.shutdown_grace_seconds),
     )
     return env
 
@@ -279,10 +280,17 @@ class ServiceProcess:
 
     def terminate(self, timeout: float = 60) -> bool:
         """SIGTERM, wait, and report whether the process shut down cleanly (uvicorn
-        re-raises the signal after its graceful shutdown, so the exit code is -15)."""
+        re-raises the signal after its graceful shutdown, so the exit code is -15).
+        A process still running after ``timeout`` is killed and reported unclean."""
         self.proc.terminate()
-        code = self.proc.wait(timeout=timeout)
-        self._log.close()
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+            return False
+        finally:
+            self._log.close()
         clean_exit = code in (0, -signal.SIGTERM)
         return clean_exit and self.logged("stopped")
 

@@ -147,9 +147,9 @@ async def test_service_started_before_kafka_waits_for_it(unique: str, tmp_path: 
     port = 19392
     settings = settings_for(f"127.0.0.1:{port}", unique, role="all")
     node = ServiceProcess(settings, tmp_path, "early")  # no broker on that port yet
-    try:
-        async with private_broker(port):
+    async with private_broker(port):
+        try:
             await node.wait_ready(deadline_s=90)
             assert node.logged("started")
-    finally:
-        node.terminate()
+        finally:
+            assert node.terminate()

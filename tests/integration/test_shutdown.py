@@ -123,3 +123,19 @@ async def test_sigterm_first_turns_readiness_off_while_still_serving(
         code = await asyncio.to_thread(node.wait, 30)
     assert code in (0, -signal.SIGTERM)
     assert node.logged("stopped")
+
+
+async def test_shutdown_is_bounded_when_kafka_is_gone(unique: str, tmp_path: Path) -> None:
+    from tests.integration.kafkautil import kafka, private_broker
+
+    async with private_broker(19792) as broker:
+        settings = settings_for(broker["address"], unique, role="all", shutdown_grace_seconds=2)
+        node = ServiceProcess(settings, tmp_path, "orphan")
+        try:
+            await node.wait_ready(deadline_s=90)
+        except BaseException:
+            node.kill()
+            raise
+        await asyncio.to_thread(kafka, "down", broker)
+        # grace (2 s) + 10 s bound on the stop sequence, plus process start-up slack
+        assert node.terminate(timeout=40), node.log_path.read_text()[-2000:]
