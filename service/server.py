@@ -28,6 +28,10 @@ from service.settings import Role, Settings
 
 log = structlog.get_logger(logger_name="callstatus.server")
 
+# After the grace period, how long Kafka clients get to close before the process exits
+# anyway (deploy/k8s's terminationGracePeriodSeconds budgets for it).
+CLIENT_CLOSE_SECONDS = 10.0
+
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, with a readiness drain before the listener closes on the first signal."""
@@ -71,7 +75,9 @@ def build(settings: Settings) -> DrainingServer:
                 # Bounded: with Kafka gone, leaving the group or flushing could wait for
                 # minutes. Exiting without them loses nothing: an open transaction is
                 # aborted by the next owner, and every 202 was already acknowledged.
-                await asyncio.wait_for(_stop(task), settings.shutdown_grace_seconds + 10)
+                await asyncio.wait_for(
+                    _stop(task), settings.shutdown_grace_seconds + CLIENT_CLOSE_SECONDS
+                )
             except TimeoutError:
                 log.error("shutdown did not finish in time; exiting without it")
             log.info("stopped")

@@ -29,6 +29,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service.server import CLIENT_CLOSE_SECONDS
+
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -399,12 +401,13 @@ def test_termination_grace_exceeds_drain(name: str) -> None:
         drain = float(env.get("CALLSTATUS_SHUTDOWN_GRACE_SECONDS", DEFAULT_SHUTDOWN_GRACE_SECONDS))
         # The app's own readiness drain before the listener closes (0 by default).
         delay = float(env.get("CALLSTATUS_DRAIN_DELAY_SECONDS", 0))
-        budget = prestop_seconds(app_container(deployment)) + delay + drain
+        # + the bound the app gives its Kafka clients to close (service/server.py).
+        budget = prestop_seconds(app_container(deployment)) + delay + drain + CLIENT_CLOSE_SECONDS
         grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
         assert grace > budget, (
             f"{deployment['metadata']['name']}: terminationGracePeriodSeconds {grace} must "
             f"exceed preStop + CALLSTATUS_DRAIN_DELAY_SECONDS + "
-            f"CALLSTATUS_SHUTDOWN_GRACE_SECONDS = {budget}"
+            f"CALLSTATUS_SHUTDOWN_GRACE_SECONDS + client close = {budget}"
         )
 
 
