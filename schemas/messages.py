@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -99,6 +99,11 @@ class IngestEvent(IngestEnvelope):
     body: dict[str, Any] = Field(description="the request body exactly as received")
 
 
+def _head(fields: dict[str, Any]) -> bytes:
+    # The object without its closing brace, so the call can be spliced in after it.
+    return pydantic_core.to_json(fields)[:-1]
+
+
 def encode_ingest(
     event_id: str,
     received_at: datetime,
@@ -161,14 +166,6 @@ class StateMessage(BaseModel):
     eventId: str = Field(description="the last accepted event")
     updatedAt: Rfc3339 = Field(description="when the last accepted event was processed")
     call: Call
-
-
-MessageKind = Literal["ingest", "changes", "rejected", "state"]
-
-
-def _head(fields: dict[str, Any]) -> bytes:
-    # The object without its closing brace, so the call can be spliced in after it.
-    return pydantic_core.to_json(fields)[:-1]
 
 
 def encode_outcome(

@@ -78,11 +78,12 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
     its ingest partition, so the two counts must match; we refuse to start otherwise
     rather than silently scatter state.
     """
+    names = list(settings.topic_names)
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
-        existing = set(await admin.list_topics())
-        missing = [spec for spec in topic_specs(settings) if spec.name not in existing]
+        counts = await _partition_counts(admin, names)
+        missing = [spec for spec in topic_specs(settings) if spec.name not in counts]
         if missing and settings.create_topics:
             await admin.create_topics(
                 [
@@ -96,17 +97,16 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
                 ]
             )
             log.info("topics created", topics=[spec.name for spec in missing])
+            # A just-created topic takes a moment to show up in metadata.
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + 30
+            counts = await _partition_counts(admin, names)
+            while len(counts) < len(names) and loop.time() < give_up:
+                await asyncio.sleep(0.2)
+                counts = await _partition_counts(admin, names)
     finally:
         await admin.close()
-    counts = await partition_counts(client_options(settings), list(settings.topic_names))
-    if missing and settings.create_topics:
-        # A just-created topic takes a moment to show up in metadata.
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + 30
-        while len(counts) < len(settings.topic_names) and loop.time() < give_up:
-            await asyncio.sleep(0.2)
-            counts = await partition_counts(client_options(settings), list(settings.topic_names))
-    absent = [name for name in settings.topic_names if not counts.get(name)]
+    absent = [name for name in names if name not in counts]
     if absent:
         raise TopicLayoutError(
             f"topics missing: {', '.join(absent)} (create them, or set "
@@ -121,16 +121,27 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
     return counts
 
 
+async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    # Describe only topics that exist: aiokafka's metadata request allows auto-creation,
+    # and a broker with auto.create.topics.enable would create a missing topic with its
+    # defaults (a state topic that is not compacted, the wrong partition count).
+    existing = set(await admin.list_topics())
+    present = [topic for topic in topics if topic in existing]
+    if not present:
+        return {}
+    described = await admin.describe_topics(present)
+    return {t["topic"]: len(t["partitions"]) for t in described if not t["error_code"]}
+
+
 async def partition_counts(options: dict[str, Any], topics: list[str]) -> dict[str, int]:
     """Partition count of each existing topic (absent topics are left out); ``options``
     as :func:`client_options` makes them."""
     admin = AIOKafkaAdminClient(**options)
     await admin.start()
     try:
-        described = await admin.describe_topics(topics)
+        return await _partition_counts(admin, topics)
     finally:
         await admin.close()
-    return {t["topic"]: len(t["partitions"]) for t in described if not t["error_code"]}
 
 
 async def retry_at_start(
