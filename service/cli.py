@@ -20,10 +20,7 @@ def _fail(message: str) -> int:
 
 
 def cmd_serve(_: argparse.Namespace) -> int:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        return _fail(str(exc))
+    settings = load_settings()
     logs.configure(settings.log_level, settings.log_format)
     if not settings.verify_signatures:
         import structlog
@@ -35,17 +32,17 @@ def cmd_serve(_: argparse.Namespace) -> int:
 
     server = build(settings)
     server.run()
-    # uvicorn returns normally after a failed start-up; make that a failed exit.
-    return 0 if server.started else 3
+    # uvicorn returns normally after a failed start-up, and we stop the server when the
+    # processor dies: both must be failed exits for the supervisor to see them.
+    if not server.started:
+        return 3
+    return 1 if server.failed else 0
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
     secret = args.secret
     if secret is None:
-        try:
-            configured = load_settings().signing_secrets
-        except SettingsError as exc:
-            return _fail(str(exc))
+        configured = load_settings().signing_secrets
         if not configured:
             return _fail("no secret: pass --secret or set CALLSTATUS_SIGNING_SECRETS")
         secret = configured[0]
@@ -75,21 +72,21 @@ def cmd_local_secret(_: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        return _fail(str(exc))
+    settings = load_settings()
     from service.tail import tail
 
-    return asyncio.run(
-        tail(
-            settings,
-            as_json=args.json,
-            from_beginning=args.from_beginning,
-            max_messages=args.max_messages,
-            idle_timeout=args.idle_timeout,
+    try:
+        return asyncio.run(
+            tail(
+                settings,
+                as_json=args.json,
+                from_beginning=args.from_beginning,
+                max_messages=args.max_messages,
+                idle_timeout=args.idle_timeout,
+            )
         )
-    )
+    except KeyboardInterrupt:  # Ctrl-C is how a person stops following
+        return 130
 
 
 def parser() -> argparse.ArgumentParser:
@@ -116,7 +113,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except SettingsError as exc:  # one readable line, never a traceback
+        return _fail(str(exc))
     return code
 
 

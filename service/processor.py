@@ -122,14 +122,10 @@ def _headers(
     return headers
 
 
+# Label children are looked up once per combination, not once per event.
 @cache
 def _event_counter(outcome: Outcome, reason: RejectReason | None) -> Counter:
     return metrics.PROCESSOR_EVENTS.labels(outcome.value, reason.value if reason else "")
-
-
-def _count_event(decision: Decision) -> None:
-    # Label children are looked up once per combination, not once per event.
-    _event_counter(decision.outcome, decision.reason).inc()
 
 
 @cache
@@ -137,14 +133,21 @@ def _transition_counter(before: CallStatus | None, after: CallStatus) -> Counter
     return metrics.PROCESSOR_TRANSITIONS.labels(before.value if before else "", after.value)
 
 
-def _count_transition(before: CallStatus | None, after: CallStatus) -> None:
-    _transition_counter(before, after).inc()
+class CorruptState(Exception):
+    """A state-topic record is not a StateMessage. Restoring around it could re-accept
+    old events for that call, so the processor stops and says how to repair it."""
 
 
-def _state_from_message(message: StateMessage) -> CallState:
-    return CallState(
-        message.status, message.revision, message.call, message.eventId, message.updatedAt
-    )
+def _state_from_record(record: ConsumerRecord[bytes, bytes]) -> CallState:
+    try:
+        m = StateMessage.model_validate_json(record.value or b"")
+    except ValidationError as exc:
+        raise CorruptState(
+            f"record {record.topic}/{record.partition}@{record.offset} (key {record.key!r}) "
+            f"is not a call state ({exc.error_count()} errors); write a tombstone for "
+            "that key to drop it, and the call's next event starts it afresh"
+        ) from None
+    return CallState(m.status, m.revision, m.call, m.eventId, m.updatedAt)
 
 
 @dataclass
@@ -170,7 +173,7 @@ class PartitionWorker:
         s = self.settings
         outputs: list[_Output] = []
         overlay: dict[str, CallState | None] = {}
-        processed = None
+        processed = format_rfc3339(now)
         last: int | None = None
         for record in records:
             if record.offset < self.next_offset:
@@ -189,10 +192,9 @@ class PartitionWorker:
             key = call.callId.encode()
             state = overlay[call.callId] if call.callId in overlay else self.states.get(call.callId)
             decision: Decision = decide(state, call, event.eventId, now)
-            _count_event(decision)
+            _event_counter(decision.outcome, decision.reason).inc()
             if decision.outcome is Outcome.DUPLICATE:
                 continue
-            processed = processed or format_rfc3339(now)
             trace = next((v for k, v in record.headers if k == "traceparent"), None)
             value = encode_outcome(
                 event_id=event.eventId,
@@ -227,7 +229,7 @@ class PartitionWorker:
                     )
                 )
                 overlay[call.callId] = new
-                _count_transition(state.status if state else None, call.status)
+                _transition_counter(state.status if state else None, call.status).inc()
             else:
                 outputs.append(
                     _Output(
@@ -306,6 +308,18 @@ class PartitionWorker:
             self.next_offset = next_offset
 
 
+async def _seek_committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
+    """Point the consumer at the group's committed offset (the start when there is none)
+    and return it: the next record this partition's worker must judge."""
+    committed = await consumer.committed(tp)
+    if committed is None:
+        await consumer.seek_to_beginning(tp)
+        position: int = await consumer.position(tp)
+        return position
+    consumer.seek(tp, committed)
+    return int(committed)
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
@@ -324,6 +338,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, settings: Settings, clock: Clock = utc_now) -> None:
         self.settings = settings
         self.clock = clock
+        self._options = client_options(settings)
         self._workers: dict[int, PartitionWorker] = {}
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -357,7 +372,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _run_once(self) -> None:
         s = self.settings
         consumer = AIOKafkaConsumer(
-            **client_options(s),
+            **self._options,
             group_id=s.consumer_group,
             enable_auto_commit=False,
             isolation_level="read_committed",
@@ -450,16 +465,12 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _still_current(self, consumer: AIOKafkaConsumer, worker: PartitionWorker) -> bool:
         """Whether a worker we had before this rebalance may go on as it is."""
-        committed = await consumer.committed(worker.tp)
-        if committed is None or committed != worker.next_offset:
-            return False
-        consumer.seek(worker.tp, worker.next_offset)
-        return True
+        return await _seek_committed(consumer, worker.tp) == worker.next_offset
 
     async def _open_worker(self, consumer: AIOKafkaConsumer, partition: int) -> PartitionWorker:
         s = self.settings
         producer = AIOKafkaProducer(
-            **client_options(s),
+            **self._options,
             transactional_id=transactional_id(s.consumer_group, s.topic_ingest, partition),
             enable_idempotence=True,
             acks="all",
@@ -475,14 +486,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
             await producer.stop()
             raise
         tp = TopicPartition(s.topic_ingest, partition)
-        committed = await consumer.committed(tp)
-        if committed is None:
-            await consumer.seek_to_beginning(tp)
-            next_offset = await consumer.position(tp)
-        else:
-            consumer.seek(tp, committed)
-            next_offset = committed
-        return PartitionWorker(s, partition, producer, next_offset)
+        return PartitionWorker(s, partition, producer, await _seek_committed(consumer, tp))
 
     async def _restore(self, workers: dict[int, PartitionWorker]) -> None:
         """Rebuild each worker's states from its partition of the compacted state topic."""
@@ -491,7 +495,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         started = time.perf_counter()
         s = self.settings
         reader = AIOKafkaConsumer(
-            **client_options(s),
+            **self._options,
             enable_auto_commit=False,
             isolation_level="read_committed",
         )
@@ -515,8 +519,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
                         if record.value is None:
                             states.pop(call_id, None)
                         else:
-                            message = StateMessage.model_validate_json(record.value)
-                            states[call_id] = _state_from_message(message)
+                            states[call_id] = _state_from_record(record)
                 for tp in list(pending):
                     if await reader.position(tp) >= ends[tp]:
                         pending.discard(tp)

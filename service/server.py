@@ -40,6 +40,8 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._draining = draining
         self._delay = delay
+        # Set when the processor died on its own: the process must then exit non-zero.
+        self.failed = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining["value"] or self._delay <= 0 or sig != signal.SIGTERM:
@@ -95,6 +97,7 @@ def build(settings: Settings) -> DrainingServer:
         if not task.cancelled() and task.exception() is not None:
             log.error("processor crashed", exc_info=task.exception())
         if server is not None:
+            server.failed = True
             server.should_exit = True
 
     # In role=all the processor's rebalances must not take the webhook endpoint out of

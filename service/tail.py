@@ -33,15 +33,16 @@ async def tail(
     max_messages: int | None,
     idle_timeout: float | None,
 ) -> int:
+    options = client_options(settings)
     consumer = AIOKafkaConsumer(
-        **client_options(settings),
+        **options,
         isolation_level="read_committed",  # never show a change that was rolled back
         enable_auto_commit=False,
     )
     await consumer.start()
     try:
         topics = [settings.topic_changes, settings.topic_rejected]
-        counts = await partition_counts(client_options(settings), topics)
+        counts = await partition_counts(options, topics)
         tps = [TopicPartition(topic, p) for topic in topics for p in range(counts.get(topic, 0))]
         consumer.assign(tps)
         if from_beginning:
@@ -66,8 +67,6 @@ async def tail(
                 rejected = record.topic == settings.topic_rejected
                 print(value.decode() if as_json else render(rejected, value), flush=True)
             seen += len(records)
-    except KeyboardInterrupt:
-        pass
     finally:
         await consumer.stop()
     sys.stdout.flush()

@@ -141,3 +141,17 @@ async def test_request_log_line_has_ids_and_no_secret(capfd: pytest.CaptureFixtu
     assert isinstance(line["latency_ms"], float)
     assert SECRET not in err
     assert header.split("v1=")[1] not in err
+
+
+def test_sign_without_any_secret_says_so(tmp_path: Path) -> None:
+    result = run(["sign"], tmp_path, {"CALLSTATUS_VERIFY_SIGNATURES": "false"}, stdin=b"{}")
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert b"no secret: pass --secret or set CALLSTATUS_SIGNING_SECRETS" in result.stderr
+
+
+def test_local_secret_defers_to_the_environment(tmp_path: Path) -> None:
+    result = run(["local-secret"], tmp_path, {"CALLSTATUS_SIGNING_SECRETS": "sigsec_x"})
+    assert result.returncode == 0
+    assert b"from the environment" in result.stderr
+    assert not (tmp_path / ".callstatus.env").exists()

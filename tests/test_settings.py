@@ -82,3 +82,14 @@ def test_ssl_options_build_a_context(tmp_path: Path) -> None:
 def test_contradictions_are_refused(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         make_settings(**overrides)
+
+
+async def test_a_producer_that_never_started_refuses_instead_of_crashing() -> None:
+    from service.kafka import IngestProducer, Unavailable
+
+    producer = IngestProducer(make_settings())
+    assert await producer.ready() is False
+    with pytest.raises(Unavailable) as exc:
+        await producer.publish(b"k", b"{}", [])
+    assert exc.value.reason == "not_started"
+    await producer.stop()  # stopping what never started is harmless

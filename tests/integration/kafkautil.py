@@ -242,6 +242,7 @@ def settings_env(settings: Settings, port: int) -> dict[str, str]:
         CALLSTATUS_TOPIC_REJECTED=settings.topic_rejected,
         CALLSTATUS_TOPIC_STATE=settings.topic_state,
         CALLSTATUS_TOPIC_PARTITIONS=str(settings.topic_partitions),
+        CALLSTATUS_CREATE_TOPICS=str(settings.create_topics).lower(),
         CALLSTATUS_CONSUMER_GROUP=settings.consumer_group,
         CALLSTATUS_PROCESSOR_BATCH_MAX=str(settings.processor_batch_max),
         CALLSTATUS_HOST="127.0.0.1",

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from schemas.messages import IngestEvent
+from service import metrics
 from service.app import create_app
 from service.kafka import IngestProducer, ensure_topics
 from service.settings import Settings
@@ -108,7 +109,9 @@ async def test_503_while_the_broker_is_down_then_recovers(
         role="ingest",
         verify_signatures=False,
         produce_timeout_seconds=2.0,
+        max_inflight_produces=1,
     )
+    buffer_full = metrics.PRODUCE_ERRORS.labels("buffer_full")
     acknowledged: list[str] = []
     async for c in serve(settings):
         first = await c.post("/v1/call-status", content=WEBHOOK, headers=headers(WEBHOOK))
@@ -123,6 +126,14 @@ async def test_503_while_the_broker_is_down_then_recovers(
             assert int(down.headers["retry-after"]) >= 1
         ready = await c.get("/readyz")
         assert ready.status_code == 503
+        # One write waiting for the absent broker fills the (capped) buffer: the next
+        # request is refused at once instead of queueing behind it.
+        refused_before = buffer_full._value.get()
+        both = await asyncio.gather(
+            *(c.post("/v1/call-status", content=WEBHOOK, headers=headers(WEBHOOK)) for _ in "ab")
+        )
+        assert [r.status_code for r in both] == [503, 503]
+        assert buffer_full._value.get() == refused_before + 1
 
         await asyncio.to_thread(kafka, "up", own_broker)
         loop = asyncio.get_running_loop()

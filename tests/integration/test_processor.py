@@ -8,6 +8,7 @@ import json
 import random
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ from service.settings import Settings
 from tests.conftest import BOOTSTRAP
 from tests.integration.kafkautil import (
     Event,
+    ServiceProcess,
     by_call,
     expected_outcomes,
     make_call,
@@ -175,3 +177,54 @@ async def test_unequal_partition_counts_refuse_to_start(unique: str) -> None:
     await create_topics(BOOTSTRAP, [settings.topic_state], 2, compact=[settings.topic_state])
     with pytest.raises(TopicLayoutError, match="must be equal"):
         await ensure_topics(settings)
+
+
+async def test_an_undecodable_ingest_record_is_skipped_not_blocking(
+    running: tuple[Settings, Processor],
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from service import metrics
+
+    settings, _ = running
+    skipped = metrics.PROCESSOR_EVENTS.labels("undecodable", "")
+    before = skipped._value.get()
+    cid = "CA" + "ee" * 20
+    garbage = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP)
+    await garbage.start()
+    try:
+        await garbage.send_and_wait(settings.topic_ingest, b"not an event", key=cid.encode())
+    finally:
+        await garbage.stop()
+    after = Event(str(uuid.uuid4()), make_call(cid, S.QUEUED), Source.WEBHOOK)
+    await produce(BOOTSTRAP, settings.topic_ingest, [after])
+    changes = await read_committed(BOOTSTRAP, settings.topic_changes, 1)
+    assert [json.loads(r.value or b"")["eventId"] for r in changes] == [after.event_id]
+    assert skipped._value.get() == before + 1
+
+
+async def test_missing_topics_stop_the_service_at_start(unique: str, tmp_path: Path) -> None:
+    settings = settings_for(BOOTSTRAP, unique, create_topics=False)
+    node = ServiceProcess(settings, tmp_path, "no-topics")
+    assert await asyncio.to_thread(node.wait, 60) == 3
+    assert "topics missing" in node.log_path.read_text()
+
+
+async def test_a_corrupt_state_record_stops_the_processor_with_a_repair_hint(
+    unique: str, tmp_path: Path
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    settings = settings_for(BOOTSTRAP, unique, topic_partitions=1)
+    await ensure_topics(settings)
+    writer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP)
+    await writer.start()
+    try:
+        await writer.send_and_wait(settings.topic_state, b"{broken", key=b"CA" + b"1" * 40)
+    finally:
+        await writer.stop()
+    node = ServiceProcess(settings, tmp_path, "corrupt")
+    assert await asyncio.to_thread(node.wait, 90) == 1  # a failed exit, seen by supervisors
+    log = node.log_path.read_text()
+    assert "processor crashed" in log
+    assert "write a tombstone for that key" in log
