@@ -371,17 +371,6 @@ RESOURCE_ERRORS: list[tuple[dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("changes", "field"),
-    RESOURCE_ERRORS,
-    ids=[f"{field}={changes[field]!r}"[:40] for changes, field in RESOURCE_ERRORS],
-)
-def test_resource_validation_names_the_field(changes: dict[str, Any], field: str) -> None:
-    with pytest.raises(ValidationError) as exc:
-        normalise_body(edit(RESOURCE, changes))
-    assert locs(exc.value) == [(field,)]
-
-
 WEBHOOK_ERRORS: list[tuple[dict[str, Any], str]] = [
     ({"callStatus": "answered"}, "callStatus"),
     ({"callStatus": _DROP}, "callStatus"),
@@ -399,14 +388,24 @@ WEBHOOK_ERRORS: list[tuple[dict[str, Any], str]] = [
 ]
 
 
+FIELD_ERRORS = [(RESOURCE, c, f) for c, f in RESOURCE_ERRORS] + [
+    (WEBHOOK, c, f) for c, f in WEBHOOK_ERRORS
+]
+
+
 @pytest.mark.parametrize(
-    ("changes", "field"),
-    WEBHOOK_ERRORS,
-    ids=[f"{field}={changes[field]!r}"[:40] for changes, field in WEBHOOK_ERRORS],
+    ("base", "changes", "field"),
+    FIELD_ERRORS,
+    ids=[
+        f"{'webhook' if base is WEBHOOK else 'resource'}:{field}={changes[field]!r}"[:50]
+        for base, changes, field in FIELD_ERRORS
+    ],
 )
-def test_webhook_validation_names_the_field(changes: dict[str, Any], field: str) -> None:
+def test_validation_names_the_field(
+    base: dict[str, Any], changes: dict[str, Any], field: str
+) -> None:
     with pytest.raises(ValidationError) as exc:
-        normalise_body(edit(WEBHOOK, changes))
+        normalise_body(edit(base, changes))
     assert locs(exc.value) == [(field,)]
 
 
