@@ -4,8 +4,10 @@ committed output with a deadline, and the expected outcome computed by the pure 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import uuid
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -195,8 +198,6 @@ def expected_outcomes(events: Sequence[Event]) -> Expected:
 def by_call(
     records: Iterable[ConsumerRecord[bytes, bytes]], field: str = "eventId"
 ) -> dict[str, list[str]]:
-    import json
-
     out: dict[str, list[str]] = defaultdict(list)
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):
         value = json.loads(r.value or b"{}")
@@ -221,8 +222,6 @@ def settings_for(bootstrap: str, unique: str, **overrides: object) -> Settings:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -297,8 +296,6 @@ class ServiceProcess:
 
     def logged(self, event: str) -> bool:
         """Whether the process wrote a JSON log line with this event."""
-        import json
-
         for line in self.log_path.read_text().splitlines():
             if line.startswith("{") and json.loads(line).get("event") == event:
                 return True
@@ -307,8 +304,6 @@ class ServiceProcess:
     async def wait_ready(self, deadline_s: float = 60) -> None:
         """Poll /readyz until the node says it is ready (for a processor: partitions
         assigned and restored)."""
-        import httpx
-
         loop = asyncio.get_running_loop()
         give_up = loop.time() + deadline_s
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}") as client:
