@@ -48,3 +48,16 @@ PROCESSOR_CALLS = Gauge("callstatus_processor_calls", "Call states held in memor
 PROCESSOR_RESTARTS = Counter(
     "callstatus_processor_restarts_total", "Processor restarts after a Kafka failure", ["reason"]
 )
+
+PRODUCER_REBUILDS = Counter(
+    "callstatus_producer_rebuilds_total",
+    "Kafka producers replaced after an error they cannot recover from, by role and cause",
+    ["role", "cause"],
+)
+PRODUCER_LAST_ACK_AGE = Gauge(
+    "callstatus_producer_seconds_since_last_ack",
+    "Seconds since the ingest producer last had a write acknowledged",
+)
+PRODUCER_USABLE = Gauge(
+    "callstatus_producer_usable", "1 while the ingest producer can take writes, else 0"
+)
