@@ -27,9 +27,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas.messages import encode_ingest, normalise_body
 from service import metrics, signature
-from service.kafka import Unavailable
 from service.openapi import openapi_document
 from service.problems import problem
+from service.producer import Unavailable
 from service.settings import Settings
 
 log = structlog.get_logger(logger_name="callstatus.http")
@@ -265,15 +265,16 @@ def create_app(
     publisher: Publisher | None,
     processor: Readiness | None = None,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+    draining: Callable[[], bool] = lambda: False,
 ) -> Starlette:
-    """Build the ASGI app; ``publisher`` is None for a processor-only node."""
-    draining = {"value": False}
+    """Build the ASGI app; ``publisher`` is None for a processor-only node, and
+    ``draining`` tells readiness when a shutdown has begun."""
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def readyz(_: Request) -> Response:
-        checks: dict[str, bool] = {"draining": not draining["value"]}
+        checks: dict[str, bool] = {"draining": not draining()}
         if publisher is not None:
             checks["kafka"] = await publisher.ready()
         if processor is not None:
@@ -310,6 +311,5 @@ def create_app(
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
-    app.state.draining = draining
     app.add_middleware(AccessLog, routes=frozenset(r.path for r in routes))
     return app

@@ -1,4 +1,4 @@
-"""The Kafka shell: topic set-up and the ingest producer.
+"""The Kafka shell: client options, topic set-up, and retrying it at start.
 
 Everything here is thin on purpose; the decisions live in ``signature`` and ``fsm``.
 """
@@ -6,25 +6,22 @@ Everything here is thin on purpose; the decisions live in ``signature`` and ``fs
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
-from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 
-from service import metrics
+from service.backoff import Backoff, Deadline
 from service.settings import Settings
 
 log = structlog.get_logger(logger_name="callstatus.kafka")
 
 DAY_MS = 24 * 3600 * 1000
 T = TypeVar("T")
-
-Headers = Sequence[tuple[str, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,10 +95,9 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
             )
             log.info("topics created", topics=[spec.name for spec in missing])
             # A just-created topic takes a moment to show up in metadata.
-            loop = asyncio.get_running_loop()
-            give_up = loop.time() + 30
+            deadline = Deadline(30)
             counts = await _partition_counts(admin, names)
-            while len(counts) < len(names) and loop.time() < give_up:
+            while len(counts) < len(names) and not deadline.expired:
                 await asyncio.sleep(0.2)
                 counts = await _partition_counts(admin, names)
     finally:
@@ -150,101 +146,13 @@ async def retry_at_start(
     """Run a start-up step, retrying while Kafka is unreachable: in a fresh deployment
     the broker may come up after us. Past the deadline the error stops the process, and
     the supervisor's restart back-off takes over."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + deadline_seconds
+    deadline = Deadline(deadline_seconds)
+    backoff = Backoff(first=0.5, cap=5.0)
     while True:
         try:
             return await step()
         except KafkaError as exc:
-            if loop.time() >= give_up:
+            if deadline.expired:
                 raise
             log.warning("kafka not reachable yet, retrying", step=what, error=repr(exc))
-            await asyncio.sleep(1.0)
-
-
-class Unavailable(Exception):
-    """Kafka did not take the event in time; the caller answers 503."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class IngestProducer:
-    """Writes validated events to the ingest topic and waits for the broker's ack.
-
-    ``acks=all`` with idempotence: a 202 means every in-sync replica has the event, and
-    the producer's own retries cannot write it twice. In-flight sends are capped so a
-    slow or absent broker turns into quick 503s instead of an ever-growing queue.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self._topic = settings.topic_ingest
-        self._timeout = settings.produce_timeout_seconds
-        self._max_inflight = settings.max_inflight_produces
-        self._inflight = 0
-        self._options = client_options(settings)
-        # Created in start(): aiokafka objects must be made inside the running loop.
-        self._producer: AIOKafkaProducer | None = None
-
-    async def start(self) -> None:
-        producer = AIOKafkaProducer(
-            **self._options,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=1,
-            # Fail a send the broker cannot take within our own answer deadline, plus
-            # margin, so the buffer drains instead of holding stale events.
-            request_timeout_ms=int(self._timeout * 1000) + 5000,
-        )
-        try:
-            await producer.start()
-        except BaseException:
-            await producer.stop()
-            raise
-        self._producer = producer
-
-    async def stop(self) -> None:
-        # stop() flushes what is still buffered before closing connections.
-        if self._producer is not None:
-            await self._producer.stop()
-
-    async def publish(self, key: bytes, value: bytes, headers: Headers) -> None:
-        """Return once the broker acknowledged, or raise :class:`Unavailable`.
-
-        On a timeout the event may still reach Kafka later (it sits in the producer's
-        buffer); FreeClimb then sees a 503 and may retry, and the processor drops the
-        repeated status as a duplicate. The reverse, a 202 for an event Kafka lacks,
-        cannot happen.
-        """
-        if self._producer is None:
-            raise Unavailable("not_started")
-        if self._inflight >= self._max_inflight:
-            metrics.PRODUCE_ERRORS.labels("buffer_full").inc()
-            raise Unavailable("buffer_full")
-        self._inflight += 1
-        try:
-            await asyncio.wait_for(
-                self._producer.send_and_wait(
-                    self._topic, value=value, key=key, headers=list(headers)
-                ),
-                self._timeout,
-            )
-        except TimeoutError:
-            metrics.PRODUCE_ERRORS.labels("timeout").inc()
-            raise Unavailable("timeout") from None
-        except KafkaError as exc:
-            metrics.PRODUCE_ERRORS.labels(type(exc).__name__).inc()
-            raise Unavailable(type(exc).__name__) from None
-        finally:
-            self._inflight -= 1
-
-    async def ready(self) -> bool:
-        """True when a broker answers a metadata request now."""
-        if self._producer is None:
-            return False
-        try:
-            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), 2.0)
-        except (TimeoutError, KafkaError, OSError):
-            return False
-        return True
+            await asyncio.sleep(min(backoff.next_delay(), deadline.remaining))

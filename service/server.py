@@ -7,6 +7,11 @@ in reverse so nothing that was acknowledged is dropped:
    already waited for its broker ack;
 3. the processor finishes or aborts its open transaction and leaves the group;
 4. the producer flushes and closes.
+
+While running, the ingest producer supervises itself (``service.producer``: rebuilt
+after errors it cannot recover from) and the processor restarts itself from Kafka's
+committed truth; a processor that dies anyway ends the process, so the supervisor
+(Kubernetes) restarts it rather than leaving a half-working node behind.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import uvicorn
 from starlette.applications import Starlette
 
 from service.app import create_app
-from service.kafka import IngestProducer, ensure_topics, retry_at_start
+from service.kafka import ensure_topics, retry_at_start
 from service.processor import Processor
+from service.producer import IngestProducer
 from service.settings import Role, Settings
 
 log = structlog.get_logger(logger_name="callstatus.server")
@@ -33,77 +39,96 @@ log = structlog.get_logger(logger_name="callstatus.server")
 CLIENT_CLOSE_SECONDS = 10.0
 
 
+class Node:
+    """The parts one process runs (by role) and their lifecycle: start, drain, stop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.publisher = IngestProducer(settings) if settings.role.runs_ingest else None
+        self.processor = Processor(settings) if settings.role.runs_processor else None
+        # Set on the first SIGTERM: /readyz answers 503 while requests are still served.
+        self.draining = False
+        # Set when the processor died on its own: the process must then exit non-zero.
+        self.failed = False
+        self.server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        await retry_at_start(lambda: ensure_topics(settings), "topics")
+        if self.publisher is not None:
+            await retry_at_start(self.publisher.start, "producer")
+        if self.processor is not None:
+            self._task = asyncio.create_task(self.processor.run(), name="processor")
+            self._task.add_done_callback(self._processor_ended)
+        log.info("started", role=settings.role.value, port=settings.port)
+
+    async def stop(self) -> None:
+        """Stop the processor, then the producer. Bounded: with Kafka gone, leaving the
+        group or flushing could wait for minutes. Exiting without them loses nothing: an
+        open transaction is aborted by the next owner, and every 202 was acknowledged."""
+        if self._task is not None:
+            self._task.remove_done_callback(self._processor_ended)
+        bound = self.settings.shutdown_grace_seconds + CLIENT_CLOSE_SECONDS
+        try:
+            await asyncio.wait_for(self._stop_parts(), bound)
+        except TimeoutError:
+            log.error("shutdown did not finish in time; exiting without it")
+        log.info("stopped")
+
+    async def _stop_parts(self) -> None:
+        if self.processor is not None and self._task is not None:
+            await self.processor.stop()
+            await self._task
+        if self.publisher is not None:
+            await self.publisher.stop()
+
+    @asynccontextmanager
+    async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    def _processor_ended(self, task: asyncio.Task[None]) -> None:
+        # The processor only returns when asked to; anything else is a bug we must not
+        # hide behind a live HTTP server: exit, and let the supervisor restart us.
+        if not task.cancelled() and task.exception() is not None:
+            log.error("processor crashed", exc_info=task.exception())
+        self.failed = True
+        if self.server is not None:
+            self.server.should_exit = True
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, with a readiness drain before the listener closes on the first signal."""
 
-    def __init__(self, config: uvicorn.Config, draining: dict[str, bool], delay: float) -> None:
+    def __init__(self, config: uvicorn.Config, node: Node, delay: float) -> None:
         super().__init__(config)
-        self._draining = draining
+        self.node = node
         self._delay = delay
-        # Set when the processor died on its own: the process must then exit non-zero.
-        self.failed = False
+
+    @property
+    def failed(self) -> bool:
+        return self.node.failed
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining["value"] or self._delay <= 0 or sig != signal.SIGTERM:
-            self._draining["value"] = True
+        if self.node.draining or self._delay <= 0 or sig != signal.SIGTERM:
+            self.node.draining = True
             super().handle_exit(sig, frame)
             return
-        self._draining["value"] = True
+        self.node.draining = True
         log.info("draining before shutdown", seconds=self._delay)
         asyncio.get_running_loop().call_later(self._delay, super().handle_exit, sig, frame)
 
 
 def build(settings: Settings) -> DrainingServer:
-    publisher = IngestProducer(settings) if settings.role.runs_ingest else None
-    processor = Processor(settings) if settings.role.runs_processor else None
-    server: DrainingServer | None = None
-
-    @asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        await retry_at_start(lambda: ensure_topics(settings), "topics")
-        if publisher is not None:
-            await retry_at_start(publisher.start, "producer")
-        task: asyncio.Task[None] | None = None
-        if processor is not None:
-            task = asyncio.create_task(processor.run(), name="processor")
-            task.add_done_callback(_exit_when_processor_dies)
-        log.info("started", role=settings.role.value, port=settings.port)
-        try:
-            yield
-        finally:
-            if task is not None:
-                task.remove_done_callback(_exit_when_processor_dies)
-            try:
-                # Bounded: with Kafka gone, leaving the group or flushing could wait for
-                # minutes. Exiting without them loses nothing: an open transaction is
-                # aborted by the next owner, and every 202 was already acknowledged.
-                await asyncio.wait_for(
-                    _stop(task), settings.shutdown_grace_seconds + CLIENT_CLOSE_SECONDS
-                )
-            except TimeoutError:
-                log.error("shutdown did not finish in time; exiting without it")
-            log.info("stopped")
-
-    async def _stop(task: asyncio.Task[None] | None) -> None:
-        if processor is not None and task is not None:
-            await processor.stop()
-            await task
-        if publisher is not None:
-            await publisher.stop()
-
-    def _exit_when_processor_dies(task: asyncio.Task[None]) -> None:
-        # The processor only returns when asked to; anything else is a bug we must not
-        # hide behind a live HTTP server: exit, and let the supervisor restart us.
-        if not task.cancelled() and task.exception() is not None:
-            log.error("processor crashed", exc_info=task.exception())
-        if server is not None:
-            server.failed = True
-            server.should_exit = True
-
+    node = Node(settings)
     # In role=all the processor's rebalances must not take the webhook endpoint out of
     # the load balancer, so only a processor-only node reports its restore progress.
-    readiness = processor if settings.role is Role.PROCESSOR else None
-    app = create_app(settings, publisher, readiness, lifespan)
+    readiness = node.processor if settings.role is Role.PROCESSOR else None
+    app = create_app(settings, node.publisher, readiness, node.lifespan, lambda: node.draining)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -114,5 +139,6 @@ def build(settings: Settings) -> DrainingServer:
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         server_header=False,
     )
-    server = DrainingServer(config, app.state.draining, settings.drain_delay_seconds)
+    server = DrainingServer(config, node, settings.drain_delay_seconds)
+    node.server = server
     return server

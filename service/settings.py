@@ -78,6 +78,9 @@ class Settings(BaseSettings):
 
     # How long the broker may take to acknowledge one ingest write before we answer 503.
     produce_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # A send still unacknowledged this long after its request arrived finishes the
+    # producer, and its buffer is dropped: the bound on how late a 503'd event can land.
+    produce_delivery_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     # Cap on the producer's in-flight buffer: a full buffer answers 503 instead of queueing.
     max_inflight_produces: int = Field(default=1000, ge=1)
 
@@ -128,6 +131,12 @@ class Settings(BaseSettings):
             )
         if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
             raise ValueError("CALLSTATUS_KAFKA_SSL_CERTFILE and _KEYFILE go together")
+        if self.produce_delivery_timeout_seconds <= self.produce_timeout_seconds:
+            raise ValueError(
+                "CALLSTATUS_PRODUCE_DELIVERY_TIMEOUT_SECONDS must be longer than "
+                "CALLSTATUS_PRODUCE_TIMEOUT_SECONDS (a send must be given its answer "
+                "deadline before it is dropped)"
+            )
         topics = self.topic_names
         if len(set(topics)) != len(topics):
             raise ValueError("the four CALLSTATUS_TOPIC_* names must be distinct")

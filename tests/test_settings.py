@@ -85,11 +85,11 @@ def test_contradictions_are_refused(overrides: dict[str, object], message: str) 
 
 
 async def test_a_producer_that_never_started_refuses_instead_of_crashing() -> None:
-    from service.kafka import IngestProducer, Unavailable
+    from service.producer import IngestProducer, Unavailable
 
     producer = IngestProducer(make_settings())
     assert await producer.ready() is False
     with pytest.raises(Unavailable) as exc:
         await producer.publish(b"k", b"{}", [])
-    assert exc.value.reason == "not_started"
+    assert exc.value.reason == "no_producer"
     await producer.stop()  # stopping what never started is harmless

@@ -15,7 +15,8 @@ import pytest
 from schemas.messages import IngestEvent
 from service import metrics
 from service.app import create_app
-from service.kafka import IngestProducer, ensure_topics
+from service.kafka import ensure_topics
+from service.producer import IngestProducer
 from service.settings import Settings
 from service.signature import sign
 from tests.conftest import BOOTSTRAP, SECRET
@@ -109,6 +110,9 @@ async def test_503_while_the_broker_is_down_then_recovers(
         role="ingest",
         verify_signatures=False,
         produce_timeout_seconds=2.0,
+        # Long enough that this test sees the same producer wait and reconnect; the
+        # producer's rebuild after the deadline is test_broker_faults's subject.
+        produce_delivery_timeout_seconds=120.0,
         max_inflight_produces=1,
     )
     buffer_full = metrics.PRODUCE_ERRORS.labels("buffer_full")

@@ -14,8 +14,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from service.app import create_app
-from service.kafka import IngestProducer, client_options, ensure_topics
+from service.kafka import client_options, ensure_topics
 from service.processor import Processor
+from service.producer import IngestProducer
 from service.settings import Settings
 from tests.integration.kafkautil import private_broker, settings_for
 

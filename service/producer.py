@@ -1,0 +1,292 @@
+"""The ingest producer, supervised: writes events to the ingest topic, and replaces its
+Kafka producer when that producer can no longer deliver.
+
+Why supervision
+---------------
+An idempotent producer numbers its batches per partition. When a broker restarts under
+load, the numbers it holds and those the broker kept can disagree for good
+(``OutOfOrderSequenceNumber``, ``UnknownProducerId``, an invalid epoch): every later
+send fails, and before this module existed the front door stayed shut until the
+process was restarted. aiokafka also retries an idempotent batch *without end*, so an
+event answered 503 could land in Kafka at any later time.
+
+So every error is sorted into one of two kinds:
+
+* *the same producer will manage*: a timeout, a lost connection, a leader election.
+  The request gets 503; the producer keeps retrying in the background.
+* *this producer is finished*: sequence, producer-id, epoch and fencing errors, the
+  sender task dying, any other non-retriable error, or a send that is still not
+  acknowledged ``delivery_timeout`` after it began. The producer is taken out of
+  service at once (requests get 503 without waiting), whatever it still holds is
+  failed, and a new producer (a new producer id) is built with capped, jittered
+  backoff. One rebuild runs at a time.
+
+The delivery bound
+------------------
+A 503 means "maybe stored". Failing a finished producer's batches bounds the "maybe":
+an event answered 503 is in Kafka within ``delivery_timeout`` (+ the watchdog's tick
+and the close) of its arrival, or never. The README states the bound; a test holds us
+to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    InvalidTxnState,
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    ProducerClosed,
+    ProducerFenced,
+    RecordTooLargeError,
+    UnknownProducerId,
+)
+
+from service import metrics
+from service.backoff import Backoff, sleep_or_stop
+from service.kafka import client_options
+from service.settings import Settings
+
+log = structlog.get_logger(logger_name="callstatus.producer")
+
+Headers = Sequence[tuple[str, bytes]]
+
+# Errors after which this producer's sequence numbers or identity are worthless.
+FATAL: tuple[type[BaseException], ...] = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    InvalidTxnState,
+    ProducerFenced,
+    ProducerClosed,
+)
+# Refusals of one record, not of the producer: another producer would be refused too.
+RECORD_REFUSED: tuple[type[BaseException], ...] = (MessageSizeTooLargeError, RecordTooLargeError)
+
+# How often the watchdog looks for sends past their delivery deadline.
+WATCHDOG_TICK_SECONDS = 0.5
+# Bound on closing a retired producer (its in-flight requests end with their timeout).
+CLOSE_SECONDS = 10.0
+
+
+class Unavailable(Exception):
+    """Kafka did not take the event in time; the caller answers 503."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether ``exc`` from a send means the producer that raised it is finished."""
+    if isinstance(exc, FATAL):
+        return True
+    if isinstance(exc, RECORD_REFUSED):
+        return False
+    return isinstance(exc, KafkaError) and not exc.retriable
+
+
+class IngestProducer:
+    """Writes validated events to the ingest topic and waits for the broker's ack.
+
+    ``acks=all`` with idempotence: a 202 means every in-sync replica has the event, and
+    the producer's own retries cannot write it twice. In-flight sends are capped so a
+    slow or absent broker turns into quick 503s instead of an ever-growing queue.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._topic = settings.topic_ingest
+        self._timeout = settings.produce_timeout_seconds
+        self._delivery_timeout = settings.produce_delivery_timeout_seconds
+        self._max_inflight = settings.max_inflight_produces
+        self._options = client_options(settings)
+        self._inflight = 0
+        # Created in start(): aiokafka objects must be made inside the running loop.
+        self._producer: AIOKafkaProducer | None = None
+        self._last_ack = time.monotonic()
+        # Sends that outlived the request's answer: (started, future, producer). Only the
+        # late ones are tracked, so the hot path pays nothing for the watchdog.
+        self._overdue: deque[tuple[float, asyncio.Future[Any], AIOKafkaProducer]] = deque()
+        self._rebuild: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._backoff = Backoff(first=0.5, cap=10.0)
+        metrics.PRODUCER_LAST_ACK_AGE.set_function(lambda: time.monotonic() - self._last_ack)
+        metrics.PRODUCER_USABLE.set(0)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build the first producer; raises while Kafka is unreachable (the caller
+        retries at start-up)."""
+        self._producer = await self._build()
+        self._last_ack = time.monotonic()
+        metrics.PRODUCER_USABLE.set(1)
+        if self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch(), name="producer-watchdog")
+
+    async def stop(self) -> None:
+        """Flush what is buffered and close. Callers bound this with their own deadline
+        (with the broker gone a flush cannot finish)."""
+        self._stopping.set()
+        for task in (self._watchdog, self._rebuild):
+            if task is not None:
+                task.cancel()
+        producer, self._producer = self._producer, None
+        metrics.PRODUCER_USABLE.set(0)
+        if producer is not None:
+            await producer.stop()  # flushes: every send already answered 202 was acked
+        if self._retiring:
+            await asyncio.wait(self._retiring)
+
+    @property
+    def usable(self) -> bool:
+        return self._producer is not None
+
+    async def ready(self) -> bool:
+        """True when there is a usable producer and a broker answers it now."""
+        producer = self._producer
+        if producer is None:
+            return False
+        try:
+            await asyncio.wait_for(producer.client.fetch_all_metadata(), 2.0)
+        except (TimeoutError, KafkaError, OSError):
+            return False
+        return True
+
+    # -- the hot path ---------------------------------------------------------------
+
+    async def publish(self, key: bytes, value: bytes, headers: Headers) -> None:
+        """Return once the broker acknowledged, or raise :class:`Unavailable`.
+
+        A 202 for an event Kafka lacks cannot happen. After a timeout the event may still
+        land, within the delivery bound (module docstring); a sender's retry of it is then
+        dropped downstream as a duplicate.
+        """
+        producer = self._producer
+        if producer is None:
+            metrics.PRODUCE_ERRORS.labels("no_producer").inc()
+            raise Unavailable("no_producer")
+        if self._inflight >= self._max_inflight:
+            metrics.PRODUCE_ERRORS.labels("buffer_full").inc()
+            raise Unavailable("buffer_full")
+        self._inflight += 1
+        started = time.monotonic()
+        try:
+            # send() enqueues and returns the delivery future (it waits only while the
+            # partition's buffer is full, bounded by the producer's request timeout).
+            future = await producer.send(self._topic, value=value, key=key, headers=list(headers))
+            # asyncio.wait, unlike wait_for, leaves the future running past our answer,
+            # so the watchdog can see whether it is ever acknowledged.
+            done, _ = await asyncio.wait((future,), timeout=self._timeout)
+            if not done:
+                self._overdue.append((started, future, producer))
+                metrics.PRODUCE_ERRORS.labels("timeout").inc()
+                raise Unavailable("timeout")
+            future.result()
+        except KafkaError as exc:
+            reason = type(exc).__name__
+            metrics.PRODUCE_ERRORS.labels(reason).inc()
+            if is_fatal(exc):
+                self._finish(producer, reason)
+            raise Unavailable(reason) from None
+        finally:
+            self._inflight -= 1
+        self._last_ack = time.monotonic()
+
+    # -- supervision ----------------------------------------------------------------
+
+    def _finish(self, producer: AIOKafkaProducer, cause: str) -> None:
+        """Take ``producer`` out of service and start building its successor. Called
+        by every request that saw it fail, so only the first call for the current
+        producer acts."""
+        if producer is not self._producer or self._stopping.is_set():
+            return
+        self._producer = None
+        metrics.PRODUCER_USABLE.set(0)
+        metrics.PRODUCER_REBUILDS.labels("ingest", cause).inc()
+        log.warning("ingest producer finished; rebuilding", cause=cause)
+        # Sends that hit the same failure settle within the request timeout; a send past
+        # the delivery deadline must be dropped now, or it could land later than promised.
+        settle = 0.0 if cause == "delivery_timeout" else self._timeout
+        task = asyncio.create_task(self._retire(producer, settle), name="producer-retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        if self._rebuild is None or self._rebuild.done():
+            self._rebuild = asyncio.create_task(self._rebuild_loop(), name="producer-rebuild")
+
+    async def _rebuild_loop(self) -> None:
+        while not self._stopping.is_set():
+            if await sleep_or_stop(self._backoff.next_delay(), self._stopping):
+                return
+            try:
+                producer = await self._build()
+            except (KafkaError, OSError) as exc:
+                log.warning("ingest producer rebuild failed; retrying", error=repr(exc))
+                continue
+            if self._stopping.is_set():
+                await producer.stop()
+                return
+            self._producer = producer
+            metrics.PRODUCER_USABLE.set(1)
+            log.info("ingest producer rebuilt")
+            return
+
+    async def _watch(self) -> None:
+        """Finish the current producer when one of its sends outlives the delivery
+        deadline, and start the backoff over once a rebuilt producer is acknowledged."""
+        while not await sleep_or_stop(WATCHDOG_TICK_SECONDS, self._stopping):
+            now = time.monotonic()
+            if now - self._last_ack < WATCHDOG_TICK_SECONDS * 2:
+                self._backoff.reset()
+            overdue = self._overdue
+            while overdue and (overdue[0][1].done() or overdue[0][2] is not self._producer):
+                overdue.popleft()
+            if overdue and now - overdue[0][0] >= self._delivery_timeout - WATCHDOG_TICK_SECONDS:
+                self._finish(overdue[0][2], "delivery_timeout")
+
+    async def _retire(self, producer: AIOKafkaProducer, settle: float) -> None:
+        """Close a finished producer: let its in-flight sends settle for ``settle``
+        seconds, fail whatever is left (it must never be sent later), then close."""
+        try:
+            if settle > 0:
+                await asyncio.wait_for(producer.flush(), settle)
+        except (TimeoutError, KafkaError):
+            pass
+        # aiokafka's stop() waits until every buffered batch is delivered, which never
+        # happens for a producer the broker refuses: fail them first. (A private
+        # attribute: aiokafka offers no public way to drop a producer's buffer.)
+        producer._message_accumulator.fail_all(ProducerClosed())
+        try:
+            await asyncio.wait_for(producer.stop(), CLOSE_SECONDS)
+        except (TimeoutError, KafkaError, OSError) as exc:
+            log.warning("retired producer did not close cleanly", error=repr(exc))
+
+    async def _build(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(
+            **self._options,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=1,
+            # One produce request may take this long before it is retried; the
+            # watchdog, not this, bounds a send's whole life.
+            request_timeout_ms=int(self._timeout * 1000),
+        )
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
