@@ -88,6 +88,11 @@ class Unavailable(Exception):
         self.reason = reason
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def is_fatal(exc: BaseException) -> bool:
     """Whether ``exc`` from a send means the producer that raised it is finished."""
     if isinstance(exc, FATAL):
@@ -192,6 +197,9 @@ class IngestProducer:
             # so the watchdog can see whether it is ever acknowledged.
             done, _ = await asyncio.wait((future,), timeout=self._timeout)
             if not done:
+                # Its outcome no longer reaches anyone; the watchdog reads it, and the
+                # callback keeps a late failure from being logged as unretrieved.
+                future.add_done_callback(_retrieve)
                 self._overdue.append((started, future, producer))
                 metrics.PRODUCE_ERRORS.labels("timeout").inc()
                 raise Unavailable("timeout")
@@ -266,12 +274,18 @@ class IngestProducer:
         except (TimeoutError, KafkaError):
             pass
         # aiokafka's stop() waits until every buffered batch is delivered, which never
-        # happens for a producer the broker refuses: fail them first. (A private
-        # attribute: aiokafka offers no public way to drop a producer's buffer.)
+        # happens for a producer the broker refuses. So: stop its sender first (nothing
+        # more goes on the wire), then fail what it still holds (it must never be sent
+        # later), then close. aiokafka offers no public way to drop a producer's buffer,
+        # hence the two private attributes.
+        try:
+            await asyncio.wait_for(producer._sender.close(), CLOSE_SECONDS)
+        except Exception as exc:  # the sender's own failure: it is stopped either way
+            log.info("retired producer's sender ended", error=repr(exc))
         producer._message_accumulator.fail_all(ProducerClosed())
         try:
             await asyncio.wait_for(producer.stop(), CLOSE_SECONDS)
-        except (TimeoutError, KafkaError, OSError) as exc:
+        except Exception as exc:
             log.warning("retired producer did not close cleanly", error=repr(exc))
 
     async def _build(self) -> AIOKafkaProducer:

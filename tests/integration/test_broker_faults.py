@@ -1,0 +1,314 @@
+"""Chaos: the broker restarts twice and is SIGKILLed once while 12 clients send signed
+callbacks without pause through real service processes (an ingest node and a processor
+node, as the prod overlay runs them).
+
+It asserts what an operator would check afterwards: every 202 is in the ingest topic;
+every ingest record reaches `changes` or `rejected` exactly once and in the state
+machine's order; each outage was seen as 503s; 202s came back within 15 s of the broker
+serving clients again, every time, without touching the service; no other 5xx; and the
+ingest node's memory did not grow with the faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+
+from schemas.messages import IngestEnvelope
+from service import metrics
+from service.kafka import ensure_topics
+from service.producer import IngestProducer, Unavailable
+from service.settings import Role
+from service.signature import sign
+from tests.conftest import SECRET
+from tests.integration.kafkautil import (
+    Event,
+    ServiceProcess,
+    by_call,
+    expected_outcomes,
+    kafka,
+    partitions_of,
+    private_broker,
+    read_committed,
+    settings_for,
+)
+
+CLIENTS = 12
+RECOVERY_BOUND_S = 15.0
+MEMORY_BOUND_BYTES = 50 * 1024 * 1024
+LIFECYCLE = ("queued", "ringing", "inProgress", "completed")
+
+
+@dataclass
+class Traffic:
+    """What the clients saw, in the order answers arrived."""
+
+    accepted: list[str] = field(default_factory=list)  # eventIds answered 202
+    answers: list[tuple[float, float, int]] = field(default_factory=list)  # (sent, got, code)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def accepted_more(self, n: int) -> bool:
+        return len(self.accepted) >= n
+
+    def codes(self) -> Counter[int]:
+        return Counter(code for _, _, code in self.answers)
+
+    def seen_after(self, t: float, code: int) -> bool:
+        return any(sent >= t and c == code for sent, _, c in self.answers)
+
+    def first_after(self, t: float, code: int) -> float | None:
+        return min((got for sent, got, c in self.answers if sent >= t and c == code), default=None)
+
+
+def body(client: int, call: int, status: str) -> bytes:
+    return json.dumps(
+        {
+            "requestType": "callStatus",
+            "callId": f"CA{client:08x}{call:032x}",
+            "accountId": "AC" + "1" * 40,
+            "callStatus": status,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+async def client_loop(n: int, base_url: str, traffic: Traffic) -> None:
+    """Lifecycles without pause; a 503'd step is not retried (FreeClimb documents no
+    retries), so later steps arrive with gaps, as they would in production."""
+    loop = asyncio.get_running_loop()
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+        call = 0
+        while not traffic.stop.is_set():
+            call += 1
+            for status in LIFECYCLE:
+                raw = body(n, call, status)
+                headers = {
+                    "content-type": "application/json",
+                    "FreeClimb-Signature": sign(SECRET, int(time.time()), raw),
+                }
+                sent = loop.time()
+                try:
+                    answer = await http.post("/v1/call-status", content=raw, headers=headers)
+                except httpx.TransportError:
+                    traffic.answers.append((sent, loop.time(), 0))
+                    continue
+                traffic.answers.append((sent, loop.time(), answer.status_code))
+                if answer.status_code == 202:
+                    traffic.accepted.append(answer.json()["eventId"])
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def sigkill_broker(broker: dict[str, str]) -> None:
+    pid = int(Path(broker["KAFKA_DATA_DIR"], "kafka.pid").read_text().strip())
+    os.kill(pid, signal.SIGKILL)
+    while Path(f"/proc/{pid}").exists():  # reaped by init: poll until the pid is gone
+        status = Path(f"/proc/{pid}/status")
+        if status.exists() and "zombie" in status.read_text():
+            break
+        time.sleep(0.05)  # polling interval
+
+
+async def read_all(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every committed record of ``topic`` now: read until the last stable offsets."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        tps = await partitions_of(bootstrap, topic, asyncio.get_running_loop().time() + 30)
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[ConsumerRecord[bytes, bytes]] = []
+        pending = {tp for tp in tps if ends[tp] > 0}
+        while pending:
+            for records in (await consumer.getmany(*pending, timeout_ms=500)).values():
+                out.extend(records)
+            pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def until(predicate: Callable[[], bool], deadline_s: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + deadline_s
+    while not predicate():
+        assert loop.time() < give_up, what
+        await asyncio.sleep(0.1)  # polling interval
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[dict[str, str]]:
+    async with private_broker(20010) as b:
+        yield b
+
+
+async def test_ingest_and_processor_ride_through_broker_restarts_and_a_crash(
+    broker: dict[str, str], unique: str, tmp_path: Path
+) -> None:
+    address = broker["address"]
+    settings = settings_for(
+        address,
+        unique,
+        verify_signatures=True,
+        signing_secrets=(SECRET,),
+        topic_partitions=3,
+        produce_timeout_seconds=2.0,
+        produce_delivery_timeout_seconds=6.0,
+    )
+    await ensure_topics(settings)
+    ingest = ServiceProcess(settings.model_copy(update={"role": Role.INGEST}), tmp_path, "ingest")
+    processor = ServiceProcess(settings, tmp_path, "processor")
+    traffic = Traffic()
+    loop = asyncio.get_running_loop()
+    recoveries: list[float] = []
+    try:
+        await ingest.wait_ready()
+        await processor.wait_ready(deadline_s=90)
+        base = f"http://127.0.0.1:{ingest.port}"
+        clients = [asyncio.create_task(client_loop(n, base, traffic)) for n in range(CLIENTS)]
+        await until(lambda: len(traffic.accepted) >= 200, 60, "no steady 202s before the faults")
+        memory_before = rss_bytes(ingest.proc.pid)
+
+        for fault in ("restart", "sigkill", "restart"):
+            began = loop.time()
+            if fault == "sigkill":
+                await asyncio.to_thread(sigkill_broker, broker)
+            else:
+                await asyncio.to_thread(kafka, "down", broker)
+            await until(partial(traffic.seen_after, began, 503), 60, f"no 503 during {fault}")
+            await asyncio.to_thread(kafka, "up", broker)  # returns once it serves clients
+            serving = loop.time()
+            await until(
+                partial(traffic.seen_after, serving, 202),
+                RECOVERY_BOUND_S + 30,
+                f"ingest never answered 202 again after the {fault}",
+            )
+            first = traffic.first_after(serving, 202)
+            assert first is not None
+            recoveries.append(first - serving)
+            # Let traffic flow before the next fault, so each one hits a busy service.
+            await until(partial(traffic.accepted_more, len(traffic.accepted) + 200), 60, "stall")
+
+        traffic.stop.set()
+        await asyncio.gather(*clients)
+        memory_after = rss_bytes(ingest.proc.pid)
+
+        ingested = await read_committed(address, settings.topic_ingest, len(traffic.accepted))
+        envelopes = [IngestEnvelope.model_validate_json(r.value or b"") for r in ingested]
+        ingest_ids = [e.eventId for e in envelopes]
+        # The processor catches up on its own; poll the outputs until they account for
+        # every ingest record (or the deadline says it never will).
+        give_up = loop.time() + 120
+        while True:
+            changes = await read_all(address, settings.topic_changes)
+            rejected = await read_all(address, settings.topic_rejected)
+            if len(changes) + len(rejected) >= len(ingest_ids) or loop.time() > give_up:
+                break
+            await asyncio.sleep(1)  # polling interval
+        # Anything extra (a duplicate) would be committed by now; read once more to see it.
+        changes = await read_all(address, settings.topic_changes)
+        rejected = await read_all(address, settings.topic_rejected)
+        assert processor.alive() and ingest.alive(), "a service process died"
+    finally:
+        traffic.stop.set()
+        ingest.kill()
+        processor.kill()
+
+    codes = traffic.codes()
+    outputs = [*changes, *rejected]
+    output_ids = Counter(json.loads(r.value or b"")["eventId"] for r in outputs)
+    duplicated = sum(1 for n in output_ids.values() if n > 1)
+    lost_acked = set(traffic.accepted) - set(ingest_ids)
+    unprocessed = set(ingest_ids) - set(output_ids)
+    print(
+        f"\nbroker faults: requests={sum(codes.values())} codes={dict(sorted(codes.items()))} "
+        f"ingested={len(ingest_ids)} outputs={len(outputs)} lost_acked={len(lost_acked)} "
+        f"unprocessed={len(unprocessed)} duplicated={duplicated} "
+        f"recovery_s={[round(r, 1) for r in recoveries]} "
+        f"ingest_rss_mb={memory_before / 2**20:.0f}->{memory_after / 2**20:.0f}"
+    )
+    assert not lost_acked, "a 202'd event is missing from the ingest topic"
+    assert len(ingest_ids) == len(set(ingest_ids)), "an event was written to ingest twice"
+    assert not unprocessed, "an ingested event never reached changes or rejected"
+    assert duplicated == 0, "an event reached the outputs more than once"
+    assert set(output_ids) <= set(ingest_ids)
+    # Order and verdicts: the pure state machine over the ingest topic's order.
+    expected = expected_outcomes(
+        [
+            Event(e.eventId, e.call, e.source)
+            for _, e in sorted(
+                zip(ingested, envelopes, strict=True), key=lambda p: (p[0].partition, p[0].offset)
+            )
+        ]
+    )
+    assert by_call(changes) == expected.changes
+    assert set(codes) <= {202, 503}, "a 5xx other than 503, or a failed connection"
+    assert all(r <= RECOVERY_BOUND_S for r in recoveries), recoveries
+    assert memory_after - memory_before <= MEMORY_BOUND_BYTES
+
+
+async def test_an_event_answered_503_lands_within_the_delivery_bound_or_never(
+    broker: dict[str, str], unique: str
+) -> None:
+    """Without the bound, aiokafka retries an idempotent batch for ever: events answered
+    503 during an outage would all land whenever the broker came back."""
+    address = broker["address"]
+    settings = settings_for(
+        address,
+        unique,
+        role="ingest",
+        produce_timeout_seconds=1.0,
+        produce_delivery_timeout_seconds=3.0,
+    )
+    await ensure_topics(settings)
+    producer = IngestProducer(settings)
+    await producer.start()
+    rebuilds = metrics.PRODUCER_REBUILDS.labels("ingest", "delivery_timeout")
+    rebuilt_before = rebuilds._value.get()
+    try:
+        await producer.publish(b"CAfirst", b'{"n":"acked"}', [])
+        await asyncio.to_thread(kafka, "down", broker)
+        refused = [f'{{"n":"refused-{i}"}}'.encode() for i in range(3)]
+        reasons = []
+        for value in refused:
+            with pytest.raises(Unavailable) as exc:
+                await producer.publish(b"CArefused", value, [])
+            reasons.append(exc.value.reason)
+        assert reasons[0] == "timeout"  # the first one waited its answer deadline out
+        # Past the delivery deadline the producer is retired with what it still holds.
+        await until(lambda: rebuilds._value.get() > rebuilt_before, 30, "never retired")
+        await asyncio.to_thread(kafka, "up", broker)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 60
+        while True:  # a rebuilt producer takes writes again
+            try:
+                await producer.publish(b"CAlast", b'{"n":"after"}', [])
+                break
+            except Unavailable:
+                assert loop.time() < give_up, "the producer was never rebuilt"
+                await asyncio.sleep(0.2)  # polling interval
+    finally:
+        await producer.stop()
+    values = [r.value for r in await read_all(address, settings.topic_ingest)]
+    assert values[0] == b'{"n":"acked"}' and values[-1] == b'{"n":"after"}'
+    assert not set(refused) & set(values), "an event answered 503 landed after the bound"
