@@ -1,6 +1,6 @@
 """Chaos: the broker restarts twice and is SIGKILLed once while 12 clients send signed
-callbacks without pause through real service processes (an ingest node and a processor
-node, as the prod overlay runs them).
+callbacks without pause through real service processes: one node running both stages
+(`make run`), and separate ingest and processor nodes (the prod overlay).
 
 It asserts what an operator would check afterwards: every 202 is in the ingest topic;
 every ingest record reaches `changes` or `rejected` exactly once and in the state
@@ -162,8 +162,9 @@ async def broker() -> AsyncIterator[dict[str, str]]:
         yield b
 
 
+@pytest.mark.parametrize("layout", ["all", "split"])
 async def test_ingest_and_processor_ride_through_broker_restarts_and_a_crash(
-    broker: dict[str, str], unique: str, tmp_path: Path
+    broker: dict[str, str], unique: str, tmp_path: Path, layout: str
 ) -> None:
     address = broker["address"]
     settings = settings_for(
@@ -176,8 +177,17 @@ async def test_ingest_and_processor_ride_through_broker_restarts_and_a_crash(
         produce_delivery_timeout_seconds=6.0,
     )
     await ensure_topics(settings)
-    ingest = ServiceProcess(settings.model_copy(update={"role": Role.INGEST}), tmp_path, "ingest")
-    processor = ServiceProcess(settings, tmp_path, "processor")
+    # "all": one process runs both stages (`make run`); "split": the prod overlay's
+    # separate ingest and processor deployments.
+    if layout == "all":
+        ingest = processor = ServiceProcess(
+            settings.model_copy(update={"role": Role.ALL}), tmp_path, "node"
+        )
+    else:
+        ingest = ServiceProcess(
+            settings.model_copy(update={"role": Role.INGEST}), tmp_path, "ingest"
+        )
+        processor = ServiceProcess(settings, tmp_path, "processor")
     traffic = Traffic()
     loop = asyncio.get_running_loop()
     recoveries: list[float] = []
@@ -231,8 +241,8 @@ async def test_ingest_and_processor_ride_through_broker_restarts_and_a_crash(
         assert processor.alive() and ingest.alive(), "a service process died"
     finally:
         traffic.stop.set()
-        ingest.kill()
-        processor.kill()
+        for node in {ingest, processor}:
+            node.kill()
 
     codes = traffic.codes()
     outputs = [*changes, *rejected]
@@ -241,7 +251,8 @@ async def test_ingest_and_processor_ride_through_broker_restarts_and_a_crash(
     lost_acked = set(traffic.accepted) - set(ingest_ids)
     unprocessed = set(ingest_ids) - set(output_ids)
     print(
-        f"\nbroker faults: requests={sum(codes.values())} codes={dict(sorted(codes.items()))} "
+        f"\nbroker faults ({layout}): requests={sum(codes.values())} "
+        f"codes={dict(sorted(codes.items()))} "
         f"ingested={len(ingest_ids)} outputs={len(outputs)} lost_acked={len(lost_acked)} "
         f"unprocessed={len(unprocessed)} duplicated={duplicated} "
         f"recovery_s={[round(r, 1) for r in recoveries]} "
