@@ -61,3 +61,19 @@ PRODUCER_LAST_ACK_AGE = Gauge(
 PRODUCER_USABLE = Gauge(
     "callstatus_producer_usable", "1 while the ingest producer can take writes, else 0"
 )
+
+SPOOL_EVENTS = Gauge("callstatus_spool_events", "Events in the local spool, not yet in Kafka")
+SPOOL_BYTES = Gauge("callstatus_spool_bytes", "Bytes the spool's undelivered events take on disk")
+SPOOL_OLDEST_AGE = Gauge(
+    "callstatus_spool_oldest_age_seconds", "Age of the oldest event still in the spool (0: empty)"
+)
+SPOOL_APPENDS = Counter(
+    "callstatus_spool_appends_total",
+    "Events made durable in the spool because Kafka could not take them",
+)
+SPOOL_DRAINED = Counter(
+    "callstatus_spool_drained_total", "Spooled events delivered to Kafka (rate: the drain rate)"
+)
+SPOOL_CORRUPT_BYTES = Counter(
+    "callstatus_spool_corrupt_bytes_total", "Bytes of torn or corrupt spool tail cut off at start"
+)

@@ -214,6 +214,37 @@ class IngestProducer:
             self._inflight -= 1
         self._last_ack = time.monotonic()
 
+    async def send_batch(self, records: Sequence[tuple[bytes, bytes, Headers]]) -> int:
+        """Send ``records`` in order and wait for every ack, with no answer deadline (the
+        spool drainer's path): the watchdog bounds the wait, since a send older than the
+        delivery timeout retires the producer and fails what it holds. Returns how many
+        records, from the first, were acknowledged; the rest must be sent again."""
+        producer = self._producer
+        if producer is None:
+            return 0
+        started = time.monotonic()
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for key, value, headers in records:
+                futures.append(
+                    await producer.send(self._topic, value=value, key=key, headers=list(headers))
+                )
+        except KafkaError as exc:
+            if is_fatal(exc):
+                self._finish(producer, type(exc).__name__)
+        self._overdue.extend((started, future, producer) for future in futures)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        acked = 0
+        for result in results:
+            if isinstance(result, BaseException):
+                if is_fatal(result):
+                    self._finish(producer, type(result).__name__)
+                break
+            acked += 1
+        if acked:
+            self._last_ack = time.monotonic()
+        return acked
+
     # -- supervision ----------------------------------------------------------------
 
     def _finish(self, producer: AIOKafkaProducer, cause: str) -> None:
@@ -229,13 +260,19 @@ class IngestProducer:
         # Sends that hit the same failure settle within the request timeout; a send past
         # the delivery deadline must be dropped now, or it could land later than promised.
         settle = 0.0 if cause == "delivery_timeout" else self._timeout
-        task = asyncio.create_task(self._retire(producer, settle), name="producer-retire")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        retiring = asyncio.create_task(self._retire(producer, settle), name="producer-retire")
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
         if self._rebuild is None or self._rebuild.done():
-            self._rebuild = asyncio.create_task(self._rebuild_loop(), name="producer-rebuild")
+            self._rebuild = asyncio.create_task(
+                self._rebuild_loop(retiring), name="producer-rebuild"
+            )
 
-    async def _rebuild_loop(self) -> None:
+    async def _rebuild_loop(self, retiring: asyncio.Task[None]) -> None:
+        # The successor starts only once the old producer's sender has stopped, so
+        # nothing the old one held can reach Kafka after the new one's writes: per-call
+        # order in the ingest topic stays the order of the acknowledgements.
+        await asyncio.wait((retiring,))
         while not self._stopping.is_set():
             if await sleep_or_stop(self._backoff.next_delay(), self._stopping):
                 return

@@ -30,7 +30,9 @@ from service.app import create_app
 from service.kafka import ensure_topics, retry_at_start
 from service.processor import Processor
 from service.producer import IngestProducer
+from service.publisher import SpoolingPublisher
 from service.settings import Role, Settings
+from service.spool import Spool
 
 log = structlog.get_logger(logger_name="callstatus.server")
 
@@ -39,12 +41,20 @@ log = structlog.get_logger(logger_name="callstatus.server")
 CLIENT_CLOSE_SECONDS = 10.0
 
 
+def publisher_for(settings: Settings) -> IngestProducer | SpoolingPublisher:
+    producer = IngestProducer(settings)
+    if not settings.spool_enabled:
+        return producer
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+    return SpoolingPublisher(producer, spool, settings.shutdown_grace_seconds)
+
+
 class Node:
     """The parts one process runs (by role) and their lifecycle: start, drain, stop."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.publisher = IngestProducer(settings) if settings.role.runs_ingest else None
+        self.publisher = publisher_for(settings) if settings.role.runs_ingest else None
         self.processor = Processor(settings) if settings.role.runs_processor else None
         # Set on the first SIGTERM: /readyz answers 503 while requests are still served.
         self.draining = False
@@ -77,9 +87,15 @@ class Node:
         log.info("stopped")
 
     async def _stop_parts(self) -> None:
+        # Side by side: the processor ends its transaction while the spool drains.
+        await asyncio.gather(self._stop_processor(), self._stop_publisher())
+
+    async def _stop_processor(self) -> None:
         if self.processor is not None and self._task is not None:
             await self.processor.stop()
             await self._task
+
+    async def _stop_publisher(self) -> None:
         if self.publisher is not None:
             await self.publisher.stop()
 

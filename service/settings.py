@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     # Cap on the producer's in-flight buffer: a full buffer answers 503 instead of queueing.
     max_inflight_produces: int = Field(default=1000, ge=1)
 
+    # The local spool (service/spool.py): where ingest makes an event durable when Kafka
+    # cannot take it in time, answering 202 instead of 503.
+    spool_enabled: bool = True
+    spool_dir: Path = Path(".callstatus-spool")
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+
     consumer_group: str = "callstatus-processor"
     state_terminal_retention_seconds: int = Field(default=3600, ge=0)
     state_idle_retention_seconds: int = Field(default=6 * 3600, ge=1)

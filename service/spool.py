@@ -1,0 +1,399 @@
+"""A durable first-in-first-out spool on local disk: where ingest puts an event when
+Kafka cannot take it in time, so the event can still be answered 202.
+
+Format, and why
+---------------
+Append-only segment files (``<number>.seg``) of length-prefixed, CRC-checked records,
+plus a ``checkpoint`` file naming the first record not yet delivered to Kafka. Chosen
+over SQLite because the spool needs exactly three things, each simple here and each
+visible in this one module: appends made durable in groups (one ``fsync`` for every
+request that arrived during the previous one), strictly ordered reads from a position,
+and a torn tail that is *detected and reported*. A crash mid-write leaves a partial or
+mismatching record at the end of a segment; opening the spool cuts the segment there,
+logs how many bytes it cut and counts them, and never hands those bytes to Kafka.
+
+A record::
+
+    u32 crc32(body) | u32 len(body) | body
+    body = u64 received_ms | u16 len(key) | key | u8 n_headers
+           | n x (u8 len(name) | name | u16 len(value) | value) | value
+
+Delivery is at least once: if the process dies after Kafka acknowledged a drained batch
+but before the checkpoint moved past it, those events are sent again with their
+original ``eventId``; the processor drops a repeated status as a duplicate.
+
+Only one process may use a spool directory (an exclusive lock on ``lock``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import struct
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from service import metrics
+
+log = structlog.get_logger(logger_name="callstatus.spool")
+
+_HEAD = struct.Struct("<II")  # crc32, body length
+_BODY_HEAD = struct.Struct("<QH")  # received_ms, key length
+SEGMENT_SUFFIX = ".seg"
+# No single record is bigger (a body is capped far below this): a larger length field
+# can only be garbage.
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+class SpoolFull(Exception):
+    """Appending would pass the spool's size cap."""
+
+
+class SpoolLocked(Exception):
+    """Another process holds the spool directory."""
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    segment: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledRecord:
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    received_ms: int
+    end: Position  # where the next record starts: release(end) frees this one
+    size: int
+
+
+def encode(key: bytes, value: bytes, headers: Headers, received_ms: int) -> bytes:
+    parts = [_BODY_HEAD.pack(received_ms, len(key)), key, bytes((len(headers),))]
+    for name, val in headers:
+        raw = name.encode()
+        parts += [bytes((len(raw),)), raw, struct.pack("<H", len(val)), val]
+    parts.append(value)
+    body = b"".join(parts)
+    return _HEAD.pack(zlib.crc32(body), len(body)) + body
+
+
+def decode(
+    data: bytes | memoryview, at: int
+) -> tuple[bytes, bytes, list[tuple[str, bytes]], int, int] | None:
+    """The record starting at ``at``: (key, value, headers, received_ms, next offset), or
+    None when what is there is not a whole, intact record (a torn or corrupt tail)."""
+    if len(data) - at < _HEAD.size:
+        return None
+    crc, length = _HEAD.unpack_from(data, at)
+    start = at + _HEAD.size
+    end = start + length
+    if length < _BODY_HEAD.size + 1 or length > MAX_RECORD_BYTES or end > len(data):
+        return None
+    body = bytes(data[start:end])
+    if zlib.crc32(body) != crc:
+        return None
+    received_ms, key_len = _BODY_HEAD.unpack_from(body, 0)
+    i = _BODY_HEAD.size
+    key = body[i : i + key_len]
+    i += key_len
+    headers = []
+    count = body[i]
+    i += 1
+    for _ in range(count):
+        name_len = body[i]
+        name = body[i + 1 : i + 1 + name_len].decode()
+        i += 1 + name_len
+        (val_len,) = struct.unpack_from("<H", body, i)
+        headers.append((name, body[i + 2 : i + 2 + val_len]))
+        i += 2 + val_len
+    return key, body[i:], headers, received_ms, end
+
+
+class Spool:
+    """The spool directory: open it (recovering a torn tail), append durably, read in
+    order from the checkpoint, release what Kafka acknowledged."""
+
+    def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = 64 * 1024 * 1024):
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.events = 0  # records not yet released
+        self.bytes = 0  # their size on disk
+        self.oldest_ms: int | None = None
+        self._lock_fd = -1
+        self._write_fd = -1
+        self._write_segment = 0
+        self._write_offset = 0
+        # End of what is fsync'd: readers never look past it. One tuple, replaced whole,
+        # because the writer thread moves it while the event loop reads it.
+        self._durable = Position(0, 0)
+        self._read = Position(0, 0)  # the checkpoint: first record not yet released
+        self._pending: list[bytes] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.nonempty = asyncio.Event()
+        self.empty = asyncio.Event()  # no undelivered event, none being written
+
+    # -- open and recover -------------------------------------------------------------
+
+    def open(self) -> None:
+        """Lock the directory, cut any torn tail, count what is waiting."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise SpoolLocked(f"another process uses the spool in {self.directory}") from None
+        self._read = self._load_checkpoint()
+        segments = self._segments()
+        for number in segments:
+            if number < self._read.segment:
+                (self._path(number)).unlink()  # fully released before the last crash
+        segments = [n for n in segments if n >= self._read.segment]
+        for number in segments:
+            start = self._read.offset if number == self._read.segment else 0
+            self._recover_segment(number, start)
+        if self.events:
+            self.nonempty.set()
+        else:
+            self.empty.set()
+        self._write_segment = max(segments, default=max(self._read.segment, 1))
+        if not segments:
+            self._read = Position(self._write_segment, 0)
+        self._open_for_append(self._write_segment)
+        metrics.SPOOL_EVENTS.set(self.events)
+        metrics.SPOOL_BYTES.set(self.bytes)
+        if self.events:
+            log.warning("spool holds undelivered events", events=self.events, bytes=self.bytes)
+
+    def _recover_segment(self, number: int, start: int) -> None:
+        path = self._path(number)
+        data = path.read_bytes()
+        at = start
+        while at < len(data):
+            record = decode(data, at)
+            if record is None:
+                break
+            if self.oldest_ms is None:
+                self.oldest_ms = record[3]
+            self.events += 1
+            self.bytes += record[4] - at
+            at = record[4]
+        if at < len(data):
+            # A write the crash interrupted (or a damaged disk): never replay it.
+            cut = len(data) - at
+            with path.open("r+b") as f:
+                f.truncate(at)
+                os.fsync(f.fileno())
+            metrics.SPOOL_CORRUPT_BYTES.inc(cut)
+            log.error("spool tail was torn or corrupt; cut it off", segment=path.name, bytes=cut)
+
+    def close(self) -> None:
+        for fd in (self._write_fd, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._write_fd = self._lock_fd = -1
+
+    # -- append (group commit) --------------------------------------------------------
+
+    def has_room(self, size: int = 0) -> bool:
+        return self.bytes + size <= self.max_bytes
+
+    async def append(self, key: bytes, value: bytes, headers: Headers) -> None:
+        """Return once the event is on disk and fsync'd, or raise :class:`SpoolFull`."""
+        record = encode(key, value, headers, int(time.time() * 1000))
+        if not self.has_room(len(record)):
+            raise SpoolFull
+        # Counted at once, so concurrent appends cannot overshoot the cap together.
+        self.bytes += len(record)
+        self.empty.clear()
+        waiter = asyncio.get_running_loop().create_future()
+        self._pending.append(record)
+        self._waiters.append(waiter)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="spool-flush")
+        # Cancelling this request does not take the event back: it is (or will be) on
+        # disk and will be delivered, like any other spooled event.
+        await waiter
+
+    async def _flush(self) -> None:
+        """Write and fsync everything pending, again and again while more arrives: every
+        request that came during one fsync shares the next."""
+        while self._pending:
+            records, self._pending = self._pending, []
+            waiters, self._waiters = self._waiters, []
+            try:
+                await asyncio.to_thread(self._write, b"".join(records))
+            except OSError as exc:
+                self.bytes -= sum(map(len, records))
+                if not self.bytes:
+                    self.empty.set()
+                log.error("spool write failed", error=repr(exc))
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                continue
+            self.events += len(records)
+            if self.oldest_ms is None:
+                self.oldest_ms = _BODY_HEAD.unpack_from(records[0], _HEAD.size)[0]
+            metrics.SPOOL_APPENDS.inc(len(records))
+            metrics.SPOOL_EVENTS.set(self.events)
+            metrics.SPOOL_BYTES.set(self.bytes)
+            self.nonempty.set()
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _write(self, data: bytes) -> None:
+        if self._write_offset >= self.segment_bytes:
+            os.close(self._write_fd)
+            self._open_for_append(self._write_segment + 1)
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._write_fd, view)
+                view = view[written:]
+            os.fsync(self._write_fd)
+        except OSError:
+            # Cut what part of the group reached the file (its requests get 503), so
+            # the next group is not written behind a torn record.
+            os.ftruncate(self._write_fd, self._write_offset)
+            raise
+        self._write_offset += len(data)
+        self._durable = Position(self._write_segment, self._write_offset)
+
+    def _open_for_append(self, number: int) -> None:
+        new = not self._path(number).exists()
+        self._write_fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._write_segment = number
+        self._write_offset = os.fstat(self._write_fd).st_size
+        self._durable = Position(number, self._write_offset)
+        if new:
+            _fsync_dir(self.directory)  # the new name must survive a crash too
+
+    # -- read and release -------------------------------------------------------------
+
+    def read(self, max_records: int, max_bytes: int = 1024 * 1024) -> list[SpooledRecord]:
+        """Up to ``max_records`` durable records from the checkpoint on, in order."""
+        out: list[SpooledRecord] = []
+        pos, durable = self._read, self._durable
+        size = 0
+        while len(out) < max_records and size < max_bytes:
+            if pos.segment == durable.segment:
+                limit = durable.offset
+            elif pos.segment < durable.segment:
+                limit = self._segment_size(pos.segment)
+            else:
+                break
+            if pos.offset >= limit:
+                if pos.segment == durable.segment:
+                    break
+                pos = Position(pos.segment + 1, 0)
+                continue
+            with self._path(pos.segment).open("rb") as f:
+                f.seek(pos.offset)
+                chunk = f.read(min(limit - pos.offset, max(max_bytes - size, _HEAD.size)))
+                if len(chunk) >= _HEAD.size:
+                    # A record longer than the chunk: read exactly that one.
+                    need = _HEAD.size + _HEAD.unpack_from(chunk, 0)[1]
+                    if need > len(chunk) and need <= limit - pos.offset:
+                        chunk += f.read(need - len(chunk))
+            at = 0
+            while len(out) < max_records and size < max_bytes:
+                record = decode(chunk, at)
+                if record is None:
+                    break
+                key, value, headers, received_ms, end = record
+                rec_end = Position(pos.segment, pos.offset + end)
+                out.append(SpooledRecord(key, value, headers, received_ms, rec_end, end - at))
+                size += end - at
+                at = end
+            if at == 0:
+                # Everything up to ``limit`` was checked when the spool was opened or
+                # written, so this is damage since then: refuse to guess past it.
+                raise OSError(f"spool segment {pos.segment} unreadable at {pos.offset}")
+            pos = Position(pos.segment, pos.offset + at)
+        return out
+
+    def release(self, done: Sequence[SpooledRecord]) -> None:
+        """Forget records Kafka acknowledged (a prefix of what :meth:`read` returned): move
+        the checkpoint durably past them, delete segments wholly behind it."""
+        if not done:
+            return
+        end = done[-1].end
+        if end.segment < self._write_segment and end.offset >= self._segment_size(end.segment):
+            end = Position(end.segment + 1, 0)
+        self._store_checkpoint(end)
+        for number in range(self._read.segment, end.segment):
+            with contextlib.suppress(FileNotFoundError):
+                self._path(number).unlink()
+        self._read = end
+        self.events -= len(done)
+        self.bytes -= sum(r.size for r in done)
+        if self.events:
+            following = self.read(1)
+            self.oldest_ms = following[0].received_ms if following else None
+        else:
+            self.oldest_ms = None
+            self.nonempty.clear()
+            if not self.bytes:
+                self.empty.set()
+        metrics.SPOOL_DRAINED.inc(len(done))
+        metrics.SPOOL_EVENTS.set(self.events)
+        metrics.SPOOL_BYTES.set(self.bytes)
+
+    # -- files --------------------------------------------------------------------------
+
+    def _path(self, number: int) -> Path:
+        return self.directory / f"{number:012d}{SEGMENT_SUFFIX}"
+
+    def _segments(self) -> list[int]:
+        return sorted(
+            int(p.name[: -len(SEGMENT_SUFFIX)])
+            for p in self.directory.glob(f"*{SEGMENT_SUFFIX}")
+            if p.name[: -len(SEGMENT_SUFFIX)].isdigit()
+        )
+
+    def _segment_size(self, number: int) -> int:
+        try:
+            return self._path(number).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _load_checkpoint(self) -> Position:
+        try:
+            raw = json.loads((self.directory / "checkpoint").read_text())
+            return Position(int(raw["segment"]), int(raw["offset"]))
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return Position(0, 0)
+
+    def _store_checkpoint(self, pos: Position) -> None:
+        # Written aside and renamed: a crash leaves the old checkpoint or the new one.
+        tmp = self.directory / "checkpoint.tmp"
+        with tmp.open("w") as f:
+            json.dump({"segment": pos.segment, "offset": pos.offset}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.directory / "checkpoint")
+        _fsync_dir(self.directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
