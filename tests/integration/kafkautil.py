@@ -246,6 +246,7 @@ def settings_env(settings: Settings, port: int) -> dict[str, str]:
         CALLSTATUS_PROCESSOR_BATCH_MAX=str(settings.processor_batch_max),
         CALLSTATUS_PRODUCE_TIMEOUT_SECONDS=str(settings.produce_timeout_seconds),
         CALLSTATUS_PRODUCE_DELIVERY_TIMEOUT_SECONDS=str(settings.produce_delivery_timeout_seconds),
+        CALLSTATUS_SPOOL_ENABLED=str(settings.spool_enabled).lower(),
         CALLSTATUS_HOST="127.0.0.1",
         CALLSTATUS_PORT=str(port),
         CALLSTATUS_LOG_FORMAT="json",

@@ -1,12 +1,15 @@
 """Chaos: the broker restarts twice and is SIGKILLed once while 12 clients send signed
-callbacks without pause through real service processes: one node running both stages
-(`make run`), and separate ingest and processor nodes (the prod overlay).
+callbacks without pause through real service processes, in two set-ups:
 
-It asserts what an operator would check afterwards: every 202 is in the ingest topic;
+* one node running both stages (`make run`) with the spool off: each outage is seen
+  as 503s, and 202s come back within 15 s of the broker serving clients again;
+* separate ingest and processor nodes (the prod overlay) with the spool on, the first
+  outage lasting a minute: every request is answered 202, and the spool drains.
+
+Both assert what an operator would check afterwards: every 202 is in the ingest topic;
 every ingest record reaches `changes` or `rejected` exactly once and in the state
-machine's order; each outage was seen as 503s; 202s came back within 15 s of the broker
-serving clients again, every time, without touching the service; no other 5xx; and the
-ingest node's memory did not grow with the faults.
+machine's order; no other 5xx; the ingest node's memory did not grow with the faults.
+A last test SIGKILLs the ingest node while events sit in its spool.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,7 +33,7 @@ from schemas.messages import IngestEnvelope
 from service import metrics
 from service.kafka import ensure_topics
 from service.producer import IngestProducer, Unavailable
-from service.settings import Role
+from service.settings import Role, Settings
 from service.signature import sign
 from tests.conftest import SECRET
 from tests.integration.kafkautil import (
@@ -162,9 +165,83 @@ async def broker() -> AsyncIterator[dict[str, str]]:
         yield b
 
 
-@pytest.mark.parametrize("layout", ["all", "split"])
+async def metric(base: str, name: str) -> float:
+    """An unlabelled sample from the node's /metrics."""
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        text = (await http.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+async def metric_at_least(base: str, name: str, value: float) -> bool:
+    return await metric(base, name) >= value
+
+
+async def until_async(probe: Callable[[], Awaitable[bool]], deadline_s: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + deadline_s
+    while not await probe():
+        assert loop.time() < give_up, what
+        await asyncio.sleep(0.2)  # polling interval
+
+
+@dataclass
+class Outputs:
+    ingest_ids: list[str]
+    changes: list[ConsumerRecord[bytes, bytes]]
+    rejected: list[ConsumerRecord[bytes, bytes]]
+
+
+async def collect(address: str, settings: Settings, accepted: list[str]) -> Outputs:
+    """The ingest topic, then the outputs once the processor has accounted for every
+    ingest record (or the deadline says it never will)."""
+    loop = asyncio.get_running_loop()
+    ingested = await read_committed(address, settings.topic_ingest, len(accepted))
+    envelopes = [IngestEnvelope.model_validate_json(r.value or b"") for r in ingested]
+    distinct = len({e.eventId for e in envelopes})
+    give_up = loop.time() + 120
+    while True:
+        changes = await read_all(address, settings.topic_changes)
+        rejected = await read_all(address, settings.topic_rejected)
+        if len(changes) + len(rejected) >= distinct or loop.time() > give_up:
+            break
+        await asyncio.sleep(1)  # polling interval while the processor catches up
+    # Anything extra (a duplicate) would be committed by now; read once more to see it.
+    changes = await read_all(address, settings.topic_changes)
+    rejected = await read_all(address, settings.topic_rejected)
+    ordered = sorted(
+        zip(ingested, envelopes, strict=True), key=lambda p: (p[0].partition, p[0].offset)
+    )
+    expected = expected_outcomes([Event(e.eventId, e.call, e.source) for _, e in ordered])
+    # Order and verdicts: the pure state machine over the ingest topic's order.
+    assert by_call(changes) == expected.changes
+    return Outputs([e.eventId for _, e in ordered], changes, rejected)
+
+
+def check_exactly_once(out: Outputs, accepted: list[str]) -> dict[str, int]:
+    output_ids = Counter(
+        json.loads(r.value or b"")["eventId"] for r in [*out.changes, *out.rejected]
+    )
+    summary = {
+        "ingested": len(out.ingest_ids),
+        "ingested_twice": len(out.ingest_ids) - len(set(out.ingest_ids)),
+        "outputs": sum(output_ids.values()),
+        "lost_acked": len(set(accepted) - set(out.ingest_ids)),
+        "unprocessed": len(set(out.ingest_ids) - set(output_ids)),
+        "duplicated": sum(1 for n in output_ids.values() if n > 1),
+    }
+    assert not summary["lost_acked"], "a 202'd event is missing from the ingest topic"
+    assert not summary["unprocessed"], "an ingested event never reached changes or rejected"
+    assert not summary["duplicated"], "an event reached the outputs more than once"
+    assert set(output_ids) <= set(out.ingest_ids)
+    return summary
+
+
+@pytest.mark.parametrize(("layout", "spool"), [("all", False), ("split", True)])
 async def test_ingest_and_processor_ride_through_broker_restarts_and_a_crash(
-    broker: dict[str, str], unique: str, tmp_path: Path, layout: str
+    broker: dict[str, str], unique: str, tmp_path: Path, layout: str, spool: bool
 ) -> None:
     address = broker["address"]
     settings = settings_for(
@@ -175,6 +252,7 @@ async def test_ingest_and_processor_ride_through_broker_restarts_and_a_crash(
         topic_partitions=3,
         produce_timeout_seconds=2.0,
         produce_delivery_timeout_seconds=6.0,
+        spool_enabled=spool,
     )
     await ensure_topics(settings)
     # "all": one process runs both stages (`make run`); "split": the prod overlay's
@@ -199,45 +277,50 @@ async def test_ingest_and_processor_ride_through_broker_restarts_and_a_crash(
         await until(lambda: len(traffic.accepted) >= 200, 60, "no steady 202s before the faults")
         memory_before = rss_bytes(ingest.proc.pid)
 
-        for fault in ("restart", "sigkill", "restart"):
+        for n, fault in enumerate(("restart", "sigkill", "restart")):
             began = loop.time()
+            spooled = await metric(base, "callstatus_spool_appends_total") if spool else 0.0
             if fault == "sigkill":
                 await asyncio.to_thread(sigkill_broker, broker)
             else:
                 await asyncio.to_thread(kafka, "down", broker)
-            await until(partial(traffic.seen_after, began, 503), 60, f"no 503 during {fault}")
+            if spool:
+                # Kafka is away, so events now go to the spool, answered 202.
+                await until_async(
+                    partial(metric_at_least, base, "callstatus_spool_appends_total", spooled + 50),
+                    60,
+                    f"nothing spooled during {fault}",
+                )
+                if n == 0:
+                    await asyncio.sleep(60)  # the outage itself: a minute without a broker
+            else:
+                await until(partial(traffic.seen_after, began, 503), 60, f"no 503 during {fault}")
             await asyncio.to_thread(kafka, "up", broker)  # returns once it serves clients
             serving = loop.time()
-            await until(
-                partial(traffic.seen_after, serving, 202),
-                RECOVERY_BOUND_S + 30,
-                f"ingest never answered 202 again after the {fault}",
-            )
-            first = traffic.first_after(serving, 202)
-            assert first is not None
-            recoveries.append(first - serving)
+            if spool:
+                # Recovery with a spool: it drains while new events queue behind it.
+                await until_async(
+                    partial(metric_is, base, "callstatus_spool_events", 0.0),
+                    120,
+                    f"the spool never drained after the {fault}",
+                )
+                recoveries.append(loop.time() - serving)
+            else:
+                await until(
+                    partial(traffic.seen_after, serving, 202),
+                    RECOVERY_BOUND_S + 30,
+                    f"ingest never answered 202 again after the {fault}",
+                )
+                first = traffic.first_after(serving, 202)
+                assert first is not None
+                recoveries.append(first - serving)
             # Let traffic flow before the next fault, so each one hits a busy service.
             await until(partial(traffic.accepted_more, len(traffic.accepted) + 200), 60, "stall")
 
         traffic.stop.set()
         await asyncio.gather(*clients)
         memory_after = rss_bytes(ingest.proc.pid)
-
-        ingested = await read_committed(address, settings.topic_ingest, len(traffic.accepted))
-        envelopes = [IngestEnvelope.model_validate_json(r.value or b"") for r in ingested]
-        ingest_ids = [e.eventId for e in envelopes]
-        # The processor catches up on its own; poll the outputs until they account for
-        # every ingest record (or the deadline says it never will).
-        give_up = loop.time() + 120
-        while True:
-            changes = await read_all(address, settings.topic_changes)
-            rejected = await read_all(address, settings.topic_rejected)
-            if len(changes) + len(rejected) >= len(ingest_ids) or loop.time() > give_up:
-                break
-            await asyncio.sleep(1)  # polling interval
-        # Anything extra (a duplicate) would be committed by now; read once more to see it.
-        changes = await read_all(address, settings.topic_changes)
-        rejected = await read_all(address, settings.topic_rejected)
+        out = await collect(address, settings, traffic.accepted)
         assert processor.alive() and ingest.alive(), "a service process died"
     finally:
         traffic.stop.set()
@@ -245,37 +328,80 @@ async def test_ingest_and_processor_ride_through_broker_restarts_and_a_crash(
             node.kill()
 
     codes = traffic.codes()
-    outputs = [*changes, *rejected]
-    output_ids = Counter(json.loads(r.value or b"")["eventId"] for r in outputs)
-    duplicated = sum(1 for n in output_ids.values() if n > 1)
-    lost_acked = set(traffic.accepted) - set(ingest_ids)
-    unprocessed = set(ingest_ids) - set(output_ids)
+    summary = check_exactly_once(out, traffic.accepted)
     print(
-        f"\nbroker faults ({layout}): requests={sum(codes.values())} "
-        f"codes={dict(sorted(codes.items()))} "
-        f"ingested={len(ingest_ids)} outputs={len(outputs)} lost_acked={len(lost_acked)} "
-        f"unprocessed={len(unprocessed)} duplicated={duplicated} "
-        f"recovery_s={[round(r, 1) for r in recoveries]} "
-        f"ingest_rss_mb={memory_before / 2**20:.0f}->{memory_after / 2**20:.0f}"
+        f"\nbroker faults ({layout}, spool {'on' if spool else 'off'}): "
+        f"requests={sum(codes.values())} codes={dict(sorted(codes.items()))} "
+        + " ".join(f"{k}={v}" for k, v in summary.items())
+        + f" recovery_s={[round(r, 1) for r in recoveries]}"
+        f" ingest_rss_mb={memory_before / 2**20:.0f}->{memory_after / 2**20:.0f}"
     )
-    assert not lost_acked, "a 202'd event is missing from the ingest topic"
-    assert len(ingest_ids) == len(set(ingest_ids)), "an event was written to ingest twice"
-    assert not unprocessed, "an ingested event never reached changes or rejected"
-    assert duplicated == 0, "an event reached the outputs more than once"
-    assert set(output_ids) <= set(ingest_ids)
-    # Order and verdicts: the pure state machine over the ingest topic's order.
-    expected = expected_outcomes(
-        [
-            Event(e.eventId, e.call, e.source)
-            for _, e in sorted(
-                zip(ingested, envelopes, strict=True), key=lambda p: (p[0].partition, p[0].offset)
-            )
-        ]
-    )
-    assert by_call(changes) == expected.changes
-    assert set(codes) <= {202, 503}, "a 5xx other than 503, or a failed connection"
-    assert all(r <= RECOVERY_BOUND_S for r in recoveries), recoveries
+    if spool:
+        assert set(codes) == {202}, "with the spool on, every request is answered 202"
+    else:
+        assert summary["ingested_twice"] == 0, "an event was written to ingest twice"
+        assert set(codes) <= {202, 503}, "a 5xx other than 503, or a failed connection"
+        assert all(r <= RECOVERY_BOUND_S for r in recoveries), recoveries
     assert memory_after - memory_before <= MEMORY_BOUND_BYTES
+
+
+async def metric_is(base: str, name: str, value: float) -> bool:
+    return await metric(base, name) == value
+
+
+async def test_events_spooled_by_a_killed_node_are_drained_by_its_successor(
+    broker: dict[str, str], unique: str, tmp_path: Path
+) -> None:
+    """SIGKILL the ingest node while its spool holds events Kafka never saw; the next
+    node on the same volume drains them: none lost, none duplicated downstream."""
+    address = broker["address"]
+    settings = settings_for(
+        address,
+        unique,
+        role="ingest",
+        verify_signatures=True,
+        signing_secrets=(SECRET,),
+        topic_partitions=3,
+        produce_timeout_seconds=1.0,
+        produce_delivery_timeout_seconds=3.0,
+    )
+    await ensure_topics(settings)
+    processor = ServiceProcess(settings.model_copy(update={"role": Role.PROCESSOR}), tmp_path, "p")
+    first = ServiceProcess(settings, tmp_path, "first")
+    traffic = Traffic()
+    try:
+        await first.wait_ready()
+        await processor.wait_ready(deadline_s=90)
+        base = f"http://127.0.0.1:{first.port}"
+        await asyncio.to_thread(kafka, "down", broker)
+        clients = [asyncio.create_task(client_loop(n, base, traffic)) for n in range(CLIENTS)]
+        await until(lambda: len(traffic.accepted) >= 300, 90, "nothing spooled")
+        first.kill()  # mid-load: some requests are cut off with the process
+        traffic.stop.set()
+        await asyncio.gather(*clients)
+        assert traffic.accepted, "no request was answered 202 while Kafka was away"
+        await asyncio.to_thread(kafka, "up", broker)
+        second = ServiceProcess(settings, tmp_path, "second")  # same directory, same spool
+        try:
+            await second.wait_ready()
+            await until_async(
+                partial(
+                    metric_is, f"http://127.0.0.1:{second.port}", "callstatus_spool_events", 0.0
+                ),
+                60,
+                "the successor never drained the spool",
+            )
+            assert second.logged("spool holds undelivered events")
+        finally:
+            second.kill()
+        out = await collect(address, settings, traffic.accepted)
+    finally:
+        traffic.stop.set()
+        processor.kill()
+        first.kill()
+    summary = check_exactly_once(out, traffic.accepted)
+    print(f"\nspool after SIGKILL: accepted={len(traffic.accepted)} {summary}")
+    assert set(traffic.codes()) <= {202, 0}  # 0: a connection the kill cut
 
 
 async def test_an_event_answered_503_lands_within_the_delivery_bound_or_never(
