@@ -30,7 +30,8 @@ kafka-reset:
 # The service on http://127.0.0.1:8080 with a local broker and a local signing secret.
 run: venv kafka-up
 	$(BIN)/callstatus local-secret
-	CALLSTATUS_LOG_FORMAT=$${CALLSTATUS_LOG_FORMAT:-console} $(BIN)/callstatus serve
+	CALLSTATUS_LOG_FORMAT=$${CALLSTATUS_LOG_FORMAT:-console} \
+	CALLSTATUS_SPOOL_DIR=$${CALLSTATUS_SPOOL_DIR:-deploy/local/.data/spool} $(BIN)/callstatus serve
 
 lint: venv
 	$(BIN)/ruff check .
