@@ -44,6 +44,7 @@ from aiokafka.errors import (
     InvalidProducerIdMapping,
     InvalidTxnState,
     KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
     ProducerClosed,
@@ -71,8 +72,13 @@ FATAL: tuple[type[BaseException], ...] = (
     ProducerFenced,
     ProducerClosed,
 )
-# Refusals of one record, not of the producer: another producer would be refused too.
-RECORD_REFUSED: tuple[type[BaseException], ...] = (MessageSizeTooLargeError, RecordTooLargeError)
+# Not the producer's fault: one record refused (another producer would be refused too),
+# or send() waiting too long for room in a full buffer (the watchdog judges the sends).
+NOT_FATAL: tuple[type[BaseException], ...] = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    KafkaTimeoutError,
+)
 
 # How often the watchdog looks for sends past their delivery deadline.
 WATCHDOG_TICK_SECONDS = 0.5
@@ -97,7 +103,7 @@ def is_fatal(exc: BaseException) -> bool:
     """Whether ``exc`` from a send means the producer that raised it is finished."""
     if isinstance(exc, FATAL):
         return True
-    if isinstance(exc, RECORD_REFUSED):
+    if isinstance(exc, NOT_FATAL):
         return False
     return isinstance(exc, KafkaError) and not exc.retriable
 
