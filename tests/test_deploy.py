@@ -53,7 +53,7 @@ CORE_KINDS = {
     "ConfigMap",
 }
 # Custom resources: checked field by field below (no schema shipped for them).
-CUSTOM_KINDS = {"KafkaTopic", "ServiceMonitor"}
+CUSTOM_KINDS = {"KafkaTopic", "ServiceMonitor", "PrometheusRule"}
 
 APP_UID = 10001
 HTTP_PORT = 8080
@@ -260,6 +260,7 @@ def test_renders_only_known_kinds(name: str) -> None:
     expected = CORE_KINDS - ({"HorizontalPodAutoscaler"} if name == "overlays/dev" else set())
     assert expected <= kinds, f"{name} misses {expected - kinds}"
     assert len(of_kind(docs, "KafkaTopic")) == 4
+    assert len(of_kind(docs, "PrometheusRule")) == 1  # the alerts (test_operator_kit.py)
     keys = [(doc["kind"], doc["metadata"]["name"]) for doc in docs]
     assert len(keys) == len(set(keys)), f"{name} renders duplicate objects"
     for doc in docs:
