@@ -234,6 +234,9 @@ async def send_call(
                     sent.event_id = json.loads(answer)["eventId"]
                 if code not in RETRY_ON:
                     break
+                # A 503 is "maybe stored" (README): this attempt may still reach the
+                # processor, so the call's predictions are no longer certain.
+                run.uncertain_calls.add(delivery.call_id)
             progress.step()
 
 
@@ -466,7 +469,7 @@ def summary(run: Run, verdict: Verdict, calls: int, url: str) -> str:
             lines.append(row(label, len(ids), f"e.g. eventId {ids[0]}"))
     if run.uncertain_calls:
         lines.append(
-            row("calls not checked", len(run.uncertain_calls), "(an attempt got no answer)")
+            row("calls not checked", len(run.uncertain_calls), "(an attempt got 503 or no answer)")
         )
     lines.append("")
     answers = [s.answer_s * 1000 for s in run.sent if s.code == 202]

@@ -17,8 +17,9 @@ CI runs it as its own step after ``make test``. Steps:
 3. The project's image, built from the root Dockerfile with ``BASE_IMAGE`` set to that
    base (its default stays the official slim image). Its size is printed.
 4. The container, run as deployed: read-only root filesystem with a tmpfs /tmp, the
-   image's non-root user, all capabilities dropped, no new privileges, host network,
-   against a private broker of this test (port 20300, the launcher in deploy/local/).
+   image's own non-root user (checked: 10001:10001), all capabilities dropped, no new
+   privileges, host network, against a private broker of this test (port 20300, the
+   launcher in deploy/local/).
    A signed callback gets 202 and its change is read back (read_committed). Then traffic
    flows while ``docker stop`` drains the container: it must exit 0, no answer may be a
    5xx other than 503, and after a restart every event that got a 202 appears on the
@@ -28,6 +29,7 @@ CI runs it as its own step after ``make test``. Steps:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import secrets
@@ -52,15 +54,17 @@ WORK = ROOT / "build" / "image-test"  # git-ignored: the dockerd log, scratch fi
 
 # The base made from Debian's packages (cached), the layer that adds the host's CA
 # bundle, and the project's image built on it.
-ROOTFS_IMAGE = "callstatus-base-rootfs:bookworm"
-BASE_IMAGE = "callstatus-base:bookworm"
-IMAGE = "callstatus:image-test"
 # What the Dockerfile's stages need of their base: python (3.11 in bookworm) with the
 # venv module and `python` on PATH, and groupadd/useradd for the runtime user.
 BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "passwd")
+# The cached base's tag names its package list, so changing the list rebuilds it.
+_PACKAGES_KEY = hashlib.sha256(" ".join(BASE_PACKAGES).encode()).hexdigest()[:8]
+ROOTFS_IMAGE = f"callstatus-base-rootfs:bookworm-{_PACKAGES_KEY}"
+BASE_IMAGE = "callstatus-base:bookworm"
+IMAGE = "callstatus:image-test"
 
 BROKER_PORT = 20300  # this test's own broker (and controller on 20301)
-APP_UID = "10001:10001"  # the Dockerfile's USER
+APP_UID = "10001:10001"  # the Dockerfile's USER (no --user: the image must say it)
 DOCKERD_START_S = 60.0
 READY_S = 120.0
 STOP_TIMEOUT_S = 40  # above CALLSTATUS_SHUTDOWN_GRACE_SECONDS plus client close
@@ -266,6 +270,8 @@ def build_project_image() -> int:
     step(f"building {IMAGE} from the root Dockerfile with BASE_IMAGE={BASE_IMAGE}")
     build(["--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", IMAGE, str(ROOT)])
     size = int(run([docker(), "image", "inspect", "-f", "{{.Size}}", IMAGE]).strip())
+    # Earlier builds' images, untagged by this one, would pile up run after run.
+    run([docker(), "image", "prune", "--force"])
     passed(f"image {IMAGE} built on {BASE_IMAGE}: {size / 1e6:.1f} MB")
     return size
 
@@ -333,8 +339,6 @@ class Container:
                 "--read-only",
                 "--tmpfs",
                 "/tmp:size=64m",
-                "--user",
-                APP_UID,
                 "--cap-drop",
                 "ALL",
                 "--security-opt",
@@ -455,11 +459,15 @@ async def traffic_through_stop(app: Container) -> tuple[list[str], Counter[str],
 
 async def run_container(bootstrap: str) -> None:
     app = Container(bootstrap, uuid.uuid4().hex[:8])
-    step(f"docker run {IMAGE}: read-only, uid {APP_UID}, --cap-drop ALL, --network host")
+    step(f"docker run {IMAGE}: read-only, its own user, --cap-drop ALL, --network host")
     app.start_new()
     try:
         await app.wait_ready()
-        passed("ready (/readyz 200) on a read-only root filesystem as uid 10001")
+        user = run([docker(), "exec", app.name, "id", "-u"]).strip()
+        group = run([docker(), "exec", app.name, "id", "-g"]).strip()
+        if f"{user}:{group}" != APP_UID:
+            raise Failed(f"the service runs as {user}:{group}, not {APP_UID}")
+        passed(f"ready (/readyz 200) on a read-only root filesystem as {user}:{group}")
         first = await first_event(app, bootstrap)
 
         step("traffic flowing while `docker stop` drains the container")
