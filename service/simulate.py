@@ -7,7 +7,8 @@ and many calls at once. Meanwhile the changes and rejected topics are read from 
 current end with read_committed. At the end a summary is printed: requests by status
 code, changes, rejections by reason, duplicates dropped, and latencies. Exit status 1
 when an answer was a 5xx other than 503, or an accepted request's outcome never appeared
-(or appeared twice, or not as the state machine predicts); else 0.
+(or appeared twice, or not as the state machine predicts), and also when an answer was a
+4xx or nothing was accepted at all (the traffic is valid: a wrong secret or URL); else 0.
 
 The HTTP client is a few lines over asyncio streams (HTTP/1.1 keep-alive), so the
 command needs nothing beyond the service's own dependencies.
@@ -45,6 +46,7 @@ RETRY_ON = frozenset({503})
 ATTEMPTS = 4
 BACKOFF_S = 0.25
 SETTLE_S = 1.0  # reading on after the last expected outcome arrived
+ANSWER_TIMEOUT_S = 30.0  # per attempt; then it counts as no answer
 REASON_PHRASES = {
     202: "Accepted",
     400: "Bad Request",
@@ -70,8 +72,9 @@ class Connection:
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
         try:
-            return await self._post(path, body, headers)
-        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):  # a hung server must not hang us
+                return await self._post(path, body, headers)
+        except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError) as exc:
             await self.close()
             raise HttpError(str(exc) or type(exc).__name__) from exc
 
@@ -392,11 +395,13 @@ class Verdict:
     twice: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     server_errors: int = 0
+    refused: int = 0  # 4xx: the simulated traffic is valid, so a set-up or service fault
     accepted: int = 0
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.twice or self.unexpected or self.server_errors)
+        failed = self.missing or self.twice or self.unexpected or self.server_errors
+        return not failed and not self.refused and self.accepted > 0
 
 
 def judge(run: Run) -> Verdict:
@@ -406,6 +411,7 @@ def judge(run: Run) -> Verdict:
     v.server_errors = sum(
         n for code, n in run.answers.items() if code.startswith("5") and code != "503"
     )
+    v.refused = sum(n for code, n in run.answers.items() if code.startswith("4"))
     for event_id, expected in run.expected.items():
         v.accepted += 1
         seen = run.seen.get(event_id, [])
@@ -467,6 +473,10 @@ def summary(run: Run, verdict: Verdict, calls: int, url: str) -> str:
     ):
         if ids:
             lines.append(row(label, len(ids), f"e.g. eventId {ids[0]}"))
+    if not verdict.accepted:
+        lines.append("  NO CALLBACK WAS ACCEPTED: is the service running, with this secret?")
+    if verdict.refused:
+        lines.append(row("REFUSED (4xx)", verdict.refused, "see the service's log lines"))
     if run.uncertain_calls:
         lines.append(
             row("calls not checked", len(run.uncertain_calls), "(an attempt got 503 or no answer)")

@@ -176,6 +176,13 @@ def test_judge_fails_a_run_with_a_lost_event_a_twice_published_one_or_a_500() ->
     assert judge(run).server_errors == 1
     assert not judge(run).ok
 
+    run = _run_of(_one_call())
+    _publish_as_predicted(run)
+    run.answers["401"] += 1  # simulated traffic is signed and valid: a 4xx is a fault
+    assert judge(run).refused == 1
+    assert not judge(run).ok
+    assert not judge(Run()).ok  # nothing accepted at all
+
 
 def test_unanswered_attempts_leave_their_call_unchecked() -> None:
     run = _run_of(_one_call())

@@ -92,3 +92,16 @@ async def test_accepted_events_that_never_appear_fail_the_run(unique: str, tmp_p
     assert result.returncode == 1, result.stdout + result.stderr
     assert count(result.stdout, "NEVER APPEARED") > 0
     assert count(result.stdout, "202 Accepted") > 0
+
+
+async def test_a_wrong_secret_fails_the_run_with_its_401s(unique: str, tmp_path: Path) -> None:
+    node, env = await start(unique, tmp_path, "ingest")
+    env["CALLSTATUS_SIGNING_SECRETS"] = "sigsec_" + "6" * 40  # not the server's
+    try:
+        await node.wait_ready()
+        result = await asyncio.to_thread(simulate, env, tmp_path, "--calls", "3", "--wait", "1")
+    finally:
+        assert node.terminate()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert count(result.stdout, "401 Unauthorized") > 0
+    assert "NO CALLBACK WAS ACCEPTED" in result.stdout
