@@ -125,7 +125,6 @@ class Sent:
     sent_at: float = 0.0  # wall clock, to compare with processedAt
     answer_s: float = 0.0
     attempts: int = 0
-    lost_answer: bool = False  # an attempt got no answer: it may have been ingested
 
 
 @dataclass
@@ -227,7 +226,7 @@ async def send_call(
                     code, answer = await conn.post(INGEST_PATH, delivery.body, headers)
                 except HttpError:
                     run.answers["no answer"] += 1
-                    sent.lost_answer = True
+                    # It may have been ingested all the same: see the 503 case below.
                     run.uncertain_calls.add(delivery.call_id)
                     continue
                 sent.answer_s = time.monotonic() - started
@@ -251,9 +250,8 @@ async def send_all(
     concurrency: int,
     run: Run,
 ) -> None:
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"--url must be http://host:port, not {url!r}")
+    parts = urlsplit(url)  # checked by main()
+    assert parts.hostname is not None
     calls: asyncio.Queue[list[Delivery]] = asyncio.Queue()
     for deliveries in traffic:
         calls.put_nowait(deliveries)
@@ -345,11 +343,12 @@ async def simulate(settings: Settings, args: argparse.Namespace) -> Run:
     url = args.url or f"http://{_client_host(settings.host)}:{settings.port}"
     run = Run()
     reader = Reader(settings)
-    await reader.start()
     done = asyncio.Event()
     caught_up = asyncio.Event()
-    reading = asyncio.create_task(reader.read(run, done, caught_up))
+    reading: asyncio.Task[None] | None = None
     try:
+        await reader.start()
+        reading = asyncio.create_task(reader.read(run, done, caught_up))
         print(
             f"simulating {args.calls} calls at {args.rate:g} requests/s against {url}",
             file=sys.stderr,
@@ -368,8 +367,9 @@ async def simulate(settings: Settings, args: argparse.Namespace) -> Run:
         await asyncio.sleep(SETTLE_S)
     finally:
         done.set()
-        await reading
-        await reader.stop()
+        if reading is not None:
+            await reading
+        await reader.stop()  # also after a failed start: no consumer left open
     return run
 
 
@@ -541,6 +541,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"callstatus: {exc}", file=sys.stderr)
         return 2
     url = args.url or f"http://{_client_host(settings.host)}:{settings.port}"
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        print(f"callstatus: --url must be http://host:port, not {url!r}", file=sys.stderr)
+        return 2
     try:
         run = asyncio.run(simulate(settings, args))
     except (KafkaError, RuntimeError, ValueError) as exc:  # one readable line, no traceback

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +22,7 @@ from service.fsm import Outcome
 from service.simulate import Progress, Run, Seen, Sent, judge, percentile, predict, summary
 from service.traffic import LIFECYCLES, Delivery, Kind, Shares, expected_outcomes, plan
 
+ROOT = Path(__file__).resolve().parents[1]
 NONE = Shares(gaps=0, reorder=0, duplicates=0, retries=0, illegal=0)
 S = CallStatus
 
@@ -200,3 +206,47 @@ def test_progress_without_a_terminal_prints_a_line_per_quarter() -> None:
     lines = stream.getvalue().splitlines()
     assert len(lines) == 4
     assert lines[-1].startswith("sending [##############################] 8/8 requests")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTATUS_")}
+    env.update(
+        CALLSTATUS_SIGNING_SECRETS="sigsec_" + "7" * 40,
+        CALLSTATUS_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}",  # nothing listens
+        PYTHONPATH=str(ROOT),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "simulate", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--calls", "0"], "--calls must be at least 1"),
+        (["--rate", "0"], "--rate must be above 0"),
+        (["--gaps", "2"], "gaps must be between 0 and 1"),
+        (["--url", "https://x:1"], "--url must be http://host:port"),
+        ([], "KafkaConnectionError"),  # no broker: one line, exit 2, no traceback
+    ],
+)
+def test_bad_options_and_no_broker_exit_2_with_one_line(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = _cli(tmp_path, "--calls", "1", *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
