@@ -55,7 +55,9 @@ LABEL org.opencontainers.image.title="callstatus" \
 # and deploy/k8s sets runAsUser/runAsGroup 10001 to match.
 RUN groupadd --system --gid 10001 callstatus \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin callstatus
+        --home-dir /nonexistent --shell /usr/sbin/nologin callstatus \
+    && mkdir -p /var/lib/callstatus/spool \
+    && chown -R 10001:10001 /var/lib/callstatus
 
 COPY --from=build /opt/venv /opt/venv
 
@@ -63,7 +65,14 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CALLSTATUS_HOST=0.0.0.0 \
-    CALLSTATUS_PORT=8080
+    CALLSTATUS_PORT=8080 \
+    CALLSTATUS_SPOOL_DIR=/var/lib/callstatus/spool
+
+# The ingest spool (events Kafka could not take yet) must stay writable under a
+# read-only root filesystem: a volume, owned by the runtime user. `docker run` and
+# compose make one here; Kubernetes mounts its own (deploy/k8s). The service's default
+# (./.callstatus-spool) would be inside the read-only /app.
+VOLUME ["/var/lib/callstatus/spool"]
 
 # An empty working directory: settings also read ./.callstatus.env (local play only),
 # which must never be found inside the image.

@@ -360,6 +360,31 @@ def test_tmp_is_writable_emptydir(name: str) -> None:
         assert "emptyDir" in volumes[mounts["/tmp"]]
 
 
+def image_spool_dir() -> str:
+    """The image's CALLSTATUS_SPOOL_DIR (its ENV, the one place the path is set)."""
+    match = re.search(r"CALLSTATUS_SPOOL_DIR=(\S+)", DOCKERFILE.read_text(encoding="utf-8"))
+    assert match, "the Dockerfile sets CALLSTATUS_SPOOL_DIR"
+    return match.group(1)
+
+
+@parametrize_kustomizations
+def test_spool_dir_is_a_writable_volume(name: str) -> None:
+    # Under readOnlyRootFilesystem the ingest spool needs a volume at the image's path.
+    spool = image_spool_dir()
+    for _, deployment in deployments(name):
+        volumes = {v["name"]: v for v in pod_spec(deployment).get("volumes", [])}
+        mounts = {m["mountPath"]: m for m in app_container(deployment)["volumeMounts"]}
+        assert spool in mounts, f"no volume at the spool directory {spool}"
+        assert not mounts[spool].get("readOnly", False)
+        assert mounts[spool]["name"] in volumes
+
+
+def test_image_declares_the_spool_volume() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert f'VOLUME ["{image_spool_dir()}"]' in text
+    assert f"chown -R {APP_UID}:{APP_UID} /var/lib/callstatus" in text
+
+
 @parametrize_kustomizations
 def test_probes_ports_and_resources(name: str) -> None:
     for _, deployment in deployments(name):

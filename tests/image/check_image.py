@@ -380,7 +380,7 @@ class Container:
 
     def remove(self) -> None:
         subprocess.run(
-            [docker(), "rm", "--force", self.name], capture_output=True, check=False, timeout=120
+            [docker(), "rm", "--force", "--volumes", self.name], capture_output=True, check=False, timeout=120
         )
 
     async def wait_ready(self) -> None:
@@ -468,6 +468,9 @@ async def run_container(bootstrap: str) -> None:
         if f"{user}:{group}" != APP_UID:
             raise Failed(f"the service runs as {user}:{group}, not {APP_UID}")
         passed(f"ready (/readyz 200) on a read-only root filesystem as {user}:{group}")
+        # The ingest spool's directory (the image's volume) is writable by that user.
+        run([docker(), "exec", app.name, "sh", "-c", 'test -w "$CALLSTATUS_SPOOL_DIR"'])
+        passed("the spool directory is writable under the read-only root")
         first = await first_event(app, bootstrap)
 
         step("traffic flowing while `docker stop` drains the container")
