@@ -380,7 +380,10 @@ class Container:
 
     def remove(self) -> None:
         subprocess.run(
-            [docker(), "rm", "--force", "--volumes", self.name], capture_output=True, check=False, timeout=120
+            [docker(), "rm", "--force", "--volumes", self.name],
+            capture_output=True,
+            check=False,
+            timeout=120,
         )
 
     async def wait_ready(self) -> None:
