@@ -11,9 +11,15 @@
 # /opt/venv; `runtime` copies only that virtualenv onto a clean slim image, so no
 # build tools, sources, pip caches or build artefacts reach the final image.
 # Both stages MUST use the same base image: the venv's interpreter is a symlink to the
-# base image's /usr/local/bin/python3.11.
+# base image's python3.11 (/usr/local/bin in the official image).
+#
+# BASE_IMAGE: any Debian bookworm image with Python 3.11 (`python` on PATH, the venv
+# module, groupadd/useradd). The default is the official slim image; `make image-test`
+# passes a base made locally from Debian's packages (tests/image/), because image
+# registries cannot be reached on the project's machines.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-FROM python:3.11-slim-bookworm AS build
+FROM ${BASE_IMAGE} AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -23,20 +29,23 @@ RUN python -m venv /opt/venv
 ENV PATH="/opt/venv/bin:${PATH}"
 
 WORKDIR /src
+# The pinned dependency set first (requirements.lock, `make lock`), in a layer of its
+# own: a change to the sources alone rebuilds from the next COPY on and reuses it.
+COPY requirements.lock ./
+RUN pip install --no-cache-dir -r requirements.lock
+
 # .dockerignore lets in only what the package build needs (pyproject.toml, README,
-# service/, schemas/, an optional requirements.lock).
+# service/, schemas/, requirements.lock).
 COPY . .
 
-# Install the pinned dependency set first (requirements.lock, `make lock`); then
 # `pip install --no-deps .` adds only the project, so nothing unpinned gets in.
 # pip compiles .pyc files at install time, so the read-only runtime never needs to.
-RUN pip install --no-cache-dir -r requirements.lock \
-    && pip install --no-cache-dir --no-deps . \
+RUN pip install --no-cache-dir --no-deps . \
     && pip check \
     && python -c "import service, schemas"
 
 
-FROM python:3.11-slim-bookworm AS runtime
+FROM ${BASE_IMAGE} AS runtime
 
 LABEL org.opencontainers.image.title="callstatus" \
       org.opencontainers.image.description="FreeClimb call-status processor: signed webhooks in, an exactly-once stream of call-state changes out, on Apache Kafka" \
@@ -46,7 +55,9 @@ LABEL org.opencontainers.image.title="callstatus" \
 # and deploy/k8s sets runAsUser/runAsGroup 10001 to match.
 RUN groupadd --system --gid 10001 callstatus \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin callstatus
+        --home-dir /nonexistent --shell /usr/sbin/nologin callstatus \
+    && mkdir -p /var/lib/callstatus/spool \
+    && chown -R 10001:10001 /var/lib/callstatus
 
 COPY --from=build /opt/venv /opt/venv
 
@@ -54,7 +65,14 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CALLSTATUS_HOST=0.0.0.0 \
-    CALLSTATUS_PORT=8080
+    CALLSTATUS_PORT=8080 \
+    CALLSTATUS_SPOOL_DIR=/var/lib/callstatus/spool
+
+# The ingest spool (events Kafka could not take yet) must stay writable under a
+# read-only root filesystem: a volume, owned by the runtime user. `docker run` and
+# compose make one here; Kubernetes mounts its own (deploy/k8s). The service's default
+# (./.callstatus-spool) would be inside the read-only /app.
+VOLUME ["/var/lib/callstatus/spool"]
 
 # An empty working directory: settings also read ./.callstatus.env (local play only),
 # which must never be found inside the image.

@@ -8,7 +8,7 @@ KAFKA := deploy/local/kafka
 export KAFKA_PORT ?= 9092
 export CALLSTATUS_KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:$(KAFKA_PORT)
 
-.PHONY: venv run kafka-up kafka-down kafka-reset lint test test-unit bench schemas lock clean
+.PHONY: venv run kafka-up kafka-down kafka-reset lint test test-unit image-test bench schemas lock clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ test-unit: venv
 # Everything: lint, type checks, unit and integration tests against the real broker.
 test: lint kafka-up
 	$(BIN)/pytest
+
+# The container image built and run for real (root; installs and starts Docker when
+# absent, makes a base image from Debian's packages once): tests/image/check_image.py.
+image-test: venv
+	$(BIN)/python -m tests.image.check_image
 
 # Per-request cost of the ingest handler next to a bare Starlette endpoint.
 bench: venv

@@ -1,4 +1,4 @@
-"""The ``callstatus`` command: ``serve``, ``sign``, ``tail`` and ``local-secret``."""
+"""The ``callstatus`` command: ``serve``, ``sign``, ``tail``, ``simulate`` and ``local-secret``."""
 
 from __future__ import annotations
 
@@ -105,6 +105,13 @@ def parser() -> argparse.ArgumentParser:
     tail.add_argument("--max-messages", type=int, help="stop after this many messages")
     tail.add_argument("--idle-timeout", type=float, help="stop after this many quiet seconds")
     tail.set_defaults(func=cmd_tail)
+    from service import simulate  # the command's own options live with it
+
+    sim = sub.add_parser(
+        "simulate", help="send realistic FreeClimb callbacks and account for every one"
+    )
+    simulate.add_arguments(sim)
+    sim.set_defaults(func=simulate.main)
     sub.add_parser(
         "local-secret", help="create a git-ignored signing secret for local play, once"
     ).set_defaults(func=cmd_local_secret)

@@ -53,7 +53,7 @@ CORE_KINDS = {
     "ConfigMap",
 }
 # Custom resources: checked field by field below (no schema shipped for them).
-CUSTOM_KINDS = {"KafkaTopic", "ServiceMonitor"}
+CUSTOM_KINDS = {"KafkaTopic", "ServiceMonitor", "PrometheusRule"}
 
 APP_UID = 10001
 HTTP_PORT = 8080
@@ -260,6 +260,7 @@ def test_renders_only_known_kinds(name: str) -> None:
     expected = CORE_KINDS - ({"HorizontalPodAutoscaler"} if name == "overlays/dev" else set())
     assert expected <= kinds, f"{name} misses {expected - kinds}"
     assert len(of_kind(docs, "KafkaTopic")) == 4
+    assert len(of_kind(docs, "PrometheusRule")) == 1  # the alerts (test_operator_kit.py)
     keys = [(doc["kind"], doc["metadata"]["name"]) for doc in docs]
     assert len(keys) == len(set(keys)), f"{name} renders duplicate objects"
     for doc in docs:
@@ -357,6 +358,31 @@ def test_tmp_is_writable_emptydir(name: str) -> None:
         mounts = {m["mountPath"]: m["name"] for m in app_container(deployment)["volumeMounts"]}
         assert "/tmp" in mounts, "read-only root filesystem needs a writable /tmp"
         assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+def image_spool_dir() -> str:
+    """The image's CALLSTATUS_SPOOL_DIR (its ENV, the one place the path is set)."""
+    match = re.search(r"CALLSTATUS_SPOOL_DIR=(\S+)", DOCKERFILE.read_text(encoding="utf-8"))
+    assert match, "the Dockerfile sets CALLSTATUS_SPOOL_DIR"
+    return match.group(1)
+
+
+@parametrize_kustomizations
+def test_spool_dir_is_a_writable_volume(name: str) -> None:
+    # Under readOnlyRootFilesystem the ingest spool needs a volume at the image's path.
+    spool = image_spool_dir()
+    for _, deployment in deployments(name):
+        volumes = {v["name"]: v for v in pod_spec(deployment).get("volumes", [])}
+        mounts = {m["mountPath"]: m for m in app_container(deployment)["volumeMounts"]}
+        assert spool in mounts, f"no volume at the spool directory {spool}"
+        assert not mounts[spool].get("readOnly", False)
+        assert mounts[spool]["name"] in volumes
+
+
+def test_image_declares_the_spool_volume() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert f'VOLUME ["{image_spool_dir()}"]' in text
+    assert f"chown -R {APP_UID}:{APP_UID} /var/lib/callstatus" in text
 
 
 @parametrize_kustomizations
@@ -578,7 +604,11 @@ def test_dockerfile_shape() -> None:
     stages = _stages()
     assert len(stages) >= 2, "multi-stage build expected"
     bases = {stage[0].split()[1] for stage in stages}
-    assert bases == {"python:3.11-slim-bookworm"}, "all stages on the same pinned slim base"
+    assert bases == {"${BASE_IMAGE}"}, "all stages on the same base (the venv links to it)"
+    # The base is a build argument (make image-test passes a locally built one) whose
+    # default stays the official, pinned slim image.
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert "ARG BASE_IMAGE=python:3.11-slim-bookworm\n" in text.split("\nFROM ", 1)[0]
     final = stages[-1]
     copies_from = [i for i in final if i.startswith("COPY --from=")]
     assert copies_from, "the final stage copies the venv from the build stage"

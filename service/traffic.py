@@ -1,0 +1,224 @@
+"""Realistic FreeClimb callback traffic for ``callstatus simulate``, as pure functions.
+
+A call's callbacks follow FreeClimb's real order (shared/reference/freeclimb.md section
+2): an inbound call starts with ``inboundCall`` (ringing), an outbound API call with
+``outDialStart`` (queued, then ringing), an answered call goes inProgress
+(``outDialApiConnect``, ``getDigits``), and every call ends with one ``callStatus``
+callback carrying its ``callEndedReason``. On top of that, what section 4 says a
+receiver must plan for, each at a configurable share of calls or deliveries:
+
+- gaps: a middle step never arrives (queued -> completed);
+- reordering: two neighbouring callbacks arrive the other way round;
+- duplicates: the same callback delivered twice (several FreeClimb nodes);
+- retries: the same callback again because its answer was lost;
+- illegal steps: a second, different end status after the call ended.
+
+:func:`expected_outcomes` runs the service's own state machine over a call's callbacks
+in sending order, which is the order the processor sees them in (one call's callbacks
+are sent one after the other), so every accepted request has one predicted outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from schemas.call import CallStatus
+from schemas.messages import RejectReason, WebhookBody
+from service.fsm import TERMINAL, CallState, Outcome, decide
+
+S = CallStatus
+
+
+class Kind(StrEnum):
+    """Why a delivery is in the plan."""
+
+    STEP = "step"  # a step of the lifecycle, in order
+    LATE = "late"  # a step that swapped places with the one after it
+    DUPLICATE = "duplicate"
+    RETRY = "retry"
+    ILLEGAL = "illegal"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    request_type: str
+    status: CallStatus
+    ended_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lifecycle:
+    name: str
+    direction: str
+    weight: int
+    steps: tuple[Step, ...]
+
+
+def _end(status: CallStatus, reason: str) -> Step:
+    return Step("callStatus", status, reason)
+
+
+_RING_IN = Step("inboundCall", S.RINGING)
+_QUEUED = Step("outDialStart", S.QUEUED)
+_RING_OUT = Step("outDialStart", S.RINGING)
+
+# How calls go, and how often (weights): most calls are answered.
+LIFECYCLES: tuple[Lifecycle, ...] = (
+    Lifecycle(
+        "inbound answered",
+        "inbound",
+        40,
+        (_RING_IN, Step("getDigits", S.IN_PROGRESS), _end(S.COMPLETED, "farEndHangup")),
+    ),
+    Lifecycle(
+        "inbound hung up while ringing", "inbound", 5, (_RING_IN, _end(S.CANCELED, "callCanceled"))
+    ),
+    Lifecycle(
+        "outbound answered",
+        "outboundAPI",
+        30,
+        (
+            _QUEUED,
+            _RING_OUT,
+            Step("outDialApiConnect", S.IN_PROGRESS),
+            _end(S.COMPLETED, "appHangup"),
+        ),
+    ),
+    Lifecycle("outbound busy", "outboundAPI", 8, (_QUEUED, _RING_OUT, _end(S.BUSY, "busy"))),
+    Lifecycle(
+        "outbound not answered",
+        "outboundAPI",
+        10,
+        (_QUEUED, _RING_OUT, _end(S.NO_ANSWER, "noAnswer")),
+    ),
+    Lifecycle("outbound failed", "outboundAPI", 4, (_QUEUED, _end(S.FAILED, "failed"))),
+    Lifecycle(
+        "outbound canceled",
+        "outboundAPI",
+        3,
+        (_QUEUED, _RING_OUT, _end(S.CANCELED, "callCanceled")),
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Shares:
+    """Fractions (0..1): gaps, reorder and illegal per call; duplicates and retries per
+    callback."""
+
+    gaps: float = 0.10
+    reorder: float = 0.05
+    duplicates: float = 0.03
+    retries: float = 0.03
+    illegal: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("gaps", "reorder", "duplicates", "retries", "illegal"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One callback to POST: its body (signed when sent) and why it is there."""
+
+    call_id: str
+    status: CallStatus
+    kind: Kind
+    body: bytes
+
+
+def _hex(rng: random.Random, n: int) -> str:
+    return f"{rng.getrandbits(4 * n):0{n}x}"
+
+
+def _phone(rng: random.Random) -> str:
+    return f"+1312{rng.randrange(10**7):07d}"
+
+
+def _body(
+    step: Step,
+    call_id: str,
+    account_id: str,
+    lifecycle: Lifecycle,
+    ends: tuple[str, str],
+    duration: int,
+) -> bytes:
+    """A callback body with the fields FreeClimb sends (keys as in its SDK's example)."""
+    caller, callee = ends
+    fields: dict[str, object] = {
+        "accountId": account_id,
+        "callId": call_id,
+        "callStatus": step.status.value,
+        "conferenceId": None,
+        "direction": lifecycle.direction,
+        "from": caller,
+        "parentCallId": None,
+        "queueId": None,
+        "requestType": step.request_type,
+        "to": callee,
+    }
+    if step.ended_reason is not None:
+        fields["callEndedReason"] = step.ended_reason
+        if step.status is S.COMPLETED:
+            fields["callDuration"] = duration
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
+def plan_call(rng: random.Random, shares: Shares) -> list[Delivery]:
+    """The callbacks of one new call, in the order they will be sent."""
+    lifecycle = rng.choices(LIFECYCLES, weights=[lc.weight for lc in LIFECYCLES])[0]
+    call_id, account_id = "CA" + _hex(rng, 40), "AC" + _hex(rng, 40)
+    ends = (_phone(rng), _phone(rng))
+    duration = rng.randrange(5, 600)
+    steps = [(step, Kind.STEP) for step in lifecycle.steps]
+
+    if len(steps) > 2 and rng.random() < shares.gaps:
+        del steps[rng.randrange(1, len(steps) - 1)]  # never the first or the end
+    if rng.random() < shares.reorder:
+        i = rng.randrange(len(steps) - 1)
+        steps[i], steps[i + 1] = steps[i + 1], (steps[i][0], Kind.LATE)
+    if rng.random() < shares.illegal:
+        final = lifecycle.steps[-1].status
+        other = rng.choice(sorted(TERMINAL - {final}))
+        steps.append((_end(other, "appReject"), Kind.ILLEGAL))
+
+    out: list[Delivery] = []
+    for step, kind in steps:
+        body = _body(step, call_id, account_id, lifecycle, ends, duration)
+        out.append(Delivery(call_id, step.status, kind, body))
+        if rng.random() < shares.duplicates:
+            out.append(Delivery(call_id, step.status, Kind.DUPLICATE, body))
+        if rng.random() < shares.retries:
+            out.append(Delivery(call_id, step.status, Kind.RETRY, body))
+    return out
+
+
+def plan(calls: int, shares: Shares, seed: int | None = None) -> list[list[Delivery]]:
+    """The deliveries of ``calls`` calls, one list per call."""
+    rng = random.Random(seed)  # noqa: S311 - traffic shapes, not secrets
+    return [plan_call(rng, shares) for _ in range(calls)]
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    outcome: Outcome
+    reason: RejectReason | None
+
+
+def expected_outcomes(deliveries: Sequence[bytes]) -> list[Expected]:
+    """What the processor will make of one call's bodies, ingested in this order."""
+    state: CallState | None = None
+    now = datetime.now(UTC)  # only stored in the state; no rule reads it
+    out: list[Expected] = []
+    for n, body in enumerate(deliveries):
+        call = WebhookBody.model_validate_json(body).to_call()
+        decision = decide(state, call, str(n), now)
+        state = decision.state
+        out.append(Expected(decision.outcome, decision.reason))
+    return out

@@ -1,0 +1,252 @@
+"""The pure parts of ``callstatus simulate``: traffic shapes, the predicted outcomes, the
+accounting and its summary. The command against a real server is in
+tests/integration/test_simulate.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from schemas.call import CallStatus
+from schemas.messages import RejectReason, WebhookBody
+from service.fsm import Outcome
+from service.simulate import Progress, Run, Seen, Sent, judge, percentile, predict, summary
+from service.traffic import LIFECYCLES, Delivery, Kind, Shares, expected_outcomes, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+NONE = Shares(gaps=0, reorder=0, duplicates=0, retries=0, illegal=0)
+S = CallStatus
+
+
+def statuses(deliveries: list[Delivery]) -> list[CallStatus]:
+    return [d.status for d in deliveries]
+
+
+def test_clean_traffic_follows_freeclimb_lifecycles_and_is_all_accepted() -> None:
+    calls = plan(300, NONE, seed=1)
+    lifecycles = {tuple(s.status for s in lc.steps) for lc in LIFECYCLES}
+    seen = set()
+    for deliveries in calls:
+        seen.add(tuple(statuses(deliveries)))
+        assert {d.kind for d in deliveries} == {Kind.STEP}
+        verdicts = expected_outcomes([d.body for d in deliveries])
+        assert {v.outcome for v in verdicts} == {Outcome.ACCEPTED}
+    assert seen == lifecycles  # every lifecycle shows up in 300 calls, and only those
+
+
+def test_bodies_are_freeclimb_callbacks_of_one_call() -> None:
+    for deliveries in plan(50, Shares(), seed=2):
+        bodies = [json.loads(d.body) for d in deliveries]
+        assert len({b["callId"] for b in bodies}) == 1
+        assert len({b["accountId"] for b in bodies}) == 1
+        for body, delivery in zip(bodies, deliveries, strict=True):
+            hook = WebhookBody.model_validate(body)
+            assert hook.callStatus is delivery.status
+            assert (body["requestType"] == "callStatus") == ("callEndedReason" in body)
+        assert bodies[-1]["requestType"] == "callStatus" or deliveries[-1].kind is not Kind.STEP
+
+
+def test_same_seed_same_traffic() -> None:
+    assert plan(20, Shares(), seed=3) == plan(20, Shares(), seed=3)
+    assert plan(20, Shares(), seed=3) != plan(20, Shares(), seed=4)
+
+
+def _gapped(short: list[CallStatus], full: tuple[CallStatus, ...]) -> bool:
+    """``short`` is ``full`` without one middle step (or all of it, for two steps)."""
+    if len(full) <= 2:
+        return short == list(full)
+    return any(short == [*full[:i], *full[i + 1 :]] for i in range(1, len(full) - 1))
+
+
+def test_gaps_drop_a_middle_step_and_stay_accepted() -> None:
+    lifecycles = [tuple(s.status for s in lc.steps) for lc in LIFECYCLES]
+    for deliveries in plan(100, Shares(0.999, 0, 0, 0, 0), seed=5):
+        assert any(_gapped(statuses(deliveries), full) for full in lifecycles)
+        verdicts = expected_outcomes([d.body for d in deliveries])
+        assert {v.outcome for v in verdicts} == {Outcome.ACCEPTED}
+
+
+def test_reordered_callbacks_are_rejected_as_out_of_order() -> None:
+    for deliveries in plan(50, Shares(0, 0.999, 0, 0, 0), seed=6):
+        late = [i for i, d in enumerate(deliveries) if d.kind is Kind.LATE]
+        assert len(late) == 1
+        verdicts = expected_outcomes([d.body for d in deliveries])
+        assert verdicts[late[0]].outcome is Outcome.REJECTED
+        assert verdicts[late[0]].reason is RejectReason.OUT_OF_ORDER
+
+
+def test_duplicates_and_retries_are_dropped() -> None:
+    for deliveries in plan(30, Shares(0, 0, 0.999, 0.999, 0), seed=7):
+        verdicts = expected_outcomes([d.body for d in deliveries])
+        for delivery, verdict in zip(deliveries, verdicts, strict=True):
+            expected = Outcome.ACCEPTED if delivery.kind is Kind.STEP else Outcome.DUPLICATE
+            assert verdict.outcome is expected
+        assert len(deliveries) == 3 * len({d.body for d in deliveries})
+
+
+def test_illegal_steps_are_rejected_as_illegal_transitions() -> None:
+    for deliveries in plan(50, Shares(0, 0, 0, 0, 0.999), seed=8):
+        assert deliveries[-1].kind is Kind.ILLEGAL
+        assert deliveries[-1].status is not deliveries[-2].status
+        verdict = expected_outcomes([d.body for d in deliveries])[-1]
+        assert verdict.reason is RejectReason.ILLEGAL_TRANSITION
+
+
+def test_shares_must_be_fractions() -> None:
+    with pytest.raises(ValueError, match="gaps"):
+        Shares(gaps=1.5)
+    with pytest.raises(ValueError, match="retries"):
+        Shares(retries=-0.1)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    random.Random(1).shuffle(values)
+    assert percentile(values, 50) == 50
+    assert percentile(values, 95) == 95
+    assert percentile(values, 99) == 99
+    assert percentile([7.0], 99) == 7
+    assert percentile([], 50) == 0
+
+
+def _run_of(deliveries: list[Delivery]) -> Run:
+    run = Run()
+    for n, delivery in enumerate(deliveries):
+        run.sent.append(Sent(delivery, code=202, event_id=f"e{n}", sent_at=100.0, attempts=1))
+        run.answers["202"] += 1
+    predict(run)
+    return run
+
+
+def _publish_as_predicted(run: Run) -> None:
+    for event_id, expected in run.expected.items():
+        if expected.outcome is Outcome.ACCEPTED:
+            run.seen[event_id] = [Seen("changes", None, 100.5)]
+        elif expected.outcome is Outcome.REJECTED:
+            run.seen[event_id] = [Seen("rejected", expected.reason, 100.5)]
+
+
+def _one_call() -> list[Delivery]:
+    # ringing, ringing again (dropped), completed, then ringing late (out of order)
+    deliveries = plan(40, Shares(0, 0, 0, 0, 0), seed=9)
+    call = next(d for d in deliveries if statuses(d) == [S.RINGING, S.IN_PROGRESS, S.COMPLETED])
+    ringing, _, completed = call
+    return [ringing, ringing, completed, ringing]
+
+
+def test_judge_accounts_for_changes_rejections_and_dropped_duplicates() -> None:
+    run = _run_of(_one_call())
+    _publish_as_predicted(run)
+    verdict = judge(run)
+    assert verdict.ok
+    assert (verdict.changes, verdict.duplicates_dropped) == (2, 1)
+    assert verdict.rejections == {"out_of_order": 1}
+    text = summary(run, verdict, calls=1, url="http://127.0.0.1:8080")
+    assert re.search(r"accounted for +4  of 4\n", text)
+    assert re.search(r"end to end \(sent -> processed\) +500\.0 +500\.0 +500\.0", text)
+
+
+def test_judge_fails_a_run_with_a_lost_event_a_twice_published_one_or_a_500() -> None:
+    run = _run_of(_one_call())
+    _publish_as_predicted(run)
+    del run.seen["e2"]  # the completed change never appeared
+    verdict = judge(run)
+    assert not verdict.ok
+    assert verdict.missing == ["e2"]
+    assert re.search(r"NEVER APPEARED +1  e\.g\. eventId e2", summary(run, verdict, 1, "u"))
+
+    run = _run_of(_one_call())
+    _publish_as_predicted(run)
+    run.seen["e0"].append(Seen("changes", None, 101.0))
+    assert judge(run).twice == ["e0"]
+
+    run = _run_of(_one_call())
+    _publish_as_predicted(run)
+    run.seen["e1"] = [Seen("changes", None, 101.0)]  # a duplicate must not be published
+    assert judge(run).unexpected == ["e1"]
+
+    run = _run_of(_one_call())
+    _publish_as_predicted(run)
+    run.answers["503"] += 3
+    assert judge(run).ok  # 503 means "retry later", which FreeClimb does
+    run.answers["500"] += 1
+    assert judge(run).server_errors == 1
+    assert not judge(run).ok
+
+    run = _run_of(_one_call())
+    _publish_as_predicted(run)
+    run.answers["401"] += 1  # simulated traffic is signed and valid: a 4xx is a fault
+    assert judge(run).refused == 1
+    assert not judge(run).ok
+    assert not judge(Run()).ok  # nothing accepted at all
+
+
+def test_unanswered_attempts_leave_their_call_unchecked() -> None:
+    run = _run_of(_one_call())
+    run.uncertain_calls.add(run.sent[0].delivery.call_id)
+    verdict = judge(run)  # nothing published, but an attempt may have been ingested
+    assert verdict.ok
+    assert "calls not checked" in summary(run, verdict, 1, "u")
+
+
+def test_progress_without_a_terminal_prints_a_line_per_quarter() -> None:
+    stream = io.StringIO()
+    progress = Progress(8, stream)
+    for _ in range(8):
+        progress.step()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 4
+    assert lines[-1].startswith("sending [##############################] 8/8 requests")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTATUS_")}
+    env.update(
+        CALLSTATUS_SIGNING_SECRETS="sigsec_" + "7" * 40,
+        CALLSTATUS_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}",  # nothing listens
+        PYTHONPATH=str(ROOT),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "simulate", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--calls", "0"], "--calls must be at least 1"),
+        (["--rate", "0"], "--rate must be above 0"),
+        (["--gaps", "2"], "gaps must be between 0 and 1"),
+        (["--url", "https://x:1"], "--url must be http://host:port"),
+        ([], "KafkaConnectionError"),  # no broker: one line, exit 2, no traceback
+    ],
+)
+def test_bad_options_and_no_broker_exit_2_with_one_line(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = _cli(tmp_path, "--calls", "1", *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
