@@ -9,14 +9,24 @@ from pydantic.json_schema import models_json_schema
 
 from schemas.call import Call
 from schemas.messages import WebhookBody
+from service.problems import CATALOGUE
 
 
-def _problem(description: str) -> dict[str, Any]:
+def _refusals() -> dict[str, Any]:
+    """One response per status the ingest endpoint can answer with, from the catalogue of
+    refusals: each names its problem types and causes."""
+    by_status: dict[int, list[str]] = {}
+    for refusal in CATALOGUE:
+        if refusal.public:
+            by_status.setdefault(refusal.status, []).append(f"`{refusal.type}`: {refusal.cause}")
     return {
-        "description": description,
-        "content": {
-            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
-        },
+        str(status): {
+            "description": "; ".join(causes),
+            "content": {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+            },
+        }
+        for status, causes in sorted(by_status.items())
     }
 
 
@@ -88,12 +98,7 @@ def openapi_document() -> dict[str, Any]:
                                 }
                             },
                         },
-                        "400": _problem("Body is not JSON, or not a JSON object"),
-                        "401": _problem("Signature missing, malformed, wrong or out of tolerance"),
-                        "413": _problem("Body larger than the configured limit"),
-                        "415": _problem("Content type is not JSON"),
-                        "422": _problem("Not a valid call-status event; lists each field error"),
-                        "503": _problem("Kafka did not acknowledge in time; see Retry-After"),
+                        **_refusals(),
                     },
                 }
             },
