@@ -7,14 +7,19 @@ reached: a refused request must never be written.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
+from starlette.types import Message
 
-from service.app import create_app
+from schemas.messages import IngestEnvelope
+from service.app import MAX_DEPTH, create_app
 from service.signature import sign
 from tests.conftest import SECRET, make_settings
 
@@ -28,6 +33,19 @@ WEBHOOK = {
     "from": "+13121000109",
     "to": "+13121000096",
 }
+
+
+class Capture:
+    """Keeps what the handler would write to Kafka, and acknowledges it."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes, bytes, dict[str, bytes]]] = []
+
+    async def publish(self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> None:
+        self.records.append((key, value, dict(headers)))
+
+    async def ready(self) -> bool:
+        return True
 
 
 class MustNotPublish:
@@ -187,3 +205,242 @@ async def test_readyz_reports_the_publisher() -> None:
         response = await c.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["kafka"] is False
+
+
+def counted(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def ingest_outcome(outcome: str) -> float:
+    return counted("callstatus_ingest_total", outcome=outcome)
+
+
+def http_code(code: int) -> float:
+    return counted("callstatus_http_requests_total", route="/v1/call-status", code=str(code))
+
+
+def webhook_with(**extra: Any) -> bytes:
+    return json.dumps({**WEBHOOK, **extra}).encode()
+
+
+def nested(depth: int) -> Any:
+    value: Any = "deep"
+    for _ in range(depth):
+        value = {"x": value}
+    return value
+
+
+# --- strict JSON: what every downstream reader can decode, or 400 --------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        webhook_with(callDuration=0)[:-1] + b',"extra":NaN}',
+        webhook_with()[:-1] + b',"extra":Infinity}',
+        webhook_with()[:-1] + b',"extra":[-Infinity]}',
+        webhook_with()[:-1] + b',"extra":1e400}',  # not a finite double
+        webhook_with()[:-1] + b',"extra":"\\ud800"}',  # a lone surrogate
+        webhook_with()[:-1] + b',"extra":"caf\xe9"}',  # Latin-1, not UTF-8
+        webhook_with().decode().encode("utf-16"),
+        b"\xef\xbb\xbf" + webhook_with(),  # a byte order mark
+    ],
+    ids=["nan", "infinity", "minus-infinity", "overflow", "surrogate", "latin1", "utf16", "bom"],
+)
+async def test_400_not_strict_json(client: httpx.AsyncClient, body: bytes) -> None:
+    response = await client.post("/v1/call-status", content=body, headers=signed(body))
+    assert assert_problem(response, 400)["type"] == "urn:callstatus:problem:not-json"
+
+
+async def test_400_nested_too_deep(client: httpx.AsyncClient) -> None:
+    # An unknown field a few hundred levels deep: the processor's decoder would give up
+    # on the record after we had answered 202.
+    body = webhook_with(conferenceId=nested(300))
+    response = await client.post("/v1/call-status", content=body, headers=signed(body))
+    problem = assert_problem(response, 400)
+    assert problem["type"] == "urn:callstatus:problem:too-deep"
+    assert str(MAX_DEPTH) in str(problem["detail"])
+    for array_depth in (MAX_DEPTH, 1900):  # arrays count too; past the recursion limit too
+        deep = webhook_with()[:-1] + b',"a":' + b"[" * array_depth + b"]" * array_depth + b"}"
+        response = await client.post("/v1/call-status", content=deep, headers=signed(deep))
+        assert assert_problem(response, 400)["type"] == "urn:callstatus:problem:too-deep"
+
+
+async def test_nesting_up_to_the_cap_is_accepted() -> None:
+    capture = Capture()
+    app = create_app(make_settings(), capture)
+    body = webhook_with(conferenceId=nested(MAX_DEPTH - 1))  # the body itself is level 1
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/v1/call-status", content=body, headers=signed(body))
+    assert response.status_code == 202
+    envelope = IngestEnvelope.model_validate_json(capture.records[0][1])
+    assert envelope.call.callId == CALL_ID
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        webhook_with()[:-1] + f',"callId":"CA{"ef" * 20}"}}'.encode(),
+        webhook_with(subresourceUris={"x": 1})[:-2] + b',"x":2}}',
+    ],
+    ids=["callId", "nested"],
+)
+async def test_400_duplicate_keys(client: httpx.AsyncClient, body: bytes) -> None:
+    # Readers disagree on which duplicate wins: the record key and the body could name
+    # different calls.
+    response = await client.post("/v1/call-status", content=body, headers=signed(body))
+    problem = assert_problem(response, 400)
+    assert problem["type"] == "urn:callstatus:problem:duplicate-key"
+
+
+# --- the signature header is judged before the body is read --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "verdict"),
+    [
+        (None, "missing"),
+        ("t=abc,v1=zz", "malformed"),
+        (f"t={int(time.time()) - 3600},v1={'0' * 64}", "too_old"),
+        (f"t={int(time.time()) + 3600},v1={'0' * 64}", "too_new"),
+    ],
+)
+async def test_401_without_reading_the_body(
+    client: httpx.AsyncClient, header: str | None, verdict: str
+) -> None:
+    pulled = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        for _ in range(1000):
+            pulled += 1
+            yield b" "
+
+    headers = {"content-type": "application/json"}
+    if header is not None:
+        headers["FreeClimb-Signature"] = header
+    response = await client.post("/v1/call-status", content=body(), headers=headers)
+    assert verdict in str(assert_problem(response, 401)["detail"])
+    assert pulled == 0
+
+
+async def test_408_when_the_body_does_not_arrive_in_time() -> None:
+    app = create_app(make_settings(body_read_timeout_seconds=0.2), MustNotPublish())
+    never = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b'{"callId":'
+        await never.wait()  # a client that stops sending half-way
+        yield b"}"
+
+    before = ingest_outcome("too_slow")
+    headers = {
+        "content-type": "application/json",
+        "FreeClimb-Signature": f"t={int(time.time())},v1=" + "0" * 64,
+    }
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/v1/call-status", content=stalled(), headers=headers)
+    problem = assert_problem(response, 408)
+    assert problem["type"] == "urn:callstatus:problem:body-timeout"
+    assert ingest_outcome("too_slow") == before + 1
+
+
+# --- causes a client (or a shutdown) can trigger are never counted as 500 ------------------
+
+
+def _scope(body: bytes) -> dict[str, Any]:
+    headers = [(k.lower().encode(), v.encode()) for k, v in signed(body).items()]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/call-status",
+        "raw_path": b"/v1/call-status",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8080),
+    }
+
+
+async def test_client_disconnect_mid_body_is_its_own_outcome() -> None:
+    app = create_app(make_settings(), MustNotPublish())
+    body = webhook_with()
+    incoming: list[Message] = [
+        {"type": "http.request", "body": body[:10], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    before = (ingest_outcome("client_disconnected"), http_code(499), http_code(500))
+    await app(_scope(body), receive, send)
+    after = (ingest_outcome("client_disconnected"), http_code(499), http_code(500))
+    assert after == (before[0] + 1, before[1] + 1, before[2])
+    assert sent[0]["status"] == 499  # what the access log says; nobody is left to read it
+
+
+async def test_a_request_cancelled_at_shutdown_is_a_503_not_a_500() -> None:
+    class Stuck(Capture):
+        def __init__(self) -> None:
+            super().__init__()
+            self.waiting = asyncio.Event()
+
+        async def publish(
+            self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
+        ) -> None:
+            self.waiting.set()
+            await asyncio.Event().wait()  # Kafka never answers
+
+    publisher = Stuck()
+    app = create_app(make_settings(), publisher)
+    body = webhook_with()
+    incoming: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    before = (ingest_outcome("cancelled"), http_code(503), http_code(500))
+    task = asyncio.create_task(app(_scope(body), receive, send))
+    await publisher.waiting.wait()
+    task.cancel()  # what uvicorn does when the shutdown grace runs out
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    after = (ingest_outcome("cancelled"), http_code(503), http_code(500))
+    assert after == (before[0] + 1, before[1] + 1, before[2])
+    assert sent[0]["status"] == 503
+    assert ("retry-after", "1") in [(k.decode(), v.decode()) for k, v in sent[0]["headers"]]
+    assert json.loads(sent[1]["body"])["type"] == "urn:callstatus:problem:shutting-down"
+
+
+# --- replays and retries carry the same eventId ---------------------------------------------
+
+
+async def test_event_id_is_derived_from_the_signed_body_alone() -> None:
+    capture = Capture()
+    app = create_app(make_settings(), capture)
+    body = webhook_with()
+    now = int(time.time())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        first = await c.post("/v1/call-status", content=body, headers=signed(body, at=now))
+        replay = await c.post("/v1/call-status", content=body, headers=signed(body, at=now))
+        retry = await c.post("/v1/call-status", content=body, headers=signed(body, at=now - 60))
+        other_body = webhook_with(callStatus="ringing")
+        other = await c.post("/v1/call-status", content=other_body, headers=signed(other_body))
+    ids = [r.json()["eventId"] for r in (first, replay, retry, other)]
+    assert ids[0] == ids[1] == ids[2] != ids[3]
+    stored = [IngestEnvelope.model_validate_json(value).eventId for _, value, _ in capture.records]
+    assert stored == ids
+    assert [headers["ce_id"].decode() for _, _, headers in capture.records] == ids
