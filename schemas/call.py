@@ -8,7 +8,7 @@ from email.utils import format_datetime
 from enum import StrEnum
 from functools import lru_cache
 from itertools import pairwise
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -47,6 +47,20 @@ def _direction(value: object) -> object:
     # FreeClimb's webhook docs sometimes say "outbound" for what the resource calls
     # "outboundAPI"; read both as the same direction.
     return CallDirection.OUTBOUND_API if value == "outbound" else value
+
+
+def _json_integer(value: object) -> object:
+    # A JSON integer only: pydantic's lax int would also take "5" and true, which the
+    # published schema (type: integer) refuses. Integral floats (5.0) stay accepted, as
+    # JSON Schema counts them as integers.
+    if isinstance(value, bool | str):
+        raise ValueError("must be an integer")
+    return value
+
+
+# Integers as JSON writes them (the bound first, so the schema says "minimum").
+Count = Annotated[int, Field(ge=0), BeforeValidator(_json_integer)]
+Revision = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
 
 
 def _to_utc(value: datetime) -> datetime:
@@ -188,7 +202,14 @@ Rfc3339 = Annotated[
 CallId = Annotated[str, Field(pattern=r"^CA[0-9a-fA-F]{40}$")]
 AccountId = Annotated[str, Field(pattern=r"^AC[0-9a-fA-F]{40}$")]
 PhoneNumberId = Annotated[str, Field(pattern=r"^PN[0-9a-fA-F]{40}$")]
-Direction = Annotated[CallDirection, BeforeValidator(_direction)]
+Direction = Annotated[
+    CallDirection,
+    BeforeValidator(
+        _direction,
+        # What a request may say, "outbound" included; messages only ever carry the three.
+        json_schema_input_type=Literal["inbound", "outbound", "outboundAPI", "outboundDial"],
+    ),
+]
 
 
 def empty_strings_as_absent(data: Any) -> Any:
@@ -216,7 +237,7 @@ class Call(BaseModel):
     dateUpdated: Rfc1123 | None = None
     dateCreatedISO: Rfc3339 | None = None
     dateUpdatedISO: Rfc3339 | None = None
-    revision: int | None = Field(default=None, ge=1)
+    revision: Revision | None = None
     callId: CallId
     parentCallId: CallId | None = None
     accountId: AccountId | None = None
@@ -227,8 +248,8 @@ class Call(BaseModel):
     startTime: Rfc1123 | None = None
     connectTime: Rfc1123 | None = None
     endTime: Rfc1123 | None = None
-    connectDuration: int | None = Field(default=None, ge=0)
-    duration: int | None = Field(default=None, ge=0)
+    connectDuration: Count | None = None
+    duration: Count | None = None
     direction: Direction | None = None
     answeredBy: AnsweredBy | None = None
     # Links as FreeClimb sends them; their shape is FreeClimb's business, not ours.
