@@ -338,7 +338,10 @@ async def test_408_when_the_body_does_not_arrive_in_time() -> None:
         "content-type": "application/json",
         "FreeClimb-Signature": f"t={int(time.time())},v1=" + "0" * 64,
     }
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+    async with (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+        asyncio.timeout(60),  # without a read deadline the request would hang: fail instead
+    ):
         response = await c.post("/v1/call-status", content=stalled(), headers=headers)
     problem = assert_problem(response, 408)
     assert problem["type"] == "urn:callstatus:problem:body-timeout"

@@ -373,6 +373,20 @@ def test_the_pattern_schemathesis_found_is_gone() -> None:
     assert not re.fullmatch(RFC1123_PATTERN, "Aaa, 00 Aaa 0000 00:00:00 GMT")
 
 
+@pytest.mark.parametrize("field", ["revision", "duration", "connectDuration"])
+@pytest.mark.parametrize("value", ["5", True, "", 5.0])
+def test_integers_are_json_integers(field: str, value: object) -> None:
+    # The published schema says type: integer; "5" and true are not, 5.0 is, and "" is
+    # FreeClimb's "not yet".
+    if value in ("", 5.0) and not isinstance(value, bool):
+        call = Call.model_validate({**MINIMAL, field: value})
+        assert getattr(call, field) == (None if value == "" else 5)
+        return
+    with pytest.raises(ValidationError) as exc:
+        Call.model_validate({**MINIMAL, field: value})
+    assert locs(exc.value) == [(field,)]
+
+
 def test_subresource_links_of_any_shape_are_tolerated() -> None:
     call = Call.model_validate({**MINIMAL, "subresourceUris": {"logs": None, "new": {"a": 1}}})
     assert call.subresourceUris == {"logs": None, "new": {"a": 1}}
