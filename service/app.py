@@ -148,6 +148,48 @@ def validate_body(body: dict[str, Any], fields: dict[str, Any]) -> tuple[Source,
         ) from None
 
 
+class ReadDeadlines:
+    """Body-read deadlines for all requests, kept by one watchdog instead of one timer
+    each: a request costs a dict insert and delete, and the watchdog runs only while
+    reads are in flight, checking about ``resolution`` often. A read past its deadline
+    gets its task cancelled and is reported as expired."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.resolution = min(1.0, timeout / 2)
+        self._reading: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, task: asyncio.Task[Any]) -> None:
+        loop = task.get_loop()
+        self._reading[task] = loop.time() + self.timeout
+        # A watchdog of a loop that has ended (tests run one loop after another) is dead.
+        if self._watchdog is None or self._watchdog_loop is not loop:
+            self._watchdog = loop.call_later(self.resolution, self._check, loop)
+            self._watchdog_loop = loop
+
+    def finish(self, task: asyncio.Task[Any]) -> bool:
+        """Stop watching ``task``; True when its deadline had passed and cancelled it."""
+        self._reading.pop(task, None)
+        if task in self._expired:
+            self._expired.discard(task)
+            return True
+        return False
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for task, deadline in list(self._reading.items()):
+            if deadline <= now:
+                del self._reading[task]
+                self._expired.add(task)
+                task.cancel()
+        self._watchdog = (
+            loop.call_later(self.resolution, self._check, loop) if self._reading else None
+        )
+
+
 class Ingest:
     """``POST /v1/call-status``."""
 
@@ -155,6 +197,7 @@ class Ingest:
         self._publisher = publisher
         self._limit = settings.max_body_bytes
         self._read_timeout = settings.body_read_timeout_seconds
+        self._deadlines = ReadDeadlines(self._read_timeout)
         self._secrets = settings.signing_secrets
         self._verify = settings.verify_signatures
         self._tolerance = settings.signature_tolerance_seconds
@@ -214,17 +257,34 @@ class Ingest:
         return parsed
 
     async def _read(self, request: Request) -> bytes:
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines.start(task)
         try:
-            async with asyncio.timeout(self._read_timeout):
-                return await read_body(request, self._limit)
-        except TimeoutError:
+            body = await read_body(request, self._limit)
+        except asyncio.CancelledError:
+            # Ours only if the deadline cancelled it and nobody else (shutdown) did too.
+            if not self._deadlines.finish(task) or task.uncancel() > 0:
+                raise
             raise Refused(
                 problems.TOO_SLOW, f"the body was not received within {self._read_timeout} s"
             ) from None
         except ClientDisconnect:
+            self._deadlines.finish(task)
             # Not our failure and nobody to answer: counted apart, so a client that hangs
             # up mid-body cannot trip the 5xx alert.
             raise Refused(problems.CLIENT_CLOSED, "the client closed the connection") from None
+        except BaseException:
+            self._deadlines.finish(task)
+            raise
+        if self._deadlines.finish(task):
+            # Cannot happen while read_body lets CancelledError through, but if it ever
+            # swallowed one: the deadline's cancellation would hit the next await. Take it
+            # here, so it cannot cut the answer short.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0)
+            task.uncancel()
+        return body
 
     async def _store(
         self,

@@ -73,8 +73,8 @@ class Settings(BaseSettings):
     verify_signatures: bool = True
     signature_tolerance_seconds: int = Field(default=300, ge=1, le=3600)
     max_body_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
-    # A client has this long to send the whole body (408 after): a slow sender cannot
-    # hold a socket and a buffer for as long as it likes.
+    # A client has this long to send the whole body (408 after, checked about once a
+    # second): a slow sender cannot hold a socket and a buffer for as long as it likes.
     body_read_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     # Open connections and in-flight requests the HTTP server takes before it answers 503
     # at once (uvicorn's limit_concurrency), instead of queueing without bound.

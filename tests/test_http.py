@@ -348,6 +348,34 @@ async def test_408_when_the_body_does_not_arrive_in_time() -> None:
     assert ingest_outcome("too_slow") == before + 1
 
 
+async def test_read_deadlines_survive_one_event_loop_after_another() -> None:
+    # A read that ends leaves the watchdog scheduled in its loop; when that loop is gone,
+    # the next loop's reads must still get a watchdog of their own.
+    app = create_app(make_settings(body_read_timeout_seconds=0.2), MustNotPublish())
+    headers = {
+        "content-type": "application/json",
+        "FreeClimb-Signature": f"t={int(time.time())},v1=" + "0" * 64,
+    }
+
+    async def post(content: bytes | AsyncIterator[bytes]) -> int:
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://t") as c,
+            asyncio.timeout(60),
+        ):
+            return (await c.post("/v1/call-status", content=content, headers=headers)).status_code
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b"{"
+        await asyncio.Event().wait()
+
+    def in_own_loop(content: bytes | AsyncIterator[bytes]) -> int:
+        return asyncio.run(post(content))
+
+    assert await asyncio.to_thread(in_own_loop, b"{}") == 401  # read at once, digest wrong
+    assert await asyncio.to_thread(in_own_loop, stalled()) == 408
+
+
 # --- causes a client (or a shutdown) can trigger are never counted as 500 ------------------
 
 
@@ -426,6 +454,32 @@ async def test_a_request_cancelled_at_shutdown_is_a_503_not_a_500() -> None:
     assert sent[0]["status"] == 503
     assert ("retry-after", "1") in [(k.decode(), v.decode()) for k, v in sent[0]["headers"]]
     assert json.loads(sent[1]["body"])["type"] == "urn:callstatus:problem:shutting-down"
+
+
+async def test_shutdown_while_reading_the_body_is_a_cancellation_not_a_408() -> None:
+    app = create_app(make_settings(body_read_timeout_seconds=300), MustNotPublish())
+    body = webhook_with()
+    reading = asyncio.Event()
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if not reading.is_set():
+            reading.set()
+            return {"type": "http.request", "body": body[:5], "more_body": True}
+        await asyncio.Event().wait()  # the rest never comes
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    before = (ingest_outcome("cancelled"), ingest_outcome("too_slow"))
+    task = asyncio.create_task(app(_scope(body), receive, send))
+    await reading.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (ingest_outcome("cancelled"), ingest_outcome("too_slow")) == (before[0] + 1, before[1])
+    assert sent[0]["status"] == 503
 
 
 # --- replays and retries carry the same eventId ---------------------------------------------
