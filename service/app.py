@@ -198,6 +198,7 @@ class Ingest:
         self._limit = settings.max_body_bytes
         self._read_timeout = settings.body_read_timeout_seconds
         self._deadlines = ReadDeadlines(self._read_timeout)
+        self._max_value = settings.max_ingest_value_bytes
         self._secrets = settings.signing_secrets
         self._verify = settings.verify_signatures
         self._tolerance = settings.signature_tolerance_seconds
@@ -296,12 +297,20 @@ class Ingest:
         raw: bytes,
     ) -> None:
         value = encode_ingest(event_id, datetime.now(UTC), source, request_type, call, raw)
+        key = call.callId.encode()
+        if len(value) + len(key) > self._max_value:
+            # The producer would refuse it on every retry (a 503 forever): say so now.
+            raise Refused(
+                problems.TOO_LARGE,
+                f"stored, this event would exceed {self._max_value} bytes; send fewer or "
+                "shorter fields",
+            )
         headers = [("content-type", b"application/json"), ("ce_id", event_id.encode())]
         traceparent = request.headers.get("traceparent")
         if traceparent is not None and len(traceparent) <= 128:
             headers.append(("traceparent", traceparent.encode("latin-1")))
         try:
-            await self._publisher.publish(call.callId.encode(), value, headers)
+            await self._publisher.publish(key, value, headers)
         except Unavailable as exc:
             raise Refused(
                 problems.UNAVAILABLE,

@@ -96,7 +96,11 @@ TOO_SLOW = Refusal(
     408, "body-timeout", "Body not received in time", "too_slow", "the body took too long"
 )
 TOO_LARGE = Refusal(
-    413, "body-too-large", "Body too large", "too_large", "body larger than the configured limit"
+    413,
+    "body-too-large",
+    "Body too large",
+    "too_large",
+    "body larger than the configured limit, or an event too large to store",
 )
 UNSUPPORTED_MEDIA_TYPE = Refusal(
     415,

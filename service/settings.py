@@ -29,6 +29,9 @@ LOCAL_ENV_FILE = Path(".callstatus.env")
 # field names of the envelope and of the call, dates rewritten with milliseconds, the
 # Kafka headers (ce_id, traceparent) and the record batch framing. Generous on purpose.
 INGEST_RECORD_OVERHEAD = 16 * 1024
+# Of that, what the record's headers (content-type, ce_id, a traceparent of at most 128
+# characters) and Kafka's record and batch framing may take.
+RECORD_FRAMING = 1024
 
 
 class Role(StrEnum):
@@ -153,10 +156,18 @@ class Settings(BaseSettings):
     @property
     def producer_max_request_bytes(self) -> int:
         """The largest ingest record the producer must send (its ``max_request_size``, and
-        the ingest topic's ``max.message.bytes``). The record carries the body twice at
-        most (byte for byte, and its fields again in ``call`` or ``requestType``) plus the
-        envelope, headers and batch framing, which INGEST_RECORD_OVERHEAD bounds."""
+        the topics' ``max.message.bytes``). An ordinary record carries the body about
+        twice (byte for byte, and its fields again in ``call`` or ``requestType``) plus the
+        envelope, headers and batch framing, which INGEST_RECORD_OVERHEAD bounds. The
+        handler refuses, with 413, the rare body whose record would not fit (numbers that
+        grow when written back, such as 1e15 in subresourceUris)."""
         return 2 * self.max_body_bytes + INGEST_RECORD_OVERHEAD
+
+    @property
+    def max_ingest_value_bytes(self) -> int:
+        """The largest ingest record value (plus key) the handler writes: what is left of
+        the producer's max request size after headers and batch framing."""
+        return self.producer_max_request_bytes - RECORD_FRAMING
 
     @property
     def topic_names(self) -> tuple[str, str, str, str]:

@@ -501,3 +501,58 @@ async def test_event_id_is_derived_from_the_signed_body_alone() -> None:
     stored = [IngestEnvelope.model_validate_json(value).eventId for _, value, _ in capture.records]
     assert stored == ids
     assert [headers["ce_id"].decode() for _, _, headers in capture.records] == ids
+
+
+# --- every accepted event fits the producer's max request size ------------------------------
+
+LIMIT = 65536
+
+
+def _at_size(prefix: bytes, suffix: bytes, filler: bytes) -> bytes:
+    """prefix + filler repeated + suffix, as close to LIMIT bytes as the filler allows."""
+    room = LIMIT - len(prefix) - len(suffix)
+    return prefix + filler * (room // len(filler)) + suffix
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _at_size(
+            b'{"requestType":"', f'","callId":"{CALL_ID}","callStatus":"queued"}}'.encode(), b"r"
+        ),
+        _at_size(b'{"to":"', f'","callId":"{CALL_ID}","status":"queued"}}'.encode(), b"t"),
+        _at_size(b'{"uri":"', f'","callId":"{CALL_ID}","status":"queued"}}'.encode(), b"\\u00e9"),
+        _at_size(
+            b'{"subresourceUris":{"a":[0',
+            f']}},"callId":"{CALL_ID}","status":"queued"}}'.encode(),
+            b",1",
+        ),
+    ],
+    ids=["requestType", "to", "escapes", "small-numbers"],
+)
+async def test_a_body_at_the_limit_is_stored_within_the_producer_limit(body: bytes) -> None:
+    settings = make_settings(max_body_bytes=LIMIT)
+    capture = Capture()
+    app = create_app(settings, capture)
+    assert len(body) <= LIMIT
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/v1/call-status", content=body, headers=signed(body))
+    assert response.status_code == 202, response.text
+    key, value, headers = capture.records[0]
+    framing = sum(len(k) + len(v) for k, v in headers.items()) + 200
+    assert len(key) + len(value) + framing <= settings.producer_max_request_bytes
+
+
+async def test_a_body_whose_record_would_not_fit_is_413_not_503_forever() -> None:
+    # 1e15 is 4 bytes in the body and 18 when written back in the call: the record grows
+    # past twice the body, and the producer would refuse it on every retry.
+    body = _at_size(
+        b'{"subresourceUris":{"a":[0',
+        f']}},"callId":"{CALL_ID}","status":"queued"}}'.encode(),
+        b",1e15",
+    )
+    app = create_app(make_settings(max_body_bytes=LIMIT), MustNotPublish())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/v1/call-status", content=body, headers=signed(body))
+    problem = assert_problem(response, 413)
+    assert "stored" in str(problem["detail"])
