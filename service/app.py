@@ -203,7 +203,13 @@ class Ingest:
         self._verify = settings.verify_signatures
         self._tolerance = settings.signature_tolerance_seconds
         self._retry_after = str(max(1, int(settings.produce_timeout_seconds)))
-        self._outcomes: dict[str, Counter] = {}
+        # Every outcome the catalogue names exists from the start (at zero), so an alert
+        # on a rate sees the series before the first refusal of its kind.
+        self._outcomes: dict[str, Counter] = {
+            outcome: metrics.INGEST_OUTCOMES.labels(outcome)
+            for outcome in ("accepted", *(r.outcome for r in problems.CATALOGUE))
+            if outcome not in (problems.SIGNATURE.outcome, problems.UNAVAILABLE.outcome)
+        }
 
     async def handle(self, request: Request) -> Response:
         fields: dict[str, Any] = request.scope[LOG_FIELDS]

@@ -192,6 +192,9 @@ async def test_healthz_openapi_metrics(client: httpx.AsyncClient) -> None:
     text = (await client.get("/metrics")).text
     assert 'callstatus_http_requests_total{code="401",route="/v1/call-status"}' in text
     assert 'callstatus_ingest_total{outcome="signature_missing"}' in text
+    # The catalogue's outcomes exist before their first occurrence.
+    for outcome in ("too_deep", "duplicate_key", "too_slow", "client_disconnected", "cancelled"):
+        assert f'callstatus_ingest_total{{outcome="{outcome}"}}' in text
     assert "callstatus_http_request_duration_seconds_bucket" in text
 
 
