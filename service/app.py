@@ -79,18 +79,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     """Read the body, refusing it as soon as it passes ``limit`` bytes: a declared
     Content-Length over the limit is refused before reading anything, and a streamed
     body without one is cut off at the first chunk that crosses the limit."""
-    too_large = Refused(problems.TOO_LARGE, f"the body exceeds {limit} bytes")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> Refused:
+    return Refused(problems.TOO_LARGE, f"the body exceeds {limit} bytes")
 
 
 def _is_json(content_type: str) -> bool:
