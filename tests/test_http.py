@@ -17,6 +17,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 from starlette.types import Message
+from structlog.testing import capture_logs
 
 from schemas.messages import IngestEnvelope
 from service.app import MAX_DEPTH, create_app
@@ -416,10 +417,13 @@ async def test_client_disconnect_mid_body_is_its_own_outcome() -> None:
         sent.append(message)
 
     before = (ingest_outcome("client_disconnected"), http_code(499), http_code(500))
-    await app(_scope(body), receive, send)
+    with capture_logs() as logs:  # the app binds its access log on its first request
+        await app(_scope(body), receive, send)
     after = (ingest_outcome("client_disconnected"), http_code(499), http_code(500))
     assert after == (before[0] + 1, before[1] + 1, before[2])
     assert sent[0]["status"] == 499  # what the access log says; nobody is left to read it
+    [line] = [entry for entry in logs if entry["event"] == "request"]
+    assert (line["status"], line["outcome"]) == (499, "client_disconnected")
 
 
 async def test_a_request_cancelled_at_shutdown_is_a_503_not_a_500() -> None:
@@ -447,16 +451,19 @@ async def test_a_request_cancelled_at_shutdown_is_a_503_not_a_500() -> None:
         sent.append(message)
 
     before = (ingest_outcome("cancelled"), http_code(503), http_code(500))
-    task = asyncio.create_task(app(_scope(body), receive, send))
-    await publisher.waiting.wait()
-    task.cancel()  # what uvicorn does when the shutdown grace runs out
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    with capture_logs() as logs:  # the app binds its access log on its first request
+        task = asyncio.create_task(app(_scope(body), receive, send))
+        await publisher.waiting.wait()
+        task.cancel()  # what uvicorn does when the shutdown grace runs out
+        with pytest.raises(asyncio.CancelledError):
+            await task
     after = (ingest_outcome("cancelled"), http_code(503), http_code(500))
     assert after == (before[0] + 1, before[1] + 1, before[2])
     assert sent[0]["status"] == 503
     assert ("retry-after", "1") in [(k.decode(), v.decode()) for k, v in sent[0]["headers"]]
     assert json.loads(sent[1]["body"])["type"] == "urn:callstatus:problem:shutting-down"
+    [line] = [entry for entry in logs if entry["event"] == "request"]
+    assert (line["status"], line["outcome"]) == (503, "cancelled")
 
 
 async def test_shutdown_while_reading_the_body_is_a_cancellation_not_a_408() -> None:
