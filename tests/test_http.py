@@ -1,8 +1,10 @@
-"""The HTTP API's refusals, one test per status code that needs no broker.
+"""The HTTP API's refusals and outcomes, without a broker.
 
-202 and 503 need Kafka and are proven against the real broker in
-tests/integration/test_ingest.py. Here the publisher fails the test if it is ever
-reached: a refused request must never be written.
+Durable 202s and 503s from Kafka are proven against the real broker in
+tests/integration/test_ingest.py. Here a refused request meets a publisher that fails the
+test if it is ever reached (a refusal is never written), and an accepted one meets a
+publisher that keeps what it would have written (``Capture``), so the record itself can
+be checked.
 """
 
 from __future__ import annotations
