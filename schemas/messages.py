@@ -14,6 +14,7 @@ from schemas.call import (
     Call,
     CallId,
     CallStatus,
+    Count,
     Direction,
     Rfc3339,
     empty_strings_as_absent,
@@ -51,7 +52,7 @@ class WebhookBody(BaseModel):
     to: str | None = None
     parentCallId: CallId | None = None
     callEndedReason: str | None = None
-    callDuration: int | None = Field(default=None, ge=0)
+    callDuration: Count | None = None
 
     _absent = model_validator(mode="before")(empty_strings_as_absent)
 

@@ -1,12 +1,17 @@
 """The HTTP shell: ``POST /v1/call-status`` and the operational endpoints.
 
-The ingest handler runs per request, so it does each thing once: read the body under the
-size cap, check the signature on the raw bytes, parse the JSON once, validate, write to
-Kafka with the raw body spliced in, and answer.
+The ingest handler runs per request, so it does each thing once, as a short sequence of
+steps: check the media type and the signature header (before a single body byte is
+read), read the body under the size cap and the read deadline, check the signature's
+digest on the raw bytes, parse the JSON once (strictly), validate, write to Kafka with the
+raw body spliced in, and answer. Each step refuses with an entry of ``problems``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -14,21 +19,21 @@ from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import pydantic_core
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from schemas.messages import encode_ingest, normalise_body
-from service import metrics, signature
+from schemas.call import Call
+from schemas.messages import Source, encode_ingest, normalise_body
+from service import metrics, problems, signature, strictjson
 from service.openapi import openapi_document
-from service.problems import problem
+from service.problems import Refused, problem
 from service.producer import Unavailable
 from service.settings import Settings
 
@@ -37,6 +42,9 @@ log = structlog.get_logger(logger_name="callstatus.http")
 INGEST_PATH = "/v1/call-status"
 # Where the access log finds what a handler learned about the request (callId, ...).
 LOG_FIELDS = "callstatus.log"
+# Deepest nesting of objects and arrays a body may have. A webhook has 2 levels; the
+# processor's decoder stops at 200, and reads the body one level deeper than we do.
+MAX_DEPTH = 32
 
 
 class Publisher(Protocol):
@@ -50,8 +58,21 @@ class Readiness(Protocol):
     def ready(self) -> bool: ...
 
 
-class BodyTooLarge(Exception):
-    pass
+def uvicorn_limits(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.Config`` that bound what clients can hold: past
+    ``max_connections`` concurrent connections and requests uvicorn answers 503 at once
+    instead of queueing."""
+    return {"limit_concurrency": settings.max_connections}
+
+
+def event_id_for(raw: bytes) -> str:
+    """The event's id, derived from the signed body bytes alone: a replay, and
+    FreeClimb's own retries (same body, new ``t=``), carry the same id, so consumers can
+    deduplicate on it. A UUID of version 8 (RFC 9562, custom) over SHA-256."""
+    digest = bytearray(hashlib.sha256(raw).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x80  # version 8
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 9562 variant
+    return str(uuid.UUID(bytes=bytes(digest)))
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -60,15 +81,19 @@ async def read_body(request: Request, limit: int) -> bytes:
     body without one is cut off at the first chunk that crosses the limit."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise BodyTooLarge
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> Refused:
+    return Refused(problems.TOO_LARGE, f"the body exceeds {limit} bytes")
 
 
 def _is_json(content_type: str) -> bool:
@@ -86,116 +111,222 @@ def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
     return errors
 
 
+def _signature_refused(verdict: signature.Verdict) -> Refused:
+    # The verdict names the kind of failure, never the expected digest.
+    return Refused(
+        problems.SIGNATURE,
+        f"FreeClimb-Signature check failed: {verdict.value}",
+        outcome=f"{problems.SIGNATURE.outcome}_{verdict.value}",
+        headers={"WWW-Authenticate": "FreeClimb-Signature"},
+    )
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The body as one JSON object, parsed once and strictly, or :class:`Refused`."""
+    try:
+        body = strictjson.parse(raw, MAX_DEPTH)
+    except strictjson.TooDeep:
+        raise Refused(
+            problems.TOO_DEEP, f"objects and arrays may nest at most {MAX_DEPTH} deep"
+        ) from None
+    except strictjson.DuplicateKey as exc:
+        raise Refused(
+            problems.DUPLICATE_KEY, f"key {exc.key[:64]!r} appears twice in one object"
+        ) from None
+    except strictjson.NotJson as exc:
+        raise Refused(problems.NOT_JSON, f"the body is not RFC 8259 JSON: {exc}"[:200]) from None
+    if not isinstance(body, dict):
+        raise Refused(problems.NOT_OBJECT, "the body must be one JSON object")
+    return body
+
+
+def validate_body(body: dict[str, Any], fields: dict[str, Any]) -> tuple[Source, str | None, Call]:
+    try:
+        return normalise_body(body)
+    except ValidationError as exc:
+        errors = _field_errors(exc)
+        fields["errors"] = errors
+        raise Refused(
+            problems.INVALID, f"{len(errors)} field(s) are invalid", errors=errors
+        ) from None
+
+
+class ReadDeadlines:
+    """Body-read deadlines for all requests, kept by one watchdog instead of one timer
+    each: a request costs a dict insert and delete, and the watchdog runs only while
+    reads are in flight, checking about ``resolution`` often. A read past its deadline
+    gets its task cancelled and is reported as expired."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.resolution = min(1.0, timeout / 2)
+        self._reading: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, task: asyncio.Task[Any]) -> None:
+        loop = task.get_loop()
+        self._reading[task] = loop.time() + self.timeout
+        # A watchdog of a loop that has ended (tests run one loop after another) is dead.
+        if self._watchdog is None or self._watchdog_loop is not loop:
+            self._watchdog = loop.call_later(self.resolution, self._check, loop)
+            self._watchdog_loop = loop
+
+    def finish(self, task: asyncio.Task[Any]) -> bool:
+        """Stop watching ``task``; True when its deadline had passed and cancelled it."""
+        self._reading.pop(task, None)
+        if task in self._expired:
+            self._expired.discard(task)
+            return True
+        return False
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for task, deadline in list(self._reading.items()):
+            if deadline <= now:
+                del self._reading[task]
+                self._expired.add(task)
+                task.cancel()
+        self._watchdog = (
+            loop.call_later(self.resolution, self._check, loop) if self._reading else None
+        )
+
+
 class Ingest:
     """``POST /v1/call-status``."""
 
     def __init__(self, settings: Settings, publisher: Publisher) -> None:
         self._publisher = publisher
         self._limit = settings.max_body_bytes
+        self._read_timeout = settings.body_read_timeout_seconds
+        self._deadlines = ReadDeadlines(self._read_timeout)
+        self._max_value = settings.max_ingest_value_bytes
         self._secrets = settings.signing_secrets
         self._verify = settings.verify_signatures
         self._tolerance = settings.signature_tolerance_seconds
         self._retry_after = str(max(1, int(settings.produce_timeout_seconds)))
-        self._outcomes: dict[str, Counter] = {}
+        # Every outcome the catalogue names exists from the start (at zero), so an alert
+        # on a rate sees the series before the first refusal of its kind.
+        self._outcomes: dict[str, Counter] = {
+            outcome: metrics.INGEST_OUTCOMES.labels(outcome)
+            for outcome in ("accepted", *(r.outcome for r in problems.CATALOGUE))
+            if outcome not in (problems.SIGNATURE.outcome, problems.UNAVAILABLE.outcome)
+        }
 
     async def handle(self, request: Request) -> Response:
         fields: dict[str, Any] = request.scope[LOG_FIELDS]
-        response = await self._handle(request, fields)
-        outcome: str = fields["outcome"]
+        try:
+            response = await self._handle(request, fields)
+            fields["outcome"] = "accepted"
+        except Refused as refused:
+            fields["outcome"] = refused.outcome
+            response = refused.response()
+        except asyncio.CancelledError:
+            # Shutdown gave up on this request: its own outcome, never a 500. AccessLog
+            # answers for it; the cancellation goes on.
+            fields["outcome"] = problems.CANCELLED.outcome
+            self._count(problems.CANCELLED.outcome)
+            raise
+        self._count(fields["outcome"])
+        return response
+
+    def _count(self, outcome: str) -> None:
         counter = self._outcomes.get(outcome)
         if counter is None:
             counter = self._outcomes[outcome] = metrics.INGEST_OUTCOMES.labels(outcome)
         counter.inc()
-        return response
 
     async def _handle(self, request: Request, fields: dict[str, Any]) -> Response:
         if not _is_json(request.headers.get("content-type", "")):
-            fields["outcome"] = "unsupported_media_type"
-            return problem(
-                415,
-                "unsupported-media-type",
-                "Unsupported media type",
-                "send the body as application/json",
-            )
-        try:
-            raw = await read_body(request, self._limit)
-        except BodyTooLarge:
-            fields["outcome"] = "too_large"
-            return problem(
-                413,
-                "body-too-large",
-                "Body too large",
-                f"the body exceeds {self._limit} bytes",
-            )
-        if self._verify:
-            verdict = signature.verify(
-                request.headers.get(signature.HEADER),
-                raw,
-                self._secrets,
-                time.time(),
-                self._tolerance,
-            )
+            raise Refused(problems.UNSUPPORTED_MEDIA_TYPE, "send the body as application/json")
+        signed = self._check_header(request)
+        raw = await self._read(request)
+        if signed is not None:
+            verdict = signature.check_body(signed, raw, self._secrets)
             if verdict is not signature.Verdict.VALID:
-                # The verdict names the kind of failure, never the expected digest.
-                fields["outcome"] = f"signature_{verdict.value}"
-                return problem(
-                    401,
-                    "invalid-signature",
-                    "Invalid signature",
-                    f"FreeClimb-Signature check failed: {verdict.value}",
-                    headers={"WWW-Authenticate": "FreeClimb-Signature"},
-                )
-        try:
-            body = pydantic_core.from_json(raw)
-        except ValueError:
-            fields["outcome"] = "not_json"
-            return problem(
-                400, "not-json", "Body is not JSON", "the body could not be parsed as JSON"
-            )
-        if not isinstance(body, dict):
-            fields["outcome"] = "not_object"
-            return problem(
-                400,
-                "not-object",
-                "Body is not a JSON object",
-                "the body must be one JSON object",
-            )
-        try:
-            source, request_type, call = normalise_body(body)
-        except ValidationError as exc:
-            fields["outcome"] = "invalid"
-            errors = _field_errors(exc)
-            fields["errors"] = errors
-            return problem(
-                422,
-                "invalid-call-status",
-                "Invalid call-status event",
-                f"{len(errors)} field(s) are invalid",
-                errors=errors,
-            )
-
-        event_id = str(uuid.uuid4())
+                raise _signature_refused(verdict)
+        source, request_type, call = validate_body(parse_body(raw), fields)
+        event_id = event_id_for(raw)
         fields.update(callId=call.callId, eventId=event_id)
+        await self._store(request, event_id, source, request_type, call, raw)
+        # Both ids have fixed, JSON-safe shapes (a UUID, CA + hex): no encoder needed.
+        accepted = f'{{"eventId":"{event_id}","callId":"{call.callId}"}}'
+        return Response(accepted, status_code=202, media_type="application/json")
+
+    def _check_header(self, request: Request) -> signature.ParsedSignature | None:
+        """Presence, grammar and time window of the signature, before reading the body:
+        an unsigned or stale request is refused without buffering it."""
+        if not self._verify:
+            return None
+        parsed = signature.check_header(
+            request.headers.get(signature.HEADER), time.time(), self._tolerance
+        )
+        if isinstance(parsed, signature.Verdict):
+            raise _signature_refused(parsed)
+        return parsed
+
+    async def _read(self, request: Request) -> bytes:
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines.start(task)
+        try:
+            body = await read_body(request, self._limit)
+        except asyncio.CancelledError:
+            # Ours only if the deadline cancelled it and nobody else (shutdown) did too.
+            if not self._deadlines.finish(task) or task.uncancel() > 0:
+                raise
+            raise Refused(
+                problems.TOO_SLOW, f"the body was not received within {self._read_timeout} s"
+            ) from None
+        except ClientDisconnect:
+            self._deadlines.finish(task)
+            # Not our failure and nobody to answer: counted apart, so a client that hangs
+            # up mid-body cannot trip the 5xx alert.
+            raise Refused(problems.CLIENT_CLOSED, "the client closed the connection") from None
+        except BaseException:
+            self._deadlines.finish(task)
+            raise
+        if self._deadlines.finish(task):
+            # Cannot happen while read_body lets CancelledError through, but if it ever
+            # swallowed one: the deadline's cancellation would hit the next await. Take it
+            # here, so it cannot cut the answer short.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0)
+            task.uncancel()
+        return body
+
+    async def _store(
+        self,
+        request: Request,
+        event_id: str,
+        source: Source,
+        request_type: str | None,
+        call: Call,
+        raw: bytes,
+    ) -> None:
         value = encode_ingest(event_id, datetime.now(UTC), source, request_type, call, raw)
+        key = call.callId.encode()
+        if len(value) + len(key) > self._max_value:
+            # The producer would refuse it on every retry (a 503 forever): say so now.
+            raise Refused(
+                problems.TOO_LARGE,
+                f"stored, this event would exceed {self._max_value} bytes; send fewer or "
+                "shorter fields",
+            )
         headers = [("content-type", b"application/json"), ("ce_id", event_id.encode())]
         traceparent = request.headers.get("traceparent")
         if traceparent is not None and len(traceparent) <= 128:
             headers.append(("traceparent", traceparent.encode("latin-1")))
         try:
-            await self._publisher.publish(call.callId.encode(), value, headers)
+            await self._publisher.publish(key, value, headers)
         except Unavailable as exc:
-            fields["outcome"] = f"unavailable_{exc.reason}"
-            return problem(
-                503,
-                "kafka-unavailable",
-                "Event not stored",
+            raise Refused(
+                problems.UNAVAILABLE,
                 "Kafka did not acknowledge the event in time; retry later",
+                outcome=f"{problems.UNAVAILABLE.outcome}_{exc.reason}",
                 headers={"Retry-After": self._retry_after},
-            )
-        fields["outcome"] = "accepted"
-        # Both ids have fixed, JSON-safe shapes (a UUID, CA + hex): no encoder needed.
-        accepted = f'{{"eventId":"{event_id}","callId":"{call.callId}"}}'
-        return Response(accepted, status_code=202, media_type="application/json")
+            ) from None
 
 
 class AccessLog:
@@ -222,15 +353,30 @@ class AccessLog:
         fields: dict[str, Any] = {}
         scope[LOG_FIELDS] = fields
         status = 500
+        started = False
 
         async def send_with_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                started = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_status)
+        except asyncio.CancelledError:
+            # The server cancels requests still running when the shutdown grace ends.
+            # Left alone, uvicorn would answer 500 and we would count one: say 503 (the
+            # event may or may not be stored; FreeClimb retries) and count it as such.
+            fields.setdefault("outcome", problems.CANCELLED.outcome)
+            status = problems.CANCELLED.status
+            if not started:
+                response = problems.CANCELLED.response(
+                    "the server is shutting down; retry", headers={"Retry-After": "1"}
+                )
+                with contextlib.suppress(OSError):  # the connection may already be gone
+                    await response(scope, receive, send)
+            raise
         finally:
             elapsed = time.perf_counter() - start
             path: str = scope["path"]

@@ -31,13 +31,24 @@ class TopicSpec:
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """The four topics of architecture section 4, with their cleanup policies."""
+    """The four topics of architecture section 4, with their cleanup policies.
+
+    Every topic gets ``min.insync.replicas = min(2, replication)``: with ``acks=all`` a
+    write then survives the loss of any one broker, while a single-broker development
+    cluster still works. Every topic takes records as large as the biggest body can make
+    them (with the broker's 1 MiB default a large body would get 503 forever, and its
+    change could not be written).
+    """
+    durable = {
+        "min.insync.replicas": str(min(2, settings.topic_replication_factor)),
+        "max.message.bytes": str(settings.producer_max_request_bytes),
+    }
     return [
-        TopicSpec(settings.topic_ingest, {"retention.ms": str(7 * DAY_MS)}),
-        TopicSpec(settings.topic_changes, {"retention.ms": str(7 * DAY_MS)}),
-        TopicSpec(settings.topic_rejected, {"retention.ms": str(30 * DAY_MS)}),
+        TopicSpec(settings.topic_ingest, {"retention.ms": str(7 * DAY_MS), **durable}),
+        TopicSpec(settings.topic_changes, {"retention.ms": str(7 * DAY_MS), **durable}),
+        TopicSpec(settings.topic_rejected, {"retention.ms": str(30 * DAY_MS), **durable}),
         # Compacted: the latest state of each call survives; tombstones delete it.
-        TopicSpec(settings.topic_state, {"cleanup.policy": "compact"}),
+        TopicSpec(settings.topic_state, {"cleanup.policy": "compact", **durable}),
     ]
 
 

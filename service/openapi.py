@@ -9,15 +9,45 @@ from pydantic.json_schema import models_json_schema
 
 from schemas.call import Call
 from schemas.messages import WebhookBody
+from service.problems import CATALOGUE
 
 
-def _problem(description: str) -> dict[str, Any]:
+def _refusals() -> dict[str, Any]:
+    """One response per status the ingest endpoint can answer with, from the catalogue of
+    refusals: each names its problem types and causes."""
+    by_status: dict[int, list[str]] = {}
+    for refusal in CATALOGUE:
+        if refusal.public:
+            by_status.setdefault(refusal.status, []).append(f"`{refusal.type}`: {refusal.cause}")
     return {
-        "description": description,
-        "content": {
-            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
-        },
+        str(status): {
+            "description": "; ".join(causes),
+            "content": {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+            },
+        }
+        for status, causes in sorted(by_status.items())
     }
+
+
+# The canonical header FreeClimb sends; the parser also tolerates spaces, other keys and
+# any order, which only ever leads to the same 401 or 202.
+SIGNATURE_PATTERN = "^t=[0-9]{1,12}(,v1=[0-9a-f]{64}){1,16}$"
+# Which body shape a request is read as: a webhook when it names either key.
+_NAMES_A_WEBHOOK = {"anyOf": [{"required": ["requestType"]}, {"required": ["callStatus"]}]}
+# Rules between fields that JSON Schema cannot state; the service refuses them with 422.
+CROSS_FIELD_RULES = (
+    "connectDuration <= duration; startTime <= connectTime <= endTime (when present)"
+)
+
+
+def _empty_means_absent(model_schema: dict[str, Any]) -> None:
+    """An optional field may also be "" (FreeClimb writes it for fields not reached yet),
+    which the models read as absent: say so in the request schema."""
+    required = set(model_schema.get("required", ()))
+    for name, prop in model_schema["properties"].items():
+        if name not in required:
+            prop["anyOf"] = [*prop.pop("anyOf", [{}]), {"const": ""}]
 
 
 @cache
@@ -27,6 +57,9 @@ def openapi_document() -> dict[str, Any]:
         ref_template="#/components/schemas/{model}",
     )
     schemas: dict[str, Any] = defs["$defs"]
+    for name in ("WebhookBody", "Call"):
+        _empty_means_absent(schemas[name])
+    schemas["Call"]["description"] = f"{Call.__doc__}\n\nAlso refused: {CROSS_FIELD_RULES}."
     schemas["Problem"] = {
         "type": "object",
         "required": ["type", "title", "status", "detail"],
@@ -56,19 +89,21 @@ def openapi_document() -> dict[str, Any]:
                             "name": "FreeClimb-Signature",
                             "in": "header",
                             "required": True,
-                            "schema": {"type": "string"},
-                            "description": "t=<unix seconds>,v1=<hex HMAC-SHA256>[,v1=...]",
+                            "schema": {"type": "string", "pattern": SIGNATURE_PATTERN},
+                            "description": "t=<unix seconds>,v1=<hex HMAC-SHA256>[,v1=...]; "
+                            "judged (401) before the body is read, except the digest",
                         }
                     ],
                     "requestBody": {
                         "required": True,
                         "content": {
                             "application/json": {
+                                # Read as a webhook when it names requestType or
+                                # callStatus, else as a Call resource.
                                 "schema": {
-                                    "oneOf": [
-                                        {"$ref": "#/components/schemas/WebhookBody"},
-                                        {"$ref": "#/components/schemas/Call"},
-                                    ]
+                                    "if": _NAMES_A_WEBHOOK,
+                                    "then": {"$ref": "#/components/schemas/WebhookBody"},
+                                    "else": {"$ref": "#/components/schemas/Call"},
                                 }
                             }
                         },
@@ -88,12 +123,7 @@ def openapi_document() -> dict[str, Any]:
                                 }
                             },
                         },
-                        "400": _problem("Body is not JSON, or not a JSON object"),
-                        "401": _problem("Signature missing, malformed, wrong or out of tolerance"),
-                        "413": _problem("Body larger than the configured limit"),
-                        "415": _problem("Content type is not JSON"),
-                        "422": _problem("Not a valid call-status event; lists each field error"),
-                        "503": _problem("Kafka did not acknowledge in time; see Retry-After"),
+                        **_refusals(),
                     },
                 }
             },

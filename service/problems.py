@@ -1,14 +1,161 @@
-"""RFC 9457 problem+json responses: every refusal the API gives, defined in one place."""
+"""RFC 9457 problem+json responses: every refusal the API gives, defined in one place.
+
+Each :class:`Refusal` carries its HTTP status, problem type, title, the ``outcome`` label
+it counts under in ``callstatus_ingest_total``, and the cause the OpenAPI document and the
+README give for it. The ingest handler raises :class:`Refused` with one of them; the
+metrics, the access log and ``/openapi.json`` all read the same entry.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.responses import Response
 
 MEDIA_TYPE = "application/problem+json"
+TYPE_PREFIX = "urn:callstatus:problem:"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    status: int
+    slug: str
+    title: str
+    # Label of callstatus_ingest_total; a signature refusal appends the verdict to it.
+    outcome: str
+    # When it happens, for /openapi.json and the README.
+    cause: str
+    # False for answers no client reads (it hung up before we could send one).
+    public: bool = True
+
+    @property
+    def type(self) -> str:
+        return TYPE_PREFIX + self.slug
+
+    def response(
+        self, detail: str, headers: Mapping[str, str] | None = None, **extra: Any
+    ) -> Response:
+        return problem(self.status, self.slug, self.title, detail, headers, **extra)
+
+
+class Refused(Exception):
+    """Raised by a step of the ingest handler; the handler turns it into the answer."""
+
+    def __init__(
+        self,
+        refusal: Refusal,
+        detail: str,
+        *,
+        outcome: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.refusal = refusal
+        self.detail = detail
+        self.outcome = outcome or refusal.outcome
+        self.headers = headers
+        self.extra = extra
+
+    def response(self) -> Response:
+        return self.refusal.response(self.detail, self.headers, **self.extra)
+
+
+NOT_JSON = Refusal(
+    400,
+    "not-json",
+    "Body is not JSON",
+    "not_json",
+    "not RFC 8259 JSON in UTF-8 (NaN, Infinity and out-of-range numbers included)",
+)
+NOT_OBJECT = Refusal(
+    400, "not-object", "Body is not a JSON object", "not_object", "JSON, but not one object"
+)
+TOO_DEEP = Refusal(
+    400, "too-deep", "Body nested too deeply", "too_deep", "objects or arrays nested too deeply"
+)
+DUPLICATE_KEY = Refusal(
+    400,
+    "duplicate-key",
+    "Duplicate key",
+    "duplicate_key",
+    "an object names the same key twice",
+)
+SIGNATURE = Refusal(
+    401,
+    "invalid-signature",
+    "Invalid signature",
+    "signature",
+    "FreeClimb-Signature missing, malformed, wrong, or its t outside the tolerance "
+    "(judged before the body is read, except the digest)",
+)
+TOO_SLOW = Refusal(
+    408, "body-timeout", "Body not received in time", "too_slow", "the body took too long"
+)
+TOO_LARGE = Refusal(
+    413,
+    "body-too-large",
+    "Body too large",
+    "too_large",
+    "body larger than the configured limit, or an event too large to store",
+)
+UNSUPPORTED_MEDIA_TYPE = Refusal(
+    415,
+    "unsupported-media-type",
+    "Unsupported media type",
+    "unsupported_media_type",
+    "content type is not JSON",
+)
+INVALID = Refusal(
+    422,
+    "invalid-call-status",
+    "Invalid call-status event",
+    "invalid",
+    "not a valid call-status event; errors lists each field and what is wrong",
+)
+UNAVAILABLE = Refusal(
+    503,
+    "kafka-unavailable",
+    "Event not stored",
+    "unavailable",
+    "Kafka did not acknowledge in time, or the server is shutting down; see Retry-After",
+)
+# Nobody reads these two answers; they exist so the access log and the metrics name what
+# happened instead of counting it as a 500.
+CLIENT_CLOSED = Refusal(
+    499,
+    "client-closed-request",
+    "Client closed the request",
+    "client_disconnected",
+    "the client hung up before the body was read",
+    public=False,
+)
+CANCELLED = Refusal(
+    503,
+    "shutting-down",
+    "Server shutting down",
+    "cancelled",
+    "the server stopped the request at shutdown; the event may or may not be stored",
+    public=False,
+)
+
+CATALOGUE: tuple[Refusal, ...] = (
+    NOT_JSON,
+    NOT_OBJECT,
+    TOO_DEEP,
+    DUPLICATE_KEY,
+    SIGNATURE,
+    TOO_SLOW,
+    TOO_LARGE,
+    UNSUPPORTED_MEDIA_TYPE,
+    INVALID,
+    UNAVAILABLE,
+    CLIENT_CLOSED,
+    CANCELLED,
+)
 
 
 def problem(
@@ -19,13 +166,8 @@ def problem(
     headers: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> Response:
-    body = {
-        "type": f"urn:callstatus:problem:{slug}",
-        "title": title,
-        "status": status,
-        "detail": detail,
-        **extra,
-    }
+    """A problem+json response; for refusals outside the ingest handler (404, 405, 500)."""
+    body = {"type": TYPE_PREFIX + slug, "title": title, "status": status, "detail": detail, **extra}
     return Response(
         json.dumps(body, separators=(",", ":")),
         status_code=status,

@@ -122,6 +122,9 @@ class IngestProducer:
         self._delivery_timeout = settings.produce_delivery_timeout_seconds
         self._max_inflight = settings.max_inflight_produces
         self._options = client_options(settings)
+        # Sized for the largest record a body under MAX_BODY_BYTES can make (the handler
+        # refuses bigger ones with 413), so no accepted event is refused for its size.
+        self._max_request_size = settings.producer_max_request_bytes
         self._inflight = 0
         # Created in start(): aiokafka objects must be made inside the running loop.
         self._producer: AIOKafkaProducer | None = None
@@ -337,6 +340,7 @@ class IngestProducer:
             acks="all",
             enable_idempotence=True,
             linger_ms=1,
+            max_request_size=self._max_request_size,
             # One produce request may take this long before it is retried; the
             # watchdog, not this, bounds a send's whole life.
             request_timeout_ms=int(self._timeout * 1000),

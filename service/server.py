@@ -26,7 +26,7 @@ import structlog
 import uvicorn
 from starlette.applications import Starlette
 
-from service.app import create_app
+from service.app import create_app, uvicorn_limits
 from service.kafka import ensure_topics, retry_at_start
 from service.processor import Processor
 from service.producer import IngestProducer
@@ -154,6 +154,7 @@ def build(settings: Settings) -> DrainingServer:
         lifespan="on",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         server_header=False,
+        **uvicorn_limits(settings),
     )
     server = DrainingServer(config, node, settings.drain_delay_seconds)
     node.server = server

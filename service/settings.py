@@ -25,6 +25,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 LOCAL_ENV_FILE = Path(".callstatus.env")
 
 
+# Bytes an ingest record adds around twice the body: eventId, receivedAt, source, the
+# field names of the envelope and of the call, dates rewritten with milliseconds, the
+# Kafka headers (ce_id, traceparent) and the record batch framing. Generous on purpose.
+INGEST_RECORD_OVERHEAD = 16 * 1024
+# Of that, what the record's headers (content-type, ce_id, a traceparent of at most 128
+# characters) and Kafka's record and batch framing may take.
+RECORD_FRAMING = 1024
+
+
 class Role(StrEnum):
     """Which stages this process runs (architecture section 1)."""
 
@@ -48,6 +57,8 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         frozen=True,
+        # A refused value is named, never echoed: it may be a secret.
+        hide_input_in_errors=True,
     )
 
     kafka_bootstrap_servers: str = "localhost:9092"
@@ -59,11 +70,18 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: FilePath | None = None
     kafka_ssl_certfile: FilePath | None = None
     kafka_ssl_keyfile: FilePath | None = None
-    # NoDecode: a plain comma-separated list, not JSON.
-    signing_secrets: Annotated[tuple[str, ...], NoDecode] = ()
+    # NoDecode: a plain comma-separated list, not JSON. SecretStr: a repr, a log line or
+    # an error shows "**********", never the value.
+    signing_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     verify_signatures: bool = True
     signature_tolerance_seconds: int = Field(default=300, ge=1, le=3600)
     max_body_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
+    # A client has this long to send the whole body (408 after, checked about once a
+    # second): a slow sender cannot hold a socket and a buffer for as long as it likes.
+    body_read_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # Open connections and in-flight requests the HTTP server takes before it answers 503
+    # at once (uvicorn's limit_concurrency), instead of queueing without bound.
+    max_connections: int = Field(default=1000, ge=1, le=100_000)
     role: Role = Role.ALL
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
@@ -107,6 +125,8 @@ class Settings(BaseSettings):
     @field_validator("signing_secrets", mode="before")
     @classmethod
     def _split_secrets(cls, value: object) -> object:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
@@ -147,6 +167,22 @@ class Settings(BaseSettings):
         if len(set(topics)) != len(topics):
             raise ValueError("the four CALLSTATUS_TOPIC_* names must be distinct")
         return self
+
+    @property
+    def producer_max_request_bytes(self) -> int:
+        """The largest ingest record the producer must send (its ``max_request_size``, and
+        the topics' ``max.message.bytes``). An ordinary record carries the body about
+        twice (byte for byte, and its fields again in ``call`` or ``requestType``) plus the
+        envelope, headers and batch framing, which INGEST_RECORD_OVERHEAD bounds. The
+        handler refuses, with 413, the rare body whose record would not fit (numbers that
+        grow when written back, such as 1e15 in subresourceUris)."""
+        return 2 * self.max_body_bytes + INGEST_RECORD_OVERHEAD
+
+    @property
+    def max_ingest_value_bytes(self) -> int:
+        """The largest ingest record value (plus key) the handler writes: what is left of
+        the producer's max request size after headers and batch framing."""
+        return self.producer_max_request_bytes - RECORD_FRAMING
 
     @property
     def topic_names(self) -> tuple[str, str, str, str]:

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+
+from pydantic import SecretStr
 
 HEADER = "FreeClimb-Signature"
 
@@ -78,25 +81,26 @@ def parse_header(value: str) -> ParsedSignature:
     return ParsedSignature(timestamp, tuple(signatures))
 
 
-def compute(secret: str, timestamp: int, body: bytes) -> str:
+def compute(secret: str | SecretStr, timestamp: int, body: bytes) -> str:
     """The hex ``v1`` FreeClimb would send for this body at this time."""
+    if isinstance(secret, SecretStr):
+        secret = secret.get_secret_value()
     message = str(timestamp).encode("ascii") + b"." + body
     return hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
 
 
-def sign(secret: str, timestamp: int, body: bytes) -> str:
+def sign(secret: str | SecretStr, timestamp: int, body: bytes) -> str:
     """A complete header value, for ``callstatus sign`` and tests."""
     return f"t={timestamp},v1={compute(secret, timestamp, body)}"
 
 
-def verify(
-    header: str | None,
-    body: bytes,
-    secrets: tuple[str, ...],
-    now: float,
-    tolerance_seconds: int,
-) -> Verdict:
-    """Judge one request. ``now`` is passed in so the function stays pure."""
+def check_header(
+    header: str | None, now: float, tolerance_seconds: int
+) -> ParsedSignature | Verdict:
+    """Everything that can be judged without the body: presence, grammar and the
+    timestamp window. The HTTP shell calls this before reading a single body byte, so an
+    unsigned or stale request costs no buffer. Returns the parsed header, or the verdict
+    that refuses it."""
     if header is None or not header.strip():
         return Verdict.MISSING
     try:
@@ -108,9 +112,28 @@ def verify(
         return Verdict.TOO_OLD
     if age < -tolerance_seconds:
         return Verdict.TOO_NEW
+    return parsed
+
+
+def check_body(parsed: ParsedSignature, body: bytes, secrets: Sequence[str | SecretStr]) -> Verdict:
+    """VALID when any ``v1`` of the header is the HMAC of ``body`` under any secret."""
     for secret in secrets:
         expected = compute(secret, parsed.timestamp, body)
         for candidate in parsed.signatures:
             if hmac.compare_digest(expected, candidate):
                 return Verdict.VALID
     return Verdict.MISMATCH
+
+
+def verify(
+    header: str | None,
+    body: bytes,
+    secrets: Sequence[str | SecretStr],
+    now: float,
+    tolerance_seconds: int,
+) -> Verdict:
+    """Judge one request. ``now`` is passed in so the function stays pure."""
+    parsed = check_header(header, now, tolerance_seconds)
+    if isinstance(parsed, Verdict):
+        return parsed
+    return check_body(parsed, body, secrets)

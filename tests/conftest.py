@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections import Counter
 
 import pytest
 
@@ -30,3 +31,16 @@ def make_settings(**overrides: object) -> Settings:
 def unique() -> str:
     """A short unique suffix for topic and group names, so tests never share state."""
     return uuid.uuid4().hex[:10]
+
+
+# How many cases each fuzzer tried in this run, printed at the end (pytest's summary).
+FUZZ_CASES: Counter[str] = Counter()
+
+
+def count_fuzz_case(name: str) -> None:
+    FUZZ_CASES[name] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for name, count in sorted(FUZZ_CASES.items()):
+        terminalreporter.write_line(f"fuzz: {name}: {count} cases tried")

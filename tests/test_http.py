@@ -1,20 +1,28 @@
-"""The HTTP API's refusals, one test per status code that needs no broker.
+"""The HTTP API's refusals and outcomes, without a broker.
 
-202 and 503 need Kafka and are proven against the real broker in
-tests/integration/test_ingest.py. Here the publisher fails the test if it is ever
-reached: a refused request must never be written.
+Durable 202s and 503s from Kafka are proven against the real broker in
+tests/integration/test_ingest.py. Here a refused request meets a publisher that fails the
+test if it is ever reached (a refusal is never written), and an accepted one meets a
+publisher that keeps what it would have written (``Capture``), so the record itself can
+be checked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
+from starlette.types import Message
+from structlog.testing import capture_logs
 
-from service.app import create_app
+from schemas.messages import IngestEnvelope
+from service.app import MAX_DEPTH, create_app
 from service.signature import sign
 from tests.conftest import SECRET, make_settings
 
@@ -28,6 +36,19 @@ WEBHOOK = {
     "from": "+13121000109",
     "to": "+13121000096",
 }
+
+
+class Capture:
+    """Keeps what the handler would write to Kafka, and acknowledges it."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes, bytes, dict[str, bytes]]] = []
+
+    async def publish(self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> None:
+        self.records.append((key, value, dict(headers)))
+
+    async def ready(self) -> bool:
+        return True
 
 
 class MustNotPublish:
@@ -120,7 +141,11 @@ async def test_413_streamed_without_length_is_cut_off_early(client: httpx.AsyncC
     response = await client.post(
         "/v1/call-status",
         content=endless(),
-        headers={"content-type": "application/json", "FreeClimb-Signature": "t=1,v1=" + "0" * 64},
+        headers={
+            "content-type": "application/json",
+            # Well-formed and current, so the body is read; its digest is never checked.
+            "FreeClimb-Signature": f"t={int(time.time())},v1=" + "0" * 64,
+        },
     )
     assert "content-length" not in response.request.headers
     assert_problem(response, 413)
@@ -164,12 +189,15 @@ async def test_healthz_openapi_metrics(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     spec = (await client.get("/openapi.json")).json()
     responses = spec["paths"]["/v1/call-status"]["post"]["responses"]
-    assert set(responses) == {"202", "400", "401", "413", "415", "422", "503"}
+    assert set(responses) == {"202", "400", "401", "408", "413", "415", "422", "503"}
     body = json.dumps(WEBHOOK).encode()
     await client.post("/v1/call-status", content=body, headers={"content-type": "application/json"})
     text = (await client.get("/metrics")).text
     assert 'callstatus_http_requests_total{code="401",route="/v1/call-status"}' in text
     assert 'callstatus_ingest_total{outcome="signature_missing"}' in text
+    # The catalogue's outcomes exist before their first occurrence.
+    for outcome in ("too_deep", "duplicate_key", "too_slow", "client_disconnected", "cancelled"):
+        assert f'callstatus_ingest_total{{outcome="{outcome}"}}' in text
     assert "callstatus_http_request_duration_seconds_bucket" in text
 
 
@@ -183,3 +211,360 @@ async def test_readyz_reports_the_publisher() -> None:
         response = await c.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["kafka"] is False
+
+
+def counted(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def ingest_outcome(outcome: str) -> float:
+    return counted("callstatus_ingest_total", outcome=outcome)
+
+
+def http_code(code: int) -> float:
+    return counted("callstatus_http_requests_total", route="/v1/call-status", code=str(code))
+
+
+def webhook_with(**extra: Any) -> bytes:
+    return json.dumps({**WEBHOOK, **extra}).encode()
+
+
+def nested(depth: int) -> Any:
+    value: Any = "deep"
+    for _ in range(depth):
+        value = {"x": value}
+    return value
+
+
+# --- strict JSON: what every downstream reader can decode, or 400 --------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        webhook_with(callDuration=0)[:-1] + b',"extra":NaN}',
+        webhook_with()[:-1] + b',"extra":Infinity}',
+        webhook_with()[:-1] + b',"extra":[-Infinity]}',
+        webhook_with()[:-1] + b',"extra":1e400}',  # not a finite double
+        webhook_with()[:-1] + b',"extra":"\\ud800"}',  # a lone surrogate
+        webhook_with()[:-1] + b',"extra":"caf\xe9"}',  # Latin-1, not UTF-8
+        webhook_with().decode().encode("utf-16"),
+        b"\xef\xbb\xbf" + webhook_with(),  # a byte order mark
+    ],
+    ids=["nan", "infinity", "minus-infinity", "overflow", "surrogate", "latin1", "utf16", "bom"],
+)
+async def test_400_not_strict_json(client: httpx.AsyncClient, body: bytes) -> None:
+    response = await client.post("/v1/call-status", content=body, headers=signed(body))
+    assert assert_problem(response, 400)["type"] == "urn:callstatus:problem:not-json"
+
+
+async def test_400_nested_too_deep(client: httpx.AsyncClient) -> None:
+    # An unknown field a few hundred levels deep: the processor's decoder would give up
+    # on the record after we had answered 202.
+    body = webhook_with(conferenceId=nested(300))
+    response = await client.post("/v1/call-status", content=body, headers=signed(body))
+    problem = assert_problem(response, 400)
+    assert problem["type"] == "urn:callstatus:problem:too-deep"
+    assert str(MAX_DEPTH) in str(problem["detail"])
+    for array_depth in (MAX_DEPTH, 1900):  # arrays count too; past the recursion limit too
+        deep = webhook_with()[:-1] + b',"a":' + b"[" * array_depth + b"]" * array_depth + b"}"
+        response = await client.post("/v1/call-status", content=deep, headers=signed(deep))
+        assert assert_problem(response, 400)["type"] == "urn:callstatus:problem:too-deep"
+
+
+async def test_nesting_up_to_the_cap_is_accepted() -> None:
+    capture = Capture()
+    app = create_app(make_settings(), capture)
+    body = webhook_with(conferenceId=nested(MAX_DEPTH - 1))  # the body itself is level 1
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/v1/call-status", content=body, headers=signed(body))
+    assert response.status_code == 202
+    envelope = IngestEnvelope.model_validate_json(capture.records[0][1])
+    assert envelope.call.callId == CALL_ID
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        webhook_with()[:-1] + f',"callId":"CA{"ef" * 20}"}}'.encode(),
+        webhook_with(subresourceUris={"x": 1})[:-2] + b',"x":2}}',
+    ],
+    ids=["callId", "nested"],
+)
+async def test_400_duplicate_keys(client: httpx.AsyncClient, body: bytes) -> None:
+    # Readers disagree on which duplicate wins: the record key and the body could name
+    # different calls.
+    response = await client.post("/v1/call-status", content=body, headers=signed(body))
+    problem = assert_problem(response, 400)
+    assert problem["type"] == "urn:callstatus:problem:duplicate-key"
+
+
+# --- the signature header is judged before the body is read --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "verdict"),
+    [
+        (None, "missing"),
+        ("t=abc,v1=zz", "malformed"),
+        (f"t={int(time.time()) - 3600},v1={'0' * 64}", "too_old"),
+        (f"t={int(time.time()) + 3600},v1={'0' * 64}", "too_new"),
+    ],
+)
+async def test_401_without_reading_the_body(
+    client: httpx.AsyncClient, header: str | None, verdict: str
+) -> None:
+    pulled = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        for _ in range(1000):
+            pulled += 1
+            yield b" "
+
+    headers = {"content-type": "application/json"}
+    if header is not None:
+        headers["FreeClimb-Signature"] = header
+    response = await client.post("/v1/call-status", content=body(), headers=headers)
+    assert verdict in str(assert_problem(response, 401)["detail"])
+    assert pulled == 0
+
+
+async def test_408_when_the_body_does_not_arrive_in_time() -> None:
+    app = create_app(make_settings(body_read_timeout_seconds=0.2), MustNotPublish())
+    never = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b'{"callId":'
+        await never.wait()  # a client that stops sending half-way
+        yield b"}"
+
+    before = ingest_outcome("too_slow")
+    headers = {
+        "content-type": "application/json",
+        "FreeClimb-Signature": f"t={int(time.time())},v1=" + "0" * 64,
+    }
+    async with (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+        asyncio.timeout(60),  # without a read deadline the request would hang: fail instead
+    ):
+        response = await c.post("/v1/call-status", content=stalled(), headers=headers)
+    problem = assert_problem(response, 408)
+    assert problem["type"] == "urn:callstatus:problem:body-timeout"
+    assert ingest_outcome("too_slow") == before + 1
+
+
+async def test_read_deadlines_survive_one_event_loop_after_another() -> None:
+    # A read that ends leaves the watchdog scheduled in its loop; when that loop is gone,
+    # the next loop's reads must still get a watchdog of their own.
+    app = create_app(make_settings(body_read_timeout_seconds=0.2), MustNotPublish())
+    headers = {
+        "content-type": "application/json",
+        "FreeClimb-Signature": f"t={int(time.time())},v1=" + "0" * 64,
+    }
+
+    async def post(content: bytes | AsyncIterator[bytes]) -> int:
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://t") as c,
+            asyncio.timeout(60),
+        ):
+            return (await c.post("/v1/call-status", content=content, headers=headers)).status_code
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b"{"
+        await asyncio.Event().wait()
+
+    def in_own_loop(content: bytes | AsyncIterator[bytes]) -> int:
+        return asyncio.run(post(content))
+
+    assert await asyncio.to_thread(in_own_loop, b"{}") == 401  # read at once, digest wrong
+    assert await asyncio.to_thread(in_own_loop, stalled()) == 408
+
+
+# --- causes a client (or a shutdown) can trigger are never counted as 500 ------------------
+
+
+def _scope(body: bytes) -> dict[str, Any]:
+    headers = [(k.lower().encode(), v.encode()) for k, v in signed(body).items()]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/call-status",
+        "raw_path": b"/v1/call-status",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8080),
+    }
+
+
+async def test_client_disconnect_mid_body_is_its_own_outcome() -> None:
+    app = create_app(make_settings(), MustNotPublish())
+    body = webhook_with()
+    incoming: list[Message] = [
+        {"type": "http.request", "body": body[:10], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    before = (ingest_outcome("client_disconnected"), http_code(499), http_code(500))
+    with capture_logs() as logs:  # the app binds its access log on its first request
+        await app(_scope(body), receive, send)
+    after = (ingest_outcome("client_disconnected"), http_code(499), http_code(500))
+    assert after == (before[0] + 1, before[1] + 1, before[2])
+    assert sent[0]["status"] == 499  # what the access log says; nobody is left to read it
+    [line] = [entry for entry in logs if entry["event"] == "request"]
+    assert (line["status"], line["outcome"]) == (499, "client_disconnected")
+
+
+async def test_a_request_cancelled_at_shutdown_is_a_503_not_a_500() -> None:
+    class Stuck(Capture):
+        def __init__(self) -> None:
+            super().__init__()
+            self.waiting = asyncio.Event()
+
+        async def publish(
+            self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
+        ) -> None:
+            self.waiting.set()
+            await asyncio.Event().wait()  # Kafka never answers
+
+    publisher = Stuck()
+    app = create_app(make_settings(), publisher)
+    body = webhook_with()
+    incoming: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    before = (ingest_outcome("cancelled"), http_code(503), http_code(500))
+    with capture_logs() as logs:  # the app binds its access log on its first request
+        task = asyncio.create_task(app(_scope(body), receive, send))
+        await publisher.waiting.wait()
+        task.cancel()  # what uvicorn does when the shutdown grace runs out
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    after = (ingest_outcome("cancelled"), http_code(503), http_code(500))
+    assert after == (before[0] + 1, before[1] + 1, before[2])
+    assert sent[0]["status"] == 503
+    assert ("retry-after", "1") in [(k.decode(), v.decode()) for k, v in sent[0]["headers"]]
+    assert json.loads(sent[1]["body"])["type"] == "urn:callstatus:problem:shutting-down"
+    [line] = [entry for entry in logs if entry["event"] == "request"]
+    assert (line["status"], line["outcome"]) == (503, "cancelled")
+
+
+async def test_shutdown_while_reading_the_body_is_a_cancellation_not_a_408() -> None:
+    app = create_app(make_settings(body_read_timeout_seconds=300), MustNotPublish())
+    body = webhook_with()
+    reading = asyncio.Event()
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if not reading.is_set():
+            reading.set()
+            return {"type": "http.request", "body": body[:5], "more_body": True}
+        await asyncio.Event().wait()  # the rest never comes
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    before = (ingest_outcome("cancelled"), ingest_outcome("too_slow"))
+    task = asyncio.create_task(app(_scope(body), receive, send))
+    await reading.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (ingest_outcome("cancelled"), ingest_outcome("too_slow")) == (before[0] + 1, before[1])
+    assert sent[0]["status"] == 503
+
+
+# --- replays and retries carry the same eventId ---------------------------------------------
+
+
+async def test_event_id_is_derived_from_the_signed_body_alone() -> None:
+    capture = Capture()
+    app = create_app(make_settings(), capture)
+    body = webhook_with()
+    now = int(time.time())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        first = await c.post("/v1/call-status", content=body, headers=signed(body, at=now))
+        replay = await c.post("/v1/call-status", content=body, headers=signed(body, at=now))
+        retry = await c.post("/v1/call-status", content=body, headers=signed(body, at=now - 60))
+        other_body = webhook_with(callStatus="ringing")
+        other = await c.post("/v1/call-status", content=other_body, headers=signed(other_body))
+    ids = [r.json()["eventId"] for r in (first, replay, retry, other)]
+    assert ids[0] == ids[1] == ids[2] != ids[3]
+    stored = [IngestEnvelope.model_validate_json(value).eventId for _, value, _ in capture.records]
+    assert stored == ids
+    assert [headers["ce_id"].decode() for _, _, headers in capture.records] == ids
+
+
+# --- every accepted event fits the producer's max request size ------------------------------
+
+LIMIT = 65536
+
+
+def _at_size(prefix: bytes, suffix: bytes, filler: bytes) -> bytes:
+    """prefix + filler repeated + suffix, as close to LIMIT bytes as the filler allows."""
+    room = LIMIT - len(prefix) - len(suffix)
+    return prefix + filler * (room // len(filler)) + suffix
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _at_size(
+            b'{"requestType":"', f'","callId":"{CALL_ID}","callStatus":"queued"}}'.encode(), b"r"
+        ),
+        _at_size(b'{"to":"', f'","callId":"{CALL_ID}","status":"queued"}}'.encode(), b"t"),
+        _at_size(b'{"uri":"', f'","callId":"{CALL_ID}","status":"queued"}}'.encode(), b"\\u00e9"),
+        _at_size(
+            b'{"subresourceUris":{"a":[0',
+            f']}},"callId":"{CALL_ID}","status":"queued"}}'.encode(),
+            b",1",
+        ),
+    ],
+    ids=["requestType", "to", "escapes", "small-numbers"],
+)
+async def test_a_body_at_the_limit_is_stored_within_the_producer_limit(body: bytes) -> None:
+    settings = make_settings(max_body_bytes=LIMIT)
+    capture = Capture()
+    app = create_app(settings, capture)
+    assert len(body) <= LIMIT
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/v1/call-status", content=body, headers=signed(body))
+    assert response.status_code == 202, response.text
+    key, value, headers = capture.records[0]
+    framing = sum(len(k) + len(v) for k, v in headers.items()) + 200
+    assert len(key) + len(value) + framing <= settings.producer_max_request_bytes
+
+
+async def test_a_body_whose_record_would_not_fit_is_413_not_503_forever() -> None:
+    # 1e15 is 4 bytes in the body and 18 when written back in the call: the record grows
+    # past twice the body, and the producer would refuse it on every retry.
+    body = _at_size(
+        b'{"subresourceUris":{"a":[0',
+        f']}},"callId":"{CALL_ID}","status":"queued"}}'.encode(),
+        b",1e15",
+    )
+    app = create_app(make_settings(max_body_bytes=LIMIT), MustNotPublish())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/v1/call-status", content=body, headers=signed(body))
+    problem = assert_problem(response, 413)
+    assert "stored" in str(problem["detail"])

@@ -3,8 +3,11 @@ and the hand-built encoders held to the pydantic models they claim to produce.""
 
 from __future__ import annotations
 
+import calendar
 import json
+import re
 from datetime import UTC, datetime, timedelta, timezone
+from email.utils import format_datetime
 from typing import Any
 
 import pytest
@@ -12,7 +15,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from schemas.call import AnsweredBy, Call, CallDirection, CallStatus
+from schemas.call import (
+    RFC1123_PATTERN,
+    RFC3339_PATTERN,
+    AnsweredBy,
+    Call,
+    CallDirection,
+    CallStatus,
+)
 from schemas.messages import (
     ChangeMessage,
     IngestEvent,
@@ -270,6 +280,110 @@ def test_dates_out_of_range_in_utc_are_field_errors(field: str, text: str) -> No
 def test_dates_must_be_strings_not_numbers(field: str) -> None:
     with pytest.raises(ValidationError) as exc:
         Call.model_validate({**MINIMAL, field: 1234})
+    assert locs(exc.value) == [(field,)]
+
+
+@pytest.mark.parametrize("field", RFC1123_FIELDS)
+@pytest.mark.parametrize("text", ["Thu, 01 Jan 0099 00:00:00 GMT", "Sat, 31 Dec 0999 23:59:59 GMT"])
+def test_rfc1123_year_below_1000_is_refused_not_moved(field: str, text: str) -> None:
+    # Python's parser reads "0099" as 1999: accepted, it would move by 1900 years.
+    with pytest.raises(ValidationError) as exc:
+        Call.model_validate({**MINIMAL, field: text})
+    assert locs(exc.value) == [(field,)]
+    assert "1000" in exc.value.errors()[0]["msg"]
+
+
+@pytest.mark.parametrize("field", RFC3339_FIELDS)
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2024-10-09T15:05:03.3581Z",  # sub-millisecond: would be written back changed
+        "2024-10-09t15:05:03.358z",  # lowercase separators
+        "2024-10-09 15:05:03.358Z",  # space instead of T
+        "20241009T150503Z",  # ISO 8601 basic format, which fromisoformat takes
+        "2024-10-09T23:59:60Z",  # leap second: no datetime holds it
+    ],
+)
+def test_rfc3339_outside_the_published_grammar_is_refused(field: str, text: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        Call.model_validate({**MINIMAL, field: text})
+    assert locs(exc.value) == [(field,)]
+
+
+def test_rfc1123_day_name_is_written_back_correctly() -> None:
+    call = Call.model_validate({**MINIMAL, "startTime": "Sun, 15 Jun 2009 20:45:30 GMT"})
+    assert json.loads(call.to_json())["startTime"] == "Mon, 15 Jun 2009 20:45:30 GMT"
+
+
+def _accepted(field: str, text: str) -> bool:
+    try:
+        Call.model_validate({**MINIMAL, field: text})
+    except ValidationError:
+        return False
+    return True
+
+
+def test_published_date_patterns_follow_the_calendar() -> None:
+    # Every day of a leap year, a common year, and 29 February of every year the
+    # patterns admit: the pattern and the service agree on each.
+    rfc1123 = re.compile(RFC1123_PATTERN)
+    rfc3339 = re.compile(RFC3339_PATTERN)
+    day = timedelta(days=1)
+    for start in (datetime(2000, 1, 1), datetime(1900, 1, 1), datetime(2023, 1, 1)):
+        for n in range(366):
+            d = start + n * day
+            text = format_datetime(d.replace(tzinfo=UTC), usegmt=True)
+            assert rfc1123.fullmatch(text) and _accepted("startTime", text), text
+            iso = d.strftime("%Y-%m-%dT00:00:00Z")
+            assert rfc3339.fullmatch(iso) and _accepted("dateCreatedISO", iso), iso
+    for year in range(1, 10000):
+        leap = calendar.isleap(year)
+        iso = f"{year:04d}-02-29T12:00:00Z"
+        assert bool(rfc3339.fullmatch(iso)) == leap == _accepted("dateCreatedISO", iso), iso
+        if year >= 1000:
+            text = f"Mon, 29 Feb {year} 12:00:00 GMT"
+            assert bool(rfc1123.fullmatch(text)) == leap == _accepted("startTime", text), text
+
+
+_SHAPE_1123 = (
+    r"\A[A-Z][a-z]{2}, [0-3][0-9] (Jan|Feb|Apr|Jun|Sep|Nov|Dec|Aaa) [0-9]{4} "
+    r"[0-2][0-9]:[0-6][0-9]:[0-6][0-9] (GMT|UTC)\Z"
+)
+_SHAPE_3339 = (
+    r"\A[0-9]{4}-[01][0-9]-[0-3][0-9]T[0-2][0-9]:[0-6][0-9]:[0-6][0-9](\.[0-9]{1,4})?"
+    r"(Z|[+-][0-2][0-9]:[0-6][0-9])\Z"
+)
+
+
+@given(st.from_regex(_SHAPE_1123))
+def test_rfc1123_pattern_accepts_exactly_what_the_service_accepts(text: str) -> None:
+    assert bool(re.fullmatch(RFC1123_PATTERN, text)) == _accepted("startTime", text), text
+
+
+@given(st.from_regex(_SHAPE_3339))
+def test_rfc3339_pattern_accepts_exactly_what_the_service_accepts(text: str) -> None:
+    # Only the very ends of datetime's range may leave it when moved to UTC.
+    if text.startswith(("0001-01-01", "9999-12-31")):
+        return
+    assert bool(re.fullmatch(RFC3339_PATTERN, text)) == _accepted("dateCreatedISO", text), text
+
+
+def test_the_pattern_schemathesis_found_is_gone() -> None:
+    # The old published pattern admitted this; the service refused it with 422.
+    assert not re.fullmatch(RFC1123_PATTERN, "Aaa, 00 Aaa 0000 00:00:00 GMT")
+
+
+@pytest.mark.parametrize("field", ["revision", "duration", "connectDuration"])
+@pytest.mark.parametrize("value", ["5", True, "", 5.0])
+def test_integers_are_json_integers(field: str, value: object) -> None:
+    # The published schema says type: integer; "5" and true are not, 5.0 is, and "" is
+    # FreeClimb's "not yet".
+    if value in ("", 5.0) and not isinstance(value, bool):
+        call = Call.model_validate({**MINIMAL, field: value})
+        assert getattr(call, field) == (None if value == "" else 5)
+        return
+    with pytest.raises(ValidationError) as exc:
+        Call.model_validate({**MINIMAL, field: value})
     assert locs(exc.value) == [(field,)]
 
 

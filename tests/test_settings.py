@@ -6,11 +6,18 @@ import ssl
 from pathlib import Path
 
 import pytest
+import structlog
 from pydantic import ValidationError
+from structlog.testing import capture_logs
 
-from service.kafka import client_options
-from service.settings import Role, Settings
-from tests.conftest import make_settings
+from service.app import uvicorn_limits
+from service.kafka import client_options, topic_specs
+from service.settings import Role, Settings, SettingsError, load_settings
+from tests.conftest import SECRET, make_settings
+
+
+def _secrets(settings: Settings) -> tuple[str, ...]:
+    return tuple(s.get_secret_value() for s in settings.signing_secrets)
 
 
 def test_defaults_follow_the_contract() -> None:
@@ -23,6 +30,7 @@ def test_defaults_follow_the_contract() -> None:
     )
     assert (s.signature_tolerance_seconds, s.max_body_bytes, s.port) == (300, 65536, 8080)
     assert s.role is Role.ALL and s.verify_signatures
+    assert (s.body_read_timeout_seconds, s.max_connections) == (10.0, 1000)
 
 
 def test_secrets_are_read_comma_separated_from_the_environment(
@@ -30,7 +38,7 @@ def test_secrets_are_read_comma_separated_from_the_environment(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no .callstatus.env here
     monkeypatch.setenv("CALLSTATUS_SIGNING_SECRETS", " sigsec_new , sigsec_old ,")
-    assert Settings().signing_secrets == ("sigsec_new", "sigsec_old")
+    assert _secrets(Settings()) == ("sigsec_new", "sigsec_old")
 
 
 def test_environment_wins_over_the_local_file(
@@ -38,9 +46,9 @@ def test_environment_wins_over_the_local_file(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".callstatus.env").write_text("CALLSTATUS_SIGNING_SECRETS=from-file\n")
-    assert Settings().signing_secrets == ("from-file",)
+    assert _secrets(Settings()) == ("from-file",)
     monkeypatch.setenv("CALLSTATUS_SIGNING_SECRETS", "from-env")
-    assert Settings().signing_secrets == ("from-env",)
+    assert _secrets(Settings()) == ("from-env",)
 
 
 def test_plaintext_options_are_just_the_address() -> None:
@@ -93,3 +101,62 @@ async def test_a_producer_that_never_started_refuses_instead_of_crashing() -> No
         await producer.publish(b"k", b"{}", [])
     assert exc.value.reason == "no_producer"
     await producer.stop()  # stopping what never started is harmless
+
+
+def test_signing_secrets_never_show_in_repr_errors_or_logs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = make_settings(signing_secrets=(SECRET, "sigsec_other"))
+    assert SECRET not in repr(s) and SECRET not in str(s)
+    assert SECRET not in s.model_dump_json()
+    # A start-up refusal names the variable, never the secret's value.
+    monkeypatch.setenv("CALLSTATUS_SIGNING_SECRETS", SECRET)
+    monkeypatch.setenv("CALLSTATUS_TOPIC_CHANGES", "freeclimb.call-status.ingest")
+    with pytest.raises(SettingsError) as exc:
+        load_settings()
+    assert "must be distinct" in str(exc.value) and SECRET not in str(exc.value)
+    with pytest.raises(ValidationError) as raw:
+        Settings()
+    assert SECRET not in str(raw.value)  # what a traceback would print
+    with capture_logs() as logs:
+        structlog.get_logger().info("settings", settings=s)
+    assert SECRET not in repr(logs)
+
+
+def test_settings_hold_secrets_as_secret_strings() -> None:
+    s = make_settings(signing_secrets="sigsec_a, sigsec_b")
+    assert [v.get_secret_value() for v in s.signing_secrets] == ["sigsec_a", "sigsec_b"]
+
+
+@pytest.mark.parametrize("body", [1024, 65536, 1024 * 1024, 16 * 1024 * 1024])
+def test_producer_takes_the_largest_record_a_body_can_make(body: int) -> None:
+    # The ingest record holds the body twice at most (raw, and its fields again) plus the
+    # envelope; the producer and the topics must take it, or it would get 503 forever.
+    s = make_settings(max_body_bytes=body)
+    assert s.producer_max_request_bytes >= 2 * body + 4096
+    for spec in topic_specs(s):
+        assert int(spec.configs["max.message.bytes"]) == s.producer_max_request_bytes
+
+
+@pytest.mark.parametrize(("replication", "min_isr"), [(1, "1"), (2, "2"), (3, "2"), (5, "2")])
+def test_created_topics_require_in_sync_replicas(replication: int, min_isr: str) -> None:
+    s = make_settings(topic_replication_factor=replication)
+    assert {spec.configs["min.insync.replicas"] for spec in topic_specs(s)} == {min_isr}
+
+
+def test_connection_cap_is_what_uvicorn_gets() -> None:
+    assert uvicorn_limits(make_settings(max_connections=77)) == {"limit_concurrency": 77}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"max_body_bytes": 17 * 1024 * 1024}, "max_body_bytes"),
+        ({"body_read_timeout_seconds": 0}, "body_read_timeout_seconds"),
+        ({"max_connections": 0}, "max_connections"),
+    ],
+)
+def test_new_limits_are_bounded(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        make_settings(**overrides)

@@ -9,10 +9,14 @@ import hmac
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import SecretStr
 
 from service.signature import (
     MalformedSignature,
+    ParsedSignature,
     Verdict,
+    check_body,
+    check_header,
     compute,
     parse_header,
     sign,
@@ -160,3 +164,21 @@ def test_fuzz_structured_headers_get_a_verdict(parts: list[str], sep: str) -> No
     # Only a header carrying the right digest can ever be VALID.
     if verdict is Verdict.VALID:
         assert GOOD in header
+
+
+def test_header_is_judged_without_the_body() -> None:
+    # What the HTTP shell checks before reading a body byte: no body argument at all.
+    assert check_header(None, NOW, TOL) is Verdict.MISSING
+    assert check_header("t=1", NOW, TOL) is Verdict.MALFORMED
+    assert check_header(sign(SECRET, NOW - TOL - 1, BODY), NOW, TOL) is Verdict.TOO_OLD
+    assert check_header(sign(SECRET, NOW + TOL + 1, BODY), NOW, TOL) is Verdict.TOO_NEW
+    parsed = check_header(sign(SECRET, NOW, BODY), NOW, TOL)
+    assert isinstance(parsed, ParsedSignature)
+    assert check_body(parsed, BODY, (OTHER, SECRET)) is Verdict.VALID
+    assert check_body(parsed, BODY + b" ", (SECRET,)) is Verdict.MISMATCH
+
+
+def test_secrets_may_be_secret_strings() -> None:
+    header = sign(SecretStr(SECRET), NOW, BODY)
+    assert header == sign(SECRET, NOW, BODY)
+    assert verify(header, BODY, (SecretStr(OTHER), SecretStr(SECRET)), NOW, TOL) is Verdict.VALID

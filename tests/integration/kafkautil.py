@@ -235,7 +235,7 @@ def settings_env(settings: Settings, port: int) -> dict[str, str]:
         CALLSTATUS_KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
         CALLSTATUS_ROLE=settings.role.value,
         CALLSTATUS_VERIFY_SIGNATURES=str(settings.verify_signatures).lower(),
-        CALLSTATUS_SIGNING_SECRETS=",".join(settings.signing_secrets),
+        CALLSTATUS_SIGNING_SECRETS=",".join(s.get_secret_value() for s in settings.signing_secrets),
         CALLSTATUS_TOPIC_INGEST=settings.topic_ingest,
         CALLSTATUS_TOPIC_CHANGES=settings.topic_changes,
         CALLSTATUS_TOPIC_REJECTED=settings.topic_rejected,
