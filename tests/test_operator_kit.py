@@ -21,6 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "callstatus.json"
 RULES = ROOT / "deploy" / "k8s" / "base" / "shared" / "prometheusrule.yaml"
+SHARED = ROOT / "deploy" / "k8s" / "base" / "shared" / "kustomization.yaml"
 METRIC = re.compile(r"\bcallstatus_[a-z0-9_]+\b")
 
 
@@ -48,6 +49,15 @@ def named_metrics() -> set[str]:
     """Every metric name the dashboard and the alert rules use."""
     exprs = dashboard_exprs() + [a["expr"] for a in alerts()]
     return {name for expr in exprs for name in METRIC.findall(expr)}
+
+
+def configured_spool_cap() -> int:
+    """CALLSTATUS_SPOOL_MAX_BYTES as the manifests' ConfigMap sets it (tests/test_deploy.py
+    checks that it is the service's default and that the volumes exceed it)."""
+    shared = yaml.safe_load(SHARED.read_text(encoding="utf-8"))
+    [generator] = [g for g in shared["configMapGenerator"] if g["name"] == "callstatus-config"]
+    literals = dict(literal.split("=", 1) for literal in generator["literals"])
+    return int(literals["CALLSTATUS_SPOOL_MAX_BYTES"])
 
 
 def promtool() -> str:
@@ -87,8 +97,41 @@ def test_dashboard_covers_what_operators_watch() -> None:
         "callstatus_processor_events_total",  # changes and rejections by reason
         "callstatus_producer_rebuilds_total",
         "callstatus_producer_usable",
+        # the spool row: events, bytes vs cap, oldest age, appends vs drained, tail cuts
+        "callstatus_spool_events",
+        "callstatus_spool_bytes",
+        "callstatus_spool_oldest_age_seconds",
+        "callstatus_spool_appends_total",
+        "callstatus_spool_drained_total",
+        "callstatus_spool_corrupt_bytes_total",
     ):
         assert metric in used, f"the dashboard lacks {metric}"
+
+
+def test_spool_cap_written_in_the_kit_is_the_configured_one() -> None:
+    # The service exports no cap metric, so the filling alert and the dashboard's cap
+    # line carry the number: it must follow CALLSTATUS_SPOOL_MAX_BYTES.
+    cap = configured_spool_cap()
+    [filling] = [a for a in alerts() if a["alert"] == "CallstatusSpoolFilling"]
+    assert re.search(r"callstatus_spool_bytes\b.*> 0\.5 \* (\d+)\s*$", filling["expr"].strip())
+    assert re.findall(r"> 0\.5 \* (\d+)", filling["expr"]) == [str(cap)]
+    [panel] = [p for p in dashboard()["panels"] if p["title"] == "Spool bytes vs cap"]
+    exprs = [t["expr"] for t in panel["targets"]]
+    assert f"vector({cap})" in exprs
+    assert f"vector(0.5 * {cap})" in exprs
+
+
+def test_spool_alerts_exist() -> None:
+    names = {a["alert"]: a for a in alerts()}
+    for name, metric in (
+        ("CallstatusSpoolFilling", "callstatus_spool_bytes"),
+        ("CallstatusSpoolOldEvents", "callstatus_spool_oldest_age_seconds"),
+        ("CallstatusSpoolCorruptTail", "callstatus_spool_corrupt_bytes_total"),
+    ):
+        assert metric in names[name]["expr"], name
+    # With the spool on, an unusable producer means 202s from the spool, not 503s.
+    unusable = names["CallstatusProducerUnusable"]["annotations"]["description"]
+    assert "spool" in unusable and "503 only" in unusable
 
 
 def test_every_alert_has_a_severity_a_summary_and_a_runbook_line() -> None:
@@ -127,11 +170,11 @@ def test_promql_parses(tmp_path: Path) -> None:
 INGEST = 'instance="ingest-0", route="/v1/call-status"'
 
 
-def fired(alert: str, summary: str) -> dict[str, Any]:
-    """An expected firing of ``alert`` on ingest-0, with its rendered summary."""
+def fired(alert: str, summary: str, instance: str = "ingest-0") -> dict[str, Any]:
+    """An expected firing of ``alert`` on ``instance``, with its rendered summary."""
     [rule] = [a for a in alerts() if a["alert"] == alert]
     annotations = {**rule["annotations"], "summary": summary}
-    labels = {"severity": rule["labels"]["severity"], "instance": "ingest-0"}
+    labels = {"severity": rule["labels"]["severity"], "instance": instance}
     return {"exp_labels": labels, "exp_annotations": annotations}
 
 
@@ -163,17 +206,67 @@ def alert_tests() -> dict[str, Any]:
     return {
         "rule_files": ["rules.yml"],
         "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": [{"series": s, "values": v} for s, v in series.items()],
-                "alert_rule_test": [
-                    {"eval_time": at, "alertname": name, "exp_alerts": expected}
-                    for at, name, expected in checks
-                ],
-            }
+        "tests": [promtool_test(series, checks), promtool_test(*spool_alert_tests())],
+    }
+
+
+Check = tuple[str, str, list[dict[str, Any]]]
+
+
+def promtool_test(series: dict[str, str], checks: list[Check]) -> dict[str, Any]:
+    return {
+        "interval": "1m",
+        "input_series": [{"series": s, "values": v} for s, v in series.items()],
+        "alert_rule_test": [
+            {"eval_time": at, "alertname": name, "exp_alerts": expected}
+            for at, name, expected in checks
         ],
     }
+
+
+def spool_alert_tests() -> tuple[dict[str, str], list[Check]]:
+    """Three pods. Kafka goes away for ingest-0 at minute 5: its spool grows past half
+    the cap from minute 8 on and its oldest event ages a minute per minute. ingest-1
+    passes half the cap for 3 minutes only (under the 5 min `for`). processor-0 has no
+    spool (gauges at 0). Torn tails: ingest-0's container restarts at minute 10 and its
+    counter goes 0 -> 4096 on the same instance; ingest-2 is a new pod whose series is
+    born at 4096 (the cut happens before the first scrape) -- the case increase() alone
+    would miss."""
+    cap = configured_spool_cap()
+    half = cap // 2
+    series = {
+        'callstatus_spool_bytes{instance="ingest-0"}': f"0x4 {half // 2}x2 {half + 1}x30",
+        'callstatus_spool_bytes{instance="ingest-1"}': f"0x4 {cap}x2 0x30",
+        'callstatus_spool_bytes{instance="processor-0"}': "0x40",
+        'callstatus_spool_oldest_age_seconds{instance="ingest-0"}': "0x4 0+60x30",
+        'callstatus_spool_oldest_age_seconds{instance="ingest-1"}': "0x4 60 120 180 0x30",
+        'callstatus_spool_oldest_age_seconds{instance="processor-0"}': "0x40",
+        'callstatus_spool_corrupt_bytes_total{instance="ingest-0"}': "0x9 _ 4096x30",
+        'callstatus_spool_corrupt_bytes_total{instance="ingest-2"}': "_x10 4096x30",
+        'callstatus_spool_corrupt_bytes_total{instance="processor-0"}': "0x40",
+    }
+    filling = fired(
+        "CallstatusSpoolFilling",
+        "ingest-0: the spool holds 128Mi" + "B, over half of its cap",
+    )
+    old = fired(
+        "CallstatusSpoolOldEvents", "ingest-0: an accepted event has waited 6m 0s in the spool"
+    )
+    cut = "the spool cut a torn or corrupt tail at start"
+    corrupt = [
+        fired("CallstatusSpoolCorruptTail", f"ingest-0: {cut}"),
+        fired("CallstatusSpoolCorruptTail", f"ingest-2: {cut}", "ingest-2"),
+    ]
+    checks: list[Check] = [
+        ("12m", "CallstatusSpoolFilling", []),  # over half since minute 8: pending
+        ("13m", "CallstatusSpoolFilling", [filling]),  # only ingest-0: 5 min over half
+        ("10m", "CallstatusSpoolOldEvents", []),  # 300 s is not over 5 min
+        ("11m", "CallstatusSpoolOldEvents", [old]),
+        ("9m", "CallstatusSpoolCorruptTail", []),
+        ("12m", "CallstatusSpoolCorruptTail", corrupt),  # a cut seen either way
+        ("35m", "CallstatusSpoolCorruptTail", []),  # resolves: no new cut for 15 min
+    ]
+    return series, checks
 
 
 def test_alerts_fire_on_their_condition_only(tmp_path: Path) -> None:
