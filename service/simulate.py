@@ -145,6 +145,7 @@ class Run:
     answers: Counter[str] = field(default_factory=Counter)  # every attempt's answer
     seconds: float = 0.0
     predicted: bool = False  # expected is complete
+    repeats: int = 0  # accepted deliveries of an event already accepted (same eventId)
 
 
 class Progress:
@@ -318,9 +319,17 @@ class Reader:
 def predict(run: Run) -> None:
     """The state machine's verdict for every accepted request, call by call."""
     by_call: dict[str, list[Sent]] = {}
+    judged: set[str] = set()
     for sent in run.sent:
-        if sent.event_id is not None:
-            by_call.setdefault(sent.delivery.call_id, []).append(sent)
+        # The eventId is derived from the body, so a delivery of the same bytes again
+        # (a retry, a duplicate) is the same event: the processor judges it once.
+        if sent.event_id is None:
+            continue
+        if sent.event_id in judged:
+            run.repeats += 1
+            continue
+        judged.add(sent.event_id)
+        by_call.setdefault(sent.delivery.call_id, []).append(sent)
     for sents in by_call.values():
         verdicts = expected_outcomes([s.delivery.body for s in sents])
         for sent, verdict in zip(sents, verdicts, strict=True):
@@ -406,7 +415,7 @@ class Verdict:
 
 def judge(run: Run) -> Verdict:
     """Account for every accepted request against what was read back."""
-    v = Verdict()
+    v = Verdict(duplicates_dropped=run.repeats)
     call_of = {s.event_id: s.delivery.call_id for s in run.sent if s.event_id is not None}
     v.server_errors = sum(
         n for code, n in run.answers.items() if code.startswith("5") and code != "503"
