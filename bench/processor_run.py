@@ -1,0 +1,119 @@
+"""The processor over a preloaded ingest topic: ``callstatus serve`` with
+``ROLE=processor`` (exactly-once on: one transaction per partition batch), timed from
+ready (partitions assigned and restored) until the group's committed offsets reach the
+end of the ingest topic. Then the state topic's bytes per call."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from bench.data import chunks, lifecycles
+from bench.profile import Recording
+from service.settings import Role
+from tests.integration.kafkautil import (
+    ServiceProcess,
+    create_topics,
+    expected_outcomes,
+    produce,
+    read_committed,
+    settings_for,
+)
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def _ends(bootstrap: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)
+        return ends
+    finally:
+        await consumer.stop()
+
+
+async def run(
+    bootstrap: str,
+    log_dir: Path,
+    calls: int,
+    progress: Callable[[str], None],
+    profile_to: Path | None = None,
+) -> dict[str, object]:
+    unique = f"bench-proc-{uuid.uuid4().hex[:8]}"
+    settings = settings_for(bootstrap, unique, role=Role.PROCESSOR)
+    partitions = settings.topic_partitions
+    await create_topics(bootstrap, [settings.topic_ingest], partitions)
+    events = lifecycles(calls)
+    expected = expected_outcomes(events)
+    accepted = sum(len(v) for v in expected.changes.values())
+    rejected = sum(len(v) for v in expected.rejected.values())
+    progress(f"preloading {len(events):,} events of {calls:,} calls")
+    for chunk in chunks(events, 20_000):
+        await produce(bootstrap, settings.topic_ingest, chunk)
+    tps = [TopicPartition(settings.topic_ingest, p) for p in range(partitions)]
+    ends = await _ends(bootstrap, tps)
+
+    proc = ServiceProcess(settings, log_dir, "processor")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    recording: Recording | None = None
+    try:
+        await proc.wait_ready(deadline_s=120)
+        ready = time.perf_counter()
+        if profile_to is not None:
+            recording = Recording(proc.proc.pid, profile_to)
+        progress("processor ready; waiting for its committed offsets to reach the end")
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + max(120.0, len(events) / 500)
+        while True:
+            committed = await admin.list_consumer_group_offsets(settings.consumer_group)
+            done = sum(min(committed[tp].offset, ends[tp]) for tp in tps if tp in committed)
+            if done >= sum(ends.values()):
+                break
+            if loop.time() > give_up:
+                raise TimeoutError(f"processor judged {done} of {len(events)} events in time")
+            if not proc.alive():
+                raise RuntimeError(f"processor exited: {proc.log_path.read_text()[-3000:]}")
+            await asyncio.sleep(0.1)  # polling interval
+        elapsed = time.perf_counter() - ready
+        rss = _rss_bytes(proc.proc.pid)
+    finally:
+        if recording is not None:
+            summary = recording.stop()
+            (profile_to or Path()).with_suffix(".summary.txt").write_text("\n".join(summary))
+        await admin.close()
+        await asyncio.to_thread(proc.terminate, 60)
+
+    progress("reading the committed changes and the state topic")
+    changes = await read_committed(bootstrap, settings.topic_changes, accepted, settle_s=1.0)
+    states = await read_committed(bootstrap, settings.topic_state, calls, settle_s=1.0)
+    latest: dict[bytes, int] = {}
+    for r in states:
+        size = len(r.key or b"") + len(r.value or b"")
+        size += sum(len(k) + len(v) for k, v in r.headers)
+        latest[r.key or b""] = size if r.value is not None else 0
+    live = [n for n in latest.values() if n]
+    return {
+        "events": len(events),
+        "calls": calls,
+        "expected_changes": accepted,
+        "expected_rejections": rejected,
+        "changes": len(changes),
+        "seconds": elapsed,
+        "events_per_s": len(events) / elapsed,
+        "rss_bytes": rss,
+        "state_calls": len(live),
+        "state_bytes_per_call": sum(live) / len(live) if live else 0.0,
+    }
