@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -99,6 +100,7 @@ def machine() -> dict[str, Any]:
         "cpu": cpu,
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg(),
+        "load_average_at_end": None,
         "note": "shared machine: other work may have run during the measurement",
     }
 
@@ -131,6 +133,7 @@ class Bench:
         count = int((rate or CLOSED_LOOP_CEILING) * seconds * 1.05) + 10
         targets = self.targets(url, count)
         rep = await load.attack(self.vegeta, targets, self.work / "results.bin", seconds, rate)
+        rep = dataclasses.replace(rep, load_average=os.getloadavg()[0])
         if rep.requests > count:
             progress(f"  note: {rep.requests} requests > {count} targets: some were repeated")
         return rep
@@ -243,6 +246,7 @@ class Bench:
         progress(f"state memory per call at {', '.join(f'{n:,}' for n in plan.memory_calls)}")
         memory = await _python_json("bench.memory", *map(str, plan.memory_calls))
         results["memory_bytes_per_call"] = memory
+        results["machine"]["load_average_at_end"] = os.getloadavg()
         return results
 
 
@@ -275,8 +279,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
+    arguments = parse(sys.argv[1:])
+    Path(arguments.out).mkdir(parents=True, exist_ok=True)  # profiles land there first
     try:
-        sys.exit(asyncio.run(main(parse(sys.argv[1:]))))
+        sys.exit(asyncio.run(main(arguments)))
     except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -23,6 +23,12 @@ CACHE = BENCH / ".cache"
 BIN = CACHE / "bin"
 VEGETA_MODULE = "github.com/tsenart/vegeta/v12@v12.13.0"
 CLOSED_LOOP_WORKERS = 64  # as wrk -c 64 in the first measurements
+# Open loop: vegeta starts a worker, and so a TCP connection, for every request that finds
+# no idle one. Uncapped, one hiccup (a GC pause, a busy neighbour) makes it open
+# thousands, the listen queue overflows (SYN retried after 1 s, then 3 s) and the run
+# measures the kernel's backlog instead of the server. With a cap, a request waiting for a
+# connection still counts its wait: latency runs from its scheduled send time.
+OPEN_LOOP_CONNECTIONS = 128
 
 
 def _go_env() -> dict[str, str]:
@@ -56,6 +62,8 @@ class Report:
     p99_ms: float
     max_ms: float
     codes: dict[str, int]
+    # The machine's 1-minute load average right after the attack (it is shared).
+    load_average: float | None = None
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)
@@ -88,7 +96,11 @@ async def attack(
         workers = str(CLOSED_LOOP_WORKERS)
         args += ["-rate=0", f"-workers={workers}", f"-max-workers={workers}"]
     else:
-        args += [f"-rate={round(rate)}/1s", "-workers=64"]
+        args += [
+            f"-rate={round(rate)}/1s",
+            "-workers=64",
+            f"-max-connections={OPEN_LOOP_CONNECTIONS}",
+        ]
     await _run(*args)
     summary = json.loads(await _run(str(vegeta), "report", "-type=json", str(results)))
     lat = summary["latencies"]

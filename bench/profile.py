@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,8 +15,10 @@ class Recording:
     """py-spy sampling a process until :meth:`stop`; raw (collapsed) stacks in ``path``."""
 
     def __init__(self, pid: int, path: Path) -> None:
-        exe = shutil.which("py-spy") or str(Path(__file__).parents[1] / ".venv/bin/py-spy")
+        beside = Path(sys.executable).parent / "py-spy"  # the bench extra's
+        exe = str(beside) if beside.exists() else shutil.which("py-spy") or "py-spy"
         self.path = path
+        self._log = path.with_suffix(".log").open("wb")
         self.proc = subprocess.Popen(
             [
                 exe,
@@ -27,17 +30,19 @@ class Recording:
                 "--rate",
                 "200",
                 "--nonblocking",
+                "--function",  # one frame per function, not per line
                 "--output",
                 str(path),
             ],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=self._log,
         )
 
     def stop(self) -> list[str]:
         """End the recording (py-spy writes its file on SIGINT) and summarise it."""
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(timeout=60)
+        self._log.close()
         return summarise(self.path)
 
 

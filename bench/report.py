@@ -33,6 +33,11 @@ def _ratio(a: float, b: float, of: str) -> str:
     return f"{a / b:.2f}x {of}" if b and not math.isnan(a) and not math.isnan(b) else ""
 
 
+def _load(rep: dict[str, Any]) -> str:
+    load = rep.get("load_average")
+    return f", load {load:.1f}" if load is not None else ""
+
+
 def _verdict(ok: bool, target: str) -> str:
     return f"{target} {'✓' if ok else '✗'}"
 
@@ -53,7 +58,7 @@ def rows(r: dict[str, Any]) -> list[Row]:
             Row(
                 f"{name}: max, closed loop ({r['config']['closed_workers']} conns)",
                 f"{_num(rep['throughput'])} req/s, p50 {_num(rep['p50_ms'])} ms, "
-                f"p99 {_num(rep['p99_ms'])} ms, {rep['success']:.1%} 2xx",
+                f"p99 {_num(rep['p99_ms'])} ms, {rep['success']:.1%} 2xx{_load(rep)}",
                 ratio,
                 target,
             )
@@ -69,7 +74,7 @@ def rows(r: dict[str, Any]) -> list[Row]:
                     f"{name}: open loop at {fraction:.2f}x its max",
                     f"{_num(rep['offered'])} req/s offered, {_num(rep['throughput'])} done, "
                     f"p50 {_num(rep['p50_ms'])} ms, p99 {_num(rep['p99_ms'])} ms, "
-                    f"{rep['success']:.1%} 2xx",
+                    f"{rep['success']:.1%} 2xx{_load(rep)}",
                     "",
                     target,
                 )
