@@ -178,12 +178,17 @@ def _chart(r: dict[str, Any], path: Path) -> Path | None:
             color=line.get_color(),
             label=f"{name} p50",
         )
+    ax.axhline(25, color="grey", linestyle=":", linewidth=1, label="issue 10: p99 ≤ 25 ms at ½ max")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("offered rate, requests/s (open loop, vegeta)")
     ax.set_ylabel("latency, ms")
     m = r["machine"]
-    ax.set_title(f"POST /v1/call-status latency vs offered rate — {m['cpus']} CPUs, {m['cpu']}")
+    load = m["load_average_at_start"][0]
+    ax.set_title(
+        f"POST /v1/call-status latency vs offered rate\n{m['cpus']} CPUs ({m['cpu']}), shared "
+        f"with the broker, the load generator and other work; load {load:.1f} at start"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
