@@ -21,6 +21,7 @@ from tests.integration.kafkautil import (
     ServiceProcess,
     create_topics,
     expected_outcomes,
+    partitions_of,
     produce,
     read_committed,
     settings_for,
@@ -42,6 +43,31 @@ async def _ends(bootstrap: str, tps: list[TopicPartition]) -> dict[TopicPartitio
         return ends
     finally:
         await consumer.stop()
+
+
+async def committed_total(
+    admin: AIOKafkaAdminClient, group: str, ends: dict[TopicPartition, int]
+) -> int:
+    """How many of the records before ``ends`` the group has committed past."""
+    committed = await admin.list_consumer_group_offsets(group)
+    return sum(min(committed[tp].offset, end) for tp, end in ends.items() if tp in committed)
+
+
+async def wait_caught_up(bootstrap: str, group: str, topic: str, deadline_s: float) -> None:
+    """Until ``group`` has committed every record ``topic`` holds now."""
+    partitions = await partitions_of(bootstrap, topic, asyncio.get_running_loop().time() + 30)
+    ends = await _ends(bootstrap, partitions)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + deadline_s
+        while await committed_total(admin, group, ends) < sum(ends.values()):
+            if loop.time() > give_up:
+                raise TimeoutError(f"{group} did not catch up with {topic}")
+            await asyncio.sleep(0.2)  # polling interval
+    finally:
+        await admin.close()
 
 
 async def run(
@@ -78,8 +104,7 @@ async def run(
         loop = asyncio.get_running_loop()
         give_up = loop.time() + max(120.0, len(events) / 500)
         while True:
-            committed = await admin.list_consumer_group_offsets(settings.consumer_group)
-            done = sum(min(committed[tp].offset, ends[tp]) for tp in tps if tp in committed)
+            done = await committed_total(admin, settings.consumer_group, ends)
             if done >= sum(ends.values()):
                 break
             if loop.time() > give_up:

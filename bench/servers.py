@@ -34,6 +34,8 @@ class Server:
     log_path: Path
     topic: str | None = None
     service: ServiceProcess | None = field(default=None, repr=False)
+    # The processor's consumer group, when the server runs one (ROLE=all).
+    group: str | None = None
 
     @property
     def pid(self) -> int:
@@ -89,6 +91,7 @@ async def service(
         proc.log_path,
         settings.topic_ingest,
         proc,
+        settings.consumer_group if role.runs_processor else None,
     )
     await _wait_ready(server)
     return server
