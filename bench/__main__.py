@@ -42,7 +42,7 @@ from tests.integration.kafkautil import create_topics, private_broker
 
 ROOT = Path(__file__).resolve().parents[1]
 # Above the fastest server's closed-loop rate, so no target is ever sent twice.
-CLOSED_LOOP_CEILING = 20_000
+CLOSED_LOOP_CEILING = 30_000
 
 
 @dataclass(frozen=True)
