@@ -132,11 +132,16 @@ class Bench:
         path = self.work / "targets.json"
         return write_targets(path, url, count, uuid.uuid4().hex, int(time.time()))
 
-    async def attack(self, url: str, seconds: float, rate: float | None) -> load.Report:
+    async def attack(
+        self, server: servers.Server, seconds: float, rate: float | None
+    ) -> load.Report:
         count = int((rate or CLOSED_LOOP_CEILING) * seconds * 1.05) + 10
-        targets = self.targets(url, count)
+        targets = self.targets(server.url, count)
+        cpu = server.cpu_seconds()
         rep = await load.attack(self.vegeta, targets, self.work / "results.bin", seconds, rate)
-        rep = dataclasses.replace(rep, load_average=os.getloadavg()[0])
+        # CPU per request moves far less than req/s when neighbours take the cores.
+        cpu_us = (server.cpu_seconds() - cpu) / max(1, rep.requests) * 1e6
+        rep = dataclasses.replace(rep, load_average=os.getloadavg()[0], cpu_us_per_request=cpu_us)
         if rep.requests > count:
             progress(f"  note: {rep.requests} requests > {count} targets: some were repeated")
         return rep
@@ -152,7 +157,7 @@ class Bench:
         if self.profile and server.service is not None and round_ == 0:
             slug = server.name.split("=")[-1]
             recording = Recording(server.pid, self.out / f"profile-ingest-{slug}.txt")
-        rep = await self.attack(server.url, self.plan.closed_s, None)
+        rep = await self.attack(server, self.plan.closed_s, None)
         if recording is not None:
             summary = recording.stop()
             recording.path.with_suffix(".summary.txt").write_text("\n".join(summary))
@@ -175,7 +180,7 @@ class Bench:
                 running.append(await start())
             for server in running:
                 progress(f"{server.name}: warming up")
-                await self.attack(server.url, min(2.0, self.plan.closed_s), 50)
+                await self.attack(server, min(2.0, self.plan.closed_s), 50)
                 await self.settle(server)
             rounds: dict[str, list[load.Report]] = {s.name: [] for s in running}
             for round_ in range(self.plan.closed_rounds):
@@ -190,7 +195,7 @@ class Bench:
             for fraction in self.plan.fractions:
                 for server in running:
                     rate = max(1.0, best[server.name].throughput * fraction)
-                    rep = await self.attack(server.url, self.plan.open_s, rate)
+                    rep = await self.attack(server, self.plan.open_s, rate)
                     await self.settle(server)
                     progress(
                         f"{server.name}: open loop {rate:,.0f}/s: p50 {rep.p50_ms:.1f} ms, "
@@ -256,7 +261,7 @@ class Bench:
                 "e2e", bootstrap, unique, Role.ALL, work, log_format="json"
             )
             try:
-                await self.attack(server.url, min(2.0, plan.e2e_s), 20)  # warm up
+                await self.attack(server, min(2.0, plan.e2e_s), 20)  # warm up
                 targets = self.targets(server.url, int(rate * plan.e2e_s * 1.05) + 10)
                 outcome = await e2e.run(
                     self.vegeta,

@@ -64,6 +64,9 @@ class Report:
     codes: dict[str, int]
     # The machine's 1-minute load average right after the attack (it is shared).
     load_average: float | None = None
+    # CPU time the server process spent per request during the attack, in microseconds
+    # (a ROLE=all server's includes its processor's work during the attack).
+    cpu_us_per_request: float | None = None
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)

@@ -16,6 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.data import chunks, lifecycles
 from bench.profile import Recording
+from bench.servers import cpu_seconds
 from service.settings import Role
 from tests.integration.kafkautil import (
     ServiceProcess,
@@ -98,6 +99,7 @@ async def run(
     try:
         await proc.wait_ready(deadline_s=120)
         ready = time.perf_counter()
+        cpu = cpu_seconds(proc.proc.pid)
         if profile_to is not None:
             recording = Recording(proc.proc.pid, profile_to)
         progress("processor ready; waiting for its committed offsets to reach the end")
@@ -113,6 +115,7 @@ async def run(
                 raise RuntimeError(f"processor exited: {proc.log_path.read_text()[-3000:]}")
             await asyncio.sleep(0.1)  # polling interval
         elapsed = time.perf_counter() - ready
+        cpu = cpu_seconds(proc.proc.pid) - cpu
         rss = _rss_bytes(proc.proc.pid)
     finally:
         if recording is not None:
@@ -138,6 +141,7 @@ async def run(
         "changes": len(changes),
         "seconds": elapsed,
         "events_per_s": len(events) / elapsed,
+        "cpu_us_per_event": cpu / len(events) * 1e6,
         "rss_bytes": rss,
         "state_calls": len(live),
         "state_bytes_per_call": sum(live) / len(live) if live else 0.0,

@@ -47,10 +47,13 @@ def rows(r: dict[str, Any]) -> list[Row]:
     closed = r["closed_loop"]
     go = closed[GO_PEER]["throughput"]
     bare = closed[BARE]["throughput"]
+    go_cpu = closed[GO_PEER].get("cpu_us_per_request") or math.nan
     for name, rep in closed.items():
         ratio = _ratio(rep["throughput"], go, GO_PEER) if name != GO_PEER else ""
         if name in (SERVICE_INGEST, SERVICE_ALL):
             ratio += f", {_ratio(rep['throughput'], bare, BARE)}"
+            cpu = rep.get("cpu_us_per_request") or math.nan
+            ratio += f"; CPU/request {_ratio(cpu, go_cpu, GO_PEER)}"
         target = ""
         if name == SERVICE_INGEST:
             target = _verdict(rep["throughput"] >= 0.6 * go, "≥ 0.6x Go peer")
@@ -58,7 +61,8 @@ def rows(r: dict[str, Any]) -> list[Row]:
             Row(
                 f"{name}: max, closed loop ({r['config']['closed_workers']} conns)",
                 f"{_num(rep['throughput'])} req/s, p50 {_num(rep['p50_ms'])} ms, "
-                f"p99 {_num(rep['p99_ms'])} ms, {rep['success']:.1%} 2xx{_load(rep)}",
+                f"p99 {_num(rep['p99_ms'])} ms, {rep['success']:.1%} 2xx, "
+                f"{_num(rep.get('cpu_us_per_request') or math.nan)} µs CPU/request{_load(rep)}",
                 ratio,
                 target,
             )
@@ -99,8 +103,8 @@ def rows(r: dict[str, Any]) -> list[Row]:
     out.append(
         Row(
             f"processor, exactly-once, {p['events']:,} events of {p['calls']:,} calls",
-            f"{_num(p['events_per_s'])} events/s ({p['changes']:,} changes, "
-            f"{p['expected_changes']:,} expected)",
+            f"{_num(p['events_per_s'])} events/s, {_num(p['cpu_us_per_event'])} µs CPU/event "
+            f"({p['changes']:,} changes, {p['expected_changes']:,} expected)",
             "",
             _verdict(p["events_per_s"] >= 20_000, "≥ 20,000/s"),
         )

@@ -4,6 +4,7 @@ service (``callstatus serve``), the bare Starlette floor and the Go peer."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -17,6 +18,12 @@ from tests.integration.kafkautil import ServiceProcess, free_port, settings_for
 
 INGEST = "/v1/call-status"
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _spawn(args: list[str], log_path: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
@@ -40,6 +47,9 @@ class Server:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
 
     async def stop(self) -> None:
         if self.service is not None:

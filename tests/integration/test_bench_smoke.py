@@ -48,6 +48,7 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
         assert closed["requests"] > 0 and closed["throughput"] > 0, name
         # Valid, signed, unique requests: anything but 202 is a harness or server bug.
         assert closed["codes"] == {"202": closed["requests"]}, (name, closed["codes"])
+        assert closed["cpu_us_per_request"] > 0, name
         for rep in r["open_loop"][name]:
             assert rep["offered"] > 0 and rep["codes"] == {"202": rep["requests"]}, name
             assert 0 < rep["p50_ms"] <= rep["p99_ms"], name
@@ -57,6 +58,7 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
 
     p = r["processor"]
     assert p["events"] > p["calls"] > 0 and p["events_per_s"] > 0
+    assert p["cpu_us_per_event"] > 0
     # The lifecycles carry late steps: some events must have been rejected.
     assert p["expected_rejections"] > 0
     assert p["changes"] == p["expected_changes"], "exactly-once: one change per accepted event"
