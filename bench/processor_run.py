@@ -6,6 +6,7 @@ end of the ingest topic. Then the state topic's bytes per call."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from bench.data import chunks, lifecycles
 from bench.profile import Recording
 from bench.servers import cpu_seconds
-from service.settings import Role
+from service.settings import Role, Settings
 from tests.integration.kafkautil import (
     ServiceProcess,
     create_topics,
@@ -133,6 +134,7 @@ async def run(
         size += sum(len(k) + len(v) for k, v in r.headers)
         latest[r.key or b""] = size if r.value is not None else 0
     live = [n for n in latest.values() if n]
+    restore = await _restore(settings, log_dir, progress)
     return {
         "events": len(events),
         "calls": calls,
@@ -145,4 +147,29 @@ async def run(
         "rss_bytes": rss,
         "state_calls": len(live),
         "state_bytes_per_call": sum(live) / len(live) if live else 0.0,
+        **restore,
     }
+
+
+async def _restore(
+    settings: Settings, log_dir: Path, progress: Callable[[str], None]
+) -> dict[str, object]:
+    """A second processor of the same group starts over the state the first one left:
+    the time it takes to restore every call, as its "states restored" log line says
+    (whatever the state format is), and from start to ready (group join included)."""
+    progress("restoring the processor's state in a new process")
+    started = time.perf_counter()
+    proc = ServiceProcess(settings, log_dir, "processor-restore")
+    try:
+        await proc.wait_ready(deadline_s=300)
+        ready_s = time.perf_counter() - started
+    finally:
+        await asyncio.to_thread(proc.terminate, 60)
+    calls, seconds = 0, 0.0
+    for line in proc.log_path.read_text().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("event") == "states restored":
+                calls += int(entry.get("calls", 0))
+                seconds += float(entry.get("seconds", 0.0))
+    return {"restore_calls": calls, "restore_seconds": seconds, "restore_ready_seconds": ready_s}

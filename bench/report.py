@@ -109,6 +109,17 @@ def rows(r: dict[str, Any]) -> list[Row]:
             _verdict(p["events_per_s"] >= 20_000, "≥ 20,000/s"),
         )
     )
+    if p.get("restore_calls"):
+        per_million = p["restore_seconds"] / p["restore_calls"] * 1e6
+        out.append(
+            Row(
+                f"processor restore of {p['restore_calls']:,} calls (a new process)",
+                f"{_num(p['restore_seconds'])} s, {_num(per_million)} s per 1M calls (linear); "
+                f"{_num(p['restore_ready_seconds'])} s from start to ready",
+                "",
+                _verdict(per_million <= 10, "1M in seconds (≤ 10 s)"),
+            )
+        )
     for e in r["end_to_end"]:
         target = ""
         if e["offered"] >= 2000:

@@ -63,6 +63,8 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
     assert p["expected_rejections"] > 0
     assert p["changes"] == p["expected_changes"], "exactly-once: one change per accepted event"
     assert p["state_calls"] == p["calls"] and p["state_bytes_per_call"] > 0
+    # A new processor restores exactly the calls the first one left.
+    assert p["restore_calls"] == p["calls"] and p["restore_ready_seconds"] > 0
 
     (e2e,) = r["end_to_end"]
     assert e2e["accepted"] > 0 and e2e["visible"] == e2e["accepted"]
@@ -73,7 +75,7 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
 
     table = (out / "table.md").read_text()
     assert table in run.stdout
-    assert len(table.splitlines()) == 2 + 4 + 4 + 1 + 1 + 1 + 1 + 1 + 1
+    assert len(table.splitlines()) == 2 + 4 + 4 + 1 + 1 + 1 + 1 + 1 + 1 + 1
     try:
         import matplotlib  # noqa: F401
     except ImportError:
