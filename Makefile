@@ -51,9 +51,16 @@ test: lint kafka-up
 image-test: venv
 	$(BIN)/python -m tests.image.check_image
 
-# Per-request cost of the ingest handler next to a bare Starlette endpoint.
-bench: venv
-	$(BIN)/python -m bench.ingest_overhead
+# The benchmark of issue 10 (several minutes; needs Go and Java): a private broker on
+# BENCH_KAFKA_PORT, the service, the Go peer and the baselines under load; the table is
+# printed and bench/results/ gets results.json, table.md and latency.png.
+BENCH_KAFKA_PORT ?= 20400
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: $(BIN)/.bench-installed
+	$(BIN)/python -m bench --kafka-port $(BENCH_KAFKA_PORT)
 
 schemas: venv
 	$(BIN)/python -m schemas.export

@@ -3,7 +3,8 @@
 Drives both ASGI apps directly (no sockets, no Kafka: the publisher returns at once),
 with a realistic signed webhook, and prints microseconds per request and the ratio.
 It measures our per-event work: size cap, HMAC, one JSON parse, validation, encoding,
-metrics and the JSON access-log line. Run with ``make bench``; never asserted in tests.
+metrics and the JSON access-log line. ``make bench`` runs it as one of its figures
+(``python -m bench.ingest_overhead [N]`` prints one JSON object).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ async def per_request_us(app: ASGIApp, n: int) -> float:
     return elapsed / n * 1e6
 
 
-async def main(n: int = 20000) -> None:
+async def main(n: int = 20000) -> dict[str, float]:
     logs.configure("INFO", "json")
     settings = Settings.model_validate({"signing_secrets": (SECRET,)})
     ours = create_app(settings, InstantPublisher())
@@ -94,12 +95,12 @@ async def main(n: int = 20000) -> None:
     await per_request_us(baseline, 500)
     b = min([await per_request_us(baseline, n) for _ in range(3)])
     o = min([await per_request_us(ours, n) for _ in range(3)])
-    print(f"bare starlette {b:7.1f} us/request", file=sys.stdout)
-    print(f"ingest         {o:7.1f} us/request  ({o / b:.1f}x)", file=sys.stdout)
+    return {"bare_us": b, "ingest_us": o}
 
 
 if __name__ == "__main__":
     # The access log goes to /dev/null: rendering it is part of the cost we measure.
     with open(os.devnull, "w") as devnull:
         sys.stderr = devnull
-        asyncio.run(main())
+        result = asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 20000))
+    print(json.dumps(result), file=sys.stdout)
