@@ -91,7 +91,8 @@ async def service(
         role=role,
         verify_signatures=True,
         signing_secrets=(SECRET,),
-        **overrides,
+        # One spool per process: two nodes started from one folder must not share it.
+        **{"spool_dir": log_dir / f"{name}-spool", **overrides},
     )
     proc = ServiceProcess(settings, log_dir, name)
     server = Server(

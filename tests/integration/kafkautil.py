@@ -247,6 +247,8 @@ def settings_env(settings: Settings, port: int) -> dict[str, str]:
         CALLSTATUS_PRODUCE_TIMEOUT_SECONDS=str(settings.produce_timeout_seconds),
         CALLSTATUS_PRODUCE_DELIVERY_TIMEOUT_SECONDS=str(settings.produce_delivery_timeout_seconds),
         CALLSTATUS_SPOOL_ENABLED=str(settings.spool_enabled).lower(),
+        # Relative paths resolve in the process's working directory (its log folder).
+        CALLSTATUS_SPOOL_DIR=str(settings.spool_dir),
         CALLSTATUS_HOST="127.0.0.1",
         CALLSTATUS_PORT=str(port),
         CALLSTATUS_LOG_FORMAT="json",

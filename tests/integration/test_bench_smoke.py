@@ -5,12 +5,11 @@ never how fast anything was."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from tests.integration.kafkautil import ROOT
 
@@ -76,8 +75,9 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
     table = (out / "table.md").read_text()
     assert table in run.stdout
     assert len(table.splitlines()) == 2 + 4 + 4 + 1 + 1 + 1 + 1 + 1 + 1 + 1
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        pytest.skip("matplotlib (the bench extra) is not installed: no chart to check")
-    assert (out / "latency.png").read_bytes().startswith(b"\x89PNG")
+    # The chart needs the bench extra (matplotlib); without it the run still passes and
+    # simply writes no chart, which is what `make test` (dev extras only) sees.
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "latency.png").read_bytes().startswith(b"\x89PNG")
+    else:
+        assert not (out / "latency.png").exists()

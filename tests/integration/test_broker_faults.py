@@ -447,5 +447,6 @@ async def test_an_event_answered_503_lands_within_the_delivery_bound_or_never(
     finally:
         await producer.stop()
     values = [r.value for r in await read_all(address, settings.topic_ingest)]
-    assert values[0] == b'{"n":"acked"}' and values[-1] == b'{"n":"after"}'
+    # Different keys, different partitions: compare as sets, not in order.
+    assert {b'{"n":"acked"}', b'{"n":"after"}'} <= set(values)
     assert not set(refused) & set(values), "an event answered 503 landed after the bound"
