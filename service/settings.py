@@ -128,6 +128,14 @@ class Settings(BaseSettings):
             )
         if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
             raise ValueError("CALLSTATUS_KAFKA_SSL_CERTFILE and _KEYFILE go together")
+        if self.state_terminal_retention_seconds < self.signature_tolerance_seconds:
+            # A signed redelivery is accepted for the tolerance after it was signed; a
+            # finished call forgotten sooner would take it as a new call's first event.
+            raise ValueError(
+                "CALLSTATUS_STATE_TERMINAL_RETENTION_SECONDS "
+                f"({self.state_terminal_retention_seconds}) must be at least "
+                f"CALLSTATUS_SIGNATURE_TOLERANCE_SECONDS ({self.signature_tolerance_seconds})"
+            )
         topics = self.topic_names
         if len(set(topics)) != len(topics):
             raise ValueError("the four CALLSTATUS_TOPIC_* names must be distinct")
