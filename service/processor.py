@@ -307,9 +307,12 @@ async def _abort_quietly(producer: AIOKafkaProducer) -> None:
 class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     """The consumer group member, supervising one :class:`PartitionWorker` per partition."""
 
-    def __init__(self, settings: Settings, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, settings: Settings, clock: Clock = utc_now, backoff: Backoff | None = None
+    ) -> None:
         self.settings = settings
         self.clock = clock
+        self._backoff = backoff or Backoff(first=0.5, cap=30.0)
         self._options = client_options(settings)
         self._workers: dict[int, PartitionWorker] = {}
         self._lock = asyncio.Lock()
@@ -336,7 +339,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         state topic, which no restart can mend. The backoff starts over once a restart
         made progress, so a broker restart an hour after the last one is retried fast.
         """
-        backoff = Backoff(first=0.5, cap=30.0)
+        backoff = self._backoff
         while not self._stopping.is_set():
             self._progressed = False
             try:
