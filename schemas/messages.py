@@ -1,5 +1,5 @@
 """The webhook body, and every message the service writes to Kafka (docs/architecture.md,
-section 2)."""
+sections 2 and 4)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ UNPROCESSABLE_REASONS = frozenset({RejectReason.UNDECODABLE, RejectReason.UNWRIT
 
 
 class WebhookBody(BaseModel):
-    """What FreeClimb POSTs to a status callback URL (reference section 2).
+    """What FreeClimb POSTs to a status callback URL (docs/architecture.md, section 2).
 
     Only the fields the service relies on are declared; the rest (conferenceId, queueId,
     recording fields, and whatever FreeClimb adds later) are tolerated.

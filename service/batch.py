@@ -5,7 +5,7 @@ writes a plan in one Kafka transaction and, only once it committed, makes the pl
 states its own and counts its tallies. Everything that decides what the outputs are
 lives here, so it is tested without a broker (``tests/test_batch.py``).
 
-Time is event time (docs/architecture.md, section 5): each partition has a watermark,
+Time is event time (docs/architecture.md, section 7): each partition has a watermark,
 the highest ``receivedAt`` it has seen. A state is judged expired against the watermark
 when an event of its call arrives, and swept (tombstoned) when the watermark has moved
 on by ``Retention.sweep_every``. So a backlog replayed hours later makes the same

@@ -34,7 +34,7 @@ class TopicSpec:
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """The four topics of architecture section 4, with their cleanup policies."""
+    """The four topics of docs/architecture.md section 4, with their cleanup policies."""
     return [
         TopicSpec(settings.topic_ingest, {"retention.ms": str(7 * DAY_MS)}),
         TopicSpec(settings.topic_changes, {"retention.ms": str(7 * DAY_MS)}),

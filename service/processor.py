@@ -1,7 +1,7 @@
 """The processor's transactional shell: ingest topic in, one Kafka transaction per
 partition batch out. What goes into a transaction is decided by :mod:`service.batch`
 (pure); states are rebuilt by :mod:`service.restore`. The reasoning is in
-docs/architecture.md, section 6; the short of it:
+docs/architecture.md, sections 5 and 8; the short of it:
 
 * Each assigned ingest partition ``p`` has one :class:`PartitionWorker`: a transactional
   producer whose id is derived from (group, topic, p), the call states of ``p`` and its
@@ -77,6 +77,12 @@ REFUSED_FOR_GOOD: tuple[type[KafkaError], ...] = (
     InvalidTimestampError,
     PolicyViolationError,
 )
+
+
+# Upper bound on one partition's batch, transaction included. aiokafka waits without end
+# for a coordinator that does not answer; past aiokafka's transaction timeout (60 s) the
+# broker aborts the transaction anyway, so waiting longer only hides a stuck producer.
+BATCH_DEADLINE_SECONDS = 90.0
 
 
 def utc_now() -> datetime:
@@ -385,9 +391,21 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
                     # are awaited before a failure is raised: none may still be running
                     # when the restart tears the producers down.
                     results = await asyncio.gather(
-                        *(w.process(batches.get(w.tp, []), now) for w in workers),
+                        *(
+                            asyncio.wait_for(
+                                w.process(batches.get(w.tp, []), now), BATCH_DEADLINE_SECONDS
+                            )
+                            for w in workers
+                        ),
                         return_exceptions=True,
                     )
+                    for worker, result in zip(workers, results, strict=True):
+                        if isinstance(result, BaseException):
+                            log.warning(
+                                "partition batch failed",
+                                partition=worker.partition,
+                                error=repr(result),
+                            )
                     for result in results:
                         if isinstance(result, BaseException):
                             raise result

@@ -26,7 +26,7 @@ LOCAL_ENV_FILE = Path(".callstatus.env")
 
 
 class Role(StrEnum):
-    """Which stages this process runs (architecture section 1)."""
+    """Which stages this process runs (docs/architecture.md, section 1)."""
 
     ALL = "all"
     INGEST = "ingest"

@@ -26,7 +26,7 @@ S = CallStatus
 CALL_ID = "CA" + "0" * 40
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
-# The contract's table, written out independently of the code (architecture section 3).
+# The contract's table, written out independently of the code (docs/architecture.md, 3).
 EDGES = {
     (S.QUEUED, S.RINGING), (S.QUEUED, S.CANCELED), (S.QUEUED, S.FAILED), (S.QUEUED, S.BUSY),
     (S.RINGING, S.IN_PROGRESS), (S.RINGING, S.CANCELED), (S.RINGING, S.FAILED),
