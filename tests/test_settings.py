@@ -93,3 +93,12 @@ async def test_a_producer_that_never_started_refuses_instead_of_crashing() -> No
         await producer.publish(b"k", b"{}", [])
     assert exc.value.reason == "not_started"
     await producer.stop()  # stopping what never started is harmless
+
+
+def test_a_terminal_retention_shorter_than_the_signature_tolerance_is_refused() -> None:
+    # A signed redelivery is valid for the tolerance; a finished call forgotten sooner
+    # would take it as a new first event.
+    with pytest.raises(ValidationError, match="must be at least"):
+        make_settings(state_terminal_retention_seconds=299, signature_tolerance_seconds=300)
+    ok = make_settings(state_terminal_retention_seconds=300, signature_tolerance_seconds=300)
+    assert ok.state_terminal_retention_seconds == 300

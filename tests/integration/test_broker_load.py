@@ -13,6 +13,8 @@ import asyncio
 import os
 import random
 import signal
+import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -104,9 +106,19 @@ async def wait_for_progress(p: Processor, beyond: int, what: str) -> None:
 
 
 def sigkill_broker(broker: dict[str, str]) -> None:
+    """SIGKILL the broker and wait until its port is closed: a JVM takes a moment to go
+    after the signal, and the launcher refuses to start on a port still in use."""
     # The launcher records the broker's pid in its data dir (deploy/local/kafka).
     pid = int((Path(broker["KAFKA_DATA_DIR"]) / "kafka.pid").read_text().strip())
     os.kill(pid, signal.SIGKILL)
+    give_up = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", PORT), timeout=1).close()
+        except OSError:
+            return  # nobody listens any more
+        assert time.monotonic() < give_up, "the killed broker still listens"
+        time.sleep(0.2)  # polling interval
 
 
 async def test_broker_restart_and_sigkill_under_load(

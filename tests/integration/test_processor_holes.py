@@ -137,6 +137,8 @@ async def test_an_undecodable_record_goes_to_rejected_in_the_same_transaction(
         changes = await read_committed(BOOTSTRAP, settings.topic_changes, 1)
         rejected = await read_committed(BOOTSTRAP, settings.topic_rejected, 1)
     assert event_ids(changes) == [after.event_id]
+    # A worker that is gone no longer exports its partition's lag.
+    assert ("0",) not in metrics.PROCESSOR_LAG._metrics
     msg = UnprocessableMessage.model_validate_json(rejected[0].value or b"")
     assert msg.reason is RejectReason.UNDECODABLE
     assert base64.b64decode(msg.value) == b"not an event"
