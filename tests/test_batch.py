@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
 from aiokafka import ConsumerRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas.call import Call, CallStatus
 from schemas.messages import (
@@ -182,3 +185,54 @@ def test_the_sweep_tombstones_expired_states_once_the_watermark_moved_on() -> No
     # Not again until the watermark moved sweep_every further.
     q = run([event(1, cid(3), S.QUEUED, T + 2 * HOUR)], old, swept_at=p.swept_at, position=1)
     assert [o.topic for o in q.outputs] == ["changes", "state"]
+
+
+def _apply(states: dict[str, CallState], p: Plan) -> None:
+    for k, v in p.states.items():
+        if v is None:
+            states.pop(k, None)
+        else:
+            states[k] = v
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 3),  # call
+            st.sampled_from(list(CallStatus)),
+            st.integers(-5, 50),  # minutes since the previous event: skew and gaps
+        ),
+        max_size=30,
+    ),
+    st.sets(st.integers(1, 29)),
+)
+def test_how_a_backlog_is_cut_into_batches_never_changes_a_decision(
+    steps: list[tuple[int, CallStatus, int]], cuts: set[int]
+) -> None:
+    at, records = T, []
+    for offset, (call, status, minutes) in enumerate(steps):
+        at += timedelta(minutes=minutes)
+        records.append(event(offset, cid(call), status, at))
+    retention = Retention(terminal=timedelta(minutes=30), idle=timedelta(minutes=90))
+
+    def judged(bounds: list[int]) -> list[tuple[str, int, bytes | None]]:
+        states: dict[str, CallState] = {}
+        out: list[tuple[str, int, bytes | None]] = []
+        position, watermark, swept = 0, None, None
+        for lo, hi in itertools.pairwise(bounds):
+            p = run(
+                records[lo:hi],
+                states,
+                position=position,
+                watermark=watermark,
+                swept_at=swept,
+                retention=retention,
+            )
+            _apply(states, p)
+            out += [(o.topic, o.offset, o.value) for o in p.outputs if o.offset != NO_RECORD]
+            position, watermark, swept = p.next_offset or position, p.watermark, p.swept_at
+        return out
+
+    whole = judged([0, len(records)])
+    assert judged(sorted({0, len(records), *(c for c in cuts if c < len(records))})) == whole
