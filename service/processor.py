@@ -119,8 +119,9 @@ async def open_producer(options: dict[str, Any], txn_id: str) -> AIOKafkaProduce
     producer = AIOKafkaProducer(
         **options, transactional_id=txn_id, enable_idempotence=True, acks="all", linger_ms=5
     )
-    await producer.start()
     try:
+        # start() can fail with the broker away: the producer must be closed then too.
+        await producer.start()
         # An empty transaction returns only after InitProducerId: the previous owner
         # is fenced and its open transaction finished, so what we read next is final.
         await producer.begin_transaction()

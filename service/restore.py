@@ -65,8 +65,8 @@ async def restore(
         return out
     started = time.perf_counter()
     reader = AIOKafkaConsumer(**options, enable_auto_commit=False, isolation_level="read_committed")
-    await reader.start()
     try:
+        await reader.start()  # inside: a failed start must close the reader too
         tps = [TopicPartition(topic, p) for p in partitions]
         reader.assign(tps)
         await reader.seek_to_beginning(*tps)

@@ -121,8 +121,8 @@ async def produce(
         enable_idempotence=True,
         compression_type=compression,
     )
-    await producer.start()
     try:
+        await producer.start()  # inside: a start that fails must close the producer too
         futures = []
         for e in events:
             received = e.received_at or datetime.now(UTC)
