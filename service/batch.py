@@ -149,10 +149,12 @@ def plan(
         except ValidationError as exc:
             # Ingest answered 202 for whatever is here, so it must not vanish: it goes
             # to rejected, in this transaction, bytes and all.
-            detail = f"not an ingest event ({exc.error_count()} errors): {exc.errors()[0]['msg']}"
-            _unprocessable(
-                out, target, record, RejectReason.UNDECODABLE, detail, None, processed_at
-            )
+            first = exc.errors()[0]["msg"]
+            detail = f"not an ingest event ({exc.error_count()} errors): {first}"
+            # Whole, unless Kafka already refused that: then cut, as for unwritable.
+            cut = offset in unwritable
+            reason = RejectReason.UNWRITABLE if cut else RejectReason.UNDECODABLE
+            _unprocessable(out, target, record, reason, detail, None, processed_at)
             continue
         received = event.receivedAt
         if out.watermark is None or received > out.watermark:

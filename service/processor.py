@@ -186,6 +186,10 @@ class PartitionWorker:
                     if one_by_one:  # a tombstone refused: nothing we can answer for
                         raise refused.cause from None
                     one_by_one = True  # which record? write one output at a time
+                elif refused.offset in unwritable:
+                    # Even the cut rejection is refused (a rejected topic that takes
+                    # less than ~2 KiB): nothing smaller to write, so stop and say so.
+                    raise refused.cause from None
                 else:
                     unwritable.add(refused.offset)
                     log.error(

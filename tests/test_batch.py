@@ -236,3 +236,12 @@ def test_how_a_backlog_is_cut_into_batches_never_changes_a_decision(
 
     whole = judged([0, len(records)])
     assert judged(sorted({0, len(records), *(c for c in cuts if c < len(records))})) == whole
+
+
+def test_an_undecodable_record_kafka_refused_is_cut_like_an_unwritable_one() -> None:
+    raw = b"x" * (3 * UNPROCESSABLE_KEEP_BYTES)
+    p = run([record(0, raw, b"k")], unwritable={0})
+    msg = UnprocessableMessage.model_validate_json(p.outputs[0].value or b"")
+    assert msg.reason is RejectReason.UNWRITABLE and msg.truncated
+    assert base64.b64decode(msg.value) == raw[:UNPROCESSABLE_KEEP_BYTES]
+    assert "not an ingest event" in msg.detail
