@@ -11,7 +11,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -24,12 +26,14 @@ from schemas.messages import (
     UnprocessableMessage,
 )
 from service import metrics
+from service.backoff import Deadline
 from service.kafka import ensure_topics
 from service.processor import Processor, transactional_id
 from service.settings import Settings
 from tests.conftest import BOOTSTRAP
 from tests.integration.kafkautil import (
     Event,
+    ServiceProcess,
     make_call,
     produce,
     read_committed,
@@ -223,3 +227,37 @@ async def test_another_owners_offsetless_transaction_means_the_worker_is_not_cur
             finally:
                 await impostor.stop()
             assert not await p._still_current(consumer, worker)
+
+
+async def test_a_batch_in_a_codec_the_node_cannot_read_stalls_loudly_not_silently(
+    unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the codec library (as before cramjam was a dependency) snappy batches
+    cannot be read. They are not skipped (ingest acknowledged them): the node says so
+    in its log and its metrics, and keeps retrying, and ingest stays up."""
+    settings = settings_for(BOOTSTRAP, unique, topic_partitions=1, role="all")
+    await ensure_topics(settings)
+    await produce(BOOTSTRAP, settings.topic_ingest, [hook(cid(60), S.QUEUED)], "snappy")
+    hidden = tmp_path / "hide"
+    hidden.mkdir()
+    (hidden / "cramjam.py").write_text('raise ImportError("hidden by the test")\n')
+    monkeypatch.setenv("PYTHONPATH", str(hidden))
+    node = ServiceProcess(settings, tmp_path, "no-codec")
+    try:
+        deadline = Deadline(90)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.port}") as http:
+            while True:
+                assert node.alive(), node.log_path.read_text()[-3000:]
+                try:
+                    text = (await http.get("/metrics")).text
+                except httpx.TransportError:
+                    text = ""
+                if 'callstatus_processor_unreadable_total{error="UnsupportedCodecError"}' in text:
+                    break
+                assert not deadline.expired, "the unreadable batch was never reported"
+                await asyncio.sleep(0.5)  # polling interval
+            assert (await http.get("/healthz")).status_code == 200  # ingest is still up
+        assert node.logged("ingest records unreadable")
+        assert await committed_offset(settings) is None  # nothing skipped
+    finally:
+        assert node.terminate()
