@@ -346,9 +346,10 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         """Run until :meth:`stop`; restart from Kafka's committed truth after a failure.
 
         Every exception restarts (in ROLE=all the ingest endpoint shares this process,
-        so the processor must never take it down), except cancellation and a corrupt
-        state topic, which no restart can mend. The backoff starts over once a restart
-        made progress, so a broker restart an hour after the last one is retried fast.
+        so the processor must never take it down), except cancellation, and a corrupt
+        state topic on a processor-only node (no restart mends it; exiting shows it).
+        The backoff starts over once a restart made progress, so a broker restart an
+        hour after the last one is retried fast.
         """
         backoff = self._backoff
         while not self._stopping.is_set():
@@ -356,8 +357,14 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
             try:
                 await self._run_once()
                 return
-            except CorruptState:
-                raise
+            except CorruptState as exc:
+                if not self.settings.role.runs_ingest:
+                    raise  # a processor-only node exits: the supervisor shows it
+                # In ROLE=all ingest must keep taking webhooks while someone repairs
+                # the state topic; retry (with backoff) and say what to repair.
+                log.error("state topic corrupt, processor waiting for repair", error=str(exc))
+                metrics.PROCESSOR_RESTARTS.labels(type(exc).__name__).inc()
+                delay = backoff.next_delay()
             except Exception as exc:
                 if self._progressed:
                     backoff.reset()

@@ -20,9 +20,11 @@ from tests.conftest import make_settings
 class Scripted(Processor):
     """A processor whose runs follow a script: raise the next error, or return."""
 
-    def __init__(self, script: list[BaseException | None], progress: list[bool]) -> None:
+    def __init__(
+        self, script: list[BaseException | None], progress: list[bool], role: str = "processor"
+    ) -> None:
         super().__init__(
-            make_settings(role="processor"),
+            make_settings(role=role),
             backoff=Backoff(first=0.01, cap=0.04, rng=random.Random(1)),
         )
         self.script = script
@@ -55,11 +57,17 @@ async def test_every_exception_restarts_including_fenced_illegal_operation() -> 
     assert restarts("AssertionError") == before[1] + 1
 
 
-async def test_a_corrupt_state_topic_is_not_restarted() -> None:
+async def test_a_corrupt_state_topic_ends_a_processor_only_node() -> None:
     p = Scripted([CorruptState("repair me"), None], [])
     with pytest.raises(CorruptState):
         await asyncio.wait_for(p.run(), 10)
     assert p.runs == 1
+
+
+async def test_a_corrupt_state_topic_is_retried_where_ingest_shares_the_process() -> None:
+    p = Scripted([CorruptState("repair me"), CorruptState("repair me"), None], [], role="all")
+    await asyncio.wait_for(p.run(), 10)
+    assert p.runs == 3
 
 
 async def test_cancellation_ends_the_loop() -> None:
