@@ -12,7 +12,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from schemas.messages import ChangeMessage, IngestEvent, RejectedMessage, StateMessage
+from schemas.messages import (
+    ChangeMessage,
+    IngestEvent,
+    RejectedMessage,
+    StateMessage,
+    UnprocessableMessage,
+)
 
 HERE = Path(__file__).parent
 
@@ -21,6 +27,8 @@ MESSAGES: dict[str, type[BaseModel]] = {
     "changes": ChangeMessage,
     "rejected": RejectedMessage,
     "state": StateMessage,
+    # Also on the rejected topic: records the processor could not judge or not write.
+    "unprocessable": UnprocessableMessage,
 }
 
 

@@ -1,7 +1,9 @@
-"""The webhook body, and every message the service writes to Kafka (architecture section 4)."""
+"""The webhook body, and every message the service writes to Kafka (docs/architecture.md,
+sections 2 and 4)."""
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -32,10 +34,17 @@ class RejectReason(StrEnum):
     OUT_OF_ORDER = "out_of_order"
     STALE_REVISION = "stale_revision"
     CONFLICTING_REVISION = "conflicting_revision"
+    # Not verdicts of the state machine: the processor could not judge or not write the
+    # event. Carried by an UnprocessableMessage, with the ingest record's bytes.
+    UNDECODABLE = "undecodable"  # the ingest record is not an IngestEvent
+    UNWRITABLE = "unwritable"  # Kafka refuses the outputs for good (e.g. too large)
+
+
+UNPROCESSABLE_REASONS = frozenset({RejectReason.UNDECODABLE, RejectReason.UNWRITABLE})
 
 
 class WebhookBody(BaseModel):
-    """What FreeClimb POSTs to a status callback URL (reference section 2).
+    """What FreeClimb POSTs to a status callback URL (docs/architecture.md, section 2).
 
     Only the fields the service relies on are declared; the rest (conferenceId, queueId,
     recording fields, and whatever FreeClimb adds later) are tolerated.
@@ -165,8 +174,37 @@ class StateMessage(BaseModel):
     status: CallStatus
     revision: int | None
     eventId: str = Field(description="the last accepted event")
-    updatedAt: Rfc3339 = Field(description="when the last accepted event was processed")
+    updatedAt: Rfc3339 = Field(
+        description="receivedAt of the last accepted event: retention runs in event time"
+    )
     call: Call
+    revisedCall: Call | None = Field(
+        default=None,
+        description="the last accepted call that had a revision, when `call` has none "
+        "(a callback without revision came after it); revisions are compared with it",
+    )
+
+
+class UnprocessableMessage(BaseModel):
+    """An ingest record the processor could not judge (``undecodable``) or whose
+    outputs Kafka refuses for good (``unwritable``), on the rejected topic. It carries
+    the ingest record's value, base64, cut to ``UNPROCESSABLE_KEEP_BYTES`` when the
+    reason is ``unwritable`` (the full record is still on the ingest topic)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reason: RejectReason
+    detail: str
+    eventId: str | None = Field(description="null when the record could not be decoded")
+    callId: str | None
+    status: CallStatus | None
+    receivedAt: Rfc3339 | None
+    processedAt: Rfc3339
+    ingestPartition: int
+    ingestOffset: int
+    value: str = Field(description="the ingest record's value, base64 (cut, see truncated)")
+    valueBytes: int = Field(description="length of the whole ingest record's value")
+    truncated: bool
 
 
 def encode_outcome(
@@ -203,13 +241,57 @@ def encode_outcome(
     return b"".join((_head(fields), b',"call":', call.to_json(), b"}"))
 
 
-def encode_state(call: Call, revision: int | None, event_id: str, updated_at: datetime) -> bytes:
-    """Serialise a :class:`StateMessage`."""
-    fields = {
+def encode_state(
+    call: Call,
+    revision: int | None,
+    event_id: str,
+    updated_at: datetime,
+    revised: Call | None = None,
+) -> bytes:
+    """Serialise a :class:`StateMessage`; ``revised`` is written only when it is not
+    ``call`` itself."""
+    fields: dict[str, Any] = {
         "callId": call.callId,
         "status": call.status,
         "revision": revision,
         "eventId": event_id,
         "updatedAt": format_rfc3339(updated_at),
     }
-    return b"".join((_head(fields), b',"call":', call.to_json(), b"}"))
+    tail = b"}"
+    if revised is not None and revised is not call:
+        tail = b',"revisedCall":' + revised.to_json() + b"}"
+    return b"".join((_head(fields), b',"call":', call.to_json(), tail))
+
+
+# How much of an unwritable record's value an UnprocessableMessage keeps: small enough
+# for any sane max.message.bytes, large enough to recognise the event.
+UNPROCESSABLE_KEEP_BYTES = 1024
+
+
+def encode_unprocessable(
+    *,
+    reason: RejectReason,
+    detail: str,
+    raw: bytes,
+    partition: int,
+    offset: int,
+    processed_at: datetime,
+    event: IngestEnvelope | None,
+) -> bytes:
+    """Serialise an :class:`UnprocessableMessage` (a rare path: the model does it)."""
+    keep = raw if reason is RejectReason.UNDECODABLE else raw[:UNPROCESSABLE_KEEP_BYTES]
+    message = UnprocessableMessage(
+        reason=reason,
+        detail=detail,
+        eventId=event.eventId if event else None,
+        callId=event.call.callId if event else None,
+        status=event.call.status if event else None,
+        receivedAt=event.receivedAt if event else None,
+        processedAt=processed_at,
+        ingestPartition=partition,
+        ingestOffset=offset,
+        value=base64.b64encode(keep).decode("ascii"),
+        valueBytes=len(raw),
+        truncated=len(keep) < len(raw),
+    )
+    return message.model_dump_json().encode()

@@ -1,8 +1,8 @@
-"""The per-call state machine (architecture section 3), as pure functions.
+"""The per-call state machine (docs/architecture.md, section 3), as pure functions.
 
 ``decide`` takes the current state of one call (or ``None``) and one event, and returns a
 verdict plus the state to keep. It reads no clock and does no I/O: the processor passes
-the processing time in, and does all the Kafka work around it.
+the event's time (its ``receivedAt``) in, and does all the Kafka work around it.
 """
 
 from __future__ import annotations
@@ -58,10 +58,16 @@ class CallState:
     """What the processor remembers about one call between events."""
 
     status: CallStatus
+    # The highest revision accepted so far; an event without one leaves it as it was.
     revision: int | None
     call: Call
     event_id: str
+    # Event time: the receivedAt of the last accepted event (retention is judged on it).
     updated_at: datetime
+    # The last accepted call that carried a revision (rule 2 compares against it, not
+    # against ``call``, which a later webhook without revision may have replaced).
+    # ``None`` with a revision set only for states written before this field existed.
+    revised: Call | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +79,13 @@ class Decision:
     detail: str = ""
 
 
-def _accept(state: CallState | None, call: Call, event_id: str, now: datetime) -> Decision:
-    # Rule 4: an event without a revision leaves the state's revision as it was.
-    revision = call.revision
+def _accept(state: CallState | None, call: Call, event_id: str, at: datetime) -> Decision:
+    # Rule 4: an event without a revision leaves the state's revision (and the last
+    # revisioned call) as they were.
+    revision, revised = call.revision, call if call.revision is not None else None
     if revision is None and state is not None:
-        revision = state.revision
-    new = CallState(call.status, revision, call, event_id, now)
+        revision, revised = state.revision, state.revised
+    new = CallState(call.status, revision, call, event_id, at, revised)
     return Decision(Outcome.ACCEPTED, new)
 
 
@@ -86,13 +93,17 @@ def _reject(state: CallState, reason: RejectReason, detail: str) -> Decision:
     return Decision(Outcome.REJECTED, state, reason, detail)
 
 
-def decide(state: CallState | None, call: Call, event_id: str, now: datetime) -> Decision:
-    """Apply the rules of architecture section 3 to one event of one call."""
+def decide(state: CallState | None, call: Call, event_id: str, at: datetime) -> Decision:
+    """Apply the rules of docs/architecture.md section 3 to one event of one call.
+    ``at`` is the event's time (its receivedAt); it becomes the state's ``updated_at``."""
     if state is None:  # Rule 1: the first event we hold for a call is accepted.
-        return _accept(None, call, event_id, now)
+        return _accept(None, call, event_id, at)
 
     current, new = state.status, call.status
     if call.revision is not None and state.revision is not None:  # Rule 2
+        # Revisioned events are ordered among themselves: compare with the last call
+        # that had a revision, not with a webhook (no revision) that came after it.
+        last = state.revised or state.call
         if call.revision < state.revision:
             return _reject(
                 state,
@@ -100,7 +111,7 @@ def decide(state: CallState | None, call: Call, event_id: str, now: datetime) ->
                 f"revision {call.revision} is older than the current {state.revision}",
             )
         if call.revision == state.revision:
-            if call == state.call:
+            if call == last:
                 return Decision(Outcome.DUPLICATE, state)
             return _reject(
                 state,
@@ -108,7 +119,17 @@ def decide(state: CallState | None, call: Call, event_id: str, now: datetime) ->
                 f"revision {call.revision} was already seen with different content",
             )
         if new == current or new in REACHABLE[current]:
-            return _accept(state, call, event_id, now)
+            return _accept(state, call, event_id, at)
+        after_last = new == last.status or new in REACHABLE[last.status]
+        if last.status != current and after_last and current in REACHABLE[new]:
+            # A webhook (no revision) moved the call past this status after the last
+            # revisioned event: a newer revision of an earlier step, late as in rule 3.
+            return _reject(
+                state,
+                RejectReason.OUT_OF_ORDER,
+                f"revision {call.revision} ({new}) arrived after a callback moved the call "
+                f"on to {current}",
+            )
         return _reject(
             state,
             RejectReason.ILLEGAL_TRANSITION,
@@ -120,7 +141,7 @@ def decide(state: CallState | None, call: Call, event_id: str, now: datetime) ->
     if new == current:
         return Decision(Outcome.DUPLICATE, state)
     if new in REACHABLE[current]:
-        return _accept(state, call, event_id, now)
+        return _accept(state, call, event_id, at)
     if current in REACHABLE[new]:
         return _reject(
             state,
@@ -130,18 +151,25 @@ def decide(state: CallState | None, call: Call, event_id: str, now: datetime) ->
     return _reject(state, RejectReason.ILLEGAL_TRANSITION, f"{current} cannot become {new}")
 
 
+def is_expired(
+    state: CallState, watermark: datetime, terminal_retention: timedelta, idle_retention: timedelta
+) -> bool:
+    """Rule 5: a state is forgotten once it has been terminal for longer than the
+    terminal retention, or without an accepted event for longer than the idle one, both
+    measured in event time: against the partition's watermark, never the wall clock."""
+    age = watermark - state.updated_at
+    return age > idle_retention or (state.status in TERMINAL and age > terminal_retention)
+
+
 def expired(
     states: Iterable[tuple[str, CallState]],
-    now: datetime,
+    watermark: datetime,
     terminal_retention: timedelta,
     idle_retention: timedelta,
 ) -> list[str]:
-    """The calls whose state may be forgotten (rule 5): terminal for longer than the
-    terminal retention, or without an accepted event for longer than the idle one."""
-    terminal_before, idle_before = now - terminal_retention, now - idle_retention
+    """The calls whose state may be forgotten at this watermark (see :func:`is_expired`)."""
     return [
         call_id
         for call_id, state in states
-        if state.updated_at < idle_before
-        or (state.status in TERMINAL and state.updated_at < terminal_before)
+        if is_expired(state, watermark, terminal_retention, idle_retention)
     ]

@@ -31,7 +31,7 @@ class TopicSpec:
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """The four topics of architecture section 4, with their cleanup policies.
+    """The four topics of docs/architecture.md section 4, with their cleanup policies.
 
     Every topic gets ``min.insync.replicas = min(2, replication)``: with ``acks=all`` a
     write then survives the loss of any one broker, while a single-broker development

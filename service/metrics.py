@@ -48,6 +48,11 @@ PROCESSOR_CALLS = Gauge("callstatus_processor_calls", "Call states held in memor
 PROCESSOR_RESTARTS = Counter(
     "callstatus_processor_restarts_total", "Processor restarts after a Kafka failure", ["reason"]
 )
+PROCESSOR_UNREADABLE = Counter(
+    "callstatus_processor_unreadable_total",
+    "Ingest fetches that failed because records could not be read (codec, corruption)",
+    ["error"],
+)
 
 PRODUCER_REBUILDS = Counter(
     "callstatus_producer_rebuilds_total",

@@ -35,7 +35,7 @@ RECORD_FRAMING = 1024
 
 
 class Role(StrEnum):
-    """Which stages this process runs (architecture section 1)."""
+    """Which stages this process runs (docs/architecture.md, section 1)."""
 
     ALL = "all"
     INGEST = "ingest"
@@ -162,6 +162,15 @@ class Settings(BaseSettings):
                 "CALLSTATUS_PRODUCE_DELIVERY_TIMEOUT_SECONDS must be longer than "
                 "CALLSTATUS_PRODUCE_TIMEOUT_SECONDS (a send must be given its answer "
                 "deadline before it is dropped)"
+            )
+        if self.state_terminal_retention_seconds < 2 * self.signature_tolerance_seconds:
+            # A signed request is accepted up to the tolerance on either side of our
+            # clock, so an original and its replay can arrive twice the tolerance apart;
+            # a finished call forgotten sooner would take the replay as a new first event.
+            raise ValueError(
+                "CALLSTATUS_STATE_TERMINAL_RETENTION_SECONDS "
+                f"({self.state_terminal_retention_seconds}) must be at least twice "
+                f"CALLSTATUS_SIGNATURE_TOLERANCE_SECONDS ({self.signature_tolerance_seconds})"
             )
         topics = self.topic_names
         if len(set(topics)) != len(topics):

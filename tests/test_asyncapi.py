@@ -16,7 +16,7 @@ import yaml
 
 from schemas.export import HERE, MESSAGES, path_for
 from schemas.messages import IngestEvent
-from service import processor
+from service import batch as processor
 from service.kafka import topic_specs
 from service.settings import Settings
 from tests.conftest import make_settings
@@ -78,9 +78,16 @@ def _refs(node: Any) -> Iterator[str]:
             yield from _refs(item)
 
 
+# Channels that carry a second kind of message next to their main one, and its schema.
+EXTRA_MESSAGES = {"rejected": {"callEventUnprocessable": "unprocessable"}}
+
+
 def _message(doc: dict[str, Any], channel_id: str) -> dict[str, Any]:
+    """The channel's main message: the first, whose payload is named like the channel."""
     messages = doc["channels"][channel_id]["messages"]
-    assert len(messages) == 1, f"channel {channel_id} should carry exactly one message"
+    extra = EXTRA_MESSAGES.get(channel_id, {})
+    assert len(messages) == 1 + len(extra), f"channel {channel_id}: unexpected messages"
+    assert set(extra) <= set(messages)
     message = _resolve(doc, next(iter(messages.values())))
     assert isinstance(message, dict)
     return message
@@ -124,16 +131,22 @@ def test_every_local_reference_resolves(doc: dict[str, Any]) -> None:
 
 
 def test_payloads_are_the_exported_json_schemas(doc: dict[str, Any]) -> None:
-    assert set(TOPIC_FIELDS) == set(MESSAGES)
+    extra_names = {name for extra in EXTRA_MESSAGES.values() for name in extra.values()}
+    assert set(TOPIC_FIELDS) | extra_names == set(MESSAGES)
     referenced: set[str] = set()
-    for channel_id in doc["channels"]:
-        payload = _message(doc, channel_id)["payload"]
-        assert payload["schemaFormat"] == JSON_SCHEMA_FORMAT
-        ref = payload["schema"]["$ref"]
-        assert ref == f"./{path_for(channel_id).name}"
-        target = (DOC_PATH.parent / ref).resolve()
-        assert target.parent == HERE.resolve() and target.is_file(), f"{ref} is missing"
-        referenced.add(target.name)
+    for channel_id, channel in doc["channels"].items():
+        expected = {
+            next(iter(channel["messages"])): channel_id,
+            **EXTRA_MESSAGES.get(channel_id, {}),
+        }
+        for message_id, message_ref in channel["messages"].items():
+            payload = _resolve(doc, message_ref)["payload"]
+            assert payload["schemaFormat"] == JSON_SCHEMA_FORMAT
+            ref = payload["schema"]["$ref"]
+            assert ref == f"./{path_for(expected[message_id]).name}"
+            target = (DOC_PATH.parent / ref).resolve()
+            assert target.parent == HERE.resolve() and target.is_file(), f"{ref} is missing"
+            referenced.add(target.name)
     assert referenced == {path_for(name).name for name in MESSAGES}
 
 
@@ -203,8 +216,12 @@ def test_cloudevents_headers_are_the_ones_the_processor_writes(doc: dict[str, An
             "body": {},
         }
     )
-    plain = processor._headers(event, processor.CE_TYPE_CHANGED, "2024-05-01T12:00:01.000Z", None)
-    traced = processor._headers(event, processor.CE_TYPE_CHANGED, "x", b"00-" + b"1" * 49)
+    subject = event.call.callId
+    t = b"2024-05-01T12:00:01.000Z"
+    plain = processor._ce_headers(event.eventId, subject, processor.CE_TYPE_CHANGED, t, None)
+    traced = processor._ce_headers(
+        event.eventId, subject, processor.CE_TYPE_CHANGED, b"x", b"00-" + b"1" * 49
+    )
     for channel_id in ("changes", "rejected"):
         assert _required_headers(doc, channel_id) == {name for name, _ in plain}
         for name, value in traced:
@@ -212,6 +229,14 @@ def test_cloudevents_headers_are_the_ones_the_processor_writes(doc: dict[str, An
             assert schema, f"{channel_id}: header {name} is not described"
             if "const" in schema and name != "ce_type":
                 assert schema["const"] == value.decode()
+
+
+def test_unprocessable_headers_are_the_ones_the_processor_writes(doc: dict[str, Any]) -> None:
+    headers = _resolve(doc, doc["components"]["messages"]["CallEventUnprocessable"]["headers"])
+    written = processor._ce_headers("id", None, processor.CE_TYPE_REJECTED, b"t", None)
+    assert set(headers["required"]) == {name for name, _ in written}
+    assert headers["properties"]["ce_type"]["const"] == processor.CE_TYPE_REJECTED.decode()
+    assert headers["properties"]["ce_source"]["const"] == processor.CE_SOURCE.decode()
 
 
 def test_message_keys_are_the_call_id(doc: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ S = CallStatus
 CALL_ID = "CA" + "0" * 40
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
-# The contract's table, written out independently of the code (architecture section 3).
+# The contract's table, written out independently of the code (docs/architecture.md, 3).
 EDGES = {
     (S.QUEUED, S.RINGING), (S.QUEUED, S.CANCELED), (S.QUEUED, S.FAILED), (S.QUEUED, S.BUSY),
     (S.RINGING, S.IN_PROGRESS), (S.RINGING, S.CANCELED), (S.RINGING, S.FAILED),
@@ -42,7 +42,8 @@ def call(status: CallStatus, revision: int | None = None, **fields: object) -> C
 
 
 def state_of(status: CallStatus, revision: int | None = None) -> CallState:
-    return CallState(status, revision, call(status, revision), "e0", T0)
+    c = call(status, revision)
+    return CallState(status, revision, c, "e0", T0, c if revision is not None else None)
 
 
 def test_table_matches_the_contract() -> None:
@@ -131,7 +132,7 @@ class TestRevisions:
         newer = call(S.COMPLETED, 5, endTime="Mon, 15 Jun 2009 20:45:30 GMT")
         d = decide(state_of(S.COMPLETED, 4), newer, "e1", T0)
         assert d.outcome is Outcome.ACCEPTED
-        assert d.state == CallState(S.COMPLETED, 5, newer, "e1", T0)
+        assert d.state == CallState(S.COMPLETED, 5, newer, "e1", T0, newer)
 
     def test_higher_revision_reachable_is_accepted_even_with_gaps(self) -> None:
         d = decide(state_of(S.QUEUED, 1), call(S.COMPLETED, 7), "e1", T0)
@@ -155,6 +156,41 @@ class TestRevisions:
         assert (d.outcome, d.reason) == (Outcome.REJECTED, RejectReason.OUT_OF_ORDER)
         d = decide(state_of(S.RINGING), call(S.IN_PROGRESS, 9), "e1", T0)
         assert d.outcome is Outcome.ACCEPTED and d.state is not None and d.state.revision == 9
+
+
+class TestRevisionsAfterACallback:
+    """Rule 2 compares a revisioned event with the last revisioned call, not with a
+    callback (no revision) that replaced it: issue 8's redelivery sequence."""
+
+    def after_callback(self) -> CallState:
+        d = decide(state_of(S.RINGING, 5), call(S.IN_PROGRESS), "e1", T0)
+        assert d.outcome is Outcome.ACCEPTED and d.state is not None
+        assert (d.state.status, d.state.revision) == (S.IN_PROGRESS, 5)
+        return d.state
+
+    def test_the_same_revision_redelivered_is_a_duplicate(self) -> None:
+        state = self.after_callback()
+        d = decide(state, call(S.RINGING, 5), "e2", T0)
+        assert d.outcome is Outcome.DUPLICATE
+        assert d.state == state
+
+    def test_the_same_revision_with_other_content_still_conflicts(self) -> None:
+        d = decide(self.after_callback(), call(S.RINGING, 5, to="+15550001111"), "e2", T0)
+        assert (d.outcome, d.reason) == (Outcome.REJECTED, RejectReason.CONFLICTING_REVISION)
+
+    def test_a_newer_revision_of_an_earlier_step_is_late_not_illegal(self) -> None:
+        d = decide(self.after_callback(), call(S.RINGING, 6), "e2", T0)
+        assert (d.outcome, d.reason) == (Outcome.REJECTED, RejectReason.OUT_OF_ORDER)
+
+    def test_a_newer_revision_behind_the_last_revisioned_status_is_illegal(self) -> None:
+        d = decide(self.after_callback(), call(S.QUEUED, 6), "e2", T0)
+        assert (d.outcome, d.reason) == (Outcome.REJECTED, RejectReason.ILLEGAL_TRANSITION)
+
+    def test_a_newer_revision_onwards_is_accepted_and_becomes_the_revised_call(self) -> None:
+        newer = call(S.COMPLETED, 6)
+        d = decide(self.after_callback(), newer, "e2", T0)
+        assert d.outcome is Outcome.ACCEPTED and d.state is not None
+        assert (d.state.revision, d.state.revised) == (6, newer)
 
 
 class TestRetention:
@@ -237,6 +273,22 @@ def test_replaying_accepted_output_never_reaccepts(
             replay = decide(final, c, "replay", T0)
             assert replay.outcome is not Outcome.ACCEPTED
             assert replay.state == final
+
+
+@given(events)
+def test_redelivering_any_revisioned_accepted_event_later_is_never_a_data_error(
+    sequence: list[tuple[CallStatus, int | None]],
+) -> None:
+    # Redeliveries are ordinary: none of them may raise illegal/conflicting alerts.
+    results = run(sequence)
+    final = results[-1][1].state if results else None
+    for c, d in results:
+        if d.outcome is Outcome.ACCEPTED and c.revision is not None:
+            replay = decide(final, c, "replay", T0)
+            assert replay.reason not in (
+                RejectReason.CONFLICTING_REVISION,
+                RejectReason.ILLEGAL_TRANSITION,
+            ), (c, final, replay)
 
 
 @given(events)

@@ -90,8 +90,17 @@ def test_source_and_call_use_freeclimb_vocabulary(name: str) -> None:
         assert defs["Source"]["enum"] == ["webhook", "resource"]
 
 
-def test_rejected_reasons_are_the_four_of_the_contract() -> None:
-    defs = _committed("rejected")["$defs"]
-    assert sorted(defs["RejectReason"]["enum"]) == sorted(
-        ["illegal_transition", "out_of_order", "stale_revision", "conflicting_revision"]
-    )
+def test_rejected_reasons_are_the_six_of_the_contract() -> None:
+    # Four verdicts of the state machine, two for records it could not judge or write.
+    for name in ("rejected", "unprocessable"):
+        defs = _committed(name)["$defs"]
+        assert sorted(defs["RejectReason"]["enum"]) == sorted(
+            [
+                "illegal_transition",
+                "out_of_order",
+                "stale_revision",
+                "conflicting_revision",
+                "undecodable",
+                "unwritable",
+            ]
+        )

@@ -160,3 +160,12 @@ def test_connection_cap_is_what_uvicorn_gets() -> None:
 def test_new_limits_are_bounded(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         make_settings(**overrides)
+
+
+def test_a_terminal_retention_shorter_than_the_signature_tolerance_is_refused() -> None:
+    # A signed request is valid up to the tolerance either side of our clock: an original
+    # and its replay can arrive twice the tolerance apart.
+    with pytest.raises(ValidationError, match="must be at least twice"):
+        make_settings(state_terminal_retention_seconds=599, signature_tolerance_seconds=300)
+    ok = make_settings(state_terminal_retention_seconds=600, signature_tolerance_seconds=300)
+    assert ok.state_terminal_retention_seconds == 600

@@ -94,6 +94,7 @@ class Event:
     event_id: str
     call: Call
     source: Source = Source.RESOURCE
+    received_at: datetime | None = None  # None: when produced
 
 
 def make_call(
@@ -109,17 +110,23 @@ def traceparent(event_id: str) -> bytes:
     return f"00-{uuid.UUID(event_id).hex}-00f067aa0ba902b7-01".encode()
 
 
-async def produce(bootstrap: str, topic: str, events: Sequence[Event]) -> None:
+async def produce(
+    bootstrap: str, topic: str, events: Sequence[Event], compression: str | None = None
+) -> None:
     """Write events to the ingest topic as the ingest stage does: keyed by callId,
     acks=all, idempotent, so per-call order is the list order."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        compression_type=compression,
+    )
     try:
+        await producer.start()  # inside: a start that fails must close the producer too
         futures = []
         for e in events:
-            value = encode_ingest(
-                e.event_id, datetime.now(UTC), e.source, None, e.call, e.call.to_json()
-            )
+            received = e.received_at or datetime.now(UTC)
+            value = encode_ingest(e.event_id, received, e.source, None, e.call, e.call.to_json())
             headers = [("traceparent", traceparent(e.event_id))]
             futures.append(
                 await producer.send(topic, value=value, key=e.call.callId.encode(), headers=headers)

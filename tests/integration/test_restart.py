@@ -75,20 +75,36 @@ async def test_restart_restores_state_and_never_reaccepts(unique: str) -> None:
     assert reasons == ["out_of_order", "out_of_order"]
 
 
-async def test_retention_tombstones_terminal_calls(unique: str) -> None:
+async def test_retention_tombstones_terminal_calls_in_event_time(unique: str) -> None:
     settings = settings_for(
-        BOOTSTRAP, unique, topic_partitions=1, state_terminal_retention_seconds=60
+        BOOTSTRAP,
+        unique,
+        topic_partitions=1,
+        state_terminal_retention_seconds=60,
+        signature_tolerance_seconds=30,
     )
     await ensure_topics(settings)
-    now = [datetime(2026, 1, 1, tzinfo=UTC)]
-    done, live = "CA" + "d0" * 20, "CA" + "11" * 20
-    async with processor(settings, lambda: now[0]):
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    done, live, later = "CA" + "d0" * 20, "CA" + "11" * 20, "CA" + "22" * 20
+    # The wall clock stands still: only the events' receivedAt moves time on.
+    async with processor(settings, lambda: t0):
         await produce(
-            BOOTSTRAP, settings.topic_ingest, [hook(S.COMPLETED, done), hook(S.RINGING, live)]
+            BOOTSTRAP,
+            settings.topic_ingest,
+            [
+                Event(str(uuid.uuid4()), make_call(done, S.COMPLETED), Source.WEBHOOK, t0),
+                Event(str(uuid.uuid4()), make_call(live, S.RINGING), Source.WEBHOOK, t0),
+            ],
         )
         await read_committed(BOOTSTRAP, settings.topic_state, 2, settle_s=0.2)
-        now[0] += timedelta(minutes=5)  # past the terminal retention, not the idle one
-        states = await read_committed(BOOTSTRAP, settings.topic_state, 3)
+        # Five minutes later in event time: past the terminal retention, not the idle one.
+        at = t0 + timedelta(minutes=5)
+        await produce(
+            BOOTSTRAP,
+            settings.topic_ingest,
+            [Event(str(uuid.uuid4()), make_call(later, S.QUEUED), Source.WEBHOOK, at)],
+        )
+        states = await read_committed(BOOTSTRAP, settings.topic_state, 4)
 
     tombstones = [r.key for r in states if r.value is None]
     assert tombstones == [done.encode()]

@@ -1,0 +1,263 @@
+"""Plan one batch of one ingest partition: records and states in, a plan out.
+
+Pure: no producer, no clock, no metrics. The transactional shell (``processor.py``)
+writes a plan in one Kafka transaction and, only once it committed, makes the plan's
+states its own and counts its tallies. Everything that decides what the outputs are
+lives here, so it is tested without a broker (``tests/test_batch.py``).
+
+Time is event time (docs/architecture.md, section 7): each partition has a watermark,
+the highest ``receivedAt`` it has seen. A state is judged expired against the watermark
+when an event of its call arrives, and swept (tombstoned) when the watermark has moved
+on by ``Retention.sweep_every``. So a backlog replayed hours later makes the same
+decisions as live processing did, however it is cut into batches.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Set
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TypeAlias
+
+from aiokafka import ConsumerRecord
+from pydantic import ValidationError
+
+from schemas.call import CallStatus, format_rfc3339
+from schemas.messages import (
+    IngestEnvelope,
+    RejectReason,
+    encode_outcome,
+    encode_state,
+    encode_unprocessable,
+)
+from service.fsm import CallState, Outcome, decide, expired, is_expired
+
+CE_SOURCE = b"urn:callstatus:processor"
+CE_TYPE_CHANGED = b"com.freeclimb.call.status.changed"
+CE_TYPE_REJECTED = b"com.freeclimb.call.status.rejected"
+JSON = ("content-type", b"application/json")
+# Offset of outputs that answer no ingest record (sweep tombstones).
+NO_RECORD = -1
+# ce_id of an undecodable record: stable per (topic, partition, offset), so a reader can
+# deduplicate it like any other event.
+_UNDECODABLE_NS = uuid.UUID("6f1b7f64-8d0c-4d5e-9a57-3c1ad0c7b1e1")
+
+Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one ingest partition's outputs go."""
+
+    ingest: str
+    changes: str
+    rejected: str
+    state: str
+    partition: int  # the ingest partition, and the state partition of its calls
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    terminal: timedelta
+    idle: timedelta
+    # How far the watermark moves between two sweeps for tombstones.
+    sweep_every: timedelta = timedelta(seconds=30)
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    partition: int | None
+    offset: int  # the ingest record it answers, or NO_RECORD
+
+
+@dataclass(slots=True)
+class Plan:
+    outputs: list[Output] = field(default_factory=list)
+    # Calls whose state changes: the new state, or None to forget it.
+    states: dict[str, CallState | None] = field(default_factory=dict)
+    next_offset: int | None = None  # None: no record of this batch was new
+    watermark: datetime | None = None
+    swept_at: datetime | None = None
+    # (outcome, reason) -> count, and (from, to) -> count, for the metrics.
+    events: Counter[tuple[str, str]] = field(default_factory=Counter)
+    transitions: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    @property
+    def empty(self) -> bool:
+        return not self.outputs and self.next_offset is None
+
+
+def _ce_headers(
+    event_id: str, subject: str | None, kind: bytes, processed: bytes, trace: bytes | None
+) -> list[tuple[str, bytes]]:
+    # CloudEvents Kafka binding, binary mode: the attributes travel as ce_* headers.
+    headers = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", event_id.encode()),
+        ("ce_source", CE_SOURCE),
+        ("ce_type", kind),
+    ]
+    if subject is not None:
+        headers.append(("ce_subject", subject.encode()))
+    headers += [("ce_time", processed), JSON]
+    if trace is not None:
+        headers.append(("traceparent", trace))
+    return headers
+
+
+def _trace(record: Record) -> bytes | None:
+    return next((v for k, v in record.headers if k == "traceparent"), None)
+
+
+def plan(
+    records: Iterable[Record],
+    states: Mapping[str, CallState],
+    *,
+    position: int,
+    watermark: datetime | None,
+    swept_at: datetime | None,
+    target: Target,
+    retention: Retention,
+    processed_at: datetime,
+    unwritable: Set[int] = frozenset(),
+) -> Plan:
+    """Judge the records at or after ``position`` against ``states`` (left untouched).
+
+    ``unwritable`` holds offsets whose outputs Kafka refused for good on an earlier try
+    of this batch: each becomes an ``unwritable`` rejection and changes no state.
+    ``processed_at`` only fills ``processedAt``/``ce_time``; no decision depends on it.
+    """
+    out = Plan(watermark=watermark, swept_at=swept_at)
+    processed = format_rfc3339(processed_at)
+    processed_b = processed.encode()
+    changed = out.states
+    last: int | None = None
+    for record in records:
+        offset = record.offset
+        if offset < position:
+            continue  # fetched before a rebalance re-seeked us; already committed
+        last = offset
+        raw = record.value or b""
+        try:
+            event = IngestEnvelope.model_validate_json(raw)
+        except ValidationError as exc:
+            # Ingest answered 202 for whatever is here, so it must not vanish: it goes
+            # to rejected, in this transaction, bytes and all.
+            first = exc.errors()[0]["msg"]
+            detail = f"not an ingest event ({exc.error_count()} errors): {first}"
+            # Whole, unless Kafka already refused that: then cut, as for unwritable.
+            cut = offset in unwritable
+            reason = RejectReason.UNWRITABLE if cut else RejectReason.UNDECODABLE
+            _unprocessable(out, target, record, reason, detail, None, processed_at)
+            continue
+        received = event.receivedAt
+        if out.watermark is None or received > out.watermark:
+            out.watermark = received
+        if offset in unwritable:
+            detail = "Kafka refused this event's outputs for good (too large for the topic?)"
+            _unprocessable(
+                out, target, record, RejectReason.UNWRITABLE, detail, event, processed_at
+            )
+            continue
+        call = event.call
+        cid = call.callId
+        state = changed[cid] if cid in changed else states.get(cid)
+        if state is not None and is_expired(
+            state, out.watermark, retention.terminal, retention.idle
+        ):
+            state = None  # forgotten (rule 5): whether or not a sweep got to it yet
+        decision = decide(state, call, event.eventId, received)
+        out.events[decision.outcome.value, decision.reason.value if decision.reason else ""] += 1
+        if decision.outcome is Outcome.DUPLICATE:
+            continue
+        key = cid.encode()
+        value = encode_outcome(
+            event_id=event.eventId,
+            call=call,
+            previous_status=state.status if state else None,
+            previous_revision=state.revision if state else None,
+            source=event.source,
+            request_type=event.requestType,
+            received_at=received,
+            processed_at=processed_at,
+            reason=decision.reason,
+            detail=decision.detail,
+        )
+        if decision.outcome is Outcome.ACCEPTED:
+            new = decision.state
+            assert new is not None
+            headers = _ce_headers(event.eventId, cid, CE_TYPE_CHANGED, processed_b, _trace(record))
+            out.outputs.append(Output(target.changes, key, value, headers, None, offset))
+            state_value = encode_state(call, new.revision, new.event_id, received, new.revised)
+            out.outputs.append(
+                Output(target.state, key, state_value, [JSON], target.partition, offset)
+            )
+            changed[cid] = new
+            out.transitions[_status(state.status if state else None), call.status.value] += 1
+        else:
+            headers = _ce_headers(event.eventId, cid, CE_TYPE_REJECTED, processed_b, _trace(record))
+            out.outputs.append(Output(target.rejected, key, value, headers, None, offset))
+    out.next_offset = None if last is None else last + 1
+    _sweep(out, states, target, retention)
+    return out
+
+
+def _status(status: CallStatus | None) -> str:
+    return status.value if status else ""
+
+
+def _unprocessable(
+    out: Plan,
+    target: Target,
+    record: Record,
+    reason: RejectReason,
+    detail: str,
+    event: IngestEnvelope | None,
+    processed_at: datetime,
+) -> None:
+    raw = record.value or b""
+    value = encode_unprocessable(
+        reason=reason,
+        detail=detail,
+        raw=raw,
+        partition=record.partition,
+        offset=record.offset,
+        processed_at=processed_at,
+        event=event,
+    )
+    if event is not None:
+        event_id, subject = event.eventId, event.call.callId
+    else:
+        name = f"{target.ingest}/{record.partition}/{record.offset}"
+        event_id, subject = str(uuid.uuid5(_UNDECODABLE_NS, name)), None
+    processed = format_rfc3339(processed_at).encode()
+    headers = _ce_headers(event_id, subject, CE_TYPE_REJECTED, processed, _trace(record))
+    out.outputs.append(Output(target.rejected, record.key, value, headers, None, record.offset))
+    out.events["rejected", reason.value] += 1
+
+
+def _sweep(out: Plan, states: Mapping[str, CallState], target: Target, r: Retention) -> None:
+    """Tombstones for the states past their retention at the watermark (rule 5), once
+    the watermark has moved ``sweep_every`` past the last sweep. Only memory and the
+    state topic's size depend on it: decisions already treat an expired state as gone."""
+    w = out.watermark
+    if w is None or (out.swept_at is not None and w - out.swept_at < r.sweep_every):
+        return
+    out.swept_at = w
+    changed = out.states
+    merged = {**states, **changed}
+    live = ((cid, st) for cid, st in merged.items() if st is not None)
+    for cid in expired(live, w, r.terminal, r.idle):
+        changed[cid] = None
+        out.outputs.append(
+            Output(target.state, cid.encode(), None, [], target.partition, NO_RECORD)
+        )
+
+
+__all__ = ["NO_RECORD", "Output", "Plan", "Retention", "Target", "plan"]

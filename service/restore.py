@@ -1,0 +1,106 @@
+"""Rebuild partitions' call states from the compacted state topic (docs/architecture.md,
+section 4): read each state partition from its start to its end, read_committed, latest
+record per call wins, a tombstone deletes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from pydantic import ValidationError
+
+from schemas.messages import StateMessage
+from service import metrics
+from service.backoff import Deadline
+from service.fsm import CallState
+
+log = structlog.get_logger(logger_name="callstatus.restore")
+
+RESTORE_DEADLINE_SECONDS = 300.0
+
+
+class CorruptState(Exception):
+    """A state-topic record is not a StateMessage. Restoring around it could re-accept
+    old events for that call, so the processor stops and says how to repair it."""
+
+
+@dataclass(slots=True)
+class Restored:
+    states: dict[str, CallState] = field(default_factory=dict)
+    end: int = 0  # the state partition's end offset (read_committed) when read
+
+    @property
+    def watermark(self) -> datetime | None:
+        """A lower bound of the partition's watermark before the restart: the event
+        time of the newest state. The next event moves it on."""
+        return max((s.updated_at for s in self.states.values()), default=None)
+
+
+def state_from_record(record: ConsumerRecord[bytes, bytes]) -> CallState:
+    try:
+        m = StateMessage.model_validate_json(record.value or b"")
+    except ValidationError as exc:
+        raise CorruptState(
+            f"record {record.topic}/{record.partition}@{record.offset} (key {record.key!r}) "
+            f"is not a call state ({exc.error_count()} errors); write a tombstone for "
+            "that key to drop it, and the call's next event starts it afresh"
+        ) from None
+    revised = m.revisedCall or (m.call if m.call.revision is not None else None)
+    return CallState(m.status, m.revision, m.call, m.eventId, m.updatedAt, revised)
+
+
+async def restore(
+    options: dict[str, Any], topic: str, partitions: list[int]
+) -> dict[int, Restored]:
+    """The states of ``partitions`` of the state ``topic``, with each one's end offset.
+
+    Call only after fencing the partitions' transactional ids: a zombie's open
+    transaction is then finished, so what read_committed shows here is final."""
+    out = {p: Restored() for p in partitions}
+    if not partitions:
+        return out
+    started = time.perf_counter()
+    reader = AIOKafkaConsumer(**options, enable_auto_commit=False, isolation_level="read_committed")
+    try:
+        await reader.start()  # inside: a failed start must close the reader too
+        tps = [TopicPartition(topic, p) for p in partitions]
+        reader.assign(tps)
+        await reader.seek_to_beginning(*tps)
+        ends = await reader.end_offsets(tps)
+        for tp in tps:
+            out[tp.partition].end = ends[tp]
+        deadline = Deadline(RESTORE_DEADLINE_SECONDS)
+        pending = {tp for tp in tps if ends[tp] > 0}
+        while pending:
+            if deadline.expired:
+                raise TimeoutError(f"state restore did not finish for {sorted(pending)}")
+            batches = await reader.getmany(*pending, timeout_ms=500)
+            for tp, records in batches.items():
+                states = out[tp.partition].states
+                for record in records:
+                    call_id = (record.key or b"").decode()
+                    if record.value is None:
+                        states.pop(call_id, None)
+                    else:
+                        states[call_id] = state_from_record(record)
+            for tp in list(pending):
+                if await reader.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+    finally:
+        await reader.stop()
+    elapsed = time.perf_counter() - started
+    metrics.PROCESSOR_RESTORE_SECONDS.observe(elapsed)
+    log.info(
+        "states restored",
+        partitions=partitions,
+        calls=sum(len(r.states) for r in out.values()),
+        seconds=round(elapsed, 3),
+    )
+    return out
+
+
+__all__ = ["CorruptState", "Restored", "restore", "state_from_record"]

@@ -1,0 +1,280 @@
+"""One ingest partition's transactional shell: its producer, its call states, its
+position, and the writing of one batch plan (:mod:`service.batch`) in one Kafka
+transaction. The reasoning is in docs/architecture.md, sections 5 and 8:
+
+* A batch's changes, rejections, states and input offset go in ONE transaction, so
+  ``read_committed`` readers see all of it or none.
+* Every output of a batch is awaited before the offsets go in: aiokafka commits after
+  a flush that ignores delivery errors, so an unchecked refusal would commit the offset
+  without the output.
+* A record Kafka refuses for good (too large) is found by writing the batch again one
+  output at a time, and then answered with an ``unwritable`` rejection instead: the
+  partition neither stalls nor loses it. Memory changes only after a commit, so after
+  an abort it still equals what Kafka holds and the batch is simply planned again.
+* Any other error is raised: the processor (:mod:`service.processor`) restarts from
+  what Kafka committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import cache
+from typing import Any, TypeAlias
+
+import structlog
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import (
+    InvalidTimestampError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    PolicyViolationError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
+from aiokafka.structs import RecordMetadata
+from prometheus_client import Counter
+
+from service import metrics
+from service.batch import NO_RECORD, Output, Plan, Retention, Target, plan
+from service.fsm import CallState
+from service.settings import Settings
+
+log = structlog.get_logger(logger_name="callstatus.worker")
+
+Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
+
+# Errors that say "this record can never be written", whatever we retry: the record is
+# then answered with an ``unwritable`` rejection. Everything else is the broker's or the
+# producer's trouble and restarts the processor.
+REFUSED_FOR_GOOD: tuple[type[KafkaError], ...] = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    InvalidTimestampError,
+    PolicyViolationError,
+)
+
+
+def transactional_id(group: str, topic: str, partition: int) -> str:
+    """Stable per input partition, so the next owner of a partition fences the last."""
+    return f"{group}.{topic}.{partition}"
+
+
+@cache
+def _event_counter(outcome: str, reason: str) -> Counter:
+    return metrics.PROCESSOR_EVENTS.labels(outcome, reason)
+
+
+@cache
+def _transition_counter(before: str, after: str) -> Counter:
+    return metrics.PROCESSOR_TRANSITIONS.labels(before, after)
+
+
+class Refused(Exception):
+    """Kafka refused an output of this batch for good; the transaction was aborted.
+    ``offset`` is the ingest record it answers, when known (one-by-one writing)."""
+
+    def __init__(self, offset: int | None, cause: BaseException) -> None:
+        super().__init__(repr(cause))
+        self.offset = offset
+        self.cause = cause
+
+
+async def open_producer(options: dict[str, Any], txn_id: str) -> AIOKafkaProducer:
+    """A started transactional producer that has fenced every earlier one with its id."""
+    producer = AIOKafkaProducer(
+        **options,
+        transactional_id=txn_id,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=5,
+    )
+    try:
+        # start() can fail with the broker away: the producer must be closed then too.
+        await producer.start()
+        # An empty transaction returns only after InitProducerId: the previous owner
+        # is fenced and its open transaction finished, so what we read next is final.
+        await producer.begin_transaction()
+        await producer.abort_transaction()
+    except BaseException:
+        await producer.stop()
+        raise
+    return producer
+
+
+@dataclass
+class PartitionWorker:
+    """Owns one ingest partition: its producer, its call states and its position."""
+
+    settings: Settings
+    partition: int
+    producer: AIOKafkaProducer
+    next_offset: int
+    options: dict[str, Any]
+    states: dict[str, CallState] = field(default_factory=dict)
+    watermark: datetime | None = None
+    swept_at: datetime | None = None
+    # The state partition's end offset after our last commit; None when unknown (after
+    # an abort). Another owner's transaction moves it, even one without an offset.
+    state_end: int | None = None
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.tp = TopicPartition(s.topic_ingest, self.partition)
+        self.target = Target(
+            s.topic_ingest, s.topic_changes, s.topic_rejected, s.topic_state, self.partition
+        )
+        self.retention = Retention(
+            timedelta(seconds=s.state_terminal_retention_seconds),
+            timedelta(seconds=s.state_idle_retention_seconds),
+        )
+
+    async def process(self, records: list[Record], processed_at: datetime) -> bool:
+        """Judge a batch and commit its effects in one transaction; True if it did."""
+        unwritable: set[int] = set()
+        one_by_one = False
+        while True:
+            p = plan(
+                records,
+                self.states,
+                position=self.next_offset,
+                watermark=self.watermark,
+                swept_at=self.swept_at,
+                target=self.target,
+                retention=self.retention,
+                processed_at=processed_at,
+                unwritable=unwritable,
+            )
+            if p.empty:
+                self.watermark, self.swept_at = p.watermark, p.swept_at
+                return False
+            try:
+                await self._commit(p, one_by_one)
+            except Refused as refused:
+                await self._renew_producer(type(refused.cause).__name__)
+                if refused.offset is None or refused.offset == NO_RECORD:
+                    if one_by_one:  # a tombstone refused: nothing we can answer for
+                        raise refused.cause from None
+                    one_by_one = True  # which record? write one output at a time
+                elif refused.offset in unwritable:
+                    # Even the cut rejection is refused (a rejected topic that takes
+                    # less than ~2 KiB): nothing smaller to write, so stop and say so.
+                    raise refused.cause from None
+                else:
+                    unwritable.add(refused.offset)
+                    log.error(
+                        "ingest record unwritable, answering it on rejected",
+                        partition=self.partition,
+                        offset=refused.offset,
+                        error=repr(refused.cause),
+                    )
+                continue
+            self._adopt(p)
+            return True
+
+    async def _commit(self, p: Plan, one_by_one: bool) -> None:
+        started = time.perf_counter()
+        producer = self.producer
+        await producer.begin_transaction()
+        futures: list[asyncio.Future[RecordMetadata]] = []
+        state_offsets: list[int] = []
+        try:
+            for out in p.outputs:
+                try:
+                    future = await self._send(out)
+                    if one_by_one:
+                        meta = await future
+                        if out.topic == self.target.state:
+                            state_offsets.append(meta.offset)
+                    else:
+                        futures.append(future)
+                except REFUSED_FOR_GOOD as exc:
+                    raise Refused(out.offset, exc) from exc
+            if futures:
+                # Every output acknowledged before the offset goes in: the commit below
+                # would otherwise succeed without a refused record.
+                results = await asyncio.gather(*futures, return_exceptions=True)
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if errors:
+                    if all(isinstance(e, REFUSED_FOR_GOOD) for e in errors):
+                        # A refused produce request fails every record batched with the
+                        # culprit: which one it was, only writing them singly tells.
+                        raise Refused(None, errors[0])
+                    raise errors[0]
+                state_offsets = [
+                    meta.offset
+                    for out, meta in zip(p.outputs, results, strict=True)
+                    if out.topic == self.target.state and isinstance(meta, RecordMetadata)
+                ]
+            if p.next_offset is not None:
+                await producer.send_offsets_to_transaction(
+                    {self.tp: p.next_offset}, self.settings.consumer_group
+                )
+            commit_started = time.perf_counter()
+            await producer.commit_transaction()
+        except BaseException:
+            for future in futures:  # their errors are this one; don't log each at GC
+                future.add_done_callback(_retrieve)
+            self.state_end = None
+            await _abort_quietly(producer)
+            raise
+        metrics.PROCESSOR_COMMIT_SECONDS.observe(time.perf_counter() - commit_started)
+        metrics.PROCESSOR_BATCH_SECONDS.observe(time.perf_counter() - started)
+        if state_offsets and self.state_end is not None:
+            # Our records, then the commit marker: the end is one past the marker.
+            self.state_end = max(state_offsets) + 2
+
+    async def _send(self, out: Output) -> asyncio.Future[RecordMetadata]:
+        future: asyncio.Future[RecordMetadata] = await self.producer.send(
+            out.topic, value=out.value, key=out.key, headers=out.headers, partition=out.partition
+        )
+        return future
+
+    def _adopt(self, p: Plan) -> None:
+        """Committed: only now does memory follow."""
+        for call_id, state in p.states.items():
+            if state is None:
+                self.states.pop(call_id, None)
+            else:
+                self.states[call_id] = state
+        if p.next_offset is not None:
+            self.next_offset = p.next_offset
+        self.watermark, self.swept_at = p.watermark, p.swept_at
+        for (outcome, reason), n in p.events.items():
+            _event_counter(outcome, reason).inc(n)
+        for (before, after), n in p.transitions.items():
+            _transition_counter(before, after).inc(n)
+
+    async def _renew_producer(self, cause: str) -> None:
+        """Replace the producer after a refused write: its failed batch used sequence
+        numbers the broker never took, so only a new epoch writes cleanly again."""
+        old = self.producer
+        await old.stop()
+        s = self.settings
+        txn_id = transactional_id(s.consumer_group, s.topic_ingest, self.partition)
+        self.producer = await open_producer(self.options, txn_id)
+        metrics.PRODUCER_REBUILDS.labels("processor", cause).inc()
+
+    async def close(self) -> None:
+        await self.producer.stop()
+        with contextlib.suppress(KeyError):
+            metrics.PROCESSOR_LAG.remove(str(self.partition))
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _abort_quietly(producer: AIOKafkaProducer) -> None:
+    try:
+        await asyncio.wait_for(producer.abort_transaction(), 10)
+    except Exception as exc:
+        log.warning("abort failed", error=repr(exc))
+
+
+__all__ = ["PartitionWorker", "Refused", "open_producer", "transactional_id"]

@@ -1,0 +1,247 @@
+"""The pure batch planner (service/batch.py): records and states in, a plan out."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from aiokafka import ConsumerRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.call import Call, CallStatus
+from schemas.messages import (
+    UNPROCESSABLE_KEEP_BYTES,
+    RejectReason,
+    Source,
+    UnprocessableMessage,
+    encode_ingest,
+)
+from service.batch import NO_RECORD, Plan, Retention, Target, plan
+from service.fsm import CallState
+
+S = CallStatus
+T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+TARGET = Target("in", "changes", "rejected", "state", 0)
+HOUR = timedelta(hours=1)
+RETENTION = Retention(terminal=HOUR, idle=6 * HOUR)
+
+
+def cid(n: int) -> str:
+    return "CA" + f"{n:040x}"
+
+
+def record(offset: int, value: bytes, key: bytes | None = None) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(
+        topic="in",
+        partition=0,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=key,
+        value=value,
+        checksum=None,
+        serialized_key_size=0,
+        serialized_value_size=len(value),
+        headers=[],
+    )
+
+
+def event(
+    offset: int, call_id: str, status: CallStatus, at: datetime, revision: int | None = None
+) -> ConsumerRecord[bytes, bytes]:
+    call = Call.model_validate({"callId": call_id, "status": status, "revision": revision})
+    value = encode_ingest(str(uuid.uuid4()), at, Source.WEBHOOK, None, call, call.to_json())
+    return record(offset, value, call_id.encode())
+
+
+def run(
+    records: list[ConsumerRecord[bytes, bytes]],
+    states: dict[str, CallState] | None = None,
+    **kw: object,
+) -> Plan:
+    args: dict[str, object] = {
+        "position": 0,
+        "watermark": None,
+        "swept_at": None,
+        "target": TARGET,
+        "retention": RETENTION,
+        "processed_at": T + 10 * HOUR,
+    }
+    args.update(kw)
+    return plan(records, states or {}, **args)  # type: ignore[arg-type]
+
+
+def topics(p: Plan) -> list[tuple[str, int]]:
+    return [(o.topic, o.offset) for o in p.outputs]
+
+
+def test_accepted_events_write_a_change_and_a_state_rejected_ones_a_rejection() -> None:
+    p = run(
+        [
+            event(0, cid(1), S.RINGING, T),
+            event(1, cid(1), S.QUEUED, T),  # late
+            event(2, cid(1), S.RINGING, T),  # duplicate: no output at all
+        ]
+    )
+    assert topics(p) == [("changes", 0), ("state", 0), ("rejected", 1)]
+    assert p.next_offset == 3
+    assert p.events == {("accepted", ""): 1, ("rejected", "out_of_order"): 1, ("duplicate", ""): 1}
+    state = p.states[cid(1)]
+    assert state is not None and state.updated_at == T  # event time, not processing time
+
+
+def test_records_before_the_position_are_skipped() -> None:
+    p = run([event(0, cid(1), S.RINGING, T), event(1, cid(2), S.RINGING, T)], position=1)
+    assert topics(p) == [("changes", 1), ("state", 1)]
+    assert run([event(0, cid(1), S.RINGING, T)], position=1).empty
+
+
+def test_the_input_states_are_not_touched() -> None:
+    states: dict[str, CallState] = {}
+    run([event(0, cid(1), S.RINGING, T)], states)
+    assert states == {}
+
+
+def test_an_undecodable_record_becomes_a_rejection_with_its_bytes() -> None:
+    p = run([record(0, b"\x00 not json", b"k"), event(1, cid(1), S.QUEUED, T)])
+    assert topics(p) == [("rejected", 0), ("changes", 1), ("state", 1)]
+    out = p.outputs[0]
+    msg = UnprocessableMessage.model_validate_json(out.value or b"")
+    assert msg.reason is RejectReason.UNDECODABLE
+    assert base64.b64decode(msg.value) == b"\x00 not json" and not msg.truncated
+    assert out.key == b"k"
+    headers = dict(out.headers)
+    assert "ce_subject" not in headers
+    # A stable id: planning the same record again gives the same ce_id.
+    again = run([record(0, b"\x00 not json", b"k")]).outputs[0]
+    assert dict(again.headers)["ce_id"] == headers["ce_id"]
+    assert p.next_offset == 2
+
+
+def test_an_unwritable_record_is_rejected_truncated_and_changes_no_state() -> None:
+    big = event(0, cid(1), S.QUEUED, T)
+    p = run([big, event(1, cid(1), S.RINGING, T)], unwritable={0})
+    assert topics(p) == [("rejected", 0), ("changes", 1), ("state", 1)]
+    msg = UnprocessableMessage.model_validate_json(p.outputs[0].value or b"")
+    assert msg.reason is RejectReason.UNWRITABLE and msg.callId == cid(1)
+    assert msg.valueBytes == len(big.value or b"")
+    assert base64.b64decode(msg.value) == (big.value or b"")[:UNPROCESSABLE_KEEP_BYTES]
+    # The next event of the call is its first: the refused one left no state behind.
+    assert json.loads(p.outputs[1].value or b"")["previousStatus"] is None
+
+
+def test_expiry_follows_the_watermark_not_the_processing_time() -> None:
+    done = {cid(1): CallState(S.COMPLETED, None, Call(callId=cid(1), status=S.COMPLETED), "e", T)}
+    # Processed ten hours later, but only ten minutes later in event time: a duplicate.
+    redelivery = run([event(0, cid(1), S.COMPLETED, T + timedelta(minutes=10))], done)
+    assert redelivery.events == {("duplicate", ""): 1}
+    assert redelivery.outputs == []  # and nothing was swept
+    # Past the terminal retention in event time: forgotten, so a new first event.
+    late = run([event(0, cid(1), S.COMPLETED, T + 2 * HOUR)], done)
+    assert late.events == {("accepted", ""): 1}
+
+
+def test_a_batch_cut_differently_decides_the_same() -> None:
+    records = [
+        event(0, cid(1), S.COMPLETED, T),
+        event(1, cid(2), S.QUEUED, T + 50 * timedelta(minutes=1)),
+        event(2, cid(2), S.RINGING, T + 70 * timedelta(minutes=1)),
+        event(3, cid(1), S.COMPLETED, T + 71 * timedelta(minutes=1)),
+    ]
+    whole = run(records)
+    states: dict[str, CallState] = {}
+    parts: list[Plan] = []
+    position, watermark, swept = 0, None, None
+    for r in records:
+        p = run([r], states, position=position, watermark=watermark, swept_at=swept)
+        parts.append(p)
+        for k, v in p.states.items():
+            if v is None:
+                states.pop(k, None)
+            else:
+                states[k] = v
+        position, watermark, swept = p.next_offset or position, p.watermark, p.swept_at
+
+    def judged(plans: list[Plan]) -> list[tuple[str, int]]:
+        return [(o.topic, o.offset) for p in plans for o in p.outputs if o.offset != NO_RECORD]
+
+    assert judged([whole]) == judged(parts)
+    assert whole.events == sum((p.events for p in parts), start=whole.events.__class__())
+
+
+def test_the_sweep_tombstones_expired_states_once_the_watermark_moved_on() -> None:
+    old = {cid(1): CallState(S.COMPLETED, None, Call(callId=cid(1), status=S.COMPLETED), "e", T)}
+    p = run([event(0, cid(2), S.QUEUED, T + 2 * HOUR)], old)
+    assert (p.outputs[-1].topic, p.outputs[-1].key, p.outputs[-1].value) == (
+        "state",
+        cid(1).encode(),
+        None,
+    )
+    assert p.states[cid(1)] is None and p.swept_at == T + 2 * HOUR
+    # Not again until the watermark moved sweep_every further.
+    q = run([event(1, cid(3), S.QUEUED, T + 2 * HOUR)], old, swept_at=p.swept_at, position=1)
+    assert [o.topic for o in q.outputs] == ["changes", "state"]
+
+
+def _apply(states: dict[str, CallState], p: Plan) -> None:
+    for k, v in p.states.items():
+        if v is None:
+            states.pop(k, None)
+        else:
+            states[k] = v
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 3),  # call
+            st.sampled_from(list(CallStatus)),
+            st.integers(-5, 50),  # minutes since the previous event: skew and gaps
+        ),
+        max_size=30,
+    ),
+    st.sets(st.integers(1, 29)),
+)
+def test_how_a_backlog_is_cut_into_batches_never_changes_a_decision(
+    steps: list[tuple[int, CallStatus, int]], cuts: set[int]
+) -> None:
+    at, records = T, []
+    for offset, (call, status, minutes) in enumerate(steps):
+        at += timedelta(minutes=minutes)
+        records.append(event(offset, cid(call), status, at))
+    retention = Retention(terminal=timedelta(minutes=30), idle=timedelta(minutes=90))
+
+    def judged(bounds: list[int]) -> list[tuple[str, int, bytes | None]]:
+        states: dict[str, CallState] = {}
+        out: list[tuple[str, int, bytes | None]] = []
+        position, watermark, swept = 0, None, None
+        for lo, hi in itertools.pairwise(bounds):
+            p = run(
+                records[lo:hi],
+                states,
+                position=position,
+                watermark=watermark,
+                swept_at=swept,
+                retention=retention,
+            )
+            _apply(states, p)
+            out += [(o.topic, o.offset, o.value) for o in p.outputs if o.offset != NO_RECORD]
+            position, watermark, swept = p.next_offset or position, p.watermark, p.swept_at
+        return out
+
+    whole = judged([0, len(records)])
+    assert judged(sorted({0, len(records), *(c for c in cuts if c < len(records))})) == whole
+
+
+def test_an_undecodable_record_kafka_refused_is_cut_like_an_unwritable_one() -> None:
+    raw = b"x" * (3 * UNPROCESSABLE_KEEP_BYTES)
+    p = run([record(0, raw, b"k")], unwritable={0})
+    msg = UnprocessableMessage.model_validate_json(p.outputs[0].value or b"")
+    assert msg.reason is RejectReason.UNWRITABLE and msg.truncated
+    assert base64.b64decode(msg.value) == raw[:UNPROCESSABLE_KEEP_BYTES]
+    assert "not an ingest event" in msg.detail
