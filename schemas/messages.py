@@ -4,6 +4,7 @@ sections 2 and 4)."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -175,13 +176,19 @@ class StateMessage(BaseModel):
     revision: int | None
     eventId: str = Field(description="the last accepted event")
     updatedAt: Rfc3339 = Field(
-        description="receivedAt of the last accepted event: retention runs in event time"
+        description="receivedAt of the call's last event, whatever its verdict: retention "
+        "runs in event time"
     )
     call: Call
     revisedCall: Call | None = Field(
         default=None,
         description="the last accepted call that had a revision, when `call` has none "
         "(a callback without revision came after it); revisions are compared with it",
+    )
+    judged: list[str] = Field(
+        default_factory=list,
+        description="the eventIds of this call already judged (the last 32), so a replay "
+        "of one of them is dropped instead of judged again",
     )
 
 
@@ -247,6 +254,7 @@ def encode_state(
     event_id: str,
     updated_at: datetime,
     revised: Call | None = None,
+    judged: Sequence[str] = (),
 ) -> bytes:
     """Serialise a :class:`StateMessage`; ``revised`` is written only when it is not
     ``call`` itself."""
@@ -256,6 +264,7 @@ def encode_state(
         "revision": revision,
         "eventId": event_id,
         "updatedAt": format_rfc3339(updated_at),
+        "judged": list(judged),
     }
     tail = b"}"
     if revised is not None and revised is not call:

@@ -174,35 +174,40 @@ def plan(
             state = None  # forgotten (rule 5): whether or not a sweep got to it yet
         decision = decide(state, call, event.eventId, received)
         out.events[decision.outcome.value, decision.reason.value if decision.reason else ""] += 1
-        if decision.outcome is Outcome.DUPLICATE:
-            continue
+        new = decision.state
+        if new is None or new is state:
+            continue  # rule 0: this very event was judged before; nothing changes
         key = cid.encode()
-        value = encode_outcome(
-            event_id=event.eventId,
-            call=call,
-            previous_status=state.status if state else None,
-            previous_revision=state.revision if state else None,
-            source=event.source,
-            request_type=event.requestType,
-            received_at=received,
-            processed_at=processed_at,
-            reason=decision.reason,
-            detail=decision.detail,
-        )
-        if decision.outcome is Outcome.ACCEPTED:
-            new = decision.state
-            assert new is not None
-            headers = _ce_headers(event.eventId, cid, CE_TYPE_CHANGED, processed_b, _trace(record))
-            out.outputs.append(Output(target.changes, key, value, headers, None, offset))
-            state_value = encode_state(call, new.revision, new.event_id, received, new.revised)
-            out.outputs.append(
-                Output(target.state, key, state_value, [JSON], target.partition, offset)
+        if decision.outcome is not Outcome.DUPLICATE:
+            accepted = decision.outcome is Outcome.ACCEPTED
+            topic, kind = (
+                (target.changes, CE_TYPE_CHANGED)
+                if accepted
+                else (target.rejected, CE_TYPE_REJECTED)
             )
-            changed[cid] = new
-            out.transitions[_status(state.status if state else None), call.status.value] += 1
-        else:
-            headers = _ce_headers(event.eventId, cid, CE_TYPE_REJECTED, processed_b, _trace(record))
-            out.outputs.append(Output(target.rejected, key, value, headers, None, offset))
+            value = encode_outcome(
+                event_id=event.eventId,
+                call=call,
+                previous_status=state.status if state else None,
+                previous_revision=state.revision if state else None,
+                source=event.source,
+                request_type=event.requestType,
+                received_at=received,
+                processed_at=processed_at,
+                reason=decision.reason,
+                detail=decision.detail,
+            )
+            headers = _ce_headers(event.eventId, cid, kind, processed_b, _trace(record))
+            out.outputs.append(Output(topic, key, value, headers, None, offset))
+            if accepted:
+                out.transitions[_status(state.status if state else None), call.status.value] += 1
+        # Every verdict changes the state, if only by remembering the eventId (rule 0),
+        # so a replay of this event is recognised after a restore too.
+        state_value = encode_state(
+            new.call, new.revision, new.event_id, new.updated_at, new.revised, new.judged
+        )
+        out.outputs.append(Output(target.state, key, state_value, [JSON], target.partition, offset))
+        changed[cid] = new
     out.next_offset = None if last is None else last + 1
     _sweep(out, states, target, retention)
     return out

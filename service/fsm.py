@@ -8,7 +8,7 @@ the event's time (its ``receivedAt``) in, and does all the Kafka work around it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -68,6 +68,15 @@ class CallState:
     # against ``call``, which a later webhook without revision may have replaced).
     # ``None`` with a revision set only for states written before this field existed.
     revised: Call | None = None
+    # The eventIds of this call already judged, whatever the verdict (rule 0): the last
+    # MAX_JUDGED of them. The eventId is derived from the signed body, so a replayed
+    # request or a repeat from the spool is recognised and dropped, never judged twice.
+    judged: tuple[str, ...] = ()
+
+
+# How many judged eventIds a call remembers. A call has a handful of statuses; a replay
+# of an event older than the last 32 of its call would be judged again.
+MAX_JUDGED = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +104,21 @@ def _reject(state: CallState, reason: RejectReason, detail: str) -> Decision:
 
 def decide(state: CallState | None, call: Call, event_id: str, at: datetime) -> Decision:
     """Apply the rules of docs/architecture.md section 3 to one event of one call.
-    ``at`` is the event's time (its receivedAt); it becomes the state's ``updated_at``."""
+    ``at`` is the event's time (its receivedAt); the state's ``updated_at`` follows the
+    latest event judged, so retention counts from a call's last event of any verdict."""
+    if state is not None and event_id in state.judged:
+        # Rule 0: this very event was judged already (a replay, a retry with the same
+        # bytes, a repeat from the spool): drop it, whatever it would say now.
+        return Decision(Outcome.DUPLICATE, state)
+    decision = _decide(state, call, event_id, at)
+    kept = decision.state
+    assert kept is not None  # every verdict on an event leaves a state
+    judged = ((state.judged if state is not None else ()) + (event_id,))[-MAX_JUDGED:]
+    updated = max(kept.updated_at, at)
+    return replace(decision, state=replace(kept, judged=judged, updated_at=updated))
+
+
+def _decide(state: CallState | None, call: Call, event_id: str, at: datetime) -> Decision:
     if state is None:  # Rule 1: the first event we hold for a call is accepted.
         return _accept(None, call, event_id, at)
 

@@ -50,7 +50,7 @@ def state_from_record(record: ConsumerRecord[bytes, bytes]) -> CallState:
             "that key to drop it, and the call's next event starts it afresh"
         ) from None
     revised = m.revisedCall or (m.call if m.call.revision is not None else None)
-    return CallState(m.status, m.revision, m.call, m.eventId, m.updatedAt, revised)
+    return CallState(m.status, m.revision, m.call, m.eventId, m.updatedAt, revised, tuple(m.judged))
 
 
 async def restore(

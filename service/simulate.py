@@ -415,7 +415,9 @@ class Verdict:
 
 def judge(run: Run) -> Verdict:
     """Account for every accepted request against what was read back."""
-    v = Verdict(duplicates_dropped=run.repeats)
+    # A repeat of an accepted event (same bytes, same eventId) is accounted for by the
+    # event it repeats: the processor drops it (rule 0).
+    v = Verdict(duplicates_dropped=run.repeats, accepted=run.repeats)
     call_of = {s.event_id: s.delivery.call_id for s in run.sent if s.event_id is not None}
     v.server_errors = sum(
         n for code, n in run.answers.items() if code.startswith("5") and code != "503"

@@ -51,10 +51,16 @@ def record(offset: int, value: bytes, key: bytes | None = None) -> ConsumerRecor
 
 
 def event(
-    offset: int, call_id: str, status: CallStatus, at: datetime, revision: int | None = None
+    offset: int,
+    call_id: str,
+    status: CallStatus,
+    at: datetime,
+    revision: int | None = None,
+    event_id: str | None = None,
 ) -> ConsumerRecord[bytes, bytes]:
     call = Call.model_validate({"callId": call_id, "status": status, "revision": revision})
-    value = encode_ingest(str(uuid.uuid4()), at, Source.WEBHOOK, None, call, call.to_json())
+    eid = event_id or str(uuid.uuid4())
+    value = encode_ingest(eid, at, Source.WEBHOOK, None, call, call.to_json())
     return record(offset, value, call_id.encode())
 
 
@@ -84,10 +90,11 @@ def test_accepted_events_write_a_change_and_a_state_rejected_ones_a_rejection() 
         [
             event(0, cid(1), S.RINGING, T),
             event(1, cid(1), S.QUEUED, T),  # late
-            event(2, cid(1), S.RINGING, T),  # duplicate: no output at all
+            event(2, cid(1), S.RINGING, T),  # duplicate: no change, no rejection
         ]
     )
-    assert topics(p) == [("changes", 0), ("state", 0), ("rejected", 1)]
+    # Every verdict also writes the call's state: it remembers the eventIds judged.
+    assert topics(p) == [("changes", 0), ("state", 0), ("rejected", 1), ("state", 1), ("state", 2)]
     assert p.next_offset == 3
     assert p.events == {("accepted", ""): 1, ("rejected", "out_of_order"): 1, ("duplicate", ""): 1}
     state = p.states[cid(1)]
@@ -139,7 +146,8 @@ def test_expiry_follows_the_watermark_not_the_processing_time() -> None:
     # Processed ten hours later, but only ten minutes later in event time: a duplicate.
     redelivery = run([event(0, cid(1), S.COMPLETED, T + timedelta(minutes=10))], done)
     assert redelivery.events == {("duplicate", ""): 1}
-    assert redelivery.outputs == []  # and nothing was swept
+    # Only the state, remembering the redelivery's eventId; nothing was swept.
+    assert topics(redelivery) == [("state", 0)]
     # Past the terminal retention in event time: forgotten, so a new first event.
     late = run([event(0, cid(1), S.COMPLETED, T + 2 * HOUR)], done)
     assert late.events == {("accepted", ""): 1}
@@ -245,3 +253,17 @@ def test_an_undecodable_record_kafka_refused_is_cut_like_an_unwritable_one() -> 
     assert msg.reason is RejectReason.UNWRITABLE and msg.truncated
     assert base64.b64decode(msg.value) == raw[:UNPROCESSABLE_KEEP_BYTES]
     assert "not an ingest event" in msg.detail
+
+
+def test_an_event_judged_before_is_dropped_without_any_output() -> None:
+    # The same request replayed (same bytes, so the same eventId) after a later status:
+    # without rule 0 it would be rejected out_of_order, a second record for one event.
+    p = run(
+        [
+            event(0, cid(1), S.RINGING, T, event_id="ring"),
+            event(1, cid(1), S.COMPLETED, T),
+            event(2, cid(1), S.RINGING, T, event_id="ring"),
+        ]
+    )
+    assert topics(p) == [("changes", 0), ("state", 0), ("changes", 1), ("state", 1)]
+    assert p.events[("duplicate", "")] == 1

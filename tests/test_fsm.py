@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from schemas.call import Call, CallStatus
 from schemas.messages import RejectReason
 from service.fsm import (
+    MAX_JUDGED,
     REACHABLE,
     TERMINAL,
     TRANSITIONS,
@@ -41,6 +43,12 @@ def call(status: CallStatus, revision: int | None = None, **fields: object) -> C
     )
 
 
+def judged(state: CallState | None, event_id: str) -> CallState:
+    """``state`` after judging ``event_id`` without accepting it (rule 0's memory)."""
+    assert state is not None
+    return replace(state, judged=(*state.judged, event_id)[-MAX_JUDGED:])
+
+
 def state_of(status: CallStatus, revision: int | None = None) -> CallState:
     c = call(status, revision)
     return CallState(status, revision, c, "e0", T0, c if revision is not None else None)
@@ -67,7 +75,7 @@ def test_reachability_includes_gaps_and_nothing_backwards() -> None:
 def test_first_event_is_accepted_whatever_its_status(status: CallStatus) -> None:
     d = decide(None, call(status), "e1", T0)
     assert d.outcome is Outcome.ACCEPTED
-    assert d.state == CallState(status, None, call(status), "e1", T0)
+    assert d.state == CallState(status, None, call(status), "e1", T0, judged=("e1",))
 
 
 def _expected_without_revision(
@@ -90,7 +98,8 @@ def test_every_pair_without_revisions(current: CallStatus, new: CallStatus) -> N
     if outcome is Outcome.ACCEPTED:
         assert d.state is not None and d.state.status is new and d.state.event_id == "e1"
     else:
-        assert d.state == state_of(current)  # refused events leave the state untouched
+        # Refused events leave the state as it was, but for remembering they were judged.
+        assert d.state == judged(state_of(current), "e1")
 
 
 @pytest.mark.parametrize(
@@ -120,7 +129,7 @@ class TestRevisions:
     def test_equal_revision_same_content_is_a_duplicate(self) -> None:
         d = decide(state_of(S.RINGING, 3), call(S.RINGING, 3), "e1", T0)
         assert d.outcome is Outcome.DUPLICATE
-        assert d.state == state_of(S.RINGING, 3)
+        assert d.state == judged(state_of(S.RINGING, 3), "e1")
 
     def test_equal_revision_different_content_conflicts(self) -> None:
         d = decide(state_of(S.RINGING, 3), call(S.RINGING, 3, to="+15550001111"), "e1", T0)
@@ -132,7 +141,7 @@ class TestRevisions:
         newer = call(S.COMPLETED, 5, endTime="Mon, 15 Jun 2009 20:45:30 GMT")
         d = decide(state_of(S.COMPLETED, 4), newer, "e1", T0)
         assert d.outcome is Outcome.ACCEPTED
-        assert d.state == CallState(S.COMPLETED, 5, newer, "e1", T0, newer)
+        assert d.state == CallState(S.COMPLETED, 5, newer, "e1", T0, newer, judged=("e1",))
 
     def test_higher_revision_reachable_is_accepted_even_with_gaps(self) -> None:
         d = decide(state_of(S.QUEUED, 1), call(S.COMPLETED, 7), "e1", T0)
@@ -172,7 +181,7 @@ class TestRevisionsAfterACallback:
         state = self.after_callback()
         d = decide(state, call(S.RINGING, 5), "e2", T0)
         assert d.outcome is Outcome.DUPLICATE
-        assert d.state == state
+        assert d.state == judged(state, "e2")
 
     def test_the_same_revision_with_other_content_still_conflicts(self) -> None:
         d = decide(self.after_callback(), call(S.RINGING, 5, to="+15550001111"), "e2", T0)
@@ -258,7 +267,7 @@ def test_redelivering_each_accepted_event_yields_only_duplicates(
         if d.outcome is Outcome.ACCEPTED:
             again = decide(state, c, f"e{i}-again", T0)
             assert again.outcome is Outcome.DUPLICATE
-            assert again.state == state
+            assert again.state == judged(state, f"e{i}-again")
 
 
 @settings(max_examples=400)
@@ -272,7 +281,7 @@ def test_replaying_accepted_output_never_reaccepts(
         if d.outcome is Outcome.ACCEPTED:
             replay = decide(final, c, "replay", T0)
             assert replay.outcome is not Outcome.ACCEPTED
-            assert replay.state == final
+            assert replay.state == judged(final, "replay")
 
 
 @given(events)
@@ -294,3 +303,35 @@ def test_redelivering_any_revisioned_accepted_event_later_is_never_a_data_error(
 @given(events)
 def test_decide_is_pure(sequence: list[tuple[CallStatus, int | None]]) -> None:
     assert [d for _, d in run(sequence)] == [d for _, d in run(sequence)]
+
+
+class TestRuleZeroTheSameEventOnce:
+    """An eventId is derived from the signed body: the same request again (a replay, a
+    retry, a repeat from the spool) is dropped, whatever it would be judged now."""
+
+    def test_a_replay_of_an_earlier_step_after_a_later_one_is_dropped(self) -> None:
+        ringing = decide(None, call(S.RINGING), "ring", T0)
+        done = decide(ringing.state, call(S.COMPLETED), "done", T0 + timedelta(seconds=5))
+        replay = decide(done.state, call(S.RINGING), "ring", T0 + timedelta(seconds=9))
+        assert replay.outcome is Outcome.DUPLICATE  # not out_of_order: judged once already
+        assert replay.state is done.state
+
+    def test_a_replay_of_a_rejected_event_is_not_rejected_twice(self) -> None:
+        done = decide(None, call(S.COMPLETED), "done", T0)
+        late = decide(done.state, call(S.RINGING), "late", T0)
+        assert late.reason is RejectReason.OUT_OF_ORDER
+        again = decide(late.state, call(S.RINGING), "late", T0)
+        assert again.outcome is Outcome.DUPLICATE and again.state is late.state
+
+    def test_retention_counts_from_the_last_event_of_any_verdict(self) -> None:
+        done = decide(None, call(S.COMPLETED), "done", T0)
+        later = T0 + timedelta(minutes=7)
+        late = decide(done.state, call(S.RINGING), "late", later)
+        assert late.state is not None and late.state.updated_at == later
+
+    def test_only_the_last_max_judged_events_are_remembered(self) -> None:
+        d = decide(None, call(S.QUEUED), "first", T0)
+        for n in range(MAX_JUDGED):
+            d = decide(d.state, call(S.QUEUED), f"dup-{n}", T0)
+        assert d.state is not None and "first" not in d.state.judged
+        assert len(d.state.judged) == MAX_JUDGED

@@ -107,11 +107,6 @@ async def test_a_replay_and_a_retry_are_one_event(
     assert (changes, rejected) == ([event_id], [])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the processor to drop an eventId it has already judged for the call "
-    "(issue 9, point 5); today a replay of an earlier status is rejected out_of_order",
-)
 async def test_a_replay_of_an_earlier_status_after_a_later_one_adds_nothing(
     node: tuple[Settings, httpx.AsyncClient],
 ) -> None:
