@@ -62,6 +62,23 @@ async def _seek_committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int
     return int(committed)
 
 
+async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Stop a consumer without letting aiokafka's own cancellations escape: with the
+    broker gone, stop() cancels a fetch task sleeping in its retry backoff and that
+    CancelledError surfaces here. Escaping, it would end the processor task as if it had
+    been cancelled, which in ROLE=all takes ingest down with it. A cancellation of *our*
+    task (shutdown) still goes through."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.warning("consumer stop raised a stray cancellation; ignored")
+    except Exception as exc:
+        log.warning("consumer did not stop cleanly", error=repr(exc))
+
+
 class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     """The consumer group member, supervising one :class:`PartitionWorker` per partition."""
 
@@ -118,7 +135,11 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
                 log.error("state topic corrupt, processor waiting for repair", error=str(exc))
                 metrics.PROCESSOR_RESTARTS.labels(type(exc).__name__).inc()
                 delay = backoff.next_delay()
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and (task is None or task.cancelling()):
+                    raise  # we are being cancelled: not a failure to restart from
+                # A CancelledError nobody asked for is aiokafka's own leaking out: restart.
                 if self._progressed:
                     backoff.reset()
                 delay = backoff.next_delay()
@@ -187,7 +208,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
             async with self._lock:
                 await self._drop_workers(cause)
             # Leaving the group lets the others take our partitions at once.
-            await consumer.stop()
+            await _stop_consumer(consumer)
             self._consumer = None
 
     async def _fetch(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, list[Record]]:

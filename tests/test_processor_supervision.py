@@ -12,7 +12,7 @@ from aiokafka.errors import IllegalOperation
 
 from service import metrics
 from service.backoff import Backoff
-from service.processor import Processor
+from service.processor import Processor, _stop_consumer
 from service.restore import CorruptState
 from tests.conftest import make_settings
 
@@ -70,11 +70,47 @@ async def test_a_corrupt_state_topic_is_retried_where_ingest_shares_the_process(
     assert p.runs == 3
 
 
-async def test_cancellation_ends_the_loop() -> None:
+async def test_a_stray_cancellation_restarts_instead_of_ending_the_node() -> None:
+    # aiokafka lets a CancelledError of its own escape (a fetch task cancelled in its
+    # retry backoff while the consumer stops); nobody cancelled us, so it is a failure
+    # like any other. Ending the task instead would take ROLE=all's ingest down.
     p = Scripted([asyncio.CancelledError(), None], [])
+    await asyncio.wait_for(p.run(), 10)
+    assert p.runs == 2
+
+
+async def test_a_real_cancellation_ends_the_loop() -> None:
+    class Blocking(Scripted):
+        async def _run_once(self) -> None:
+            self.runs += 1
+            self.failed_once.set()
+            await asyncio.Event().wait()
+
+    p = Blocking([], [])
+    task = asyncio.create_task(p.run())
+    await asyncio.wait_for(p.failed_once.wait(), 10)
+    task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(p.run(), 10)
+        await task
     assert p.runs == 1
+
+
+class StopRaises:
+    """A consumer whose stop() raises what aiokafka's can: a stray cancellation."""
+
+    async def stop(self) -> None:
+        raise asyncio.CancelledError
+
+
+async def test_stopping_the_consumer_swallows_a_stray_cancellation_only() -> None:
+    await _stop_consumer(StopRaises())  # nobody cancelled us
+
+    async def cancelled_while_stopping() -> None:
+        asyncio.current_task().cancel()  # type: ignore[union-attr]
+        await _stop_consumer(StopRaises())
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(cancelled_while_stopping())
 
 
 async def test_the_backoff_starts_over_after_progress() -> None:
