@@ -575,3 +575,19 @@ async def test_a_body_whose_record_would_not_fit_is_413_not_503_forever() -> Non
         response = await c.post("/v1/call-status", content=body, headers=signed(body))
     problem = assert_problem(response, 413)
     assert "stored" in str(problem["detail"])
+
+
+async def test_a_bug_behind_the_ingest_fast_path_is_a_plain_500(client: httpx.AsyncClient) -> None:
+    # The ingest route skips Starlette's router and exception middleware; a failure the
+    # handler does not expect must still be a problem+json 500, never a stack trace.
+    body = json.dumps(WEBHOOK).encode()
+    before = http_code(500)
+    response = await client.post(
+        "/v1/call-status",
+        content=body,
+        headers={"content-type": "application/json", **signed(body)},
+    )
+    problem_body = assert_problem(response, 500)
+    assert "Traceback" not in response.text and "AssertionError" not in response.text
+    assert problem_body["type"] == "urn:callstatus:problem:internal"
+    assert http_code(500) == before + 1
