@@ -137,6 +137,7 @@ def plan(
     processed = format_rfc3339(processed_at)
     processed_b = processed.encode()
     changed = out.states
+    state_at: dict[str, int] = {}  # call -> offset of its last event that changed it
     last: int | None = None
     for record in records:
         offset = record.offset
@@ -203,11 +204,20 @@ def plan(
                 out.transitions[_status(state.status if state else None), call.status.value] += 1
         # Every verdict changes the state, if only by remembering the eventId (rule 0),
         # so a replay of this event is recognised after a restore too.
-        state_value = encode_state(
-            new.call, new.revision, new.event_id, new.updated_at, new.revised, new.judged
-        )
-        out.outputs.append(Output(target.state, key, state_value, [JSON], target.partition, offset))
         changed[cid] = new
+        state_at[cid] = offset
+    # One state record per call per batch, its last: on a compacted topic only the last
+    # one counts, and a backlog often holds several steps of a call in one batch. It is
+    # tagged with the offset of the call's last event, which an unwritable search blames.
+    for cid, offset in state_at.items():
+        st = changed[cid]
+        assert st is not None
+        value = encode_state(
+            st.call, st.revision, st.event_id, st.updated_at, st.revised, st.judged
+        )
+        out.outputs.append(
+            Output(target.state, cid.encode(), value, [JSON], target.partition, offset)
+        )
     out.next_offset = None if last is None else last + 1
     _sweep(out, states, target, retention)
     return out
