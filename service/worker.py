@@ -216,11 +216,16 @@ class PartitionWorker:
                 )
             commit_started = time.perf_counter()
             await producer.commit_transaction()
-        except BaseException:
+        except BaseException as exc:
             for future in futures:  # their errors are this one; don't log each at GC
                 future.add_done_callback(_retrieve)
             self.state_end = None
             await _abort_quietly(producer)
+            cause = _sender_failure(producer)
+            if cause is not None and cause is not exc and not isinstance(exc, Refused):
+                # aiokafka's sender died (fenced, say) and the next call only says
+                # "not in transaction": report why, so restarts are counted by cause.
+                raise cause from exc
             raise
         metrics.PROCESSOR_COMMIT_SECONDS.observe(time.perf_counter() - commit_started)
         metrics.PROCESSOR_BATCH_SECONDS.observe(time.perf_counter() - started)
@@ -268,6 +273,15 @@ class PartitionWorker:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _sender_failure(producer: AIOKafkaProducer) -> BaseException | None:
+    """The error that ended the producer's sender task, if it ended with one."""
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    if task is None or not task.done() or task.cancelled():
+        return None
+    exc: BaseException | None = task.exception()
+    return exc
 
 
 async def _abort_quietly(producer: AIOKafkaProducer) -> None:
