@@ -16,7 +16,6 @@ from schemas.messages import (
     ChangeMessage,
     IngestEvent,
     RejectedMessage,
-    StateMessage,
     UnprocessableMessage,
 )
 
@@ -26,7 +25,7 @@ MESSAGES: dict[str, type[BaseModel]] = {
     "ingest": IngestEvent,
     "changes": ChangeMessage,
     "rejected": RejectedMessage,
-    "state": StateMessage,
+    # The state topic holds the processor's private binary format (service/statecodec.py).
     # Also on the rejected topic: records the processor could not judge or not write.
     "unprocessable": UnprocessableMessage,
 }

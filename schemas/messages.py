@@ -4,7 +4,6 @@ sections 2 and 4)."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -167,7 +166,9 @@ class RejectedMessage(_Outcome):
 
 
 class StateMessage(BaseModel):
-    """The per-call state, on the compacted state topic (a tombstone deletes it)."""
+    """Version 1 of a call's state on the state topic, JSON, written before the packed
+    version 2 (service/statecodec.py). Only read, to convert the states of a topic
+    written by an older release on restore."""
 
     model_config = ConfigDict(frozen=True, serialize_by_alias=True)
 
@@ -246,30 +247,6 @@ def encode_outcome(
         fields["reason"] = reason
         fields["detail"] = detail
     return b"".join((_head(fields), b',"call":', call.to_json(), b"}"))
-
-
-def encode_state(
-    call: Call,
-    revision: int | None,
-    event_id: str,
-    updated_at: datetime,
-    revised: Call | None = None,
-    judged: Sequence[str] = (),
-) -> bytes:
-    """Serialise a :class:`StateMessage`; ``revised`` is written only when it is not
-    ``call`` itself."""
-    fields: dict[str, Any] = {
-        "callId": call.callId,
-        "status": call.status,
-        "revision": revision,
-        "eventId": event_id,
-        "updatedAt": format_rfc3339(updated_at),
-        "judged": list(judged),
-    }
-    tail = b"}"
-    if revised is not None and revised is not call:
-        tail = b',"revisedCall":' + revised.to_json() + b"}"
-    return b"".join((_head(fields), b',"call":', call.to_json(), tail))
 
 
 # How much of an unwritable record's value an UnprocessableMessage keeps: small enough

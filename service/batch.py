@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import chain
 from typing import TypeAlias
 
 from aiokafka import ConsumerRecord
@@ -29,10 +30,10 @@ from schemas.messages import (
     IngestEnvelope,
     RejectReason,
     encode_outcome,
-    encode_state,
     encode_unprocessable,
 )
 from service.fsm import CallState, Outcome, decide, expired, is_expired
+from service.statecodec import pack, peek, unpack
 
 CE_SOURCE = b"urn:callstatus:processor"
 CE_TYPE_CHANGED = b"com.freeclimb.call.status.changed"
@@ -79,8 +80,9 @@ class Output:
 @dataclass(slots=True)
 class Plan:
     outputs: list[Output] = field(default_factory=list)
-    # Calls whose state changes: the new state, or None to forget it.
-    states: dict[str, CallState | None] = field(default_factory=dict)
+    # Calls whose state changes: the new state (packed, see statecodec), or None to
+    # forget it.
+    states: dict[str, bytes | None] = field(default_factory=dict)
     next_offset: int | None = None  # None: no record of this batch was new
     watermark: datetime | None = None
     swept_at: datetime | None = None
@@ -117,7 +119,7 @@ def _trace(record: Record) -> bytes | None:
 
 def plan(
     records: Iterable[Record],
-    states: Mapping[str, CallState],
+    states: Mapping[str, bytes],
     *,
     position: int,
     watermark: datetime | None,
@@ -127,7 +129,8 @@ def plan(
     processed_at: datetime,
     unwritable: Set[int] = frozenset(),
 ) -> Plan:
-    """Judge the records at or after ``position`` against ``states`` (left untouched).
+    """Judge the records at or after ``position`` against ``states`` (packed, left
+    untouched).
 
     ``unwritable`` holds offsets whose outputs Kafka refused for good on an earlier try
     of this batch: each becomes an ``unwritable`` rejection and changes no state.
@@ -136,8 +139,10 @@ def plan(
     out = Plan(watermark=watermark, swept_at=swept_at)
     processed = format_rfc3339(processed_at)
     processed_b = processed.encode()
-    changed = out.states
-    state_at: dict[str, int] = {}  # call -> offset of its last event that changed it
+    # The calls this batch judged: their state after the batch so far, unpacked once,
+    # and the offset of their last event.
+    touched: dict[str, CallState] = {}
+    state_at: dict[str, int] = {}
     last: int | None = None
     for record in records:
         offset = record.offset
@@ -168,9 +173,11 @@ def plan(
             continue
         call = event.call
         cid = call.callId
-        state = changed[cid] if cid in changed else states.get(cid)
+        state = touched.get(cid)
+        if state is None and (packed := states.get(cid)) is not None:
+            state = unpack(packed)
         if state is not None and is_expired(
-            state, out.watermark, retention.terminal, retention.idle
+            state.status, state.updated_at, out.watermark, retention.terminal, retention.idle
         ):
             state = None  # forgotten (rule 5): whether or not a sweep got to it yet
         decision = decide(state, call, event.eventId, received)
@@ -204,20 +211,14 @@ def plan(
                 out.transitions[_status(state.status if state else None), call.status.value] += 1
         # Every verdict changes the state, if only by remembering the eventId (rule 0),
         # so a replay of this event is recognised after a restore too.
-        changed[cid] = new
+        touched[cid] = new
         state_at[cid] = offset
     # One state record per call per batch, its last: on a compacted topic only the last
     # one counts, and a backlog often holds several steps of a call in one batch. It is
     # tagged with the offset of the call's last event, which an unwritable search blames.
     for cid, offset in state_at.items():
-        st = changed[cid]
-        assert st is not None
-        value = encode_state(
-            st.call, st.revision, st.event_id, st.updated_at, st.revised, st.judged
-        )
-        out.outputs.append(
-            Output(target.state, cid.encode(), value, [JSON], target.partition, offset)
-        )
+        value = out.states[cid] = pack(touched[cid])
+        out.outputs.append(Output(target.state, cid.encode(), value, [], target.partition, offset))
     out.next_offset = None if last is None else last + 1
     _sweep(out, states, target, retention)
     return out
@@ -257,7 +258,7 @@ def _unprocessable(
     out.events["rejected", reason.value] += 1
 
 
-def _sweep(out: Plan, states: Mapping[str, CallState], target: Target, r: Retention) -> None:
+def _sweep(out: Plan, states: Mapping[str, bytes], target: Target, r: Retention) -> None:
     """Tombstones for the states past their retention at the watermark (rule 5), once
     the watermark has moved ``sweep_every`` past the last sweep. Only memory and the
     state topic's size depend on it: decisions already treat an expired state as gone."""
@@ -266,8 +267,10 @@ def _sweep(out: Plan, states: Mapping[str, CallState], target: Target, r: Retent
         return
     out.swept_at = w
     changed = out.states
-    merged = {**states, **changed}
-    live = ((cid, st) for cid, st in merged.items() if st is not None)
+    kept = ((cid, packed) for cid, packed in states.items() if cid not in changed)
+    live = (
+        (cid, *peek(packed)) for cid, packed in chain(kept, changed.items()) if packed is not None
+    )
     for cid in expired(live, w, r.terminal, r.idle):
         changed[cid] = None
         out.outputs.append(

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
+from hashlib import blake2b
 
 from schemas.call import Call, CallStatus
 from schemas.messages import RejectReason
@@ -53,30 +54,55 @@ class Outcome(StrEnum):
     REJECTED = "rejected"
 
 
+# How many judged eventIds a call remembers. A call has a handful of statuses; a replay
+# of an event older than the last 32 of its call would be judged again.
+MAX_JUDGED = 32
+
+# Rule 0 remembers an 8-byte mark of each eventId, not the id: a 36-character string
+# costs ~90 bytes of memory per id. Two different events of one call share a mark with a
+# chance of about 32 in 2**64, so no event is ever dropped by mistake in practice.
+MARK_BYTES = 8
+
+
+def mark(event_id: str) -> bytes:
+    """The mark rule 0 remembers for an eventId."""
+    return blake2b(event_id.encode(), digest_size=MARK_BYTES).digest()
+
+
+def content_digest(call: Call) -> bytes:
+    """A digest of a call's whole content: rule 2 tells a duplicate (same revision, same
+    content) from a conflict (same revision, other content) by it, without keeping the
+    call. Equal calls serialise to equal bytes, and different ones to different bytes."""
+    return blake2b(call.to_json(), digest_size=MARK_BYTES).digest()
+
+
 @dataclass(frozen=True, slots=True)
 class CallState:
-    """What the processor remembers about one call between events."""
+    """What the processor remembers about one call between events: only what the rules
+    read, so a state packs into a few dozen bytes (service/statecodec.py)."""
 
     status: CallStatus
     # The highest revision accepted so far; an event without one leaves it as it was.
     revision: int | None
-    call: Call
-    event_id: str
-    # Event time: the receivedAt of the last accepted event (retention is judged on it).
+    # Event time: the receivedAt of the call's last event of any verdict (retention is
+    # judged on it).
     updated_at: datetime
-    # The last accepted call that carried a revision (rule 2 compares against it, not
-    # against ``call``, which a later webhook without revision may have replaced).
-    # ``None`` with a revision set only for states written before this field existed.
-    revised: Call | None = None
-    # The eventIds of this call already judged, whatever the verdict (rule 0): the last
-    # MAX_JUDGED of them. The eventId is derived from the signed body, so a replayed
-    # request or a repeat from the spool is recognised and dropped, never judged twice.
-    judged: tuple[str, ...] = ()
+    # The status and content digest of the last accepted call that carried a revision:
+    # rule 2 compares a revisioned event with it, not with a callback without revision
+    # that may have come after it. None and b"" until a revisioned call was accepted.
+    revised_status: CallStatus | None = None
+    revised_digest: bytes = b""
+    # The marks of this call's eventIds already judged, whatever the verdict (rule 0),
+    # oldest first, the last MAX_JUDGED of them. The eventId is derived from the signed
+    # body, so a replayed request or a repeat from the spool is recognised and dropped.
+    judged: bytes = b""
 
-
-# How many judged eventIds a call remembers. A call has a handful of statuses; a replay
-# of an event older than the last 32 of its call would be judged again.
-MAX_JUDGED = 32
+    def remembers(self, event_mark: bytes) -> bool:
+        """Whether an event with this mark was judged already."""
+        judged, at = self.judged, self.judged.find(event_mark)
+        while at != -1 and at % MARK_BYTES:  # a match must start on a mark's boundary
+            at = judged.find(event_mark, at + 1)
+        return at != -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,13 +114,15 @@ class Decision:
     detail: str = ""
 
 
-def _accept(state: CallState | None, call: Call, event_id: str, at: datetime) -> Decision:
-    # Rule 4: an event without a revision leaves the state's revision (and the last
-    # revisioned call) as they were.
-    revision, revised = call.revision, call if call.revision is not None else None
-    if revision is None and state is not None:
-        revision, revised = state.revision, state.revised
-    new = CallState(call.status, revision, call, event_id, at, revised)
+def _accept(state: CallState | None, call: Call, at: datetime) -> Decision:
+    # Rule 4: an event without a revision leaves the state's revision (and what rule 2
+    # compares with) as they were.
+    if call.revision is not None:
+        new = CallState(call.status, call.revision, at, call.status, content_digest(call))
+    elif state is not None:
+        new = CallState(call.status, state.revision, at, state.revised_status, state.revised_digest)
+    else:
+        new = CallState(call.status, None, at)
     return Decision(Outcome.ACCEPTED, new)
 
 
@@ -106,27 +134,28 @@ def decide(state: CallState | None, call: Call, event_id: str, at: datetime) -> 
     """Apply the rules of docs/architecture.md section 3 to one event of one call.
     ``at`` is the event's time (its receivedAt); the state's ``updated_at`` follows the
     latest event judged, so retention counts from a call's last event of any verdict."""
-    if state is not None and event_id in state.judged:
+    event_mark = mark(event_id)
+    if state is not None and state.remembers(event_mark):
         # Rule 0: this very event was judged already (a replay, a retry with the same
         # bytes, a repeat from the spool): drop it, whatever it would say now.
         return Decision(Outcome.DUPLICATE, state)
-    decision = _decide(state, call, event_id, at)
+    decision = _decide(state, call, at)
     kept = decision.state
     assert kept is not None  # every verdict on an event leaves a state
-    judged = ((state.judged if state is not None else ()) + (event_id,))[-MAX_JUDGED:]
+    judged = ((state.judged if state is not None else b"") + event_mark)[-MAX_JUDGED * MARK_BYTES :]
     updated = max(kept.updated_at, at)
     return replace(decision, state=replace(kept, judged=judged, updated_at=updated))
 
 
-def _decide(state: CallState | None, call: Call, event_id: str, at: datetime) -> Decision:
+def _decide(state: CallState | None, call: Call, at: datetime) -> Decision:
     if state is None:  # Rule 1: the first event we hold for a call is accepted.
-        return _accept(None, call, event_id, at)
+        return _accept(None, call, at)
 
     current, new = state.status, call.status
     if call.revision is not None and state.revision is not None:  # Rule 2
         # Revisioned events are ordered among themselves: compare with the last call
         # that had a revision, not with a webhook (no revision) that came after it.
-        last = state.revised or state.call
+        last_status = state.revised_status or current
         if call.revision < state.revision:
             return _reject(
                 state,
@@ -134,7 +163,7 @@ def _decide(state: CallState | None, call: Call, event_id: str, at: datetime) ->
                 f"revision {call.revision} is older than the current {state.revision}",
             )
         if call.revision == state.revision:
-            if call == last:
+            if content_digest(call) == state.revised_digest:
                 return Decision(Outcome.DUPLICATE, state)
             return _reject(
                 state,
@@ -142,9 +171,9 @@ def _decide(state: CallState | None, call: Call, event_id: str, at: datetime) ->
                 f"revision {call.revision} was already seen with different content",
             )
         if new == current or new in REACHABLE[current]:
-            return _accept(state, call, event_id, at)
-        after_last = new == last.status or new in REACHABLE[last.status]
-        if last.status != current and after_last and current in REACHABLE[new]:
+            return _accept(state, call, at)
+        after_last = new == last_status or new in REACHABLE[last_status]
+        if last_status != current and after_last and current in REACHABLE[new]:
             # A webhook (no revision) moved the call past this status after the last
             # revisioned event: a newer revision of an earlier step, late as in rule 3.
             return _reject(
@@ -164,7 +193,7 @@ def _decide(state: CallState | None, call: Call, event_id: str, at: datetime) ->
     if new == current:
         return Decision(Outcome.DUPLICATE, state)
     if new in REACHABLE[current]:
-        return _accept(state, call, event_id, at)
+        return _accept(state, call, at)
     if current in REACHABLE[new]:
         return _reject(
             state,
@@ -175,24 +204,29 @@ def _decide(state: CallState | None, call: Call, event_id: str, at: datetime) ->
 
 
 def is_expired(
-    state: CallState, watermark: datetime, terminal_retention: timedelta, idle_retention: timedelta
+    status: CallStatus,
+    updated_at: datetime,
+    watermark: datetime,
+    terminal_retention: timedelta,
+    idle_retention: timedelta,
 ) -> bool:
     """Rule 5: a state is forgotten once it has been terminal for longer than the
-    terminal retention, or without an accepted event for longer than the idle one, both
-    measured in event time: against the partition's watermark, never the wall clock."""
-    age = watermark - state.updated_at
-    return age > idle_retention or (state.status in TERMINAL and age > terminal_retention)
+    terminal retention, or without an event for longer than the idle one, both measured
+    in event time: against the partition's watermark, never the wall clock."""
+    age = watermark - updated_at
+    return age > idle_retention or (status in TERMINAL and age > terminal_retention)
 
 
 def expired(
-    states: Iterable[tuple[str, CallState]],
+    states: Iterable[tuple[str, CallStatus, datetime]],
     watermark: datetime,
     terminal_retention: timedelta,
     idle_retention: timedelta,
 ) -> list[str]:
-    """The calls whose state may be forgotten at this watermark (see :func:`is_expired`)."""
+    """The calls (id, status, updated_at) whose state may be forgotten at this watermark
+    (see :func:`is_expired`)."""
     return [
         call_id
-        for call_id, state in states
-        if is_expired(state, watermark, terminal_retention, idle_retention)
+        for call_id, status, updated_at in states
+        if is_expired(status, updated_at, watermark, terminal_retention, idle_retention)
     ]

@@ -11,12 +11,10 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from pydantic import ValidationError
 
-from schemas.messages import StateMessage
 from service import metrics
 from service.backoff import Deadline
-from service.fsm import CallState
+from service.statecodec import BadState, load, peek
 
 log = structlog.get_logger(logger_name="callstatus.restore")
 
@@ -24,33 +22,33 @@ RESTORE_DEADLINE_SECONDS = 300.0
 
 
 class CorruptState(Exception):
-    """A state-topic record is not a StateMessage. Restoring around it could re-accept
+    """A state-topic record is not a call state. Restoring around it could re-accept
     old events for that call, so the processor stops and says how to repair it."""
 
 
 @dataclass(slots=True)
 class Restored:
-    states: dict[str, CallState] = field(default_factory=dict)
+    states: dict[str, bytes] = field(default_factory=dict)  # packed (statecodec)
     end: int = 0  # the state partition's end offset (read_committed) when read
 
     @property
     def watermark(self) -> datetime | None:
         """A lower bound of the partition's watermark before the restart: the event
         time of the newest state. The next event moves it on."""
-        return max((s.updated_at for s in self.states.values()), default=None)
+        return max((peek(packed)[1] for packed in self.states.values()), default=None)
 
 
-def state_from_record(record: ConsumerRecord[bytes, bytes]) -> CallState:
+def state_from_record(record: ConsumerRecord[bytes, bytes]) -> bytes:
+    """The record's state, packed; its value is kept as it is unless it was written in
+    an older layout (statecodec.load)."""
     try:
-        m = StateMessage.model_validate_json(record.value or b"")
-    except ValidationError as exc:
+        return load(record.value or b"")
+    except BadState as exc:
         raise CorruptState(
             f"record {record.topic}/{record.partition}@{record.offset} (key {record.key!r}) "
-            f"is not a call state ({exc.error_count()} errors); write a tombstone for "
-            "that key to drop it, and the call's next event starts it afresh"
+            f"is not a call state ({exc}); write a tombstone for that key to drop it, and "
+            "the call's next event starts it afresh"
         ) from None
-    revised = m.revisedCall or (m.call if m.call.revision is not None else None)
-    return CallState(m.status, m.revision, m.call, m.eventId, m.updatedAt, revised, tuple(m.judged))
 
 
 async def restore(

@@ -40,7 +40,6 @@ from prometheus_client import Counter
 
 from service import metrics
 from service.batch import NO_RECORD, Output, Plan, Retention, Target, plan
-from service.fsm import CallState
 from service.settings import Settings
 
 log = structlog.get_logger(logger_name="callstatus.worker")
@@ -115,7 +114,7 @@ class PartitionWorker:
     producer: AIOKafkaProducer
     next_offset: int
     options: dict[str, Any]
-    states: dict[str, CallState] = field(default_factory=dict)
+    states: dict[str, bytes] = field(default_factory=dict)  # packed (statecodec)
     watermark: datetime | None = None
     swept_at: datetime | None = None
     # The state partition's end offset after our last commit; None when unknown (after

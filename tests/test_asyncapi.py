@@ -80,6 +80,8 @@ def _refs(node: Any) -> Iterator[str]:
 
 # Channels that carry a second kind of message next to their main one, and its schema.
 EXTRA_MESSAGES = {"rejected": {"callEventUnprocessable": "unprocessable"}}
+# Channels whose payload is the processor's private binary format (service/statecodec.py).
+BINARY_CHANNELS = {"state"}
 
 
 def _message(doc: dict[str, Any], channel_id: str) -> dict[str, Any]:
@@ -132,9 +134,11 @@ def test_every_local_reference_resolves(doc: dict[str, Any]) -> None:
 
 def test_payloads_are_the_exported_json_schemas(doc: dict[str, Any]) -> None:
     extra_names = {name for extra in EXTRA_MESSAGES.values() for name in extra.values()}
-    assert set(TOPIC_FIELDS) | extra_names == set(MESSAGES)
+    assert (set(TOPIC_FIELDS) - BINARY_CHANNELS) | extra_names == set(MESSAGES)
     referenced: set[str] = set()
     for channel_id, channel in doc["channels"].items():
+        if channel_id in BINARY_CHANNELS:
+            continue
         expected = {
             next(iter(channel["messages"])): channel_id,
             **EXTRA_MESSAGES.get(channel_id, {}),
@@ -148,6 +152,17 @@ def test_payloads_are_the_exported_json_schemas(doc: dict[str, Any]) -> None:
             assert target.parent == HERE.resolve() and target.is_file(), f"{ref} is missing"
             referenced.add(target.name)
     assert referenced == {path_for(name).name for name in MESSAGES}
+
+
+def test_the_state_channel_is_binary_and_says_where_its_layout_is(doc: dict[str, Any]) -> None:
+    from service import statecodec
+
+    message = _message(doc, "state")
+    assert message["contentType"] == "application/octet-stream"
+    assert message["payload"] == {"type": "string", "format": "binary"}
+    assert "headers" not in message  # the processor writes state records without any
+    assert "service/statecodec.py" in message["description"]
+    assert f"{statecodec._HEAD.size} bytes plus 8 per judged" in message["description"]
 
 
 # Keywords that are new in draft 2019-09 or 2020-12, or changed meaning there.

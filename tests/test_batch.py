@@ -22,6 +22,7 @@ from schemas.messages import (
 )
 from service.batch import NO_RECORD, Plan, Retention, Target, plan
 from service.fsm import CallState
+from service.statecodec import pack, unpack
 
 S = CallStatus
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -66,7 +67,7 @@ def event(
 
 def run(
     records: list[ConsumerRecord[bytes, bytes]],
-    states: dict[str, CallState] | None = None,
+    states: dict[str, bytes] | None = None,
     **kw: object,
 ) -> Plan:
     args: dict[str, object] = {
@@ -98,8 +99,10 @@ def test_accepted_events_write_a_change_and_a_state_rejected_ones_a_rejection() 
     assert topics(p) == [("changes", 0), ("rejected", 1), ("state", 2)]
     assert p.next_offset == 3
     assert p.events == {("accepted", ""): 1, ("rejected", "out_of_order"): 1, ("duplicate", ""): 1}
-    state = p.states[cid(1)]
-    assert state is not None and state.updated_at == T  # event time, not processing time
+    packed = p.states[cid(1)]
+    assert packed is not None and unpack(packed).updated_at == T  # event, not processing, time
+    # The state record's value is the packed state itself, and nothing else.
+    assert p.outputs[-1].value == packed and p.outputs[-1].headers == []
 
 
 def test_records_before_the_position_are_skipped() -> None:
@@ -109,7 +112,7 @@ def test_records_before_the_position_are_skipped() -> None:
 
 
 def test_the_input_states_are_not_touched() -> None:
-    states: dict[str, CallState] = {}
+    states: dict[str, bytes] = {}
     run([event(0, cid(1), S.RINGING, T)], states)
     assert states == {}
 
@@ -143,7 +146,7 @@ def test_an_unwritable_record_is_rejected_truncated_and_changes_no_state() -> No
 
 
 def test_expiry_follows_the_watermark_not_the_processing_time() -> None:
-    done = {cid(1): CallState(S.COMPLETED, None, Call(callId=cid(1), status=S.COMPLETED), "e", T)}
+    done = {cid(1): pack(CallState(S.COMPLETED, None, T))}
     # Processed ten hours later, but only ten minutes later in event time: a duplicate.
     redelivery = run([event(0, cid(1), S.COMPLETED, T + timedelta(minutes=10))], done)
     assert redelivery.events == {("duplicate", ""): 1}
@@ -162,7 +165,7 @@ def test_a_batch_cut_differently_decides_the_same() -> None:
         event(3, cid(1), S.COMPLETED, T + 71 * timedelta(minutes=1)),
     ]
     whole = run(records)
-    states: dict[str, CallState] = {}
+    states: dict[str, bytes] = {}
     parts: list[Plan] = []
     position, watermark, swept = 0, None, None
     for r in records:
@@ -191,7 +194,7 @@ def test_a_batch_cut_differently_decides_the_same() -> None:
 
 
 def test_the_sweep_tombstones_expired_states_once_the_watermark_moved_on() -> None:
-    old = {cid(1): CallState(S.COMPLETED, None, Call(callId=cid(1), status=S.COMPLETED), "e", T)}
+    old = {cid(1): pack(CallState(S.COMPLETED, None, T))}
     p = run([event(0, cid(2), S.QUEUED, T + 2 * HOUR)], old)
     assert (p.outputs[-1].topic, p.outputs[-1].key, p.outputs[-1].value) == (
         "state",
@@ -204,7 +207,7 @@ def test_the_sweep_tombstones_expired_states_once_the_watermark_moved_on() -> No
     assert [o.topic for o in q.outputs] == ["changes", "state"]
 
 
-def _apply(states: dict[str, CallState], p: Plan) -> None:
+def _apply(states: dict[str, bytes], p: Plan) -> None:
     for k, v in p.states.items():
         if v is None:
             states.pop(k, None)
@@ -235,8 +238,8 @@ def test_how_a_backlog_is_cut_into_batches_never_changes_a_decision(
 
     def judged(
         bounds: list[int],
-    ) -> tuple[list[tuple[str, int, bytes | None]], dict[str, CallState]]:
-        states: dict[str, CallState] = {}
+    ) -> tuple[list[tuple[str, int, bytes | None]], dict[str, bytes]]:
+        states: dict[str, bytes] = {}
         out: list[tuple[str, int, bytes | None]] = []
         position, watermark, swept = 0, None, None
         for lo, hi in itertools.pairwise(bounds):

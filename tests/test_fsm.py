@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from schemas.call import Call, CallStatus
 from schemas.messages import RejectReason
 from service.fsm import (
+    MARK_BYTES,
     MAX_JUDGED,
     REACHABLE,
     TERMINAL,
@@ -20,8 +21,10 @@ from service.fsm import (
     CallState,
     Decision,
     Outcome,
+    content_digest,
     decide,
     expired,
+    mark,
 )
 
 S = CallStatus
@@ -46,12 +49,13 @@ def call(status: CallStatus, revision: int | None = None, **fields: object) -> C
 def judged(state: CallState | None, event_id: str) -> CallState:
     """``state`` after judging ``event_id`` without accepting it (rule 0's memory)."""
     assert state is not None
-    return replace(state, judged=(*state.judged, event_id)[-MAX_JUDGED:])
+    return replace(state, judged=(state.judged + mark(event_id))[-MAX_JUDGED * MARK_BYTES :])
 
 
 def state_of(status: CallStatus, revision: int | None = None) -> CallState:
-    c = call(status, revision)
-    return CallState(status, revision, c, "e0", T0, c if revision is not None else None)
+    if revision is None:
+        return CallState(status, None, T0)
+    return CallState(status, revision, T0, status, content_digest(call(status, revision)))
 
 
 def test_table_matches_the_contract() -> None:
@@ -75,7 +79,7 @@ def test_reachability_includes_gaps_and_nothing_backwards() -> None:
 def test_first_event_is_accepted_whatever_its_status(status: CallStatus) -> None:
     d = decide(None, call(status), "e1", T0)
     assert d.outcome is Outcome.ACCEPTED
-    assert d.state == CallState(status, None, call(status), "e1", T0, judged=("e1",))
+    assert d.state == CallState(status, None, T0, judged=mark("e1"))
 
 
 def _expected_without_revision(
@@ -96,7 +100,7 @@ def test_every_pair_without_revisions(current: CallStatus, new: CallStatus) -> N
     outcome, reason = _expected_without_revision(current, new)
     assert (d.outcome, d.reason) == (outcome, reason)
     if outcome is Outcome.ACCEPTED:
-        assert d.state is not None and d.state.status is new and d.state.event_id == "e1"
+        assert d.state is not None and d.state.status is new and d.state.remembers(mark("e1"))
     else:
         # Refused events leave the state as it was, but for remembering they were judged.
         assert d.state == judged(state_of(current), "e1")
@@ -141,7 +145,8 @@ class TestRevisions:
         newer = call(S.COMPLETED, 5, endTime="Mon, 15 Jun 2009 20:45:30 GMT")
         d = decide(state_of(S.COMPLETED, 4), newer, "e1", T0)
         assert d.outcome is Outcome.ACCEPTED
-        assert d.state == CallState(S.COMPLETED, 5, newer, "e1", T0, newer, judged=("e1",))
+        digest = content_digest(newer)
+        assert d.state == CallState(S.COMPLETED, 5, T0, S.COMPLETED, digest, judged=mark("e1"))
 
     def test_higher_revision_reachable_is_accepted_even_with_gaps(self) -> None:
         d = decide(state_of(S.QUEUED, 1), call(S.COMPLETED, 7), "e1", T0)
@@ -199,28 +204,27 @@ class TestRevisionsAfterACallback:
         newer = call(S.COMPLETED, 6)
         d = decide(self.after_callback(), newer, "e2", T0)
         assert d.outcome is Outcome.ACCEPTED and d.state is not None
-        assert (d.state.revision, d.state.revised) == (6, newer)
+        revised = (d.state.revision, d.state.revised_status, d.state.revised_digest)
+        assert revised == (6, S.COMPLETED, content_digest(newer))
 
 
 class TestRetention:
     def test_terminal_and_idle_states_expire(self) -> None:
-        states = {
-            "done-old": CallState(S.COMPLETED, None, call(S.COMPLETED), "e", T0),
-            "done-new": CallState(
-                S.COMPLETED, None, call(S.COMPLETED), "e", T0 + timedelta(minutes=90)
-            ),
-            "live-old": CallState(S.RINGING, None, call(S.RINGING), "e", T0),
-            "live-new": CallState(S.RINGING, None, call(S.RINGING), "e", T0 + timedelta(hours=2)),
-        }
+        states = [
+            ("done-old", S.COMPLETED, T0),
+            ("done-new", S.COMPLETED, T0 + timedelta(minutes=90)),
+            ("live-old", S.RINGING, T0),
+            ("live-new", S.RINGING, T0 + timedelta(hours=2)),
+        ]
         now = T0 + timedelta(hours=3)
-        gone = expired(states.items(), now, timedelta(hours=2), timedelta(hours=2, minutes=30))
+        gone = expired(states, now, timedelta(hours=2), timedelta(hours=2, minutes=30))
         assert sorted(gone) == ["done-old", "live-old"]
 
     def test_the_boundary_is_exclusive(self) -> None:
-        st8 = {"x": CallState(S.COMPLETED, None, call(S.COMPLETED), "e", T0)}
+        st8 = [("x", S.COMPLETED, T0)]
         hour = timedelta(hours=1)
-        assert expired(st8.items(), T0 + hour, hour, 2 * hour) == []
-        assert expired(st8.items(), T0 + hour + timedelta(seconds=1), hour, 2 * hour) == ["x"]
+        assert expired(st8, T0 + hour, hour, 2 * hour) == []
+        assert expired(st8, T0 + hour + timedelta(seconds=1), hour, 2 * hour) == ["x"]
 
 
 # -- properties -------------------------------------------------------------------
@@ -333,5 +337,13 @@ class TestRuleZeroTheSameEventOnce:
         d = decide(None, call(S.QUEUED), "first", T0)
         for n in range(MAX_JUDGED):
             d = decide(d.state, call(S.QUEUED), f"dup-{n}", T0)
-        assert d.state is not None and "first" not in d.state.judged
-        assert len(d.state.judged) == MAX_JUDGED
+        assert d.state is not None and not d.state.remembers(mark("first"))
+        assert len(d.state.judged) == MAX_JUDGED * MARK_BYTES
+        assert d.state.remembers(mark(f"dup-{MAX_JUDGED - 1}"))
+
+    def test_a_mark_only_counts_on_its_own_boundary(self) -> None:
+        # Two marks side by side contain 7 other 8-byte windows: none of them is judged.
+        a, b = mark("a"), mark("b")
+        state = CallState(S.QUEUED, None, T0, judged=a + b)
+        assert state.remembers(a) and state.remembers(b)
+        assert not any(state.remembers((a + b)[i : i + 8]) for i in range(1, 8))

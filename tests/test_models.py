@@ -29,10 +29,8 @@ from schemas.messages import (
     RejectedMessage,
     RejectReason,
     Source,
-    StateMessage,
     encode_ingest,
     encode_outcome,
-    encode_state,
     normalise_body,
 )
 
@@ -744,17 +742,3 @@ def test_encode_outcome_with_reason_is_a_rejected_message(reason: RejectReason) 
     assert message.processedAt == PROCESSED
     assert message.call == call
     assert json.loads(encoded)["call"] == RESOURCE
-
-
-def test_encode_state_is_a_state_message() -> None:
-    _, _, call = normalise_body(json.loads(SDK_WEBHOOK))
-    # The state's revision is its own (kept from an earlier event), not the call's.
-    encoded = encode_state(call, 3, "evt-5", PROCESSED)
-    message = StateMessage.model_validate_json(encoded)
-    assert message.callId == CALL_ID
-    assert message.status is CallStatus.RINGING
-    assert message.revision == 3
-    assert message.eventId == "evt-5"
-    assert message.updatedAt == PROCESSED
-    assert message.call == call
-    assert json.loads(encoded)["updatedAt"] == "2024-10-09T15:06:42.456Z"

@@ -51,8 +51,10 @@ REQUIRED = {
     "changes": OUTCOME_FIELDS,
     "rejected": [*OUTCOME_FIELDS, "reason", "detail"],
     "ingest": ["eventId", "receivedAt", "source", "requestType", "call", "body"],
-    "state": ["callId", "status", "revision", "eventId", "updatedAt", "call"],
 }
+# The first contract's state message (callId, status, revision, eventId, updatedAt,
+# call) became the packed state of service/statecodec.py (issue 10: ~100 bytes a call
+# instead of ~600); tests/test_statecodec.py holds it to what the rules need.
 
 
 @pytest.mark.parametrize(("name", "fields"), list(REQUIRED.items()), ids=list(REQUIRED))
@@ -68,7 +70,7 @@ def test_changes_do_not_carry_a_reason() -> None:
     assert "detail" not in properties
 
 
-@pytest.mark.parametrize("name", ["ingest", "changes", "rejected", "state"])
+@pytest.mark.parametrize("name", ["ingest", "changes", "rejected"])
 def test_source_and_call_use_freeclimb_vocabulary(name: str) -> None:
     defs = _committed(name)["$defs"]
     call = defs["Call"]

@@ -19,11 +19,12 @@ from schemas.messages import (
     RejectedMessage,
     RejectReason,
     Source,
-    StateMessage,
 )
+from service.fsm import mark
 from service.kafka import ensure_topics
 from service.processor import Processor
 from service.settings import Settings
+from service.statecodec import unpack
 from tests.conftest import BOOTSTRAP
 from tests.integration.kafkautil import (
     Event,
@@ -164,8 +165,9 @@ async def test_state_topic_holds_the_latest_state_per_call(
     ]
     await produce(BOOTSTRAP, settings.topic_ingest, events)
     states = await read_committed(BOOTSTRAP, settings.topic_state, 3)
-    last = StateMessage.model_validate_json(states[-1].value or b"")
-    assert (last.callId, last.status, last.eventId) == (cid, S.IN_PROGRESS, events[-1].event_id)
+    last = unpack(states[-1].value or b"")
+    assert (states[-1].key, last.status) == (cid.encode(), S.IN_PROGRESS)
+    assert last.remembers(mark(events[-1].event_id))
     # The state lives in the partition numbered like the call's ingest partition.
     changes = await read_committed(BOOTSTRAP, settings.topic_changes, 3)
     assert {r.partition for r in states} == {r.partition for r in changes}

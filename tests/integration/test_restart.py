@@ -75,6 +75,50 @@ async def test_restart_restores_state_and_never_reaccepts(unique: str) -> None:
     assert reasons == ["out_of_order", "out_of_order"]
 
 
+async def test_states_written_by_the_json_release_are_restored_after_an_upgrade(
+    unique: str,
+) -> None:
+    """A state topic written by the release before packed states (version 1, JSON with
+    the whole call and the eventIds judged) keeps deciding the same after the upgrade:
+    a replayed event is dropped, a late step rejected, the next step accepted."""
+    from aiokafka import AIOKafkaProducer
+
+    from service.statecodec import VERSION, unpack
+
+    settings = settings_for(BOOTSTRAP, unique, topic_partitions=1)
+    await ensure_topics(settings)
+    ringing = hook(S.RINGING)
+    v1 = {
+        "callId": CALL,
+        "status": "inProgress",
+        "revision": None,
+        "eventId": "e-progress",
+        "updatedAt": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "call": {"callId": CALL, "status": "inProgress"},
+        "judged": [ringing.event_id, "e-progress"],
+    }
+    writer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP)
+    await writer.start()
+    try:
+        await writer.send_and_wait(
+            settings.topic_state, json.dumps(v1).encode(), key=CALL.encode(), partition=0
+        )
+    finally:
+        await writer.stop()
+    late, done = hook(S.QUEUED), hook(S.COMPLETED)
+    async with processor(settings):
+        await produce(BOOTSTRAP, settings.topic_ingest, [ringing, late, done])
+        changes = await read_committed(BOOTSTRAP, settings.topic_changes, 1)
+        rejected = await read_committed(BOOTSTRAP, settings.topic_rejected, 1)
+        states = await read_committed(BOOTSTRAP, settings.topic_state, 2)
+    change = json.loads(changes[0].value or b"")
+    assert (change["eventId"], change["previousStatus"]) == (done.event_id, "inProgress")
+    assert [json.loads(r.value or b"")["eventId"] for r in rejected] == [late.event_id]
+    # What the processor wrote back is the packed state, remembering the old eventIds.
+    assert (states[-1].value or b"")[0] == VERSION
+    assert unpack(states[-1].value or b"").status is S.COMPLETED
+
+
 async def test_retention_tombstones_terminal_calls_in_event_time(unique: str) -> None:
     settings = settings_for(
         BOOTSTRAP,

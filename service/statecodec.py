@@ -1,0 +1,123 @@
+"""A call's state as bytes: one layout, used both in the processor's memory and as the
+value of the call's record on the state topic (docs/architecture.md, section 4).
+
+Why bytes and not objects or JSON: the processor holds the state of every call of its
+partitions for the whole retention, often millions. A ``CallState`` object with its
+fields costs ~340 bytes a call, the packed form ~90 (plus the callId key), and a restore
+keeps each record's value as it comes, without parsing it. The FSM still works on
+``CallState``; the planner unpacks a call's state when an event of it arrives and packs
+the new one once per batch.
+
+Layout (little-endian), version 2 (version 1 was the JSON ``StateMessage``)::
+
+    offset  size  field
+    0       1     version (2)
+    1       1     status (code, see _STATUSES)
+    2       1     status of the last revisioned call accepted (code; 0 = none)
+    3       8     revision (0 = none; FreeClimb revisions start at 1)
+    11      8     updated_at, microseconds since the Unix epoch (UTC)
+    19      8     content digest of the last revisioned call accepted (zeros = none)
+    27      8*n   marks of the last n <= 32 eventIds judged, oldest first
+"""
+
+from __future__ import annotations
+
+import struct
+from datetime import UTC, datetime, timedelta
+
+from pydantic import ValidationError
+
+from schemas.call import CallStatus
+from schemas.messages import StateMessage
+from service.fsm import MARK_BYTES, MAX_JUDGED, CallState, content_digest, mark
+
+VERSION = 2
+_HEAD = struct.Struct("<BBBqq8s")
+_NO_DIGEST = bytes(MARK_BYTES)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+S = CallStatus
+# Codes are written to the state topic: append new statuses, never reorder.
+_STATUSES: tuple[CallStatus, ...] = (
+    S.QUEUED, S.RINGING, S.IN_PROGRESS, S.CANCELED, S.COMPLETED, S.BUSY, S.FAILED, S.NO_ANSWER,
+)  # fmt: skip
+assert set(_STATUSES) == set(CallStatus), "every status needs a code"
+_CODE = {status: code for code, status in enumerate(_STATUSES, start=1)}
+_MAX_BYTES = _HEAD.size + MAX_JUDGED * MARK_BYTES
+
+
+class BadState(ValueError):
+    """Bytes that are not a call state of any version this service reads."""
+
+
+def pack(state: CallState) -> bytes:
+    revised = _CODE[state.revised_status] if state.revised_status is not None else 0
+    head = _HEAD.pack(
+        VERSION,
+        _CODE[state.status],
+        revised,
+        state.revision or 0,
+        (state.updated_at - _EPOCH) // _MICROSECOND,
+        state.revised_digest or _NO_DIGEST,
+    )
+    return head + state.judged
+
+
+def unpack(blob: bytes) -> CallState:
+    """The state ``blob`` holds; BadState if it is not one (a version-1 JSON state is
+    read by :func:`load`, which converts it)."""
+    try:
+        version, status, revised, revision, micros, digest = _HEAD.unpack_from(blob)
+        if version != VERSION or (len(blob) - _HEAD.size) % MARK_BYTES:
+            raise BadState(f"not a version-{VERSION} state ({len(blob)} bytes)")
+        return CallState(
+            _STATUSES[status - 1] if status else _missing(),
+            revision or None,
+            _EPOCH + micros * _MICROSECOND,
+            _STATUSES[revised - 1] if revised else None,
+            b"" if digest == _NO_DIGEST else digest,
+            blob[_HEAD.size :],
+        )
+    except (struct.error, IndexError, OverflowError) as exc:
+        raise BadState(f"not a version-{VERSION} state: {exc}") from None
+
+
+def _missing() -> CallStatus:
+    raise BadState("a state without a status")
+
+
+def peek(blob: bytes) -> tuple[CallStatus, datetime]:
+    """Status and updated_at of a packed state, for retention sweeps over every call."""
+    _, status, _, _, micros, _ = _HEAD.unpack_from(blob)
+    return _STATUSES[status - 1], _EPOCH + micros * _MICROSECOND
+
+
+def load(value: bytes) -> bytes:
+    """A state record's value, checked, in the current layout: kept as it is when it is
+    one already; a version-1 JSON ``StateMessage`` (written before version 2) converted,
+    so an upgrade keeps every call's state. BadState when it is neither."""
+    if value[:1] == b"{":
+        try:
+            old = StateMessage.model_validate_json(value)
+        except ValidationError as exc:
+            raise BadState(f"not a call state ({exc.error_count()} errors)") from None
+        revised = old.revisedCall or (old.call if old.call.revision is not None else None)
+        marks = b"".join(mark(event_id) for event_id in old.judged[-MAX_JUDGED:])
+        return pack(
+            CallState(
+                old.status,
+                old.revision,
+                old.updatedAt,
+                revised.status if revised else None,
+                content_digest(revised) if revised else b"",
+                marks,
+            )
+        )
+    if len(value) > _MAX_BYTES:
+        raise BadState(f"{len(value)} bytes is longer than any state")
+    unpack(value)
+    return value
+
+
+__all__ = ["VERSION", "BadState", "load", "pack", "peek", "unpack"]
