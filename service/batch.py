@@ -57,6 +57,15 @@ class Target:
     rejected: str
     state: str
     partition: int  # the ingest partition, and the state partition of its calls
+    # Whether changes and rejected have as many partitions as ingest. Then a call's
+    # outputs go to the partition numbered like its ingest partition, which is the one
+    # the key's hash picks anyway (ingest was partitioned by the same murmur2 of the
+    # callId), without hashing every output again. Otherwise the producer hashes.
+    aligned: bool = False
+
+    @property
+    def output_partition(self) -> int | None:
+        return self.partition if self.aligned else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +215,7 @@ def plan(
                 detail=decision.detail,
             )
             headers = _ce_headers(event.eventId, cid, kind, processed_b, _trace(record))
-            out.outputs.append(Output(topic, key, value, headers, None, offset))
+            out.outputs.append(Output(topic, key, value, headers, target.output_partition, offset))
             if accepted:
                 out.transitions[_status(state.status if state else None), call.status.value] += 1
         # Every verdict changes the state, if only by remembering the eventId (rule 0),
@@ -254,7 +263,9 @@ def _unprocessable(
         event_id, subject = str(uuid.uuid5(_UNDECODABLE_NS, name)), None
     processed = format_rfc3339(processed_at).encode()
     headers = _ce_headers(event_id, subject, CE_TYPE_REJECTED, processed, _trace(record))
-    out.outputs.append(Output(target.rejected, record.key, value, headers, None, record.offset))
+    out.outputs.append(
+        Output(target.rejected, record.key, value, headers, target.output_partition, record.offset)
+    )
     out.events["rejected", reason.value] += 1
 
 

@@ -303,10 +303,15 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         tp = TopicPartition(s.topic_ingest, partition)
         try:
             position = await _seek_committed(consumer, tp)
+            counts = {
+                len(await producer.partitions_for(topic))
+                for topic in (s.topic_ingest, s.topic_changes, s.topic_rejected)
+            }
         except BaseException:
             await producer.stop()
             raise
-        return PartitionWorker(s, partition, producer, position, self._producer_options)
+        aligned = len(counts) == 1
+        return PartitionWorker(s, partition, producer, position, self._producer_options, aligned)
 
 
 __all__ = [

@@ -114,6 +114,7 @@ class PartitionWorker:
     producer: AIOKafkaProducer
     next_offset: int
     options: dict[str, Any]
+    aligned: bool = False  # see Target.aligned
     states: dict[str, bytes] = field(default_factory=dict)  # packed (statecodec)
     watermark: datetime | None = None
     swept_at: datetime | None = None
@@ -125,7 +126,12 @@ class PartitionWorker:
         s = self.settings
         self.tp = TopicPartition(s.topic_ingest, self.partition)
         self.target = Target(
-            s.topic_ingest, s.topic_changes, s.topic_rejected, s.topic_state, self.partition
+            s.topic_ingest,
+            s.topic_changes,
+            s.topic_rejected,
+            s.topic_state,
+            self.partition,
+            self.aligned,
         )
         self.retention = Retention(
             timedelta(seconds=s.state_terminal_retention_seconds),

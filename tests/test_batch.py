@@ -286,3 +286,19 @@ def test_an_event_judged_before_is_dropped_without_any_output() -> None:
     )
     assert topics(p) == [("changes", 0), ("changes", 1), ("state", 1)]
     assert p.events[("duplicate", "")] == 1
+
+
+def test_outputs_go_to_the_ingest_partitions_number_only_when_the_counts_match() -> None:
+    records = [event(0, cid(1), S.RINGING, T), event(1, cid(1), S.QUEUED, T)]
+    records.append(record(2, b"\x00", b"k"))
+    aligned = Target("in", "changes", "rejected", "state", 3, aligned=True)
+    p = run(records, target=aligned)
+    assert [(o.topic, o.partition) for o in p.outputs] == [
+        ("changes", 3),
+        ("rejected", 3),
+        ("rejected", 3),
+        ("state", 3),
+    ]
+    # Other counts: the producer hashes the key; the state still follows ingest.
+    q = run(records, target=Target("in", "changes", "rejected", "state", 3))
+    assert [o.partition for o in q.outputs] == [None, None, None, 3]
