@@ -8,7 +8,7 @@ from email.utils import format_datetime
 from enum import StrEnum
 from functools import lru_cache
 from itertools import pairwise
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import (
     BaseModel,
@@ -285,3 +285,18 @@ class Call(BaseModel):
     def to_json(self) -> bytes:
         """The resource as FreeClimb writes it: its field names and date formats."""
         return self.model_dump_json(exclude_none=True).encode()
+
+
+class CallLike(Protocol):
+    """What the state machine and the outcome messages read of a call: a parsed
+    :class:`Call`, or the processor's lean view of an ingest record's call."""
+
+    @property
+    def callId(self) -> str: ...
+    @property
+    def accountId(self) -> str | None: ...
+    @property
+    def status(self) -> CallStatus: ...
+    @property
+    def revision(self) -> int | None: ...
+    def to_json(self) -> bytes: ...

@@ -27,10 +27,11 @@ from pydantic import ValidationError
 
 from schemas.call import CallStatus, format_rfc3339
 from schemas.messages import (
-    IngestEnvelope,
+    IngestView,
     RejectReason,
     encode_outcome,
     encode_unprocessable,
+    read_ingest,
 )
 from service.fsm import CallState, Outcome, decide, expired, is_expired
 from service.statecodec import pack, peek, unpack
@@ -160,7 +161,7 @@ def plan(
         last = offset
         raw = record.value or b""
         try:
-            event = IngestEnvelope.model_validate_json(raw)
+            event = read_ingest(raw)
         except ValidationError as exc:
             # Ingest answered 202 for whatever is here, so it must not vanish: it goes
             # to rejected, in this transaction, bytes and all.
@@ -243,7 +244,7 @@ def _unprocessable(
     record: Record,
     reason: RejectReason,
     detail: str,
-    event: IngestEnvelope | None,
+    event: IngestView | None,
     processed_at: datetime,
 ) -> None:
     raw = record.value or b""

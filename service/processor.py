@@ -94,6 +94,9 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._producer_options = {
             **self._options,
             "max_request_size": settings.producer_max_request_bytes,
+            "compression_type": (
+                None if settings.processor_compression == "none" else settings.processor_compression
+            ),
         }
         self._workers: dict[int, PartitionWorker] = {}
         self._lock = asyncio.Lock()

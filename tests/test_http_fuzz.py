@@ -24,7 +24,7 @@ import httpx
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from schemas.messages import IngestEnvelope, IngestEvent, normalise_body
+from schemas.messages import IngestEnvelope, IngestEvent, normalise_body, read_ingest
 from service.app import create_app
 from service.signature import sign
 from tests.conftest import SECRET, count_fuzz_case, make_settings
@@ -212,8 +212,20 @@ def test_every_202_decodes_in_the_processor_into_the_same_call(body: bytes) -> N
         assert len(RECORDER.records) == before  # a refusal writes nothing
         return
     key, value = RECORDER.records[-1]
-    envelope = IngestEnvelope.model_validate_json(value)  # the processor's decoder
+    envelope = IngestEnvelope.model_validate_json(value)  # a full reader's decoder
     IngestEvent.model_validate_json(value)  # the body too, as any full reader decodes it
+    # The processor's own decoder: the same facts, and the call's JSON exactly as the
+    # ingest stage wrote it (so a change carries the call a full reader would see).
+    view = read_ingest(value)
+    facts = (view.eventId, view.receivedAt, view.source, view.requestType)
+    assert facts == (envelope.eventId, envelope.receivedAt, envelope.source, envelope.requestType)
+    assert view.call.to_json() == envelope.call.to_json()
+    assert (view.call.callId, view.call.accountId, view.call.status, view.call.revision) == (
+        envelope.call.callId,
+        envelope.call.accountId,
+        envelope.call.status,
+        envelope.call.revision,
+    )
     record = _strict_loads(value)  # RFC 8259, no duplicate keys: strict consumers read it
     # The same Call as the body means, read independently of the handler.
     _, _, call = normalise_body(json.loads(body))

@@ -32,6 +32,7 @@ from schemas.messages import (
     encode_ingest,
     encode_outcome,
     normalise_body,
+    read_ingest,
 )
 
 # The SDK's own documented webhook example (shared/reference/freeclimb.md section 2), verbatim.
@@ -742,3 +743,54 @@ def test_encode_outcome_with_reason_is_a_rejected_message(reason: RejectReason) 
     assert message.processedAt == PROCESSED
     assert message.call == call
     assert json.loads(encoded)["call"] == RESOURCE
+
+
+# -- the processor's decoder ----------------------------------------------------------
+
+
+def _record(**changes: object) -> bytes:
+    record: dict[str, object] = {
+        "eventId": "e1",
+        "receivedAt": "2026-01-01T00:00:05.123Z",
+        "source": "resource",
+        "requestType": None,
+        "call": RESOURCE,
+        "body": {"anything": [1, 2, {"deep": True}]},
+    }
+    record.update(changes)
+    return json.dumps(record).encode()
+
+
+def test_read_ingest_keeps_the_call_as_ingest_wrote_it() -> None:
+    call = Call.model_validate(RESOURCE)
+    body = json.dumps(RESOURCE).encode()
+    value = encode_ingest("e1", RECEIVED, Source.RESOURCE, None, call, body)
+    view = read_ingest(value)
+    assert view.call.to_json() == call.to_json()  # byte for byte: passed through
+    assert (view.call.callId, view.call.status, view.call.revision) == (
+        call.callId,
+        call.status,
+        call.revision,
+    )
+    assert (view.eventId, view.receivedAt, view.source) == ("e1", RECEIVED, Source.RESOURCE)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"receivedAt": "2026-01-01T00:00:05"}, "receivedAt"),  # no offset
+        ({"receivedAt": "yesterday"}, "receivedAt"),
+        ({"source": "fax"}, "source"),
+        ({"call": {"callId": "CA1", "status": "ringing"}}, "callId"),
+        ({"call": {"callId": "CA" + "0" * 40, "status": "dialing"}}, "status"),
+        ({"call": {"callId": "CA" + "0" * 40, "status": "ringing", "revision": 0}}, "revision"),
+        ({"call": {"callId": "CA" + "0" * 40, "status": "ringing", "revision": True}}, "revision"),
+        ({"call": "CA" + "0" * 40}, "call"),
+    ],
+)
+def test_read_ingest_checks_what_the_processor_decides_on(
+    changes: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ValidationError) as refused:
+        read_ingest(_record(**changes))
+    assert field in str(refused.value)
