@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import e2e, load, processor_run, report, servers
+from bench import e2e, load, processor_run, report, restore_run, servers
 from bench.data import write_targets
 from bench.kafka_loop import send_loop
 from bench.profile import Recording
@@ -57,6 +57,7 @@ class Plan:
     e2e_rates: tuple[float, ...]
     e2e_s: float
     memory_calls: tuple[int, ...]
+    restore_calls: int
 
 
 FULL = Plan(
@@ -70,6 +71,7 @@ FULL = Plan(
     e2e_rates=(2000.0,),
     e2e_s=10,
     memory_calls=(100_000, 1_000_000),
+    restore_calls=1_000_000,
 )
 SMOKE = Plan(
     closed_s=1,
@@ -82,6 +84,7 @@ SMOKE = Plan(
     e2e_rates=(20.0,),
     e2e_s=1,
     memory_calls=(1000,),
+    restore_calls=2000,
 )
 
 _started = time.monotonic()
@@ -281,6 +284,9 @@ class Bench:
         progress(f"state memory per call at {', '.join(f'{n:,}' for n in plan.memory_calls)}")
         memory = await _python_json("bench.memory", *map(str, plan.memory_calls))
         results["memory_bytes_per_call"] = memory
+        progress(f"restore of {plan.restore_calls:,} preloaded states")
+        results["restore"] = await restore_run.run(bootstrap, plan.restore_calls)
+        progress(f"restore: {results['restore']['seconds']:.1f} s")
         results["machine"]["load_average_at_end"] = os.getloadavg()
         return results
 

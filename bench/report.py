@@ -120,6 +120,16 @@ def rows(r: dict[str, Any]) -> list[Row]:
                 _verdict(per_million <= 10, "1M in seconds (≤ 10 s)"),
             )
         )
+    if r.get("restore"):
+        rs = r["restore"]
+        out.append(
+            Row(
+                f"restore of {rs['calls']:,} preloaded states (service.restore, in process)",
+                f"{_num(rs['seconds'])} s",
+                "",
+                _verdict(rs["calls"] < 1_000_000 or rs["seconds"] <= 10, "1M in seconds (≤ 10 s)"),
+            )
+        )
     for e in r["end_to_end"]:
         target = ""
         if e["offered"] >= 2000:

@@ -69,12 +69,13 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
     assert e2e["accepted"] > 0 and e2e["visible"] == e2e["accepted"]
     assert 0 < e2e["p50_ms"] <= e2e["p99_ms"]
 
+    assert r["restore"]["calls"] == 2000 and r["restore"]["seconds"] > 0
     (per_call,) = r["memory_bytes_per_call"].values()
     assert per_call > 0
 
     table = (out / "table.md").read_text()
     assert table in run.stdout
-    assert len(table.splitlines()) == 2 + 4 + 4 + 1 + 1 + 1 + 1 + 1 + 1 + 1
+    assert len(table.splitlines()) == 2 + 4 + 4 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1
     # The chart needs the bench extra (matplotlib); without it the run still passes and
     # simply writes no chart, which is what `make test` (dev extras only) sees.
     if importlib.util.find_spec("matplotlib") is not None:
