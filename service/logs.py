@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 from typing import Literal
 
 import pydantic_core
@@ -27,6 +29,42 @@ def _stdlib_name(_: object, __: str, event_dict: EventDict) -> EventDict:
 def _dumps(obj: object, **_: object) -> str:
     # pydantic-core's encoder: several times faster than json.dumps for a log line.
     return pydantic_core.to_json(obj, fallback=repr).decode()
+
+
+class Repeats(logging.Filter):
+    """Of the loggers under ``prefix``, let one line per (logger, level, message
+    template) through per ``window`` seconds, and say on the next one let through how
+    many were held back.
+
+    With the broker away, aiokafka logs the same warnings (metadata, connection refused)
+    several times a second per client for as long as the outage lasts: thousands of
+    lines that bury ours and cost a log pipeline money, while one a minute says it all.
+    """
+
+    def __init__(
+        self, prefix: str, window: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.window = window
+        self.clock = clock
+        self._seen: dict[tuple[str, int, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        key = (record.name, record.levelno, record.msg)
+        now = self.clock()
+        shown_at, held = self._seen.get(key, (None, 0))
+        if shown_at is not None and now - shown_at < self.window:
+            self._seen[key] = (shown_at, held + 1)
+            return False
+        if len(self._seen) > 1000:  # templates, not messages: only a runaway gets here
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} more like this in the last {self.window:.0f} s)"
+        return True
 
 
 def configure(level: str, fmt: Literal["json", "console"]) -> None:
@@ -47,6 +85,8 @@ def configure(level: str, fmt: Literal["json", "console"]) -> None:
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stderr)
+    # On the handler, not the logger: a logger's filters miss its children's records.
+    handler.addFilter(Repeats("aiokafka"))
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, _stdlib_name],
@@ -65,5 +105,6 @@ def configure(level: str, fmt: Literal["json", "console"]) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    # aiokafka is chatty at INFO about every (re)connection and rebalance step.
+    # aiokafka is chatty at INFO about every (re)connection and rebalance step, and
+    # repeats its warnings several times a second while a broker is away.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
