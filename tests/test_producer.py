@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import cast
+
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     InvalidProducerEpoch,
     KafkaConnectionError,
@@ -21,7 +26,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service import producer
-from service.producer import is_fatal
+from service.producer import IngestProducer, Unavailable, is_fatal
+from tests.conftest import make_settings
 
 
 @pytest.mark.parametrize(
@@ -77,3 +83,56 @@ def test_a_call_id_key_lands_where_it_always_did() -> None:
     key = b"CA" + b"0123456789abcdef" * 2 + b"01234567"
     assert producer.murmur2(key) == 50342049
     assert producer.partition_for(key, list(range(6)), []) == 3
+
+
+class StuckProducer:
+    """Stands in for an AIOKafkaProducer whose sends are never acknowledged (unit level:
+    only the request's deadline is under test; the broker itself is in integration)."""
+
+    def __init__(self) -> None:
+        self.futures: list[asyncio.Future[None]] = []
+        self.sent = asyncio.Event()
+
+    async def send(self, topic: str, **_: object) -> asyncio.Future[None]:
+        self.futures.append(asyncio.get_running_loop().create_future())
+        self.sent.set()
+        return self.futures[-1]
+
+
+def stuck_ingest_producer(timeout: float) -> tuple[IngestProducer, StuckProducer]:
+    ingest = IngestProducer(make_settings(produce_timeout_seconds=timeout))
+    stuck = StuckProducer()
+    ingest._producer = cast(AIOKafkaProducer, stuck)
+    return ingest, stuck
+
+
+async def test_an_unacknowledged_send_is_unavailable_after_the_timeout_and_stays_watched() -> None:
+    ingest, stuck = stuck_ingest_producer(0.05)
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="timeout"):
+        await ingest.publish(b"k", b"v", [])
+    assert 0.04 <= time.monotonic() - started < 1.0
+    # The delivery future runs on for the watchdog: never cancelled by our deadline.
+    [future] = stuck.futures
+    assert not future.done()
+    assert [entry[1] for entry in ingest._overdue] == [future]
+    future.set_exception(KafkaTimeoutError())  # a late failure is retrieved, not logged
+
+
+async def test_a_cancelled_request_leaves_the_delivery_future_alone() -> None:
+    ingest, stuck = stuck_ingest_producer(5.0)
+    request = asyncio.create_task(ingest.publish(b"k", b"v", []))
+    await stuck.sent.wait()
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert not stuck.futures[0].done()
+    assert ingest._inflight == 0
+
+
+async def test_an_acknowledged_send_returns_at_once() -> None:
+    ingest, stuck = stuck_ingest_producer(5.0)
+    request = asyncio.create_task(ingest.publish(b"k", b"v", []))
+    await stuck.sent.wait()
+    stuck.futures[0].set_result(None)
+    await asyncio.wait_for(request, 1.0)
