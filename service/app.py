@@ -5,6 +5,11 @@ steps: check the media type and the signature header (before a single body byte 
 read), read the body under the size cap and the read deadline, check the signature's
 digest on the raw bytes, parse the JSON once (strictly), validate, write to Kafka with the
 raw body spliced in, and answer. Each step refuses with an entry of ``problems``.
+
+It is a plain ASGI callable that the access log calls directly, outside Starlette's
+middleware, router and ``Request``/``Response`` objects: those cost about a third of a
+request's CPU (bench/README.md, Findings) and give this one route nothing it needs.
+Starlette serves every other route.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import contextlib
 import hashlib
 import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
@@ -43,6 +47,14 @@ log = structlog.get_logger(logger_name="callstatus.http")
 INGEST_PATH = "/v1/call-status"
 # Where the access log finds what a handler learned about the request (callId, ...).
 LOG_FIELDS = "callstatus.log"
+# The request headers the ingest handler reads (ASGI servers give names in lower case).
+CONTENT_TYPE = b"content-type"
+CONTENT_LENGTH = b"content-length"
+SIGNATURE_HEADER = signature.HEADER.lower().encode()
+TRACEPARENT = b"traceparent"
+_INGEST_HEADERS = frozenset((CONTENT_TYPE, CONTENT_LENGTH, SIGNATURE_HEADER, TRACEPARENT))
+# The 202's headers but its length: the body is always JSON.
+_ACCEPTED_TYPE = (b"content-type", b"application/json")
 # Deepest nesting of objects and arrays a body may have. A webhook has 2 levels; the
 # processor's decoder stops at 200, and reads the body one level deeper than we do.
 MAX_DEPTH = 32
@@ -73,24 +85,44 @@ def event_id_for(raw: bytes) -> str:
     digest = bytearray(hashlib.sha256(raw).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x80  # version 8
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 9562 variant
-    return str(uuid.UUID(bytes=bytes(digest)))
+    # str(uuid.UUID(...))'s canonical form, without building a UUID object per request.
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+def ingest_headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """The few request headers the ingest handler reads, each at its first occurrence
+    (as Starlette's ``Headers.get`` would pick it), in one pass over the ASGI list."""
+    found: dict[bytes, bytes] = {}
+    for name, value in raw:
+        if name in _INGEST_HEADERS and name not in found:
+            found[name] = value
+    return found
+
+
+async def read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
     """Read the body, refusing it as soon as it passes ``limit`` bytes: a declared
     Content-Length over the limit is refused before reading anything, and a streamed
-    body without one is cut off at the first chunk that crosses the limit."""
-    declared = request.headers.get("content-length")
+    body without one is cut off at the first chunk that crosses the limit. Raises
+    ``ClientDisconnect`` when the client hangs up first."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    while True:
+        message = await receive()
+        kind = message["type"]
+        if kind == "http.request":
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                # A webhook arrives in one chunk: no join, no copy.
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        elif kind == "http.disconnect":
+            raise ClientDisconnect()
 
 
 def _too_large(limit: int) -> Refused:
@@ -195,7 +227,7 @@ class ReadDeadlines:
 
 
 class Ingest:
-    """``POST /v1/call-status``."""
+    """``POST /v1/call-status``, as an ASGI app (see the module docstring for why)."""
 
     def __init__(self, settings: Settings, publisher: Publisher) -> None:
         self._publisher = publisher
@@ -214,23 +246,39 @@ class Ingest:
             for outcome in ("accepted", *(r.outcome for r in problems.CATALOGUE))
             if outcome not in (problems.SIGNATURE.outcome, problems.UNAVAILABLE.outcome)
         }
+        self._accepted = self._outcomes["accepted"]
 
-    async def handle(self, request: Request) -> Response:
-        fields: dict[str, Any] = request.scope[LOG_FIELDS]
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fields: dict[str, Any] = scope[LOG_FIELDS]
         try:
-            response = await self._handle(request, fields)
-            fields["outcome"] = "accepted"
+            accepted = await self._handle(scope, receive, fields)
         except Refused as refused:
             fields["outcome"] = refused.outcome
-            response = refused.response()
+            self._count(refused.outcome)
+            await refused.response()(scope, receive, send)
+            return
         except asyncio.CancelledError:
             # Shutdown gave up on this request: its own outcome, never a 500. AccessLog
             # answers for it; the cancellation goes on.
             fields["outcome"] = problems.CANCELLED.outcome
             self._count(problems.CANCELLED.outcome)
             raise
-        self._count(fields["outcome"])
-        return response
+        except Exception as exc:
+            # What Starlette's exception middleware would answer: never a stack trace.
+            await internal_error(exc)(scope, receive, send)
+            return
+        fields["outcome"] = "accepted"
+        self._accepted.inc()
+        # Two plain messages instead of a Response object: the 202 is the same every
+        # time but for its body.
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 202,
+                "headers": [_ACCEPTED_TYPE, (CONTENT_LENGTH, str(len(accepted)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": accepted})
 
     def _count(self, outcome: str) -> None:
         counter = self._outcomes.get(outcome)
@@ -238,11 +286,14 @@ class Ingest:
             counter = self._outcomes[outcome] = metrics.INGEST_OUTCOMES.labels(outcome)
         counter.inc()
 
-    async def _handle(self, request: Request, fields: dict[str, Any]) -> Response:
-        if not _is_json(request.headers.get("content-type", "")):
+    async def _handle(self, scope: Scope, receive: Receive, fields: dict[str, Any]) -> bytes:
+        """The 202's body once the event is stored, or :class:`Refused`."""
+        headers = ingest_headers(scope["headers"])
+        content_type = headers.get(CONTENT_TYPE, b"")
+        if content_type != b"application/json" and not _is_json(content_type.decode("latin-1")):
             raise Refused(problems.UNSUPPORTED_MEDIA_TYPE, "send the body as application/json")
-        signed = self._check_header(request)
-        raw = await self._read(request)
+        signed = self._check_header(headers.get(SIGNATURE_HEADER))
+        raw = await self._read(receive, headers.get(CONTENT_LENGTH))
         if signed is not None:
             verdict = signature.check_body(signed, raw, self._secrets)
             if verdict is not signature.Verdict.VALID:
@@ -250,29 +301,28 @@ class Ingest:
         source, request_type, call = validate_body(parse_body(raw), fields)
         event_id = event_id_for(raw)
         fields.update(callId=call.callId, eventId=event_id)
-        await self._store(request, event_id, source, request_type, call, raw)
+        await self._store(headers.get(TRACEPARENT), event_id, source, request_type, call, raw)
         # Both ids have fixed, JSON-safe shapes (a UUID, CA + hex): no encoder needed.
-        accepted = f'{{"eventId":"{event_id}","callId":"{call.callId}"}}'
-        return Response(accepted, status_code=202, media_type="application/json")
+        return f'{{"eventId":"{event_id}","callId":"{call.callId}"}}'.encode()
 
-    def _check_header(self, request: Request) -> signature.ParsedSignature | None:
+    def _check_header(self, header: bytes | None) -> signature.ParsedSignature | None:
         """Presence, grammar and time window of the signature, before reading the body:
         an unsigned or stale request is refused without buffering it."""
         if not self._verify:
             return None
         parsed = signature.check_header(
-            request.headers.get(signature.HEADER), time.time(), self._tolerance
+            None if header is None else header.decode("latin-1"), time.time(), self._tolerance
         )
         if isinstance(parsed, signature.Verdict):
             raise _signature_refused(parsed)
         return parsed
 
-    async def _read(self, request: Request) -> bytes:
+    async def _read(self, receive: Receive, declared: bytes | None) -> bytes:
         task = asyncio.current_task()
         assert task is not None
         self._deadlines.start(task)
         try:
-            body = await read_body(request, self._limit)
+            body = await read_body(receive, declared, self._limit)
         except asyncio.CancelledError:
             # Ours only if the deadline cancelled it and nobody else (shutdown) did too.
             if not self._deadlines.finish(task) or task.uncancel() > 0:
@@ -299,7 +349,7 @@ class Ingest:
 
     async def _store(
         self,
-        request: Request,
+        traceparent: bytes | None,
         event_id: str,
         source: Source,
         request_type: str | None,
@@ -316,9 +366,8 @@ class Ingest:
                 "shorter fields",
             )
         headers = [("content-type", b"application/json"), ("ce_id", event_id.encode())]
-        traceparent = request.headers.get("traceparent")
         if traceparent is not None and len(traceparent) <= 128:
-            headers.append(("traceparent", traceparent.encode("latin-1")))
+            headers.append(("traceparent", traceparent))
         try:
             await self._publisher.publish(key, value, headers)
         except Unavailable as exc:
@@ -334,7 +383,8 @@ class AccessLog:
     """One structured log line and the HTTP metrics for every request.
 
     Routes outside the known set are counted as "other" so a scanner probing random
-    paths cannot blow up the metrics' label cardinality.
+    paths cannot blow up the metrics' label cardinality. It is the outermost layer
+    (:class:`App`), so an ingest request meets no Starlette code at all.
     """
 
     def __init__(self, app: ASGIApp, routes: frozenset[str], ingest: Ingest | None = None) -> None:
@@ -371,9 +421,9 @@ class AccessLog:
                 and scope["method"] == "POST"
             ):
                 # The route every event takes goes straight to its handler: Starlette's
-                # router and exception middleware cost ~15 % of a request's CPU
+                # middleware, router and Request objects cost ~15 % of a request's CPU
                 # (bench/README.md, Findings) and add nothing this handler needs.
-                await self._ingest(scope, receive, send_with_status)
+                await self.ingest(scope, receive, send_with_status)
             else:
                 await self.app(scope, receive, send_with_status)
         except asyncio.CancelledError:
@@ -411,18 +461,6 @@ class AccessLog:
                 **fields,
             )
 
-    async def _ingest(self, scope: Scope, receive: Receive, send: Send) -> None:
-        assert self.ingest is not None
-        try:
-            response = await self.ingest.handle(Request(scope, receive))
-        except Exception as exc:
-            # What Starlette's exception middleware would answer: never a stack trace.
-            log.exception("unhandled error", exc_info=exc)
-            response = problem(
-                500, "internal", "Internal error", "the request could not be handled"
-            )
-        await response(scope, receive, send)
-
 
 def internal_error(exc: Exception) -> Response:
     """A bug's answer: never a stack trace in it; the log line has the details."""
@@ -435,6 +473,21 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))[:128]
     return None
+
+
+class App(Starlette):
+    """Starlette with :class:`AccessLog` outside its whole middleware stack, error
+    middleware included: Starlette always puts ``ServerErrorMiddleware`` first, and its
+    send wrapper would otherwise run for every ingest answer. Errors of the other routes
+    still get that middleware's 500 (and the access log sees the status it sent)."""
+
+    def __init__(self, routes: list[Route], ingest: Ingest | None, **kwargs: Any) -> None:
+        super().__init__(routes=routes, **kwargs)
+        self._logged_routes = frozenset(r.path for r in routes)
+        self._ingest = ingest
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return AccessLog(super().build_middleware_stack(), self._logged_routes, self._ingest)
 
 
 def create_app(
@@ -476,17 +529,16 @@ def create_app(
     ingest = Ingest(settings, publisher) if publisher is not None else None
     if ingest is not None:
         # Served by AccessLog's fast path; the route stays for 405s and the route list.
-        routes.append(Route(INGEST_PATH, ingest.handle, methods=["POST"]))
+        routes.append(Route(INGEST_PATH, ingest, methods=["POST"]))
     routes += [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    app = Starlette(
-        routes=routes,
+    return App(
+        routes,
+        ingest,
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
-    app.add_middleware(AccessLog, routes=frozenset(r.path for r in routes), ingest=ingest)
-    return app

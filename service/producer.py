@@ -32,9 +32,11 @@ to it.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections import deque
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import structlog
@@ -52,6 +54,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
     UnknownProducerId,
 )
+from aiokafka.partitioner import DefaultPartitioner
 
 from service import metrics
 from service.backoff import Backoff, sleep_or_stop
@@ -97,6 +100,49 @@ class Unavailable(Exception):
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _wake(waiter: asyncio.Future[None], _: object = None) -> None:
+    """Resolve a request's waiter: the send's ack (or failure) came, or its deadline."""
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+_M = 0x5BD1E995  # murmur2's mixing constant
+_DEFAULT_PARTITIONER = DefaultPartitioner()
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (the Java client's ``Utils.murmur2``), equal to aiokafka's for
+    every input (a test holds it to that) at half its cost: the 4-byte words are
+    unpacked in one C call instead of four indexings each, and fewer masks are needed
+    where a value cannot pass 32 bits."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    for k in struct.unpack_from(f"<{length >> 2}I", data):
+        k = (k * _M) & 0xFFFFFFFF
+        k = ((k ^ (k >> 24)) * _M) & 0xFFFFFFFF
+        h = ((h * _M) & 0xFFFFFFFF) ^ k
+    tail = length & 3
+    if tail:
+        i = length - tail
+        if tail == 3:
+            h ^= data[i + 2] << 16
+        if tail >= 2:
+            h ^= data[i + 1] << 8
+        h = ((h ^ data[i]) * _M) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * _M) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def partition_for(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    """aiokafka's default partitioner with the faster :func:`murmur2`: the same key
+    lands in the same partition as before (and as with any Java-compatible client), so
+    a call's events stay in one partition across versions and the spool drainer."""
+    if key is None:
+        return int(_DEFAULT_PARTITIONER(key, all_partitions, available))
+    return all_partitions[(murmur2(key) & 0x7FFFFFFF) % len(all_partitions)]
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -202,10 +248,20 @@ class IngestProducer:
             # send() enqueues and returns the delivery future (it waits only while the
             # partition's buffer is full, bounded by the producer's request timeout).
             future = await producer.send(self._topic, value=value, key=key, headers=list(headers))
-            # asyncio.wait, unlike wait_for, leaves the future running past our answer,
-            # so the watchdog can see whether it is ever acknowledged.
-            done, _ = await asyncio.wait((future,), timeout=self._timeout)
-            if not done:
+            # We wait on a waiter of our own, woken by the ack or by one timer: never on
+            # the delivery future itself, since a cancelled request (or asyncio.timeout)
+            # would cancel it, and the watchdog must see whether a late send is ever
+            # acknowledged. asyncio.wait does the same for ~3.6 us over a bare await
+            # (sets, a closure, result sets); this costs ~1.5 us (uvloop, measured).
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+            future.add_done_callback(partial(_wake, waiter))
+            deadline = loop.call_later(self._timeout, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                deadline.cancel()
+            if not future.done():
                 # Its outcome no longer reaches anyone; the watchdog reads it, and the
                 # callback keeps a late failure from being logged as unretrieved.
                 future.add_done_callback(_retrieve)
@@ -340,6 +396,8 @@ class IngestProducer:
             acks="all",
             enable_idempotence=True,
             linger_ms=1,
+            # aiokafka's murmur2 in pure Python was 3-5 % of a request's CPU.
+            partitioner=partition_for,
             max_request_size=self._max_request_size,
             # One produce request may take this long before it is retried; the
             # watchdog, not this, bounds a send's whole life.

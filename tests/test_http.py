@@ -220,6 +220,27 @@ async def test_readyz_reports_the_publisher() -> None:
     assert response.json()["checks"]["kafka"] is False
 
 
+async def test_a_bug_in_another_route_is_a_problem_500_and_logged_as_one() -> None:
+    # The access log sits outside Starlette's error middleware (so the ingest route meets
+    # none of it): it must still see, count and log the 500 that middleware answers.
+    class Broken(MustNotPublish):
+        async def ready(self) -> bool:
+            raise RuntimeError("bug")
+
+    app = create_app(make_settings(), Broken())
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    before = counted("callstatus_http_requests_total", route="/readyz", code="500")
+    with capture_logs() as logs:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            response = await c.get("/readyz")
+    problem_body = assert_problem(response, 500)
+    assert problem_body["type"] == "urn:callstatus:problem:internal"
+    assert "RuntimeError" not in response.text
+    assert counted("callstatus_http_requests_total", route="/readyz", code="500") == before + 1
+    [line] = [entry for entry in logs if entry["event"] == "request"]
+    assert (line["path"], line["status"]) == ("/readyz", 500)
+
+
 def counted(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import cast
+
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     InvalidProducerEpoch,
     KafkaConnectionError,
@@ -16,8 +21,13 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     UnknownProducerId,
 )
+from aiokafka.partitioner import DefaultPartitioner, murmur2
+from hypothesis import given
+from hypothesis import strategies as st
 
-from service.producer import is_fatal
+from service import producer
+from service.producer import IngestProducer, Unavailable, is_fatal
+from tests.conftest import make_settings
 
 
 @pytest.mark.parametrize(
@@ -49,3 +59,80 @@ def test_sequence_identity_and_other_permanent_errors_finish_the_producer(
 )
 def test_transient_and_per_record_errors_keep_the_producer(error: KafkaError) -> None:
     assert not is_fatal(error)
+
+
+@given(st.binary(max_size=200))
+def test_our_murmur2_is_aiokafkas(data: bytes) -> None:
+    assert producer.murmur2(data) == murmur2(data)
+
+
+@given(st.binary(min_size=1, max_size=64), st.integers(min_value=1, max_value=64))
+def test_a_key_lands_where_aiokafkas_default_partitioner_puts_it(
+    key: bytes, partitions: int
+) -> None:
+    # A call's events must keep their partition across versions (and the processor's
+    # state partition follows the ingest one).
+    everything = list(range(partitions))
+    expected = DefaultPartitioner()(key, everything, everything)
+    assert producer.partition_for(key, everything, everything) == expected
+
+
+def test_a_call_id_key_lands_where_it_always_did() -> None:
+    # Pinned (computed with aiokafka 0.14's own partitioner): the hash may not drift
+    # even if the library's did.
+    key = b"CA" + b"0123456789abcdef" * 2 + b"01234567"
+    assert producer.murmur2(key) == 50342049
+    assert producer.partition_for(key, list(range(6)), []) == 3
+
+
+class StuckProducer:
+    """Stands in for an AIOKafkaProducer whose sends are never acknowledged (unit level:
+    only the request's deadline is under test; the broker itself is in integration)."""
+
+    def __init__(self) -> None:
+        self.futures: list[asyncio.Future[None]] = []
+        self.sent = asyncio.Event()
+
+    async def send(self, topic: str, **_: object) -> asyncio.Future[None]:
+        self.futures.append(asyncio.get_running_loop().create_future())
+        self.sent.set()
+        return self.futures[-1]
+
+
+def stuck_ingest_producer(timeout: float) -> tuple[IngestProducer, StuckProducer]:
+    ingest = IngestProducer(make_settings(produce_timeout_seconds=timeout))
+    stuck = StuckProducer()
+    ingest._producer = cast(AIOKafkaProducer, stuck)
+    return ingest, stuck
+
+
+async def test_an_unacknowledged_send_is_unavailable_after_the_timeout_and_stays_watched() -> None:
+    ingest, stuck = stuck_ingest_producer(0.05)
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="timeout"):
+        await ingest.publish(b"k", b"v", [])
+    assert 0.04 <= time.monotonic() - started < 1.0
+    # The delivery future runs on for the watchdog: never cancelled by our deadline.
+    [future] = stuck.futures
+    assert not future.done()
+    assert [entry[1] for entry in ingest._overdue] == [future]
+    future.set_exception(KafkaTimeoutError())  # a late failure is retrieved, not logged
+
+
+async def test_a_cancelled_request_leaves_the_delivery_future_alone() -> None:
+    ingest, stuck = stuck_ingest_producer(5.0)
+    request = asyncio.create_task(ingest.publish(b"k", b"v", []))
+    await stuck.sent.wait()
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert not stuck.futures[0].done()
+    assert ingest._inflight == 0
+
+
+async def test_an_acknowledged_send_returns_at_once() -> None:
+    ingest, stuck = stuck_ingest_producer(5.0)
+    request = asyncio.create_task(ingest.publish(b"k", b"v", []))
+    await stuck.sent.wait()
+    stuck.futures[0].set_result(None)
+    await asyncio.wait_for(request, 1.0)
