@@ -43,12 +43,17 @@ class SpoolingPublisher:
         oldest = self.spool.oldest_ms
         return 0.0 if oldest is None else max(0.0, time.time() - oldest / 1000)
 
-    async def start(self) -> None:
-        """Open the spool (cutting a torn tail) and start draining what an earlier run
-        left, then build the producer. Raises while Kafka is unreachable."""
+    def open(self) -> None:
+        """Open the spool (cutting a torn tail) and start the drainer, which sends what
+        an earlier run left once there is a producer. From here on events are taken."""
         if self._drainer is None:
             self.spool.open()
             self._drainer = asyncio.create_task(self._drain(), name="spool-drainer")
+
+    async def start(self) -> None:
+        """Open (if not yet), then build the producer. Raises while Kafka is
+        unreachable."""
+        self.open()
         await self.producer.start()
 
     async def stop(self) -> None:

@@ -1,7 +1,10 @@
 """Assembles a running node from settings: HTTP server, ingest producer, processor.
 
-Start-up order: topics, then the producer, then the processor. Shutdown (SIGTERM) runs
-in reverse so nothing that was acknowledged is dropped:
+Start-up order: topics, then the producer, then the processor. With the spool on, a
+node whose Kafka is unreachable at start comes up anyway and takes webhooks into the
+spool, connecting in the background (a node that finds Kafka but a wrong topic layout
+still refuses to start). Shutdown (SIGTERM) runs in reverse so nothing that was
+acknowledged is dropped:
 1. /readyz turns 503 and, after ``drain_delay_seconds``, the listener closes;
 2. in-flight requests finish (bounded by ``shutdown_grace_seconds``), so every 202
    already waited for its broker ack;
@@ -17,6 +20,7 @@ committed truth; a processor that dies anyway ends the process, so the superviso
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +28,7 @@ from types import FrameType
 
 import structlog
 import uvicorn
+from aiokafka.errors import KafkaError
 from starlette.applications import Starlette
 
 from service.app import create_app, uvicorn_limits
@@ -62,21 +67,61 @@ class Node:
         self.failed = False
         self.server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         settings = self.settings
-        await retry_at_start(lambda: ensure_topics(settings), "topics")
+        if isinstance(self.publisher, SpoolingPublisher):
+            # FreeClimb does not retry: a node that waits for Kafka before it listens
+            # loses every callback sent meanwhile (a pod rescheduled during a broker
+            # outage). With a spool, take them from the first moment.
+            self.publisher.open()
+            try:
+                await ensure_topics(settings)
+            except KafkaError as exc:
+                log.warning(
+                    "kafka not reachable at start; webhooks go to the spool until it is",
+                    error=repr(exc),
+                )
+                self._connecting = asyncio.create_task(self._connect(), name="kafka-connect")
+                self._connecting.add_done_callback(self._connect_ended)
+                log.info("started", role=settings.role.value, port=settings.port, kafka=False)
+                return
+        else:
+            await retry_at_start(lambda: ensure_topics(settings), "topics")
+        await self._start_kafka_parts(deadline_seconds=60.0)
+        log.info("started", role=settings.role.value, port=settings.port, kafka=True)
+
+    async def _start_kafka_parts(self, deadline_seconds: float) -> None:
         if self.publisher is not None:
-            await retry_at_start(self.publisher.start, "producer")
+            await retry_at_start(self.publisher.start, "producer", deadline_seconds)
         if self.processor is not None:
             self._task = asyncio.create_task(self.processor.run(), name="processor")
             self._task.add_done_callback(self._processor_ended)
-        log.info("started", role=settings.role.value, port=settings.port)
+
+    async def _connect(self) -> None:
+        """Kafka, in the background, for as long as it takes: the node is doing its job
+        (the spool holds what comes in) and its drainer sends it all once connected."""
+        await retry_at_start(lambda: ensure_topics(self.settings), "topics", math.inf)
+        await self._start_kafka_parts(deadline_seconds=math.inf)
+        log.info("kafka reachable; spooled webhooks are being sent")
+
+    def _connect_ended(self, task: asyncio.Task[None]) -> None:
+        # Only a wrong topic layout (or a bug) ends it early: exit, as a start would.
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("kafka start failed", exc_info=task.exception())
+        self.failed = True
+        if self.server is not None:
+            self.server.should_exit = True
 
     async def stop(self) -> None:
         """Stop the processor, then the producer. Bounded: with Kafka gone, leaving the
         group or flushing could wait for minutes. Exiting without them loses nothing: an
         open transaction is aborted by the next owner, and every 202 was acknowledged."""
+        if self._connecting is not None:
+            self._connecting.cancel()
+            await asyncio.wait((self._connecting,))
         if self._task is not None:
             self._task.remove_done_callback(self._processor_ended)
         bound = self.settings.shutdown_grace_seconds + CLIENT_CLOSE_SECONDS

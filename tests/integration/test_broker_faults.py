@@ -353,7 +353,8 @@ async def test_events_spooled_by_a_killed_node_are_drained_by_its_successor(
     broker: dict[str, str], unique: str, tmp_path: Path
 ) -> None:
     """SIGKILL the ingest node while its spool holds events Kafka never saw; the next
-    node on the same volume drains them: none lost, none duplicated downstream."""
+    node on the same volume starts while Kafka is still away, takes more webhooks into
+    the spool, and drains them all once Kafka is back: none lost, none duplicated."""
     address = broker["address"]
     settings = settings_for(
         address,
@@ -368,7 +369,7 @@ async def test_events_spooled_by_a_killed_node_are_drained_by_its_successor(
     await ensure_topics(settings)
     processor = ServiceProcess(settings.model_copy(update={"role": Role.PROCESSOR}), tmp_path, "p")
     first = ServiceProcess(settings, tmp_path, "first")
-    traffic = Traffic()
+    traffic, later = Traffic(), Traffic()
     try:
         await first.wait_ready()
         await processor.wait_ready(deadline_s=90)
@@ -380,10 +381,22 @@ async def test_events_spooled_by_a_killed_node_are_drained_by_its_successor(
         traffic.stop.set()
         await asyncio.gather(*clients)
         assert traffic.accepted, "no request was answered 202 while Kafka was away"
-        await asyncio.to_thread(kafka, "up", broker)
+        # The successor starts while Kafka is still away (a pod rescheduled during an
+        # outage): it must take webhooks into the spool at once, not wait for Kafka.
         second = ServiceProcess(settings, tmp_path, "second")  # same directory, same spool
         try:
             await second.wait_ready()
+            assert second.logged(
+                "kafka not reachable at start; webhooks go to the spool until it is"
+            )
+            base = f"http://127.0.0.1:{second.port}"
+            clients = [
+                asyncio.create_task(client_loop(n, base, later)) for n in range(100, 100 + CLIENTS)
+            ]
+            await until(lambda: len(later.accepted) >= 100, 60, "the successor spooled nothing")
+            later.stop.set()
+            await asyncio.gather(*clients)
+            await asyncio.to_thread(kafka, "up", broker)
             await until_async(
                 partial(
                     metric_is, f"http://127.0.0.1:{second.port}", "callstatus_spool_events", 0.0
@@ -394,14 +407,19 @@ async def test_events_spooled_by_a_killed_node_are_drained_by_its_successor(
             assert second.logged("spool holds undelivered events")
         finally:
             second.kill()
-        out = await collect(address, settings, traffic.accepted)
+        accepted = traffic.accepted + later.accepted
+        out = await collect(address, settings, accepted)
     finally:
         traffic.stop.set()
+        later.stop.set()
         processor.kill()
         first.kill()
-    summary = check_exactly_once(out, traffic.accepted)
-    print(f"\nspool after SIGKILL: accepted={len(traffic.accepted)} {summary}")
+    summary = check_exactly_once(out, accepted)
+    print(
+        f"\nspool after SIGKILL: accepted={len(traffic.accepted)}+{len(later.accepted)} {summary}"
+    )
     assert set(traffic.codes()) <= {202, 0}  # 0: a connection the kill cut
+    assert set(later.codes()) == {202}  # the successor, before Kafka was back: all spooled
 
 
 async def test_an_event_answered_503_lands_within_the_delivery_bound_or_never(
