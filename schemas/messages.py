@@ -141,7 +141,9 @@ class _IngestFacts(BaseModel):
     values: dict[str, Any] = Field(validation_alias="call")
 
 
-@dataclass(frozen=True, slots=True)
+# CallView and IngestView are made per event, so not frozen: a frozen dataclass's
+# __init__ costs four times a plain one's. Treat them as read-only all the same.
+@dataclass(slots=True)
 class CallView:
     """An ingest record's call as the processor holds it: the fields the rules and the
     outcome messages read, and the call's JSON as the ingest stage wrote it."""
@@ -156,7 +158,7 @@ class CallView:
         return self.json
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class IngestView:
     """What the processor reads of an ingest record (see :func:`read_ingest`)."""
 

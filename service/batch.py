@@ -77,7 +77,7 @@ class Retention:
     sweep_every: timedelta = timedelta(seconds=30)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one or two per event: not frozen, see fsm.Decision
 class Output:
     topic: str
     key: bytes | None

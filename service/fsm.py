@@ -105,24 +105,29 @@ class CallState:
         return at != -1
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, unlike CallState: one is made per event, and a frozen dataclass's
+# __init__ costs four times a plain one's. Nothing keeps a Decision.
+@dataclass(slots=True)
 class Decision:
     outcome: Outcome
-    # The state to keep: the new one when accepted, the unchanged one otherwise.
+    # The state to keep: the new one when accepted; otherwise the one before, which
+    # also remembers this event (rule 0) and its time, unless this event is a repeat.
     state: CallState | None
     reason: RejectReason | None = None
     detail: str = ""
 
 
-def _accept(state: CallState | None, call: CallLike, at: datetime) -> Decision:
+def _accept(state: CallState | None, call: CallLike, at: datetime, judged: bytes) -> Decision:
     # Rule 4: an event without a revision leaves the state's revision (and what rule 2
     # compares with) as they were.
     if call.revision is not None:
-        new = CallState(call.status, call.revision, at, call.status, content_digest(call))
+        digest = content_digest(call)
+        new = CallState(call.status, call.revision, at, call.status, digest, judged)
     elif state is not None:
-        new = CallState(call.status, state.revision, at, state.revised_status, state.revised_digest)
+        revised, digest = state.revised_status, state.revised_digest
+        new = CallState(call.status, state.revision, at, revised, digest, judged)
     else:
-        new = CallState(call.status, None, at)
+        new = CallState(call.status, None, at, judged=judged)
     return Decision(Outcome.ACCEPTED, new)
 
 
@@ -139,26 +144,27 @@ def decide(state: CallState | None, call: CallLike, event_id: str, at: datetime)
         # Rule 0: this very event was judged already (a replay, a retry with the same
         # bytes, a repeat from the spool): drop it, whatever it would say now.
         return Decision(Outcome.DUPLICATE, state)
-    decision = _decide(state, call, at)
-    kept = decision.state
-    assert kept is not None  # every verdict on an event leaves a state
     marks = state.judged if state is not None else b""
     judged = (marks + event_mark)[-MAX_JUDGED * MARK_BYTES :]
-    # Built field by field: dataclasses.replace costs several times more, per event.
-    new = CallState(
-        kept.status,
-        kept.revision,
-        max(kept.updated_at, at),
-        kept.revised_status,
-        kept.revised_digest,
+    decision = _decide(state, call, at, judged)
+    if decision.outcome is Outcome.ACCEPTED:
+        return decision  # its state is new, and remembers this event already
+    assert state is not None  # only a first event has none, and it is accepted
+    # Refused or a duplicate: the state as it was, remembering this event and its time.
+    decision.state = CallState(
+        state.status,
+        state.revision,
+        max(state.updated_at, at),
+        state.revised_status,
+        state.revised_digest,
         judged,
     )
-    return Decision(decision.outcome, new, decision.reason, decision.detail)
+    return decision
 
 
-def _decide(state: CallState | None, call: CallLike, at: datetime) -> Decision:
+def _decide(state: CallState | None, call: CallLike, at: datetime, judged: bytes) -> Decision:
     if state is None:  # Rule 1: the first event we hold for a call is accepted.
-        return _accept(None, call, at)
+        return _accept(None, call, at, judged)
 
     current, new = state.status, call.status
     if call.revision is not None and state.revision is not None:  # Rule 2
@@ -180,7 +186,7 @@ def _decide(state: CallState | None, call: CallLike, at: datetime) -> Decision:
                 f"revision {call.revision} was already seen with different content",
             )
         if new == current or new in REACHABLE[current]:
-            return _accept(state, call, at)
+            return _accept(state, call, at, judged)
         after_last = new == last_status or new in REACHABLE[last_status]
         if last_status != current and after_last and current in REACHABLE[new]:
             # A webhook (no revision) moved the call past this status after the last
@@ -202,7 +208,7 @@ def _decide(state: CallState | None, call: CallLike, at: datetime) -> Decision:
     if new == current:
         return Decision(Outcome.DUPLICATE, state)
     if new in REACHABLE[current]:
-        return _accept(state, call, at)
+        return _accept(state, call, at, judged)
     if current in REACHABLE[new]:
         return _reject(
             state,
