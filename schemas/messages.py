@@ -134,6 +134,7 @@ class _IngestFacts(BaseModel):
 
     eventId: str
     receivedAt: Annotated[datetime, BeforeValidator(_written_time)]
+    written: str = Field(validation_alias="receivedAt")  # the same, as text
     source: Source
     requestType: str | None
     # The same "call" object twice: its checked facts, and its values as they are.
@@ -164,6 +165,9 @@ class IngestView:
 
     eventId: str
     receivedAt: datetime
+    # receivedAt as RFC 3339 text in format_rfc3339's form, for the outputs: the
+    # record's own text when ingest wrote it so (always, but for foreign writers).
+    receivedText: str
     source: Source
     requestType: str | None
     call: CallView
@@ -181,7 +185,11 @@ def read_ingest(raw: bytes) -> IngestView:
     m = _IngestFacts.model_validate_json(raw)
     f = m.facts
     view = CallView(f.callId, f.accountId, f.status, f.revision, pydantic_core.to_json(m.values))
-    return IngestView(m.eventId, m.receivedAt, m.source, m.requestType, view)
+    text = m.written
+    # "2026-01-01T00:00:05.123Z": parsed already, so the shape is all left to check.
+    if not (len(text) == 24 and text[10] == "T" and text[19] == "." and text[23] == "Z"):
+        text = format_rfc3339(m.receivedAt)
+    return IngestView(m.eventId, m.receivedAt, text, m.source, m.requestType, view)
 
 
 class IngestEvent(IngestEnvelope):
@@ -296,6 +304,10 @@ class UnprocessableMessage(BaseModel):
     truncated: bool
 
 
+def _rfc3339(value: datetime | str) -> str:
+    return value if isinstance(value, str) else format_rfc3339(value)
+
+
 def encode_outcome(
     *,
     event_id: str,
@@ -304,13 +316,15 @@ def encode_outcome(
     previous_revision: int | None,
     source: Source,
     request_type: str | None,
-    received_at: datetime,
-    processed_at: datetime,
+    received_at: datetime | str,
+    processed_at: datetime | str,
     reason: RejectReason | None = None,
     detail: str = "",
 ) -> bytes:
     """Serialise a :class:`ChangeMessage`, or a :class:`RejectedMessage` when ``reason``
-    is given. Built by hand because it runs per event; tests hold it to the models."""
+    is given. Built by hand because it runs per event; tests hold it to the models.
+    The times may come as RFC 3339 text already (see :func:`format_rfc3339`): the
+    processor formats its batch's time once, and passes receivedAt through."""
     fields: dict[str, Any] = {
         "eventId": event_id,
         "callId": call.callId,
@@ -321,8 +335,8 @@ def encode_outcome(
         "revision": call.revision,
         "source": source,
         "requestType": request_type,
-        "receivedAt": format_rfc3339(received_at),
-        "processedAt": format_rfc3339(processed_at),
+        "receivedAt": _rfc3339(received_at),
+        "processedAt": _rfc3339(processed_at),
     }
     if reason is not None:
         fields["reason"] = reason

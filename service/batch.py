@@ -210,8 +210,8 @@ def plan(
                 previous_revision=state.revision if state else None,
                 source=event.source,
                 request_type=event.requestType,
-                received_at=received,
-                processed_at=processed_at,
+                received_at=event.receivedText,
+                processed_at=processed,
                 reason=decision.reason,
                 detail=decision.detail,
             )

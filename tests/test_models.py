@@ -794,3 +794,12 @@ def test_read_ingest_checks_what_the_processor_decides_on(
     with pytest.raises(ValidationError) as refused:
         read_ingest(_record(**changes))
     assert field in str(refused.value)
+
+
+def test_read_ingest_gives_received_at_as_text_in_one_form() -> None:
+    assert read_ingest(_record()).receivedText == "2026-01-01T00:00:05.123Z"  # as written
+    # A foreign writer's other forms of the same instant come out in the one form.
+    for other in ("2026-01-01T02:00:05.123+02:00", "2026-01-01 00:00:05.123Z"):
+        view = read_ingest(_record(receivedAt=other))
+        assert view.receivedText == "2026-01-01T00:00:05.123Z"
+        assert view.receivedAt == datetime(2026, 1, 1, 0, 0, 5, 123000, tzinfo=UTC)
