@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -149,10 +149,17 @@ async def partitions_of(bootstrap: str, topic: str, give_up: float) -> list[Topi
 
 
 async def read_committed(
-    bootstrap: str, topic: str, expected: int, deadline_s: float = 120.0, settle_s: float = 2.0
+    bootstrap: str,
+    topic: str,
+    expected: int | Callable[[list[ConsumerRecord[bytes, bytes]]], bool],
+    deadline_s: float = 120.0,
+    settle_s: float = 2.0,
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Read ``topic`` from the start with read_committed until ``expected`` records are
-    in, then keep polling ``settle_s`` longer so extra (duplicate) records would show."""
+    in (or, given a predicate, until it holds for what was read), then keep polling
+    ``settle_s`` longer so extra (duplicate) records would show. At the deadline it
+    returns what it has, for the caller's assertions to judge."""
+    enough = expected if callable(expected) else (lambda out: len(out) >= expected)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
     )
@@ -166,7 +173,7 @@ async def read_committed(
         await consumer.seek_to_beginning(*tps)
         settle_until: float | None = None
         while loop.time() < give_up:
-            if len(out) >= expected:
+            if enough(out):
                 settle_until = settle_until or loop.time() + settle_s
                 if loop.time() >= settle_until:
                     break

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiokafka import ConsumerRecord
 
 from schemas.call import CallStatus
 from schemas.messages import (
@@ -164,7 +165,12 @@ async def test_state_topic_holds_the_latest_state_per_call(
         for s in (S.QUEUED, S.RINGING, S.IN_PROGRESS)
     ]
     await produce(BOOTSTRAP, settings.topic_ingest, events)
-    states = await read_committed(BOOTSTRAP, settings.topic_state, 3)
+
+    def latest_is_in_progress(records: list[ConsumerRecord[bytes, bytes]]) -> bool:
+        # One state record per call per batch: how many there are depends on batching.
+        return bool(records) and unpack(records[-1].value or b"").status is S.IN_PROGRESS
+
+    states = await read_committed(BOOTSTRAP, settings.topic_state, latest_is_in_progress)
     last = unpack(states[-1].value or b"")
     assert (states[-1].key, last.status) == (cid.encode(), S.IN_PROGRESS)
     assert last.remembers(mark(events[-1].event_id))
