@@ -58,8 +58,9 @@ def _json_integer(value: object) -> object:
     return value
 
 
-# Integers as JSON writes them (the bound first, so the schema says "minimum").
-Count = Annotated[int, Field(ge=0), BeforeValidator(_json_integer)]
+# Integers as JSON writes them (the bounds first, so the schema says "minimum" and
+# "maximum"): a signed 64-bit integer at most, what Java, Go and SQL consumers can read.
+Count = Annotated[int, Field(ge=0, le=2**63 - 1), BeforeValidator(_json_integer)]
 # Revisions are counters; the upper bound is a signed 64-bit integer's (what Kafka, most
 # databases and the state's packed form hold), so a hostile 10**30 is a 422 at the door.
 Revision = Annotated[int, Field(ge=1, le=2**63 - 1), BeforeValidator(_json_integer)]

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -45,6 +47,10 @@ from service.settings import Settings
 log = structlog.get_logger(logger_name="callstatus.http")
 
 INGEST_PATH = "/v1/call-status"
+# The outcome of a request whose signed bytes were stored already: 202, nothing written.
+REPLAYED = "replayed"
+# How old the publisher's readiness verdict /readyz answers with may be.
+READINESS_MAX_AGE_SECONDS = 1.0
 # Where the access log finds what a handler learned about the request (callId, ...).
 LOG_FIELDS = "callstatus.log"
 # The request headers the ingest handler reads (ASGI servers give names in lower case).
@@ -69,13 +75,6 @@ class Publisher(Protocol):
 
 class Readiness(Protocol):
     def ready(self) -> bool: ...
-
-
-def uvicorn_limits(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for ``uvicorn.Config`` that bound what clients can hold: past
-    ``max_connections`` concurrent connections and requests uvicorn answers 503 at once
-    instead of queueing."""
-    return {"limit_concurrency": settings.max_connections}
 
 
 def event_id_for(raw: bytes) -> str:
@@ -226,6 +225,28 @@ class ReadDeadlines:
         )
 
 
+class CachedVerdict:
+    """A readiness check asked at most once per ``max_age`` seconds, with one ask in
+    flight at a time that concurrent callers share. /readyz is unauthenticated and the
+    publisher's check is a Kafka metadata round trip: uncached, every GET would be one."""
+
+    def __init__(self, check: Callable[[], Awaitable[bool]], max_age: float) -> None:
+        self._check = check
+        self._max_age = max_age
+        self._asked = -math.inf
+        self._task: asyncio.Future[bool] | None = None
+
+    async def get(self) -> bool:
+        loop = asyncio.get_running_loop()
+        task = self._task
+        stale = task is None or (task.done() and loop.time() - self._asked >= self._max_age)
+        if stale or task is None or task.get_loop() is not loop:
+            self._asked = loop.time()
+            task = self._task = asyncio.ensure_future(self._check())
+        # Shielded: a caller that hangs up must not cancel the ask the others share.
+        return await asyncio.shield(task)
+
+
 class Ingest:
     """``POST /v1/call-status``, as an ASGI app (see the module docstring for why)."""
 
@@ -243,10 +264,21 @@ class Ingest:
         # on a rate sees the series before the first refusal of its kind.
         self._outcomes: dict[str, Counter] = {
             outcome: metrics.INGEST_OUTCOMES.labels(outcome)
-            for outcome in ("accepted", *(r.outcome for r in problems.CATALOGUE))
+            for outcome in (
+                "accepted",
+                REPLAYED,
+                *(r.outcome for r in problems.CATALOGUE if not r.connection),
+            )
             if outcome not in (problems.SIGNATURE.outcome, problems.UNAVAILABLE.outcome)
         }
         self._accepted = self._outcomes["accepted"]
+        self._replayed = self._outcomes[REPLAYED]
+        # The 202 bodies of the last events stored, by eventId (section 9): a signed
+        # request repeated within the tolerance is answered from here, so a replay loop
+        # costs no Kafka write and cannot fill the spool during an outage. Only stored
+        # events enter it: one whose first attempt got a 503 is written again.
+        self._recent: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
+        self._recent_max = settings.replay_cache_entries
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         fields: dict[str, Any] = scope[LOG_FIELDS]
@@ -267,8 +299,8 @@ class Ingest:
             # What Starlette's exception middleware would answer: never a stack trace.
             await internal_error(exc)(scope, receive, send)
             return
-        fields["outcome"] = "accepted"
-        self._accepted.inc()
+        outcome = fields.setdefault("outcome", "accepted")
+        (self._replayed if outcome == REPLAYED else self._accepted).inc()
         # Two plain messages instead of a Response object: the 202 is the same every
         # time but for its body.
         await send(
@@ -298,12 +330,22 @@ class Ingest:
             verdict = signature.check_body(signed, raw, self._secrets)
             if verdict is not signature.Verdict.VALID:
                 raise _signature_refused(verdict)
-        source, request_type, call = validate_body(parse_body(raw), fields)
         event_id = event_id_for(raw)
+        recent = self._recent.get(event_id)
+        if recent is not None:
+            # The same signed bytes were stored already: answer as the first time did.
+            fields.update(callId=recent[1], eventId=event_id, outcome=REPLAYED)
+            return recent[0]
+        source, request_type, call = validate_body(parse_body(raw), fields)
         fields.update(callId=call.callId, eventId=event_id)
         await self._store(headers.get(TRACEPARENT), event_id, source, request_type, call, raw)
         # Both ids have fixed, JSON-safe shapes (a UUID, CA + hex): no encoder needed.
-        return f'{{"eventId":"{event_id}","callId":"{call.callId}"}}'.encode()
+        answer = f'{{"eventId":"{event_id}","callId":"{call.callId}"}}'.encode()
+        if self._recent_max:
+            self._recent[event_id] = (answer, call.callId)
+            if len(self._recent) > self._recent_max:
+                self._recent.popitem(last=False)
+        return answer
 
     def _check_header(self, header: bytes | None) -> signature.ParsedSignature | None:
         """Presence, grammar and time window of the signature, before reading the body:
@@ -503,10 +545,14 @@ def create_app(
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    kafka_ready = (
+        None if publisher is None else CachedVerdict(publisher.ready, READINESS_MAX_AGE_SECONDS)
+    )
+
     async def readyz(_: Request) -> Response:
         checks: dict[str, bool] = {"draining": not draining()}
-        if publisher is not None:
-            checks["kafka"] = await publisher.ready()
+        if kafka_ready is not None:
+            checks["kafka"] = await kafka_ready.get()
         if processor is not None:
             checks["processor"] = processor.ready()
         ok = all(checks.values())

@@ -13,6 +13,12 @@ HTTP_LATENCY = Histogram(
     ["route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+HTTP_CONNECTIONS_CLOSED = Counter(
+    "callstatus_http_connections_closed_total",
+    "Connections the front door closed before a request head was complete, by reason "
+    "(head_timeout, shed, over_capacity, head_too_large)",
+    ["reason"],
+)
 INGEST_OUTCOMES = Counter(
     "callstatus_ingest_total",
     "Ingest requests by outcome (accepted, or why they were refused)",

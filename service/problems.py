@@ -30,6 +30,9 @@ class Refusal:
     cause: str
     # False for answers no client reads (it hung up before we could send one).
     public: bool = True
+    # True for answers the HTTP server gives before any route sees a request
+    # (service/frontdoor.py): counted in callstatus_http_connections_closed_total.
+    connection: bool = False
 
     @property
     def type(self) -> str:
@@ -102,6 +105,15 @@ TOO_LARGE = Refusal(
     "too_large",
     "body larger than the configured limit, or an event too large to store",
 )
+HEAD_TOO_LARGE = Refusal(
+    431,
+    "head-too-large",
+    "Request header fields too large",
+    "head_too_large",
+    "the request head is larger than MAX_HEADER_BYTES or has more than MAX_HEADER_FIELDS "
+    "fields; the connection is closed",
+    connection=True,
+)
 UNSUPPORTED_MEDIA_TYPE = Refusal(
     415,
     "unsupported-media-type",
@@ -150,6 +162,7 @@ CATALOGUE: tuple[Refusal, ...] = (
     SIGNATURE,
     TOO_SLOW,
     TOO_LARGE,
+    HEAD_TOO_LARGE,
     UNSUPPORTED_MEDIA_TYPE,
     INVALID,
     UNAVAILABLE,

@@ -31,7 +31,8 @@ import uvicorn
 from aiokafka.errors import KafkaError
 from starlette.applications import Starlette
 
-from service.app import create_app, uvicorn_limits
+from service.app import create_app
+from service.frontdoor import FrontDoor
 from service.kafka import ensure_topics, retry_at_start
 from service.processor import Processor
 from service.producer import IngestProducer
@@ -165,10 +166,16 @@ class Node:
 class DrainingServer(uvicorn.Server):
     """uvicorn, with a readiness drain before the listener closes on the first signal."""
 
-    def __init__(self, config: uvicorn.Config, node: Node, delay: float) -> None:
+    def __init__(self, config: uvicorn.Config, node: Node, delay: float, door: FrontDoor) -> None:
         super().__init__(config)
         self.node = node
         self._delay = delay
+        self.door = door
+
+    async def on_tick(self, counter: int) -> bool:
+        # uvicorn's 10 Hz housekeeping tick: the front door's deadlines ride on it.
+        self.door.tick(asyncio.get_running_loop().time())
+        return await super().on_tick(counter)
 
     @property
     def failed(self) -> bool:
@@ -190,6 +197,12 @@ def build(settings: Settings) -> DrainingServer:
     # the load balancer, so only a processor-only node reports its restore progress.
     readiness = node.processor if settings.role is Role.PROCESSOR else None
     app = create_app(settings, node.publisher, readiness, node.lifespan, lambda: node.draining)
+    door = FrontDoor(
+        settings.header_timeout_seconds,
+        settings.max_header_bytes,
+        settings.max_header_fields,
+        settings.max_connections,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -199,8 +212,8 @@ def build(settings: Settings) -> DrainingServer:
         lifespan="on",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         server_header=False,
-        **uvicorn_limits(settings),
+        **door.uvicorn_options(),
     )
-    server = DrainingServer(config, node, settings.drain_delay_seconds)
+    server = DrainingServer(config, node, settings.drain_delay_seconds, door)
     node.server = server
     return server

@@ -79,9 +79,20 @@ class Settings(BaseSettings):
     # A client has this long to send the whole body (408 after, checked about once a
     # second): a slow sender cannot hold a socket and a buffer for as long as it likes.
     body_read_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
-    # Open connections and in-flight requests the HTTP server takes before it answers 503
-    # at once (uvicorn's limit_concurrency), instead of queueing without bound.
+    # Open connections the HTTP server holds (service/frontdoor.py). Past it, a new one
+    # closes the connection that has waited longest for a request head; only when all
+    # have a request in flight is the new one closed instead.
     max_connections: int = Field(default=1000, ge=1, le=100_000)
+    # A connection that has not sent a complete request head (request line and headers)
+    # this long after it connected, or after its last response, is closed. Bytes that
+    # trickle in do not extend it. Checked ten times a second.
+    header_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    # Largest request head, and most header fields, taken; past either, 431 and close.
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    max_header_fields: int = Field(default=100, ge=8, le=10_000)
+    # How many recently stored events ingest remembers (~300 bytes each), so that the
+    # same signed request again is answered 202 without a second write; 0: none.
+    replay_cache_entries: int = Field(default=20_000, ge=0, le=10_000_000)
     role: Role = Role.ALL
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)

@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 
 from schemas.messages import IngestEnvelope
 from service.app import MAX_DEPTH, create_app
+from service.producer import Unavailable
 from service.signature import sign
 from tests.conftest import SECRET, make_settings
 
@@ -196,7 +197,7 @@ async def test_healthz_openapi_metrics(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     spec = (await client.get("/openapi.json")).json()
     responses = spec["paths"]["/v1/call-status"]["post"]["responses"]
-    assert set(responses) == {"202", "400", "401", "408", "413", "415", "422", "503"}
+    assert set(responses) == {"202", "400", "401", "408", "413", "415", "422", "431", "503"}
     body = json.dumps(WEBHOOK).encode()
     await client.post("/v1/call-status", content=body, headers={"content-type": "application/json"})
     text = (await client.get("/metrics")).text
@@ -527,7 +528,8 @@ async def test_shutdown_while_reading_the_body_is_a_cancellation_not_a_408() -> 
 
 async def test_event_id_is_derived_from_the_signed_body_alone() -> None:
     capture = Capture()
-    app = create_app(make_settings(), capture)
+    # No replay cache: every copy is written, so the stored ids show the rule.
+    app = create_app(make_settings(replay_cache_entries=0), capture)
     body = webhook_with()
     now = int(time.time())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
@@ -541,6 +543,114 @@ async def test_event_id_is_derived_from_the_signed_body_alone() -> None:
     stored = [IngestEnvelope.model_validate_json(value).eventId for _, value, _ in capture.records]
     assert stored == ids
     assert [headers["ce_id"].decode() for _, _, headers in capture.records] == ids
+
+
+class FailsFirst(Capture):
+    """Answers Unavailable (a 503) for the first write, then stores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    async def publish(self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> None:
+        self.attempts += 1
+        if self.attempts == 1:
+            raise Unavailable("timeout")
+        await super().publish(key, value, headers)
+
+
+async def test_a_replay_of_a_stored_event_is_202_without_a_second_write() -> None:
+    capture = Capture()
+    app = create_app(make_settings(replay_cache_entries=2), capture)
+    bodies = [webhook_with(callStatus=s) for s in ("queued", "ringing", "inProgress")]
+    now = int(time.time())
+    replayed = ingest_outcome("replayed")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        first = await c.post("/v1/call-status", content=bodies[0], headers=signed(bodies[0]))
+        for _ in range(20):  # a captured request replayed in a loop, and FreeClimb's resend
+            again = await c.post(
+                "/v1/call-status", content=bodies[0], headers=signed(bodies[0], at=now - 1)
+            )
+            assert (again.status_code, again.json()) == (202, first.json())
+        assert len(capture.records) == 1
+        assert ingest_outcome("replayed") == replayed + 20
+        # The cache is bounded (2 entries here): the oldest is forgotten and written again,
+        # which the processor then drops as a duplicate (rule 0).
+        for body in bodies[1:]:
+            await c.post("/v1/call-status", content=body, headers=signed(body))
+        await c.post("/v1/call-status", content=bodies[0], headers=signed(bodies[0]))
+    assert len(capture.records) == 4
+
+
+async def test_a_replay_after_a_503_is_written() -> None:
+    """A 503 means "maybe stored": the retry must be written, never answered from memory."""
+    publisher = FailsFirst()
+    app = create_app(make_settings(), publisher)
+    body = webhook_with()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        refused = await c.post("/v1/call-status", content=body, headers=signed(body))
+        retried = await c.post("/v1/call-status", content=body, headers=signed(body))
+    assert (refused.status_code, retried.status_code) == (503, 202)
+    assert publisher.attempts == 2 and len(publisher.records) == 1
+
+
+async def test_a_replay_that_fails_the_signature_is_still_401() -> None:
+    capture = Capture()
+    app = create_app(make_settings(), capture)
+    body = webhook_with()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert (await c.post("/v1/call-status", content=body, headers=signed(body))).status_code
+        forged = await c.post("/v1/call-status", content=body, headers=signed(body, "sigsec_x"))
+    assert_problem(forged, 401)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({**WEBHOOK, "callDuration": 10**30}, "callDuration"),
+        ({**WEBHOOK, "callDuration": 2**63}, "callDuration"),
+        ({"callId": CALL_ID, "status": "completed", "duration": 2**63}, "duration"),
+        ({"callId": CALL_ID, "status": "completed", "connectDuration": 1e30}, "connectDuration"),
+        ({"callId": CALL_ID, "status": "completed", "revision": 2**64}, "revision"),
+    ],
+)
+async def test_422_for_an_integer_past_64_bits(
+    client: httpx.AsyncClient, body: dict[str, Any], field: str
+) -> None:
+    raw = json.dumps(body).encode()
+    problem = assert_problem(
+        await client.post("/v1/call-status", content=raw, headers=signed(raw)), 422
+    )
+    assert [e["field"] for e in problem["errors"]] == [field]  # type: ignore[attr-defined]
+
+
+async def test_the_largest_64_bit_integer_is_accepted() -> None:
+    capture = Capture()
+    app = create_app(make_settings(), capture)
+    raw = webhook_with(callDuration=2**63 - 1)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/v1/call-status", content=raw, headers=signed(raw))
+    assert response.status_code == 202
+    stored = IngestEnvelope.model_validate_json(capture.records[0][1])
+    assert stored.call.duration == 2**63 - 1
+
+
+async def test_readyz_asks_kafka_at_most_once_a_second_however_often_it_is_called() -> None:
+    class Counting(MustNotPublish):
+        asked = 0
+
+        async def ready(self) -> bool:
+            Counting.asked += 1
+            await asyncio.sleep(0)  # an ask that takes a moment, as a round trip does
+            return True
+
+    app = create_app(make_settings(), Counting())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        answers = await asyncio.gather(*(c.get("/readyz") for _ in range(50)))
+        answers += [await c.get("/readyz") for _ in range(50)]
+    assert {a.status_code for a in answers} == {200}
+    # 100 GETs within far less than a second (no sleeps here): one ask, shared.
+    assert Counting.asked == 1
 
 
 # --- every accepted event fits the producer's max request size ------------------------------

@@ -10,8 +10,9 @@ import structlog
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from service.app import uvicorn_limits
+from service.frontdoor import GuardedProtocol
 from service.kafka import client_options, topic_specs
+from service.server import build
 from service.settings import Role, Settings, SettingsError, load_settings
 from tests.conftest import SECRET, make_settings
 
@@ -145,8 +146,17 @@ def test_created_topics_require_in_sync_replicas(replication: int, min_isr: str)
     assert {spec.configs["min.insync.replicas"] for spec in topic_specs(s)} == {min_isr}
 
 
-def test_connection_cap_is_what_uvicorn_gets() -> None:
-    assert uvicorn_limits(make_settings(max_connections=77)) == {"limit_concurrency": 77}
+def test_the_front_door_limits_are_what_the_server_gets() -> None:
+    settings = make_settings(
+        max_connections=77, header_timeout_seconds=3.5, max_header_bytes=4096, max_header_fields=20
+    )
+    server = build(settings)
+    door = server.door
+    assert (door.max_connections, door.header_timeout) == (77, 3.5)
+    assert (door.max_header_bytes, door.max_header_fields) == (4096, 20)
+    # uvicorn's own cap would count idle sockets as busy: the front door replaces it.
+    assert server.config.limit_concurrency is None
+    assert server.config.http.func is GuardedProtocol  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -155,6 +165,10 @@ def test_connection_cap_is_what_uvicorn_gets() -> None:
         ({"max_body_bytes": 17 * 1024 * 1024}, "max_body_bytes"),
         ({"body_read_timeout_seconds": 0}, "body_read_timeout_seconds"),
         ({"max_connections": 0}, "max_connections"),
+        ({"header_timeout_seconds": 0}, "header_timeout_seconds"),
+        ({"max_header_bytes": 100}, "max_header_bytes"),
+        ({"max_header_fields": 0}, "max_header_fields"),
+        ({"replay_cache_entries": -1}, "replay_cache_entries"),
     ],
 )
 def test_new_limits_are_bounded(overrides: dict[str, object], message: str) -> None:

@@ -263,6 +263,10 @@ def settings_env(settings: Settings, port: int) -> dict[str, str]:
         CALLSTATUS_SPOOL_ENABLED=str(settings.spool_enabled).lower(),
         # Relative paths resolve in the process's working directory (its log folder).
         CALLSTATUS_SPOOL_DIR=str(settings.spool_dir),
+        CALLSTATUS_MAX_CONNECTIONS=str(settings.max_connections),
+        CALLSTATUS_HEADER_TIMEOUT_SECONDS=str(settings.header_timeout_seconds),
+        CALLSTATUS_MAX_HEADER_BYTES=str(settings.max_header_bytes),
+        CALLSTATUS_MAX_HEADER_FIELDS=str(settings.max_header_fields),
         CALLSTATUS_HOST="127.0.0.1",
         CALLSTATUS_PORT=str(port),
         CALLSTATUS_LOG_FORMAT="json",

@@ -1,0 +1,235 @@
+"""The front door (service/frontdoor.py): the waiting list's rules as plain logic, then the
+guarded protocol in a real uvicorn server on loopback, with a trivial app (no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import pytest
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+from service import metrics
+from service.frontdoor import FrontDoor, GuardedProtocol
+
+
+class Conn:
+    """Stands in for a protocol in the waiting-list rules: only ``drop`` is called."""
+
+    def __init__(self, door: FrontDoor) -> None:
+        self.door = door
+        self.dropped = False
+
+    def drop(self) -> None:
+        self.dropped = True
+        self.door.arrived(cast(GuardedProtocol, self))
+
+
+def _conn(door: FrontDoor) -> GuardedProtocol:
+    return cast(GuardedProtocol, Conn(door))
+
+
+def _closed(reason: str) -> float:
+    value = metrics.HTTP_CONNECTIONS_CLOSED.labels(reason)._value.get()
+    return float(value)
+
+
+def test_past_the_cap_the_longest_waiting_connection_is_shed() -> None:
+    door = FrontDoor(5.0, 16384, 100, max_connections=2)
+    first, second, third = _conn(door), _conn(door), _conn(door)
+    assert door.connected(first, 1, now=0.0)
+    assert door.connected(second, 2, now=1.0)
+    shed = _closed("shed")
+    assert door.connected(third, 3, now=2.0)
+    assert cast(Conn, first).dropped and not cast(Conn, second).dropped
+    assert _closed("shed") == shed + 1
+    assert door.waiting == 2
+
+
+def test_a_connection_that_rejoined_the_wait_is_not_the_oldest_any_more() -> None:
+    door = FrontDoor(5.0, 16384, 100, max_connections=2)
+    first, second, third = _conn(door), _conn(door), _conn(door)
+    door.connected(first, 1, now=0.0)
+    door.connected(second, 2, now=1.0)
+    door.arrived(first)  # a head arrived, the request was answered ...
+    door.wait(first, now=3.0)  # ... and it idles again (keep-alive)
+    door.connected(third, 3, now=4.0)
+    assert cast(Conn, second).dropped and not cast(Conn, first).dropped
+
+
+def test_when_every_connection_is_busy_the_new_one_is_refused() -> None:
+    door = FrontDoor(5.0, 16384, 100, max_connections=1)
+    busy, new = _conn(door), _conn(door)
+    door.connected(busy, 1, now=0.0)
+    door.arrived(busy)  # its request is in flight: never shed
+    refused = _closed("over_capacity")
+    assert not door.connected(new, 2, now=1.0)
+    assert not cast(Conn, busy).dropped
+    assert _closed("over_capacity") == refused + 1
+
+
+def test_heads_overdue_are_closed_and_only_those() -> None:
+    door = FrontDoor(5.0, 16384, 100, max_connections=10)
+    old, young, busy = _conn(door), _conn(door), _conn(door)
+    door.connected(old, 1, now=0.0)
+    door.connected(busy, 2, now=0.5)
+    door.arrived(busy)
+    door.connected(young, 3, now=3.0)
+    assert door.expire(now=4.9) == 0
+    assert door.expire(now=5.0) == 1
+    assert cast(Conn, old).dropped and not cast(Conn, young).dropped
+    assert not cast(Conn, busy).dropped
+
+
+# -- the protocol in a real server -------------------------------------------------------
+
+
+async def _app(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    body = json.dumps({"headers": len(scope["headers"])}).encode()
+    length = (b"content-length", str(len(body)).encode())
+    await send({"type": "http.response.start", "status": 200, "headers": [length]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[int, FrontDoor]]:
+    door = FrontDoor(1.0, 4096, 50, max_connections=20)
+    config = uvicorn.Config(
+        _app, host="127.0.0.1", port=0, log_config=None, lifespan="off", **door.uvicorn_options()
+    )
+    srv = uvicorn.Server(config)
+    # uvicorn's own 10 Hz tick runs the deadlines in production (server.DrainingServer).
+    original = srv.on_tick
+
+    async def on_tick(counter: int) -> bool:
+        door.tick(asyncio.get_running_loop().time())
+        return await original(counter)
+
+    srv.on_tick = on_tick  # type: ignore[method-assign]
+    task = asyncio.create_task(srv.serve())
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + 10
+    while not srv.started:
+        assert loop.time() < give_up, "server did not start"
+        await asyncio.sleep(0.01)  # polling interval
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield port, door
+    finally:
+        srv.should_exit = True
+        await task
+
+
+async def _exchange(port: int, data: bytes) -> bytes:
+    """Send ``data``, return everything the server sends until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+def _status_and_body(answer: bytes) -> tuple[int, Any]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body) if body else None
+
+
+async def test_a_head_over_the_byte_cap_gets_431_problem_json(
+    server: tuple[int, FrontDoor],
+) -> None:
+    port, _ = server
+    before = _closed("head_too_large")
+    answer = await _exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192 + b"\r\n")
+    status, body = _status_and_body(answer)
+    assert status == 431
+    assert b"content-type: application/problem+json" in answer
+    assert body["type"] == "urn:callstatus:problem:head-too-large"
+    assert "4096 bytes" in body["detail"]
+    assert _closed("head_too_large") == before + 1
+
+
+async def test_a_head_with_too_many_fields_gets_431(server: tuple[int, FrontDoor]) -> None:
+    port, _ = server
+    fields = b"".join(b"X-%d: v\r\n" % i for i in range(60))  # ~600 bytes: under the byte cap
+    status, body = _status_and_body(await _exchange(port, b"GET / HTTP/1.1\r\n" + fields))
+    assert status == 431
+    assert "more than 50 fields" in body["detail"]
+
+
+async def test_a_head_just_under_the_caps_is_served(server: tuple[int, FrontDoor]) -> None:
+    port, _ = server
+    fields = b"".join(b"X-%d: v\r\n" % i for i in range(49))
+    head = b"GET / HTTP/1.1\r\nConnection: close\r\n" + fields + b"\r\n"
+    status, body = _status_and_body(await _exchange(port, head))
+    assert (status, body) == (200, {"headers": 50})
+
+
+async def test_a_head_split_across_many_writes_is_capped_in_total(
+    server: tuple[int, FrontDoor],
+) -> None:
+    port, _ = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nX-Big: ")
+        for _ in range(6):  # 6 x 1000 bytes > 4096, each write alone well under it
+            writer.write(b"a" * 1000)
+            await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert _status_and_body(answer)[0] == 431
+
+
+async def test_a_trickling_head_is_closed_at_the_deadline(server: tuple[int, FrontDoor]) -> None:
+    port, _ = server
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = loop.time()
+    closed_at = None
+    try:
+        for byte in b"GET / HTTP/1.1\r\nHost: example.org\r\n":
+            writer.write(bytes([byte]))
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                if await asyncio.wait_for(reader.read(1), 0.1) == b"":
+                    closed_at = loop.time()
+                    break
+    finally:
+        writer.close()
+    assert closed_at is not None, "a head trickling one byte per 0.1 s was never closed"
+    # The deadline is 1 s from the connect, checked every 0.1 s: bytes did not extend it.
+    assert 0.9 <= closed_at - started < 3.0
+
+
+async def test_keep_alive_idle_past_the_deadline_is_closed_even_after_a_byte(
+    server: tuple[int, FrontDoor],
+) -> None:
+    port, _ = server
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        await asyncio.wait_for(reader.readexactly(len(b'{"headers": 1}')), 5)
+        answered = loop.time()
+        # One byte cancels uvicorn's own keep-alive timer; it must not keep the socket.
+        writer.write(b"G")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert loop.time() - answered < 3.0
+    finally:
+        writer.close()
