@@ -6,13 +6,24 @@ Everything here is thin on purpose; the decisions live in ``signature`` and ``fs
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import (
+    InvalidTimestampError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    PolicyViolationError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+    for_code,
+)
 from aiokafka.helpers import create_ssl_context
 
 from service.backoff import Backoff, Deadline
@@ -22,6 +33,24 @@ log = structlog.get_logger(logger_name="callstatus.kafka")
 
 DAY_MS = 24 * 3600 * 1000
 T = TypeVar("T")
+
+# Errors that say "Kafka will never take this record", whoever sends it and however
+# often: too large for the topic or the request, a timestamp or a policy it refuses. The
+# processor answers such an output with an ``unwritable`` rejection; ingest refuses such
+# an event instead of spooling it, and the spool drainer moves such a record to its
+# dead-letter directory, so that one record never blocks the records behind it.
+REFUSED_FOR_GOOD: tuple[type[KafkaError], ...] = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    InvalidTimestampError,
+    PolicyViolationError,
+)
+
+# The largest state record the processor writes: a packed state is 27 + 8 x 32 bytes
+# (service/statecodec.py), its key a 42-character callId, plus record and batch framing.
+# Generous, so only a topic limit that no state could live with refuses the start.
+STATE_RECORD_MAX_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +154,107 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
             f"{settings.topic_state} has {counts[settings.topic_state]}; they must be equal "
             "because each call's state lives in the partition numbered like its ingest one"
         )
+    await _check_record_limits(settings)
     return counts
+
+
+def record_sizes(settings: Settings) -> dict[str, int]:
+    """The largest record the service writes to each topic. Ingest writes records up to
+    the producer's max request size; a change or a rejection carries the whole call, so
+    the processor's producers are sized the same; a state record is small."""
+    largest = settings.producer_max_request_bytes
+    return {
+        settings.topic_ingest: largest,
+        settings.topic_changes: largest,
+        settings.topic_rejected: largest,
+        settings.topic_state: STATE_RECORD_MAX_BYTES,
+    }
+
+
+async def _check_record_limits(settings: Settings) -> None:
+    """Refuse to start when a topic's ``max.message.bytes`` is below the largest record
+    the service writes to it. Found at run time instead, such a record would be answered
+    202 from the spool and then refused by Kafka on every retry (issue 16): the start is
+    where one line can name the topic and the setting to change."""
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    await admin.start()
+    try:
+        limits = await _record_limits(admin, list(settings.topic_names))
+    finally:
+        await admin.close()
+    too_small = []
+    for topic, needed in record_sizes(settings).items():
+        limit, where = limits[topic]
+        if limit < needed:
+            too_small.append(
+                f"{topic} takes records up to {limit} bytes ({where}) but the service "
+                f"writes records up to {needed} bytes to it"
+            )
+    if too_small:
+        raise TopicLayoutError(
+            "; ".join(too_small)
+            + ". Raise the topic's max.message.bytes (e.g. kafka-configs --alter "
+            "--entity-type topics --add-config max.message.bytes=N), or lower "
+            "CALLSTATUS_MAX_BODY_BYTES: records are sized 2 x MAX_BODY_BYTES + 16 KiB"
+        )
+
+
+async def _record_limits(
+    admin: AIOKafkaAdminClient, topics: list[str]
+) -> dict[str, tuple[int, str]]:
+    """Each topic's effective ``max.message.bytes`` and where it comes from. A broker
+    reports a topic without an override with the broker's ``message.max.bytes``; where
+    one reports nothing for it, that broker default is read explicitly."""
+    [described] = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, t, {"max.message.bytes": None}) for t in topics]
+    )
+    limits: dict[str, tuple[int, str]] = {}
+    missing = []
+    for error_code, _, _, name, entries, *_ in described.resources:
+        if for_code(error_code) is TopicAuthorizationFailedError:
+            # The check is a safety net, not a reason to refuse a cluster whose ACLs do
+            # not grant DescribeConfigs: the processor and the spool's dead-letter
+            # directory still keep a refused record from blocking anything.
+            log.warning(
+                "not allowed to read the topic's max.message.bytes; record sizes unchecked",
+                topic=name,
+            )
+            limits[name] = (sys.maxsize, "unchecked")
+            continue
+        if error_code:
+            raise for_code(error_code)(f"describe configs of {name}")
+        found = [entry for entry in entries if entry[0] == "max.message.bytes"]
+        if found and found[0][1] is not None:
+            limits[name] = (int(found[0][1]), _origin(found[0][3]))
+        else:
+            missing.append(name)
+    if missing:
+        default = await _broker_message_max_bytes(admin)
+        for name in missing:
+            limits[name] = (default, "the broker's message.max.bytes")
+    return limits
+
+
+def _origin(source: bool | int) -> str:
+    """Where a described topic setting comes from: DescribeConfigs v0 says whether it is
+    a default, later versions name the source (1: the topic's own override)."""
+    overridden = not source if isinstance(source, bool) else source == 1
+    return "its max.message.bytes" if overridden else "the broker's message.max.bytes"
+
+
+async def _broker_message_max_bytes(admin: AIOKafkaAdminClient) -> int:
+    cluster = await admin.describe_cluster()
+    broker = cluster["controller_id"]
+    if broker < 0:  # no controller named: any broker reports the cluster's default
+        broker = cluster["brokers"][0]["node_id"]
+    [described] = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.BROKER, str(broker), {"message.max.bytes": None})]
+    )
+    for _, _, _, _, entries, *_ in described.resources:
+        for entry in entries:
+            if entry[0] == "message.max.bytes" and entry[1] is not None:
+                return int(entry[1])
+    return 1048588  # Kafka's documented default for message.max.bytes
 
 
 async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
