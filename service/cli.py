@@ -1,4 +1,5 @@
-"""The ``callstatus`` command: ``serve``, ``sign``, ``tail``, ``simulate`` and ``local-secret``."""
+"""The ``callstatus`` command: ``serve``, ``sign``, ``tail``, ``simulate``, ``local-secret``
+and ``spool dead-letter list|replay``."""
 
 from __future__ import annotations
 
@@ -89,6 +90,35 @@ def cmd_tail(args: argparse.Namespace) -> int:
         return 130
 
 
+def cmd_dead_letter(args: argparse.Namespace) -> int:
+    """List or replay the spool's dead letters (service/deadletter.py): events answered
+    202 from the spool that Kafka refused for good."""
+    settings = load_settings()
+    from service import deadletter
+
+    directory = deadletter.directory_of(settings.spool_dir)
+    if not directory.is_dir():
+        print(f"callstatus: no dead letters ({directory} does not exist)", file=sys.stderr)
+        return 0
+    if args.action == "list":
+        for letter in deadletter.entries(directory):
+            received = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.received_ms / 1000))
+            print(
+                f"{letter.path.name}\teventId={letter.event_id}\tkey={letter.key.decode()}"
+                f"\treceived={received}\tbytes={len(letter.value)}"
+            )
+        return 0
+    results = asyncio.run(deadletter.replay(settings, directory))
+    kept = 0
+    for letter, error in results:
+        if error is None:
+            print(f"sent {letter.path.name}")
+        else:
+            kept += 1
+            print(f"callstatus: kept {letter.path.name}: {error}", file=sys.stderr)
+    return 1 if kept else 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="callstatus", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
@@ -115,6 +145,18 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "local-secret", help="create a git-ignored signing secret for local play, once"
     ).set_defaults(func=cmd_local_secret)
+    spool = sub.add_parser("spool", help="the ingest spool (CALLSTATUS_SPOOL_DIR)")
+    spool_sub = spool.add_subparsers(dest="spool_command", required=True)
+    dead = spool_sub.add_parser(
+        "dead-letter", help="spooled events Kafka refused for good: list them, or replay them"
+    )
+    dead.add_argument(
+        "action",
+        choices=("list", "replay"),
+        help="list: one line per event; replay: send each to the ingest topic in order, "
+        "deleting its file once Kafka acknowledged it (stops at the first refusal)",
+    )
+    dead.set_defaults(func=cmd_dead_letter)
     return root
 
 

@@ -88,3 +88,24 @@ SPOOL_DRAINED = Counter(
 SPOOL_CORRUPT_BYTES = Counter(
     "callstatus_spool_corrupt_bytes_total", "Bytes of torn or corrupt spool tail cut off at start"
 )
+SPOOL_DRAIN_ERRORS = Counter(
+    "callstatus_spool_drain_errors_total",
+    "Failed spool drain steps, retried with backoff, by stage (read, send, release, "
+    "dead_letter, unlink)",
+    ["stage"],
+)
+SPOOL_DRAINER_RESTARTS = Counter(
+    "callstatus_spool_drainer_restarts_total",
+    "Times the spool drainer ended with an unexpected error and was restarted",
+)
+SPOOL_DRAIN_STALLED = Gauge(
+    "callstatus_spool_drain_stalled",
+    "1 while the spool holds events, the producer takes writes, and the drain has made "
+    "no progress for the stall threshold (~30 s); /readyz then answers 503",
+)
+SPOOL_DEAD_LETTERS = Counter(
+    "callstatus_spool_dead_letters_total",
+    "Spooled events Kafka refused for good, moved to the spool's dead-letter directory, "
+    "by Kafka error",
+    ["reason"],
+)

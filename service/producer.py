@@ -36,6 +36,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -58,7 +59,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from service import metrics
 from service.backoff import Backoff, sleep_or_stop
-from service.kafka import client_options
+from service.kafka import REFUSED_FOR_GOOD, client_options
 from service.settings import Settings
 
 log = structlog.get_logger(logger_name="callstatus.producer")
@@ -77,6 +78,9 @@ FATAL: tuple[type[BaseException], ...] = (
 )
 # Not the producer's fault: one record refused (another producer would be refused too),
 # or send() waiting too long for room in a full buffer (the watchdog judges the sends).
+# A record the *broker* refused does leave this producer's sequence numbers one batch
+# ahead of the partition's (every later send there fails OutOfOrderSequenceNumber), so
+# after one the producer is retired all the same: see ``_refused``.
 NOT_FATAL: tuple[type[BaseException], ...] = (
     MessageSizeTooLargeError,
     RecordTooLargeError,
@@ -95,6 +99,38 @@ class Unavailable(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Unwritable(Unavailable):
+    """Kafka refuses this event for good (:data:`service.kafka.REFUSED_FOR_GOOD`): no
+    retry and no spool can ever deliver it, so it must be refused, never answered 202.
+    A subclass of :class:`Unavailable` so that a caller that knows only that still
+    refuses it; ``reason`` is ``unwritable``, ``cause`` the Kafka error's name."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__("unwritable")
+        self.cause = cause
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What :meth:`IngestProducer.send_batch` achieved: how many records, from the
+    first, Kafka acknowledged, and why the next one was not (None: all were)."""
+
+    acked: int
+    error: BaseException | None = None
+
+    @property
+    def refused_for_good(self) -> bool:
+        return isinstance(self.error, REFUSED_FOR_GOOD)
+
+
+def event_id_of(headers: Headers) -> str | None:
+    """The eventId a record carries in its ``ce_id`` header (ingest always sets it)."""
+    for name, value in headers:
+        if name == "ce_id":
+            return value.decode(errors="replace")
+    return None
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -244,6 +280,7 @@ class IngestProducer:
             raise Unavailable("buffer_full")
         self._inflight += 1
         started = time.monotonic()
+        future: asyncio.Future[Any] | None = None
         try:
             # send() enqueues and returns the delivery future (it waits only while the
             # partition's buffer is full, bounded by the producer's request timeout).
@@ -272,6 +309,17 @@ class IngestProducer:
         except KafkaError as exc:
             reason = type(exc).__name__
             metrics.PRODUCE_ERRORS.labels(reason).inc()
+            if isinstance(exc, REFUSED_FOR_GOOD):
+                # Answered with a refusal, never spooled: a 202 for it would promise a
+                # delivery that no retry can make (issue 16).
+                log.error(
+                    "kafka refuses the event for good; refused, not spooled",
+                    eventId=event_id_of(headers),
+                    error=repr(exc),
+                )
+                if future is not None:  # the broker refused it, not send() itself
+                    self._refused(producer, reason)
+                raise Unwritable(reason) from None
             if is_fatal(exc):
                 self._finish(producer, reason)
             raise Unavailable(reason) from None
@@ -279,22 +327,27 @@ class IngestProducer:
             self._inflight -= 1
         self._last_ack = time.monotonic()
 
-    async def send_batch(self, records: Sequence[tuple[bytes, bytes, Headers]]) -> int:
+    async def send_batch(self, records: Sequence[tuple[bytes, bytes, Headers]]) -> BatchResult:
         """Send ``records`` in order and wait for every ack, with no answer deadline (the
         spool drainer's path): the watchdog bounds the wait, since a send older than the
         delivery timeout retires the producer and fails what it holds. Returns how many
-        records, from the first, were acknowledged; the rest must be sent again."""
+        records, from the first, were acknowledged (the rest must be sent again), and
+        the error of the first one that was not."""
         producer = self._producer
         if producer is None:
-            return 0
+            return BatchResult(0, None if not records else ProducerClosed())
         started = time.monotonic()
         futures: list[asyncio.Future[Any]] = []
+        send_error: KafkaError | None = None
         try:
             for key, value, headers in records:
                 futures.append(
                     await producer.send(self._topic, value=value, key=key, headers=list(headers))
                 )
         except KafkaError as exc:
+            # send() itself refused this record (larger than our max request size):
+            # no sequence number was spent on it, so the producer is still sound.
+            send_error = exc
             if is_fatal(exc):
                 self._finish(producer, type(exc).__name__)
         self._overdue.extend((started, future, producer) for future in futures)
@@ -302,15 +355,27 @@ class IngestProducer:
         acked = 0
         for result in results:
             if isinstance(result, BaseException):
-                if is_fatal(result):
-                    self._finish(producer, type(result).__name__)
-                break
+                cause = type(result).__name__
+                if isinstance(result, REFUSED_FOR_GOOD):
+                    self._refused(producer, cause)
+                elif is_fatal(result):
+                    self._finish(producer, cause)
+                if acked:
+                    self._last_ack = time.monotonic()
+                return BatchResult(acked, result)
             acked += 1
         if acked:
             self._last_ack = time.monotonic()
-        return acked
+        return BatchResult(acked, send_error)
 
     # -- supervision ----------------------------------------------------------------
+
+    def _refused(self, producer: AIOKafkaProducer, cause: str) -> None:
+        """The broker refused a batch of ``producer`` for good. aiokafka has already
+        counted that batch's sequence numbers as used, so the partition's next batch
+        would be refused as out of order, and so would every one after it: retire the
+        producer now rather than fail one more send to find out."""
+        self._finish(producer, f"refused_{cause}")
 
     def _finish(self, producer: AIOKafkaProducer, cause: str) -> None:
         """Take ``producer`` out of service and start building its successor. Called

@@ -7,7 +7,16 @@ ingest producer. So events of a call reach the ingest topic in the order they we
 accepted (events of one call that were in flight at the same moment have no order).
 
 The guarantee this gives: a 202 means the event is in Kafka (acks=all) or fsync'd to
-the spool volume, and a spooled event reaches Kafka once the broker is back.
+the spool volume, and a spooled event reaches Kafka once the broker is back, or, if
+Kafka refuses it for good, lands in the spool's dead-letter directory
+(:mod:`service.deadletter`) for an operator to replay.
+
+The drainer never dies and never stops quietly (issue 16): every failed step (reading
+the spool, sending, moving the checkpoint, writing a dead letter) is logged with its
+cause, counted in ``callstatus_spool_drain_errors_total{stage}`` and retried with
+backoff; the task is supervised and restarted should it end anyway; and a drain that
+makes no progress while Kafka takes writes turns ``/readyz`` to 503 and sets
+``callstatus_spool_drain_stalled``.
 """
 
 from __future__ import annotations
@@ -15,29 +24,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 
-from service import metrics
+from service import deadletter, metrics
 from service.backoff import Backoff, sleep_or_stop
-from service.producer import Headers, IngestProducer, Unavailable
-from service.spool import Spool, SpoolFull
+from service.producer import Headers, IngestProducer, Unavailable, Unwritable, event_id_of
+from service.spool import Spool, SpooledRecord, SpoolFull
 
 log = structlog.get_logger(logger_name="callstatus.publisher")
 
 DRAIN_BATCH = 500
+# A spool that holds events while Kafka takes writes, and has not moved for this long,
+# is stalled (see SpoolingPublisher.ready). Well above any healthy pause: a producer
+# rebuild, a drain-error backoff (capped at 5 s) or one batch's acks.
+STALL_SECONDS = 30.0
 
 
 class SpoolingPublisher:
     """The ingest endpoint's publisher when the spool is on."""
 
-    def __init__(self, producer: IngestProducer, spool: Spool, drain_seconds: float) -> None:
+    def __init__(
+        self,
+        producer: IngestProducer,
+        spool: Spool,
+        drain_seconds: float,
+        stall_seconds: float = STALL_SECONDS,
+    ) -> None:
         self.producer = producer
         self.spool = spool
         self._drain_seconds = drain_seconds
+        self._stall_seconds = stall_seconds
         self._stopping = asyncio.Event()
         self._drainer: asyncio.Task[None] | None = None
+        self.dead_letters = deadletter.directory_of(spool.directory)
+        # When the drain last moved, or last waited for something that is not the
+        # spool's fault (no events, no usable producer, Kafka not acknowledging).
+        self._progress_at = time.monotonic()
+        # True while a send waits for its acks: the producer's watchdog bounds that wait
+        # (retiring the producer past the delivery timeout), so it is never a stall.
+        self._sending = False
+        self._stall_logged = False
         metrics.SPOOL_OLDEST_AGE.set_function(self._oldest_age)
+        metrics.SPOOL_DRAIN_STALLED.set_function(lambda: float(self.stalled()))
 
     def _oldest_age(self) -> float:
         oldest = self.spool.oldest_ms
@@ -48,7 +78,8 @@ class SpoolingPublisher:
         an earlier run left once there is a producer. From here on events are taken."""
         if self._drainer is None:
             self.spool.open()
-            self._drainer = asyncio.create_task(self._drain(), name="spool-drainer")
+            self._progress_at = time.monotonic()
+            self._drainer = asyncio.create_task(self._supervise(self._drain), name="spool-drainer")
 
     async def start(self) -> None:
         """Open (if not yet), then build the producer. Raises while Kafka is
@@ -75,17 +106,54 @@ class SpoolingPublisher:
         await self.producer.stop()
         self.spool.close()
 
+    def stalled(self) -> bool:
+        """True while the spool holds events, the producer takes writes, and the drain
+        has not moved for the stall threshold: the spool itself is stuck (its disk, or
+        a drainer that hangs), not Kafka."""
+        stuck = (
+            self.spool.events > 0
+            and self.producer.usable
+            and not self._sending
+            and time.monotonic() - self._progress_at > self._stall_seconds
+        )
+        if stuck and not self._stall_logged:
+            log.error(
+                "spool drain stalled while Kafka takes writes; /readyz answers 503",
+                events=self.spool.events,
+                seconds=round(time.monotonic() - self._progress_at),
+            )
+        elif self._stall_logged and not stuck:
+            log.info("spool drain moving again", events=self.spool.events)
+        self._stall_logged = stuck
+        return stuck
+
     async def ready(self) -> bool:
-        """Ready while events can be taken: Kafka answers, or the spool has room."""
+        """Ready while events can be taken: Kafka answers, or the spool has room; but
+        not while the drain is stalled.
+
+        Why a stalled drain makes the node unready: once anything is spooled, every new
+        event queues behind it (per-call order), so on a node whose drain cannot move
+        (a checkpoint the disk refuses, a hung drainer) each new 202 would rest on this
+        one disk with no way out, for as long as the fault lasts. Unready, the load
+        balancer sends new webhooks to nodes that deliver them; the drain retries on
+        its own and the node is ready again the moment it moves. Kafka trouble is not a
+        stall (the producer unusable, sends not acknowledged): there the spool does its
+        job, and making every node unready would turn a Kafka outage into a full one.
+        The alert CallstatusSpoolNotDraining fires on the same condition."""
+        if self.stalled():
+            return False
         return self.spool.has_room() or await self.producer.ready()
 
     async def publish(self, key: bytes, value: bytes, headers: Headers) -> None:
         """Return once the event is in Kafka or durable in the spool; raise
-        :class:`Unavailable` only when neither could take it."""
+        :class:`Unavailable` only when neither could take it, and :class:`Unwritable`
+        when Kafka refuses it for good (spooled, it would be a 202 nothing can keep)."""
         if not self.spool.bytes:
             try:
                 await self.producer.publish(key, value, headers)
                 return
+            except Unwritable:
+                raise
             except Unavailable:
                 pass  # the spool takes it below
         try:
@@ -98,26 +166,110 @@ class SpoolingPublisher:
             metrics.PRODUCE_ERRORS.labels("spool_error").inc()
             raise Unavailable("spool_error") from None
 
-    async def _drain(self) -> None:
-        """Send spooled events to Kafka in order; release each batch only after its ack."""
-        backoff = Backoff(first=0.2, cap=5.0)
+    async def _supervise(self, drain: Callable[[], Awaitable[None]]) -> None:
+        """Run the drainer until stopped; if it ever ends with an error (a bug: every
+        step's failure is handled inside it), log it, count it and start it again."""
+        backoff = Backoff(first=0.5, cap=30.0)
         while not self._stopping.is_set():
-            await self.spool.nonempty.wait()
-            if not self.producer.usable:
-                await sleep_or_stop(0.2, self._stopping)  # waiting for the rebuilt producer
-                continue
             try:
-                batch = self.spool.read(DRAIN_BATCH)
-            except OSError as exc:
-                log.error("spool unreadable; drain paused", error=repr(exc))
+                await drain()
+                if self._stopping.is_set():
+                    return
+                raise RuntimeError("the spool drainer returned while not stopping")
+            except Exception as exc:
+                metrics.SPOOL_DRAINER_RESTARTS.inc()
+                log.error("spool drainer crashed; restarting it", error=repr(exc), exc_info=exc)
                 await sleep_or_stop(backoff.next_delay(), self._stopping)
-                continue
-            if not batch:
-                await sleep_or_stop(0.05, self._stopping)  # appended but not yet fsync'd
-                continue
-            acked = await self.producer.send_batch([(r.key, r.value, r.headers) for r in batch])
-            if acked:
-                self.spool.release(batch[:acked])
-                backoff.reset()
-            if acked < len(batch):
-                await sleep_or_stop(backoff.next_delay(), self._stopping)
+
+    async def _drain(self) -> None:
+        """Send spooled events to Kafka in order; release each batch only after its ack.
+        A record Kafka refuses for good goes to the dead-letter directory, and the drain
+        goes on behind it."""
+        backoff = Backoff(first=0.2, cap=5.0)
+        # After a refusal, how many records to send one at a time: a refused produce
+        # request fails every record batched with the culprit, so only a record refused
+        # on its own is known to be the one Kafka will never take.
+        solo = 0
+        # Records Kafka acknowledged whose release failed (the checkpoint's write): the
+        # release is retried, not the send, so a disk fault does not multiply them in
+        # Kafka (a crash before the release still re-sends them: at least once).
+        unreleased: list[SpooledRecord] = []
+        while not self._stopping.is_set():
+            stage = "release"
+            try:
+                if unreleased:
+                    await self.spool.release(unreleased)
+                    solo = max(0, solo - len(unreleased))
+                    unreleased = []
+                    self._moved()
+                    backoff.reset()
+                if not self.spool.nonempty.is_set():
+                    await self.spool.nonempty.wait()
+                    self._moved()
+                if not self.producer.usable:
+                    self._moved()  # waiting for the rebuilt producer: Kafka's turn, not ours
+                    await sleep_or_stop(0.2, self._stopping)
+                    continue
+                stage = "read"
+                batch = await self.spool.next_batch(1 if solo else DRAIN_BATCH)
+                if not batch:
+                    await sleep_or_stop(0.05, self._stopping)  # appended but not yet fsync'd
+                    continue
+                stage = "send"
+                self._sending = True
+                try:
+                    result = await self.producer.send_batch(
+                        [(r.key, r.value, r.headers) for r in batch]
+                    )
+                finally:
+                    self._sending = False
+                    self._moved()
+                if result.acked:
+                    stage = "release"
+                    unreleased = batch[: result.acked]
+                    await self.spool.release(unreleased)
+                    solo = max(0, solo - result.acked)
+                    unreleased = []
+                if result.error is None:
+                    backoff.reset()
+                    continue
+                if result.refused_for_good:
+                    unsent = batch[result.acked :]
+                    # The records before it were acknowledged, so a refused last record
+                    # was alone in its produce batch: it is the one Kafka refuses.
+                    if len(unsent) == 1:
+                        stage = "dead_letter"
+                        await self._dead_letter(unsent[0], type(result.error).__name__)
+                        solo = max(0, solo - 1)
+                        self._moved()
+                    else:
+                        solo = len(unsent)
+                    continue  # the producer is being rebuilt: the loop waits for it
+                # Otherwise Kafka did not acknowledge (away, or the producer is being
+                # replaced): the producer's own supervision deals with that; back off.
+            except Exception as exc:
+                metrics.SPOOL_DRAIN_ERRORS.labels(stage).inc()
+                log.error(
+                    "spool drain step failed; retrying",
+                    stage=stage,
+                    error=repr(exc),
+                    exc_info=None if isinstance(exc, OSError) else exc,
+                )
+            await sleep_or_stop(backoff.next_delay(), self._stopping)
+
+    def _moved(self) -> None:
+        self._progress_at = time.monotonic()
+
+    async def _dead_letter(self, record: SpooledRecord, reason: str) -> None:
+        """Move a record Kafka refused on its own, for good, out of the drain's way:
+        durable in the dead-letter directory first, released from the spool after."""
+        path = await asyncio.to_thread(deadletter.write, self.dead_letters, record, reason)
+        await self.spool.release([record])
+        metrics.SPOOL_DEAD_LETTERS.labels(reason).inc()
+        log.error(
+            "kafka refuses a spooled event for good; moved it to the dead-letter directory",
+            eventId=event_id_of(record.headers),
+            error=reason,
+            bytes=len(record.value),
+            file=str(path),
+        )

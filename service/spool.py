@@ -28,7 +28,6 @@ Only one process may use a spool directory (an exclusive lock on ``lock``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import json
 import os
@@ -287,9 +286,19 @@ class Spool:
     # -- read and release -------------------------------------------------------------
 
     def read(self, max_records: int, max_bytes: int = 1024 * 1024) -> list[SpooledRecord]:
-        """Up to ``max_records`` durable records from the checkpoint on, in order."""
+        """Up to ``max_records`` durable records from the checkpoint on, in order. Blocking
+        file reads: the drainer calls :meth:`next_batch`, which runs this in a thread."""
+        return self._read_from(self._read, max_records, max_bytes)
+
+    async def next_batch(self, max_records: int) -> list[SpooledRecord]:
+        """:meth:`read` in a worker thread, so a slow disk never stalls the event loop
+        (the HTTP answers). Safe beside appends: the writer thread only ever moves the
+        durable end forward, as one tuple, and only the drainer moves the checkpoint."""
+        return await asyncio.to_thread(self.read, max_records)
+
+    def _read_from(self, pos: Position, max_records: int, max_bytes: int) -> list[SpooledRecord]:
         out: list[SpooledRecord] = []
-        pos, durable = self._read, self._durable
+        durable = self._durable
         size = 0
         while len(out) < max_records and size < max_bytes:
             if pos.segment == durable.segment:
@@ -328,24 +337,29 @@ class Spool:
             pos = Position(pos.segment, pos.offset + at)
         return out
 
-    def release(self, done: Sequence[SpooledRecord]) -> None:
+    async def release(self, done: Sequence[SpooledRecord]) -> None:
         """Forget records Kafka acknowledged (a prefix of what :meth:`read` returned): move
-        the checkpoint durably past them, delete segments wholly behind it."""
+        the checkpoint durably past them, delete segments wholly behind it.
+
+        The disk work (the checkpoint's write, fsync and rename, the directory fsync, the
+        unlinks) runs in a worker thread, as appends do, so an fsync never holds up the
+        event loop. The counts change on the event loop, and only once the checkpoint is
+        durable: if its write fails (disk full, EIO, a directory in the way) this raises
+        and nothing is released, so the records are sent again (at least once, never
+        lost). Only the drainer calls this, one call at a time, so the checkpoint it
+        moves is never moved by anyone else meanwhile."""
         if not done:
             return
-        end = done[-1].end
-        if end.segment < self._write_segment and end.offset >= self._segment_size(end.segment):
-            end = Position(end.segment + 1, 0)
-        self._store_checkpoint(end)
-        for number in range(self._read.segment, end.segment):
-            with contextlib.suppress(FileNotFoundError):
-                self._path(number).unlink()
+        end, oldest = await asyncio.to_thread(self._release_on_disk, done[-1].end)
         self._read = end
         self.events -= len(done)
         self.bytes -= sum(r.size for r in done)
         if self.events:
-            following = self.read(1)
-            self.oldest_ms = following[0].received_ms if following else None
+            if oldest is None:
+                # Every counted event is durable, so what was appended while the
+                # checkpoint was written is readable now: look again.
+                oldest = await asyncio.to_thread(self._peek_received_ms, end)
+            self.oldest_ms = oldest
         else:
             self.oldest_ms = None
             self.nonempty.clear()
@@ -354,6 +368,32 @@ class Spool:
         metrics.SPOOL_DRAINED.inc(len(done))
         metrics.SPOOL_EVENTS.set(self.events)
         metrics.SPOOL_BYTES.set(self.bytes)
+
+    def _release_on_disk(self, end: Position) -> tuple[Position, int | None]:
+        """In a worker thread: store the checkpoint at ``end`` (raises, changing nothing,
+        when that fails), then delete the segments behind it and read the received time
+        of the record now first (neither of which may fail the release any more: the
+        checkpoint already moved). Returns the checkpoint and that time (None: none)."""
+        if end.segment < self._write_segment and end.offset >= self._segment_size(end.segment):
+            end = Position(end.segment + 1, 0)
+        self._store_checkpoint(end)
+        for number in range(self._read.segment, end.segment):
+            try:
+                self._path(number).unlink(missing_ok=True)
+            except OSError as exc:
+                # Harmless: the next open() deletes segments behind the checkpoint.
+                metrics.SPOOL_DRAIN_ERRORS.labels("unlink").inc()
+                log.warning("released spool segment not deleted", segment=number, error=repr(exc))
+        return end, self._peek_received_ms(end)
+
+    def _peek_received_ms(self, pos: Position) -> int | None:
+        try:
+            following = self._read_from(pos, 1, 1024 * 1024)
+        except OSError as exc:
+            # Only the age gauge reads it; the drain's own read reports the damage.
+            log.warning("spool record after the checkpoint unreadable", error=repr(exc))
+            return None
+        return following[0].received_ms if following else None
 
     # -- files --------------------------------------------------------------------------
 

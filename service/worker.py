@@ -27,35 +27,21 @@ from typing import Any, TypeAlias
 
 import structlog
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import (
-    InvalidTimestampError,
-    KafkaError,
-    MessageSizeTooLargeError,
-    PolicyViolationError,
-    RecordListTooLargeError,
-    RecordTooLargeError,
-)
 from aiokafka.structs import RecordMetadata
 from prometheus_client import Counter
 
 from service import metrics
 from service.batch import NO_RECORD, Output, Plan, Retention, Target, plan
+from service.kafka import REFUSED_FOR_GOOD
 from service.settings import Settings
 
 log = structlog.get_logger(logger_name="callstatus.worker")
 
 Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 
-# Errors that say "this record can never be written", whatever we retry: the record is
-# then answered with an ``unwritable`` rejection. Everything else is the broker's or the
-# producer's trouble and restarts the processor.
-REFUSED_FOR_GOOD: tuple[type[KafkaError], ...] = (
-    MessageSizeTooLargeError,
-    RecordListTooLargeError,
-    RecordTooLargeError,
-    InvalidTimestampError,
-    PolicyViolationError,
-)
+# REFUSED_FOR_GOOD (service/kafka.py, shared with ingest and the spool): a record Kafka
+# refuses so is answered with an ``unwritable`` rejection. Everything else is the
+# broker's or the producer's trouble and restarts the processor.
 
 
 def transactional_id(group: str, topic: str, partition: int) -> str:

@@ -1,15 +1,17 @@
 """The spool on a real file system: durable appends in groups, order, release across
-restarts, the size cap, one owner, and a torn tail cut off and reported."""
+restarts, the size cap, one owner, a torn tail cut off and reported, a checkpoint the
+disk refuses, and no disk I/O of release on the event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 
 from service import metrics
-from service.spool import Spool, SpoolFull, SpoolLocked, encode
+from service.spool import Position, Spool, SpoolFull, SpoolLocked, encode
 
 
 def opened(path: Path, max_bytes: int = 1 << 20, segment_bytes: int = 1 << 20) -> Spool:
@@ -60,14 +62,14 @@ async def test_release_survives_a_restart_and_frees_segments(tmp_path: Path) -> 
         await spool.append(b"k", b"value-%03d" % i, [])
     segments_before = len(segments(tmp_path))
     first = spool.read(25)
-    spool.release(first)
+    await spool.release(first)
     assert len(segments(tmp_path)) < segments_before
     spool.close()
 
     again = opened(tmp_path, segment_bytes=256)
     assert again.events == 15
     assert values(again) == [b"value-%03d" % i for i in range(25, 40)]
-    again.release(again.read(100))
+    await again.release(again.read(100))
     assert again.events == 0 and again.empty.is_set() and again.bytes == 0
     await again.append(b"k", b"after", [])
     assert values(again) == [b"after"]
@@ -126,3 +128,46 @@ def test_one_process_per_spool_directory(tmp_path: Path) -> None:
         opened(tmp_path)
     first.close()
     opened(tmp_path).close()  # free again once the owner closed it
+
+
+class ThreadRecordingSpool(Spool):
+    """A real spool that notes which thread stores its checkpoint (an fsync, a rename
+    and a directory fsync)."""
+
+    checkpoint_threads: list[int]
+
+    def _store_checkpoint(self, pos: Position) -> None:
+        self.checkpoint_threads.append(threading.get_ident())
+        super()._store_checkpoint(pos)
+
+
+async def test_release_does_its_disk_io_off_the_event_loop(tmp_path: Path) -> None:
+    # Issue 16, item 5: release() fsync'd the checkpoint on the event loop, stalling
+    # every HTTP answer of the node for as long as the disk took.
+    spool = ThreadRecordingSpool(tmp_path, 1 << 20, 1 << 20)
+    spool.checkpoint_threads = []
+    spool.open()
+    for i in range(3):
+        await spool.append(b"k", b"v%d" % i, [])
+    await spool.release(spool.read(2))
+    assert spool.checkpoint_threads, "release stored no checkpoint"
+    assert threading.get_ident() not in spool.checkpoint_threads
+    assert values(spool) == [b"v2"] and spool.events == 1
+    spool.close()
+    assert values(opened(tmp_path)) == [b"v2"]  # and durably so
+
+
+async def test_a_checkpoint_the_disk_refuses_releases_nothing(tmp_path: Path) -> None:
+    # A directory where the checkpoint is written aside: the same OSError a full or
+    # failing disk gives. The release must fail whole, so the records are sent again.
+    spool = opened(tmp_path)
+    for i in range(3):
+        await spool.append(b"k", b"v%d" % i, [])
+    (tmp_path / "checkpoint.tmp").mkdir()
+    with pytest.raises(IsADirectoryError):
+        await spool.release(spool.read(2))
+    assert spool.events == 3 and values(spool) == [b"v0", b"v1", b"v2"]
+    (tmp_path / "checkpoint.tmp").rmdir()
+    await spool.release(spool.read(2))
+    assert spool.events == 1 and values(spool) == [b"v2"]
+    spool.close()
