@@ -163,7 +163,8 @@ async def test_a_head_over_the_byte_cap_gets_431_problem_json(
 async def test_a_head_with_too_many_fields_gets_431(server: tuple[int, FrontDoor]) -> None:
     port, _ = server
     fields = b"".join(b"X-%d: v\r\n" % i for i in range(60))  # ~600 bytes: under the byte cap
-    status, body = _status_and_body(await _exchange(port, b"GET / HTTP/1.1\r\n" + fields))
+    answer = await _exchange(port, b"GET / HTTP/1.1\r\n" + fields + b"\r\n")
+    status, body = _status_and_body(answer)
     assert status == 431
     assert "more than 50 fields" in body["detail"]
 
