@@ -12,6 +12,7 @@ from typing import Any, cast
 import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
+from structlog.testing import capture_logs
 
 from service import metrics
 from service.frontdoor import FrontDoor, GuardedProtocol
@@ -234,3 +235,20 @@ async def test_keep_alive_idle_past_the_deadline_is_closed_even_after_a_byte(
         assert loop.time() - answered < 3.0
     finally:
         writer.close()
+
+
+def test_closes_are_logged_as_one_summary_line_a_second_at_most() -> None:
+    door = FrontDoor(5.0, 16384, 100, max_connections=10)
+    with capture_logs() as logs:
+        door.closed("head_too_large")
+        door.closed("head_timeout")
+        door.closed("head_timeout")
+        door.report(now=10.0)
+        door.closed("shed")
+        door.report(now=10.5)  # within the second: held back, still counted
+        door.report(now=11.0)
+    lines = [line for line in logs if line["event"] == "connections closed at the front door"]
+    assert len(lines) == 2
+    assert (lines[0]["head_too_large"], lines[0]["head_timeout"]) == (1, 2)
+    assert lines[0]["log_level"] == "warning"
+    assert lines[1]["shed"] == 1 and "head_timeout" not in lines[1]
