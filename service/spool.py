@@ -22,6 +22,10 @@ Delivery is at least once: if the process dies after Kafka acknowledged a draine
 but before the checkpoint moved past it, those events are sent again with their
 original ``eventId``; the processor drops a repeated status as a duplicate.
 
+A record Kafka refuses for good leaves the spool for ``dead-letter/`` in the same
+directory (``service/deadletter.py``, written in this module's record format), so that it
+never blocks the records behind it.
+
 Only one process may use a spool directory (an exclusive lock on ``lock``).
 """
 

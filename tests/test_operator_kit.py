@@ -127,6 +127,8 @@ def test_spool_alerts_exist() -> None:
         ("CallstatusSpoolFilling", "callstatus_spool_bytes"),
         ("CallstatusSpoolOldEvents", "callstatus_spool_oldest_age_seconds"),
         ("CallstatusSpoolCorruptTail", "callstatus_spool_corrupt_bytes_total"),
+        ("CallstatusSpoolNotDraining", "callstatus_spool_drain_stalled"),
+        ("CallstatusSpoolDeadLetters", "callstatus_spool_dead_letters_total"),
     ):
         assert metric in names[name]["expr"], name
     # With the spool on, an unusable producer means 202s from the spool, not 503s.
@@ -206,7 +208,11 @@ def alert_tests() -> dict[str, Any]:
     return {
         "rule_files": ["rules.yml"],
         "evaluation_interval": "1m",
-        "tests": [promtool_test(series, checks), promtool_test(*spool_alert_tests())],
+        "tests": [
+            promtool_test(series, checks),
+            promtool_test(*spool_alert_tests()),
+            promtool_test(*drain_alert_tests()),
+        ],
     }
 
 
@@ -265,6 +271,37 @@ def spool_alert_tests() -> tuple[dict[str, str], list[Check]]:
         ("9m", "CallstatusSpoolCorruptTail", []),
         ("12m", "CallstatusSpoolCorruptTail", corrupt),  # a cut seen either way
         ("35m", "CallstatusSpoolCorruptTail", []),  # resolves: no new cut for 15 min
+    ]
+    return series, checks
+
+
+def drain_alert_tests() -> tuple[dict[str, str], list[Check]]:
+    """ingest-0's drain stalls from minute 5 to 12 (the service's gauge, which already
+    waited its 30 s); ingest-1's spool waits for Kafka (stalled stays 0: Kafka trouble is
+    not a stall). ingest-0 dead-letters one event at minute 8; a new pod's counter that
+    stays 0 never fires."""
+    dead_letters = 'callstatus_spool_dead_letters_total{{instance="{}", reason="{}"}}'
+    series = {
+        'callstatus_spool_drain_stalled{instance="ingest-0"}': "0x4 1x6 0x20",
+        'callstatus_spool_drain_stalled{instance="ingest-1"}': "0x30",
+        dead_letters.format("ingest-0", "MessageSizeTooLargeError"): "0x7 1x30",
+        dead_letters.format("ingest-1", "MessageSizeTooLargeError"): "0x30",
+    }
+    stalled = fired(
+        "CallstatusSpoolNotDraining",
+        "ingest-0: the spool is not draining while Kafka takes writes",
+    )
+    dead = fired(
+        "CallstatusSpoolDeadLetters",
+        "ingest-0: Kafka refused spooled events for good; they are in the dead-letter directory",
+    )
+    checks: list[Check] = [
+        ("4m", "CallstatusSpoolNotDraining", []),
+        ("5m", "CallstatusSpoolNotDraining", [stalled]),  # at once: the gauge waited
+        ("13m", "CallstatusSpoolNotDraining", []),  # resolves when the drain moves
+        ("7m", "CallstatusSpoolDeadLetters", []),
+        ("9m", "CallstatusSpoolDeadLetters", [dead]),
+        ("30m", "CallstatusSpoolDeadLetters", []),  # no new dead letter for 15 min
     ]
     return series, checks
 

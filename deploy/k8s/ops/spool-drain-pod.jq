@@ -18,8 +18,9 @@
 #   - what the API server and the StatefulSet controller filled in for the original
 #     (node, hostname, priority, ownership, status).
 # On start the service drains the spool it finds (while it keeps answering /healthz).
-# Done when its callstatus_spool_events is 0 (kubectl port-forward, GET /metrics); then
-# delete the pod, and the claim. The claim must not be mounted by a running ingest pod:
+# Done when its callstatus_spool_events is 0 (kubectl port-forward, GET /metrics) and
+# `kubectl exec <pod> -- callstatus spool dead-letter list` shows no event Kafka refused
+# for good (replay them first: README "The spool"); then delete the pod, and the claim. The claim must not be mounted by a running ingest pod:
 # on another node the attach fails, on the same node the spool's lock stops the second
 # process at start; neither loses data.
 {
