@@ -345,8 +345,9 @@ class IngestProducer:
                     await producer.send(self._topic, value=value, key=key, headers=list(headers))
                 )
         except KafkaError as exc:
-            # send() itself refused this record (larger than our max request size):
-            # no sequence number was spent on it, so the producer is still sound.
+            # send() itself failed for this record (larger than our max request size,
+            # or no room in the buffer in time): no sequence number was spent on it, so
+            # a refusal here leaves the producer sound; the rest is not sent, for order.
             send_error = exc
             if is_fatal(exc):
                 self._finish(producer, type(exc).__name__)
