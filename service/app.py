@@ -41,7 +41,7 @@ from schemas.messages import Source, encode_ingest, normalise_body
 from service import metrics, problems, signature, strictjson
 from service.openapi import openapi_document
 from service.problems import Refused, problem
-from service.producer import Unavailable
+from service.producer import Unavailable, Unwritable
 from service.settings import Settings
 
 log = structlog.get_logger(logger_name="callstatus.http")
@@ -412,6 +412,15 @@ class Ingest:
             headers.append(("traceparent", traceparent))
         try:
             await self._publisher.publish(key, value, headers)
+        except Unwritable as exc:
+            # Kafka refuses this event for good (a topic's max.message.bytes lowered while
+            # running, a policy): no retry can help, so no Retry-After and no 503. A 5xx
+            # the server errors alert sees: an operator must fix the topic.
+            log.error("kafka refuses the event for good", eventId=event_id, error=exc.cause)
+            raise Refused(
+                problems.UNWRITABLE,
+                f"Kafka refuses this event ({exc.cause}); it was not stored",
+            ) from None
         except Unavailable as exc:
             raise Refused(
                 problems.UNAVAILABLE,

@@ -128,6 +128,14 @@ INVALID = Refusal(
     "invalid",
     "not a valid call-status event; errors lists each field and what is wrong",
 )
+UNWRITABLE = Refusal(
+    500,
+    "event-unwritable",
+    "Event refused by Kafka",
+    "unwritable",
+    "Kafka refuses this event for good (larger than the ingest topic's max.message.bytes, "
+    "a policy): not stored, and a retry cannot help",
+)
 UNAVAILABLE = Refusal(
     503,
     "kafka-unavailable",
@@ -165,6 +173,7 @@ CATALOGUE: tuple[Refusal, ...] = (
     HEAD_TOO_LARGE,
     UNSUPPORTED_MEDIA_TYPE,
     INVALID,
+    UNWRITABLE,
     UNAVAILABLE,
     CLIENT_CLOSED,
     CANCELLED,

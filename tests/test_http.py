@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 
 from schemas.messages import IngestEnvelope
 from service.app import MAX_DEPTH, create_app
-from service.producer import Unavailable
+from service.producer import Unavailable, Unwritable
 from service.signature import sign
 from tests.conftest import SECRET, make_settings
 
@@ -197,7 +197,8 @@ async def test_healthz_openapi_metrics(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     spec = (await client.get("/openapi.json")).json()
     responses = spec["paths"]["/v1/call-status"]["post"]["responses"]
-    assert set(responses) == {"202", "400", "401", "408", "413", "415", "422", "431", "503"}
+    expected = {"202", "400", "401", "408", "413", "415", "422", "431", "500", "503"}
+    assert set(responses) == expected
     body = json.dumps(WEBHOOK).encode()
     await client.post("/v1/call-status", content=body, headers={"content-type": "application/json"})
     text = (await client.get("/metrics")).text
@@ -592,6 +593,29 @@ async def test_a_replay_after_a_503_is_written() -> None:
         retried = await c.post("/v1/call-status", content=body, headers=signed(body))
     assert (refused.status_code, retried.status_code) == (503, 202)
     assert publisher.attempts == 2 and len(publisher.records) == 1
+
+
+async def test_an_event_kafka_refuses_for_good_is_a_500_without_retry_after() -> None:
+    class Refuses(MustNotPublish):
+        async def publish(
+            self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
+        ) -> None:
+            raise Unwritable("MessageSizeTooLargeError")
+
+    app = create_app(make_settings(), Refuses())
+    body = webhook_with()
+    before = ingest_outcome("unwritable")
+    with capture_logs() as logs:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            response = await c.post("/v1/call-status", content=body, headers=signed(body))
+    problem = assert_problem(response, 500)
+    assert problem["type"] == "urn:callstatus:problem:event-unwritable"
+    assert "MessageSizeTooLargeError" in str(problem["detail"])
+    assert "retry-after" not in response.headers
+    assert ingest_outcome("unwritable") == before + 1
+    assert any(line["event"] == "kafka refuses the event for good" for line in logs)
 
 
 async def test_a_replay_that_fails_the_signature_is_still_401() -> None:
