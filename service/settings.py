@@ -183,15 +183,21 @@ class Settings(BaseSettings):
                 "CALLSTATUS_PRODUCE_TIMEOUT_SECONDS (a send must be given its answer "
                 "deadline before it is dropped)"
             )
-        if self.state_terminal_retention_seconds < 2 * self.signature_tolerance_seconds:
+        replay_window = 2 * self.signature_tolerance_seconds
+        for name, retention in (
+            ("STATE_TERMINAL_RETENTION_SECONDS", self.state_terminal_retention_seconds),
+            ("STATE_IDLE_RETENTION_SECONDS", self.state_idle_retention_seconds),
+        ):
             # A signed request is accepted up to the tolerance on either side of our
-            # clock, so an original and its replay can arrive twice the tolerance apart;
-            # a finished call forgotten sooner would take the replay as a new first event.
-            raise ValueError(
-                "CALLSTATUS_STATE_TERMINAL_RETENTION_SECONDS "
-                f"({self.state_terminal_retention_seconds}) must be at least twice "
-                f"CALLSTATUS_SIGNATURE_TOLERANCE_SECONDS ({self.signature_tolerance_seconds})"
-            )
+            # clock, so an original and its replay can arrive twice the tolerance apart.
+            # Each retention forgets a call (finished, or merely quiet); forgotten sooner,
+            # the replay would be taken as a new first event: a second change.
+            if retention < replay_window:
+                raise ValueError(
+                    f"CALLSTATUS_{name} ({retention}) must be at least twice "
+                    "CALLSTATUS_SIGNATURE_TOLERANCE_SECONDS "
+                    f"({self.signature_tolerance_seconds})"
+                )
         topics = self.topic_names
         if len(set(topics)) != len(topics):
             raise ValueError("the four CALLSTATUS_TOPIC_* names must be distinct")

@@ -54,6 +54,10 @@ def run(
             },
             "CALLSTATUS_TOPIC",
         ),
+        (  # an idle retention inside the replay window (twice the signature tolerance)
+            {"CALLSTATUS_SIGNING_SECRETS": "s", "CALLSTATUS_STATE_IDLE_RETENTION_SECONDS": "60"},
+            "CALLSTATUS_STATE_IDLE_RETENTION_SECONDS (60) must be at least twice",
+        ),
     ],
 )
 def test_bad_settings_stop_with_one_readable_line(

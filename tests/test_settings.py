@@ -183,3 +183,19 @@ def test_a_terminal_retention_shorter_than_the_signature_tolerance_is_refused() 
         make_settings(state_terminal_retention_seconds=599, signature_tolerance_seconds=300)
     ok = make_settings(state_terminal_retention_seconds=600, signature_tolerance_seconds=300)
     assert ok.state_terminal_retention_seconds == 600
+
+
+@pytest.mark.parametrize(
+    "retention", ["state_terminal_retention_seconds", "state_idle_retention_seconds"]
+)
+def test_every_retention_that_forgets_a_call_keeps_the_replay_window(retention: str) -> None:
+    # Either retention forgets a call; forgotten within the replay window (twice the
+    # tolerance), a replay of its last event would be a new first event: a second change.
+    others = {
+        "state_terminal_retention_seconds": 600,
+        "state_idle_retention_seconds": 600,
+        "signature_tolerance_seconds": 300,
+    }
+    with pytest.raises(ValidationError, match=f"CALLSTATUS_{retention.upper()} \\(599\\)"):
+        make_settings(**{**others, retention: 599})
+    assert getattr(make_settings(**{**others, retention: 600}), retention) == 600
