@@ -302,3 +302,34 @@ def test_outputs_go_to_the_ingest_partitions_number_only_when_the_counts_match()
     # Other counts: the producer hashes the key; the state still follows ingest.
     q = run(records, target=Target("in", "changes", "rejected", "state", 3))
     assert [o.partition for o in q.outputs] == [None, None, None, 3]
+
+
+def resource(
+    offset: int, status: CallStatus, revision: int, uris: dict[str, str]
+) -> ConsumerRecord[bytes, bytes]:
+    call = Call.model_validate(
+        {"callId": cid(1), "status": status, "revision": revision, "subresourceUris": uris}
+    )
+    value = encode_ingest(str(uuid.uuid4()), T, Source.RESOURCE, None, call, call.to_json())
+    return record(offset, value, cid(1).encode())
+
+
+def test_the_same_revision_with_its_keys_reordered_is_a_duplicate() -> None:
+    # The processor's own path: the call's JSON as the ingest record carries it.
+    uris = {"recordings": "/r", "notifications": "/n", "logs": "/l"}
+    swapped = dict(reversed(uris.items()))
+    p = run([resource(0, S.RINGING, 3, uris), resource(1, S.RINGING, 3, swapped)])
+    assert p.events == {("accepted", ""): 1, ("duplicate", ""): 1}
+
+
+def test_replays_of_one_event_leave_the_earlier_ones_remembered() -> None:
+    replays = [event(2 + n, cid(1), S.IN_PROGRESS, T, event_id="progress") for n in range(40)]
+    p = run(
+        [
+            event(0, cid(1), S.RINGING, T, event_id="ring"),
+            event(1, cid(1), S.IN_PROGRESS, T, event_id="progress"),
+            *replays,
+            event(42, cid(1), S.RINGING, T, event_id="ring"),
+        ]
+    )
+    assert p.events == {("accepted", ""): 2, ("duplicate", ""): 41}

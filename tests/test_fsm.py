@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from hashlib import blake2b
 
 import pytest
 from hypothesis import given, settings
@@ -347,3 +348,60 @@ class TestRuleZeroTheSameEventOnce:
         state = CallState(S.QUEUED, None, T0, judged=a + b)
         assert state.remembers(a) and state.remembers(b)
         assert not any(state.remembers((a + b)[i : i + 8]) for i in range(1, 8))
+
+    def test_replays_of_one_event_do_not_push_another_out_of_the_window(self) -> None:
+        # Issue 17: the window holds distinct eventIds. A rule-0 duplicate adds no mark,
+        # however often it comes, so the ringing judged before is still remembered.
+        ringing = decide(None, call(S.RINGING), "ring", T0)
+        d = decide(ringing.state, call(S.IN_PROGRESS), "progress", T0)
+        for _ in range(2 * MAX_JUDGED):
+            d = decide(d.state, call(S.IN_PROGRESS), "progress", T0)
+            assert d.outcome is Outcome.DUPLICATE
+        assert d.state is not None and len(d.state.judged) == 2 * MARK_BYTES
+        replay = decide(d.state, call(S.RINGING), "ring", T0)
+        assert (replay.outcome, replay.reason) == (Outcome.DUPLICATE, None)
+        assert replay.state is d.state
+
+
+URIS = {"recordings": "/Calls/x/Recordings", "notifications": "/Calls/x/Notifications"}
+
+
+class TestContentDigest:
+    """Rule 2 tells a duplicate from a conflict by a digest of the content: the content,
+    not the order its keys happened to be written in (issue 17)."""
+
+    def test_reordered_keys_are_the_same_content(self) -> None:
+        first = call(S.RINGING, 3, subresourceUris=URIS)
+        swapped = call(S.RINGING, 3, subresourceUris=dict(reversed(URIS.items())))
+        assert first.to_json() != swapped.to_json()  # the bytes really differ
+        assert content_digest(first) == content_digest(swapped)
+        state = decide(None, first, "e1", T0).state
+        d = decide(state, swapped, "e2", T0)
+        assert (d.outcome, d.reason) == (Outcome.DUPLICATE, None)
+
+    def test_nested_objects_are_ordered_too(self) -> None:
+        a = call(S.RINGING, 3, subresourceUris={"x": {"b": 1, "a": [{"d": 1, "c": 2}]}})
+        b = call(S.RINGING, 3, subresourceUris={"x": {"a": [{"c": 2, "d": 1}], "b": 1}})
+        assert content_digest(a) == content_digest(b)
+        # Arrays keep their order: that is content.
+        c = call(S.RINGING, 3, subresourceUris={"x": {"a": [{"c": 2}, {"d": 1}], "b": 1}})
+        d = call(S.RINGING, 3, subresourceUris={"x": {"a": [{"d": 1}, {"c": 2}], "b": 1}})
+        assert content_digest(c) != content_digest(d)
+
+    def test_other_content_still_conflicts(self) -> None:
+        state = decide(None, call(S.RINGING, 3, subresourceUris=URIS), "e1", T0).state
+        other = call(S.RINGING, 3, subresourceUris={**URIS, "recordings": "/elsewhere"})
+        d = decide(state, other, "e2", T0)
+        assert (d.outcome, d.reason) == (Outcome.REJECTED, RejectReason.CONFLICTING_REVISION)
+
+    def test_a_digest_written_before_the_upgrade_still_recognises_its_duplicate(self) -> None:
+        # States already on the state topic carry the digest of the bytes as written
+        # (blake2b of to_json, not canonicalised): the same content again is a duplicate,
+        # not a conflict, right after the upgrade too.
+        ringing = call(S.RINGING, 3, subresourceUris=URIS)
+        legacy = blake2b(ringing.to_json(), digest_size=MARK_BYTES).digest()
+        assert legacy != content_digest(ringing)
+        old = CallState(S.RINGING, 3, T0, S.RINGING, legacy, mark("e1"))
+        assert decide(old, ringing, "e2", T0).outcome is Outcome.DUPLICATE
+        other = call(S.RINGING, 3, to="+15550001111")
+        assert decide(old, other, "e2", T0).reason is RejectReason.CONFLICTING_REVISION
