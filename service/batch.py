@@ -1,6 +1,6 @@
 """Plan one batch of one ingest partition: records and states in, a plan out.
 
-Pure: no producer, no clock, no metrics. The transactional shell (``processor.py``)
+Pure: no producer, no clock of its own, no metrics. The transactional shell (``processor.py``)
 writes a plan in one Kafka transaction and, only once it committed, makes the plan's
 states its own and counts its tallies. Everything that decides what the outputs are
 lives here, so it is tested without a broker (``tests/test_batch.py``).
@@ -9,7 +9,10 @@ Time is event time (docs/architecture.md, section 7): each partition has a water
 the highest ``receivedAt`` it has seen. A state is judged expired against the watermark
 when an event of its call arrives, and swept (tombstoned) when the watermark has moved
 on by ``Retention.sweep_every``. So a backlog replayed hours later makes the same
-decisions as live processing did, however it is cut into batches.
+decisions as live processing did, however it is cut into batches. The one wall-clock
+input is ``processed_at``, the processor's clock: event time may not run further ahead
+of it than ``Retention.max_clock_skew``, so that one forged record cannot move a
+partition's watermark into the future and retire all its states.
 """
 
 from __future__ import annotations
@@ -73,6 +76,10 @@ class Target:
 class Retention:
     terminal: timedelta
     idle: timedelta
+    # How far ahead of the processor's clock a receivedAt still moves the watermark
+    # (CALLSTATUS_MAX_CLOCK_SKEW_SECONDS, docs/architecture.md section 7). No default
+    # here: the setting is its one source.
+    max_clock_skew: timedelta
     # How far the watermark moves between two sweeps for tombstones.
     sweep_every: timedelta = timedelta(seconds=30)
 
@@ -99,6 +106,13 @@ class Plan:
     # (outcome, reason) -> count, and (from, to) -> count, for the metrics.
     events: Counter[tuple[str, str]] = field(default_factory=Counter)
     transitions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # Events whose receivedAt was past the clock's bound (judged, watermark not moved),
+    # and the furthest such receivedAt, for the metric and the log.
+    ahead_of_clock: int = 0
+    furthest_ahead: datetime | None = None
+    # The watermark this plan was given, when it was past the bound and clamped (a
+    # state restored from before the bound existed); None otherwise.
+    watermark_clamped_from: datetime | None = None
 
     @property
     def empty(self) -> bool:
@@ -144,9 +158,21 @@ def plan(
 
     ``unwritable`` holds offsets whose outputs Kafka refused for good on an earlier try
     of this batch: each becomes an ``unwritable`` rejection and changes no state.
-    ``processed_at`` only fills ``processedAt``/``ce_time``; no decision depends on it.
+    ``processed_at`` is the processor's clock: it fills ``processedAt``/``ce_time`` and
+    bounds event time (``Retention.max_clock_skew``). No verdict depends on it: a record
+    past the bound is judged as usual, it only does not move the watermark.
     """
     out = Plan(watermark=watermark, swept_at=swept_at)
+    # Event time is what the records say, but never more than the skew ahead of our own
+    # clock: only so much of it can a forger (any writer to ingest) or an ingest pod
+    # whose clock jumped move. A watermark already past it (restored from a state
+    # written before this bound, or the clock stepped back) is pulled back to it.
+    bound = processed_at + retention.max_clock_skew
+    if watermark is not None and watermark > bound:
+        out.watermark_clamped_from = watermark
+        out.watermark = bound
+    if out.swept_at is not None and out.watermark is not None and out.swept_at > out.watermark:
+        out.swept_at = out.watermark  # else no sweep until the clock caught up with it
     processed = format_rfc3339(processed_at)
     processed_b = processed.encode()
     # The calls this batch judged: their state after the batch so far, unpacked once,
@@ -173,7 +199,14 @@ def plan(
             _unprocessable(out, target, record, reason, detail, None, processed_at)
             continue
         received = event.receivedAt
-        if out.watermark is None or received > out.watermark:
+        if received > bound:
+            # Judged all the same, but at the bound: the state keeps a time it can expire
+            # by (one kept in 9999 would never be retired), and the watermark stays.
+            out.ahead_of_clock += 1
+            if out.furthest_ahead is None or received > out.furthest_ahead:
+                out.furthest_ahead = received
+            received = bound
+        elif out.watermark is None or received > out.watermark:
             out.watermark = received
         if offset in unwritable:
             detail = "Kafka refused this event's outputs for good (too large for the topic?)"
@@ -186,8 +219,11 @@ def plan(
         state = touched.get(cid)
         if state is None and (packed := states.get(cid)) is not None:
             state = unpack(packed)
-        if state is not None and is_expired(
-            state.status, state.updated_at, out.watermark, retention.terminal, retention.idle
+        w = out.watermark  # None only while every record so far was ahead of the clock
+        if (
+            state is not None
+            and w is not None
+            and is_expired(state.status, state.updated_at, w, retention.terminal, retention.idle)
         ):
             state = None  # forgotten (rule 5): whether or not a sweep got to it yet
         decision = decide(state, call, event.eventId, received)

@@ -54,6 +54,11 @@ PROCESSOR_CALLS = Gauge("callstatus_processor_calls", "Call states held in memor
 PROCESSOR_RESTARTS = Counter(
     "callstatus_processor_restarts_total", "Processor restarts after a Kafka failure", ["reason"]
 )
+PROCESSOR_AHEAD_OF_CLOCK = Counter(
+    "callstatus_processor_events_ahead_of_clock_total",
+    "Ingest events whose receivedAt was more than MAX_CLOCK_SKEW_SECONDS ahead of the "
+    "processor's clock: judged, but they did not move the partition's watermark",
+)
 PROCESSOR_UNREADABLE = Counter(
     "callstatus_processor_unreadable_total",
     "Ingest fetches that failed because records could not be read (codec, corruption)",

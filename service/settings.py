@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     consumer_group: str = "callstatus-processor"
     state_terminal_retention_seconds: int = Field(default=3600, ge=0)
     state_idle_retention_seconds: int = Field(default=6 * 3600, ge=1)
+    # How far ahead of the processor's clock an ingest record's receivedAt may be and
+    # still move its partition's watermark (docs/architecture.md, section 7). Past it the
+    # event is judged but the watermark stays: one forged or clock-jumped record must not
+    # retire every state of its partition. Well above NTP skew, well below the retentions.
+    max_clock_skew_seconds: int = Field(default=300, ge=1, le=3600)
     # Upper bound on the events one fetch carries; each partition's share of it is one
     # transaction. A transaction costs four round trips to the broker whatever its size,
     # so bigger batches amortise them: 500 -> 2,000 took the benchmark's processor from

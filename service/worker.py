@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
@@ -47,6 +48,50 @@ Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 def transactional_id(group: str, topic: str, partition: int) -> str:
     """Stable per input partition, so the next owner of a partition fences the last."""
     return f"{group}.{topic}.{partition}"
+
+
+# At most one log line this often about events ahead of the clock, with the count since
+# the last one: whoever can write forged records to ingest must not be able to write our
+# logs at the same rate. The metric counts every one.
+AHEAD_REPORT_SECONDS = 60.0
+
+
+class AheadOfClock:
+    """Aggregates the events whose receivedAt was past the clock's bound (batch.Plan)
+    of all partitions into one warning per ``window`` seconds."""
+
+    def __init__(
+        self, window: float = AHEAD_REPORT_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.window = window
+        self.clock = clock
+        self._logged_at: float | None = None
+        self._held = 0
+        self._partitions: set[int] = set()
+        self._furthest: datetime | None = None
+
+    def note(self, partition: int, count: int, furthest: datetime, max_skew: timedelta) -> None:
+        metrics.PROCESSOR_AHEAD_OF_CLOCK.inc(count)
+        self._held += count
+        self._partitions.add(partition)
+        if self._furthest is None or furthest > self._furthest:
+            self._furthest = furthest
+        now = self.clock()
+        if self._logged_at is not None and now - self._logged_at < self.window:
+            return
+        self._logged_at = now
+        log.warning(
+            "ingest events ahead of the clock judged without moving the watermark",
+            events=self._held,
+            partitions=sorted(self._partitions),
+            furthest_received_at=self._furthest.isoformat(),
+            max_clock_skew_seconds=max_skew.total_seconds(),
+            window_seconds=self.window,
+        )
+        self._held, self._partitions, self._furthest = 0, set(), None
+
+
+_AHEAD = AheadOfClock()
 
 
 @cache
@@ -122,6 +167,7 @@ class PartitionWorker:
         self.retention = Retention(
             timedelta(seconds=s.state_terminal_retention_seconds),
             timedelta(seconds=s.state_idle_retention_seconds),
+            timedelta(seconds=s.max_clock_skew_seconds),
         )
 
     async def process(self, records: list[Record], processed_at: datetime) -> bool:
@@ -141,7 +187,7 @@ class PartitionWorker:
                 unwritable=unwritable,
             )
             if p.empty:
-                self.watermark, self.swept_at = p.watermark, p.swept_at
+                self._take_time(p)
                 return False
             try:
                 await self._commit(p, one_by_one)
@@ -239,11 +285,27 @@ class PartitionWorker:
                 self.states[call_id] = state
         if p.next_offset is not None:
             self.next_offset = p.next_offset
-        self.watermark, self.swept_at = p.watermark, p.swept_at
+        self._take_time(p)
+        if p.ahead_of_clock and p.furthest_ahead is not None:
+            # Counted once committed, like every tally: an aborted batch is planned again.
+            _AHEAD.note(
+                self.partition, p.ahead_of_clock, p.furthest_ahead, self.retention.max_clock_skew
+            )
         for (outcome, reason), n in p.events.items():
             _event_counter(outcome, reason).inc(n)
         for (before, after), n in p.transitions.items():
             _transition_counter(before, after).inc(n)
+
+    def _take_time(self, p: Plan) -> None:
+        if p.watermark_clamped_from is not None:
+            # Once per restore at most: the clamped watermark is ours from now on.
+            log.warning(
+                "watermark ahead of the clock clamped",
+                partition=self.partition,
+                watermark=p.watermark_clamped_from.isoformat(),
+                clamped_to=p.watermark.isoformat() if p.watermark else None,
+            )
+        self.watermark, self.swept_at = p.watermark, p.swept_at
 
     async def _renew_producer(self, cause: str) -> None:
         """Replace the producer after a refused write: its failed batch used sequence
@@ -282,4 +344,4 @@ async def _abort_quietly(producer: AIOKafkaProducer) -> None:
         log.warning("abort failed", error=repr(exc))
 
 
-__all__ = ["PartitionWorker", "Refused", "open_producer", "transactional_id"]
+__all__ = ["AheadOfClock", "PartitionWorker", "Refused", "open_producer", "transactional_id"]

@@ -21,14 +21,15 @@ from schemas.messages import (
     encode_ingest,
 )
 from service.batch import NO_RECORD, Plan, Retention, Target, plan
-from service.fsm import CallState
+from service.fsm import CallState, mark
 from service.statecodec import pack, unpack
 
 S = CallStatus
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 TARGET = Target("in", "changes", "rejected", "state", 0)
 HOUR = timedelta(hours=1)
-RETENTION = Retention(terminal=HOUR, idle=6 * HOUR)
+SKEW = timedelta(seconds=300)
+RETENTION = Retention(terminal=HOUR, idle=6 * HOUR, max_clock_skew=SKEW)
 
 
 def cid(n: int) -> str:
@@ -234,7 +235,7 @@ def test_how_a_backlog_is_cut_into_batches_never_changes_a_decision(
     for offset, (call, status, minutes) in enumerate(steps):
         at += timedelta(minutes=minutes)
         records.append(event(offset, cid(call), status, at))
-    retention = Retention(terminal=timedelta(minutes=30), idle=timedelta(minutes=90))
+    retention = Retention(timedelta(minutes=30), timedelta(minutes=90), max_clock_skew=SKEW)
 
     def judged(
         bounds: list[int],
@@ -333,3 +334,43 @@ def test_replays_of_one_event_leave_the_earlier_ones_remembered() -> None:
         ]
     )
     assert p.events == {("accepted", ""): 2, ("duplicate", ""): 41}
+
+
+FORGED = datetime(9999, 12, 31, tzinfo=UTC)
+NOW = T + 10 * HOUR  # the processor's clock in run()
+
+
+def test_a_record_from_the_far_future_does_not_move_the_watermark() -> None:
+    done = {cid(1): pack(CallState(S.COMPLETED, None, NOW, judged=mark("done")))}
+    p = run([event(0, cid(2), S.QUEUED, FORGED)], done, watermark=NOW)
+    # Judged as usual (the first event of its call), counted, but time stands still:
+    # nothing swept, the finished call still known.
+    assert p.events == {("accepted", ""): 1} and p.ahead_of_clock == 1
+    assert p.watermark == NOW and cid(1) not in p.states
+    assert topics(p) == [("changes", 0), ("state", 0)]
+    # Its own state is kept at the bound, not in 9999, so it expires like any other.
+    packed = p.states[cid(2)]
+    assert packed is not None and unpack(packed).updated_at == NOW + SKEW
+    # A replay of the finished call's event afterwards is still dropped by rule 0.
+    replay = run([event(1, cid(1), S.COMPLETED, NOW, event_id="done")], done, position=1,
+                 watermark=p.watermark, swept_at=p.swept_at)  # fmt: skip
+    assert replay.events == {("duplicate", ""): 1} and replay.outputs == []
+
+
+def test_a_receivedat_within_the_skew_still_moves_the_watermark() -> None:
+    p = run([event(0, cid(1), S.QUEUED, NOW + SKEW)])
+    assert (p.watermark, p.ahead_of_clock) == (NOW + SKEW, 0)
+    q = run([event(0, cid(1), S.QUEUED, NOW + SKEW + timedelta(milliseconds=1))])
+    assert (q.watermark, q.ahead_of_clock) == (None, 1)
+
+
+def test_a_watermark_ahead_of_the_clock_is_clamped() -> None:
+    # Restored from a state written before the bound (its updatedAt in 9999): clamped to
+    # the bound, so sweeps and expiry work again instead of retiring everything.
+    live = {cid(1): pack(CallState(S.RINGING, None, NOW))}
+    p = run([event(0, cid(2), S.QUEUED, NOW)], live, watermark=FORGED, swept_at=FORGED)
+    assert p.watermark == NOW + SKEW and p.swept_at is not None and p.swept_at <= p.watermark
+    assert p.watermark_clamped_from == FORGED
+    assert cid(1) not in p.states  # ringing five minutes ahead: not retired
+    # An empty batch clamps too: the worker takes the plan's watermark either way.
+    assert run([], watermark=FORGED).watermark == NOW + SKEW

@@ -199,3 +199,9 @@ def test_every_retention_that_forgets_a_call_keeps_the_replay_window(retention: 
     with pytest.raises(ValidationError, match=f"CALLSTATUS_{retention.upper()} \\(599\\)"):
         make_settings(**{**others, retention: 599})
     assert getattr(make_settings(**{**others, retention: 600}), retention) == 600
+
+
+def test_the_clock_skew_bound_has_a_default_and_is_bounded() -> None:
+    assert make_settings().max_clock_skew_seconds == 300
+    with pytest.raises(ValidationError, match="max_clock_skew_seconds"):
+        make_settings(max_clock_skew_seconds=0)
