@@ -37,9 +37,13 @@ def signed(raw: bytes, at: int) -> dict[str, str]:
     return {"content-type": "application/json", "FreeClimb-Signature": sign(SECRET, at, raw)}
 
 
-@pytest.fixture
-async def node(unique: str) -> AsyncIterator[tuple[Settings, httpx.AsyncClient]]:
-    """One ingest app and one processor on fresh topics."""
+@pytest.fixture(params=[0, 20_000], ids=["no-replay-cache", "replay-cache"])
+async def node(
+    unique: str, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[Settings, httpx.AsyncClient]]:
+    """One ingest app and one processor on fresh topics; with ingest's replay cache off
+    (every copy reaches the processor, which must drop it: rule 0, and what happens when
+    copies reach different ingest pods) and on (copies are answered at the door)."""
     settings = settings_for(
         BOOTSTRAP,
         unique,
@@ -47,6 +51,7 @@ async def node(unique: str) -> AsyncIterator[tuple[Settings, httpx.AsyncClient]]
         verify_signatures=True,
         signing_secrets=(SECRET,),
         topic_partitions=1,  # one ordered stream, so a later event proves the earlier judged
+        replay_cache_entries=request.param,
     )
     await ensure_topics(settings)
     producer = IngestProducer(settings)
@@ -99,10 +104,12 @@ async def test_a_replay_and_a_retry_are_one_event(
     event_id = original.json()["eventId"]
     assert replay.json()["eventId"] == retry.json()["eventId"] == event_id
 
-    stored = await read_committed(BOOTSTRAP, settings.topic_ingest, 3, settle_s=0.5)
+    # Without the cache all three copies are written; with it, only the first.
+    copies = 1 if settings.replay_cache_entries else 3
+    stored = await read_committed(BOOTSTRAP, settings.topic_ingest, copies, settle_s=0.5)
     assert [IngestEvent.model_validate_json(r.value or b"").eventId for r in stored] == [
         event_id
-    ] * 3
+    ] * copies
     changes, rejected = await outputs_after_all_judged(settings, client, 1)
     assert (changes, rejected) == ([event_id], [])
 
