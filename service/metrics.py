@@ -93,6 +93,12 @@ SPOOL_DRAINED = Counter(
 SPOOL_CORRUPT_BYTES = Counter(
     "callstatus_spool_corrupt_bytes_total", "Bytes of torn or corrupt spool tail cut off at start"
 )
+SPOOL_DISK_ERRORS = Counter(
+    "callstatus_spool_disk_errors_total",
+    "Spool disk operations that failed, by stage (write, fsync, truncate, rotate, close, "
+    "checkpoint, recover) and errno name (ENOSPC: the volume is full; EIO: it is failing)",
+    ["stage", "error"],
+)
 SPOOL_DRAIN_ERRORS = Counter(
     "callstatus_spool_drain_errors_total",
     "Failed spool drain steps, retried with backoff, by stage (read, send, release, "

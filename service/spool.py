@@ -32,6 +32,7 @@ Only one process may use a spool directory (an exclusive lock on ``lock``).
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import json
 import os
@@ -139,6 +140,14 @@ class Spool:
         self._write_fd = -1
         self._write_segment = 0
         self._write_offset = 0
+        # Set when a failed write could not be cut off (ftruncate failed too): the
+        # segment's tail may hold garbage, and a record appended behind garbage would be
+        # cut with it by the next open(). The next append moves to a new segment first.
+        self._poisoned = False
+        # Where the valid records end in segments left behind by a rotation: a poisoned
+        # one is longer than that (garbage), so its file size must not be trusted.
+        # Written by the writer thread before the durable end moves past the segment.
+        self._sealed: dict[int, int] = {}
         # End of what is fsync'd: readers never look past it. One tuple, replaced whole,
         # because the writer thread moves it while the event loop reads it.
         self._durable = Position(0, 0)
@@ -152,7 +161,10 @@ class Spool:
     # -- open and recover -------------------------------------------------------------
 
     def open(self) -> None:
-        """Lock the directory, cut any torn tail, count what is waiting."""
+        """Lock the directory, cut any torn tail, count what is waiting.
+
+        Blocking disk I/O on the caller's thread, on purpose: it runs once at start,
+        before the listener accepts a request, so there is no HTTP answer to delay."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -176,6 +188,8 @@ class Spool:
         self._write_segment = max(segments, default=max(self._read.segment, 1))
         if not segments:
             self._read = Position(self._write_segment, 0)
+        if self._write_segment not in self._sealed:
+            self._poisoned = False  # a sealed segment before the last takes no appends
         self._open_for_append(self._write_segment)
         metrics.SPOOL_EVENTS.set(self.events)
         metrics.SPOOL_BYTES.set(self.bytes)
@@ -198,11 +212,24 @@ class Spool:
         if at < len(data):
             # A write the crash interrupted (or a damaged disk): never replay it.
             cut = len(data) - at
-            with path.open("r+b") as f:
-                f.truncate(at)
-                os.fsync(f.fileno())
             metrics.SPOOL_CORRUPT_BYTES.inc(cut)
             log.error("spool tail was torn or corrupt; cut it off", segment=path.name, bytes=cut)
+            try:
+                with path.open("r+b") as f:
+                    f.truncate(at)
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                # The disk refuses the cut: the records before it are still good, so
+                # start anyway, but read this segment only up to ``at`` and never append
+                # to it (a record behind the garbage would be cut with it next time).
+                _count("recover", exc)
+                log.error(
+                    "spool tail could not be cut; the segment is sealed before it",
+                    segment=path.name,
+                    error=repr(exc),
+                )
+                self._sealed[number] = at
+                self._poisoned = True  # only matters if it is the last segment
 
     def close(self) -> None:
         for fd in (self._write_fd, self._lock_fd):
@@ -261,31 +288,90 @@ class Spool:
                     waiter.set_result(None)
 
     def _write(self, data: bytes) -> None:
-        if self._write_offset >= self.segment_bytes:
-            os.close(self._write_fd)
-            self._open_for_append(self._write_segment + 1)
+        """In the writer thread: append one group and fsync it, or raise (every request
+        of the group then gets 503) leaving no byte of it where a later group would sit
+        behind it."""
+        if self._poisoned or self._write_offset >= self.segment_bytes:
+            self._rotate()  # raises (the group fails) while the disk refuses a new file
         view = memoryview(data)
+        stage = "write"
         try:
             while view:
                 written = os.write(self._write_fd, view)
                 view = view[written:]
+            stage = "fsync"
             os.fsync(self._write_fd)
-        except OSError:
-            # Cut what part of the group reached the file (its requests get 503), so
-            # the next group is not written behind a torn record.
-            os.ftruncate(self._write_fd, self._write_offset)
+        except OSError as exc:
+            _count(stage, exc)
+            self._cut_failed_group()
             raise
         self._write_offset += len(data)
         self._durable = Position(self._write_segment, self._write_offset)
 
+    def _cut_failed_group(self) -> None:
+        """Cut what part of a failed group reached the file. If even that fails, the
+        tail is garbage that the next open() cuts, with anything written behind it: so
+        the segment is poisoned and the next append goes to a new one."""
+        try:
+            os.ftruncate(self._write_fd, self._write_offset)
+        except OSError as exc:
+            _count("truncate", exc)
+            self._poisoned = True
+            log.error(
+                "spool could not cut a failed write; the next append starts a new segment",
+                segment=self._path(self._write_segment).name,
+                offset=self._write_offset,
+                error=repr(exc),
+            )
+
+    def _rotate(self) -> None:
+        """Move appends to the next segment. The new file is opened (and its name made
+        durable) before the old one is closed: a failure leaves the old fd open and in
+        use, never a closed fd number that a later close() would take from whoever the
+        kernel gave that number to meanwhile."""
+        try:
+            fd = self._open_segment(self._write_segment + 1)
+        except OSError as exc:
+            _count("rotate", exc)
+            log.error(
+                "spool could not start a new segment",
+                segment=self._path(self._write_segment + 1).name,
+                error=repr(exc),
+            )
+            raise
+        old, old_segment = self._write_fd, self._write_segment
+        # Sealed before the durable end moves past it: a reader in another thread that
+        # sees the new durable end also sees where this segment's records end.
+        self._sealed[old_segment] = self._write_offset
+        self._write_fd = fd
+        self._write_segment = old_segment + 1
+        self._write_offset = os.fstat(fd).st_size
+        self._poisoned = False
+        self._durable = Position(self._write_segment, self._write_offset)
+        try:
+            os.close(old)
+        except OSError as exc:
+            # Linux frees the fd number even when close() reports an error, and every
+            # record in it was fsync'd: nothing to undo, only to report.
+            _count("close", exc)
+            log.warning("spool segment close failed", segment=old_segment, error=repr(exc))
+
+    def _open_segment(self, number: int) -> int:
+        fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            # Every time, not only when the file is new: a retry after a directory fsync
+            # that failed finds the file there, and its name must survive a crash too.
+            _fsync_dir(self.directory)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
     def _open_for_append(self, number: int) -> None:
-        new = not self._path(number).exists()
-        self._write_fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._write_fd = self._open_segment(number)
         self._write_segment = number
         self._write_offset = os.fstat(self._write_fd).st_size
         self._durable = Position(number, self._write_offset)
-        if new:
-            _fsync_dir(self.directory)  # the new name must survive a crash too
 
     # -- read and release -------------------------------------------------------------
 
@@ -308,7 +394,7 @@ class Spool:
             if pos.segment == durable.segment:
                 limit = durable.offset
             elif pos.segment < durable.segment:
-                limit = self._segment_size(pos.segment)
+                limit = self._segment_end(pos.segment)
             else:
                 break
             if pos.offset >= limit:
@@ -378,10 +464,15 @@ class Spool:
         when that fails), then delete the segments behind it and read the received time
         of the record now first (neither of which may fail the release any more: the
         checkpoint already moved). Returns the checkpoint and that time (None: none)."""
-        if end.segment < self._write_segment and end.offset >= self._segment_size(end.segment):
+        if end.segment < self._write_segment and end.offset >= self._segment_end(end.segment):
             end = Position(end.segment + 1, 0)
-        self._store_checkpoint(end)
+        try:
+            self._store_checkpoint(end)
+        except OSError as exc:
+            _count("checkpoint", exc)  # the drainer logs it and retries the release
+            raise
         for number in range(self._read.segment, end.segment):
+            self._sealed.pop(number, None)
             try:
                 self._path(number).unlink(missing_ok=True)
             except OSError as exc:
@@ -417,6 +508,12 @@ class Spool:
         except FileNotFoundError:
             return 0
 
+    def _segment_end(self, number: int) -> int:
+        """Where the records of a segment behind the write segment end: its size, or,
+        for one sealed with garbage after its records, where the garbage starts."""
+        sealed = self._sealed.get(number)
+        return self._segment_size(number) if sealed is None else sealed
+
     def _load_checkpoint(self) -> Position:
         try:
             raw = json.loads((self.directory / "checkpoint").read_text())
@@ -441,3 +538,10 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _count(stage: str, exc: OSError) -> None:
+    """Count a failed disk operation by stage and errno name (ENOSPC: the volume is
+    full; EIO: it is failing), so an alert can tell the two apart."""
+    name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    metrics.SPOOL_DISK_ERRORS.labels(stage, name).inc()

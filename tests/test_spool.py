@@ -1,17 +1,24 @@
 """The spool on a real file system: durable appends in groups, order, release across
 restarts, the size cap, one owner, a torn tail cut off and reported, a checkpoint the
-disk refuses, and no disk I/O of release on the event loop."""
+disk refuses, no disk I/O of release or append on the event loop, and real disk faults
+(a full tmpfs, a loop device failing fsync, a truncate the kernel refuses, no inode
+left for a new segment): refused, never 202'd, healed by themselves."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import os
 import threading
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from service import metrics
 from service.spool import Position, Spool, SpoolFull, SpoolLocked, encode
+from tests.diskfault import append_only, fill, fsync_failing_disk, small_tmpfs, use_up_inodes
 
 
 def opened(path: Path, max_bytes: int = 1 << 20, segment_bytes: int = 1 << 20) -> Spool:
@@ -171,3 +178,175 @@ async def test_a_checkpoint_the_disk_refuses_releases_nothing(tmp_path: Path) ->
     await spool.release(spool.read(2))
     assert spool.events == 1 and values(spool) == [b"v2"]
     spool.close()
+
+
+# -- disk faults on real file systems (issue 16, finding 5 and "Disk faults") ---------
+
+
+def disk_errors(stage: str, error: str) -> float:
+    value: float = metrics.SPOOL_DISK_ERRORS.labels(stage, error)._value.get()
+    return value
+
+
+async def test_a_failed_write_that_cannot_be_cut_never_has_records_behind_it(
+    tmp_path: Path,
+) -> None:
+    # Finding 5a. A write the full disk cut short left part of a record in the segment,
+    # and the ftruncate meant to remove it failed too (the append-only attribute: the
+    # kernel refuses the truncate, as a failing disk may). The next 202'd records were
+    # appended behind that garbage, so the next open() cut them off with it.
+    with small_tmpfs(tmp_path / "disk") as disk:
+        spool = opened(disk / "spool")
+        for i in range(3):
+            await spool.append(b"k", b"before-%d" % i, [])
+        [segment] = segments(disk / "spool")
+        with capture_logs() as logs, append_only(segment):
+            filler = fill(disk)
+            # Larger than what is left of the segment's last page: part of it lands.
+            with pytest.raises(OSError) as failed:
+                await spool.append(b"k", b"x" * 16384, [])
+            assert failed.value.errno == errno.ENOSPC
+            assert segment.stat().st_size > spool._write_offset, "no garbage was left"
+            filler.unlink()  # the disk is back; the garbage is still there
+            for i in range(3):
+                await spool.append(b"k", b"after-%d" % i, [])
+            acknowledged = [b"before-%d" % i for i in range(3)] + [
+                b"after-%d" % i for i in range(3)
+            ]
+            assert values(spool) == acknowledged
+            # The drain reads past the sealed segment into the next one, and releases.
+            await spool.release(spool.read(4))
+            assert values(spool) == acknowledged[4:]
+        assert disk_errors("truncate", "EPERM") >= 1
+        assert any(e["event"].startswith("spool could not cut a failed write") for e in logs)
+        spool.close()
+        # What a restart finds: every acknowledged record not yet released, nothing else.
+        again = opened(disk / "spool")
+        assert values(again) == acknowledged[4:] and again.events == 2
+        again.close()
+
+
+async def test_a_rotation_the_disk_refuses_keeps_the_old_fd_and_closes_nothing_else(
+    tmp_path: Path,
+) -> None:
+    # Finding 5b. Rotation closed the segment's fd before opening the next; the open
+    # failed (no inode left: ENOSPC), and the stale fd number, reused by the kernel for
+    # the next file anyone opened, was closed again by the next rotation.
+    with small_tmpfs(tmp_path / "disk", inodes=32) as disk:
+        spool = opened(disk / "spool", segment_bytes=64)
+        await spool.append(b"k", b"first", [])
+        await spool.append(b"k", b"x" * 64, [])  # the segment is full: the next rotates
+        taken = use_up_inodes(disk)
+        with pytest.raises(OSError) as failed:
+            await spool.append(b"k", b"refused", [])
+        assert failed.value.errno == errno.ENOSPC
+        assert disk_errors("rotate", "ENOSPC") >= 1
+        os.fstat(spool._write_fd)  # still open: the spool still owns it
+        # Files opened meanwhile get the lowest free numbers, as a Kafka socket would.
+        others = [os.open(tmp_path, os.O_RDONLY) for _ in range(16)]
+        theirs = os.stat(tmp_path).st_ino
+        try:
+            for path in taken:
+                path.unlink()
+            await spool.append(b"k", b"after", [])
+            for fd in others:
+                # Before: one of these was closed by the spool and, the number being
+                # free again, reopened as its new segment, so the owner's file was gone
+                # and its close() would later take the spool's segment.
+                assert os.fstat(fd).st_ino == theirs, "the spool closed someone else's file"
+        finally:
+            for fd in others:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        assert values(spool) == [b"first", b"x" * 64, b"after"]
+        assert len(segments(disk / "spool")) == 2
+        spool.close()
+        again = opened(disk / "spool", segment_bytes=64)
+        assert values(again) == [b"first", b"x" * 64, b"after"]
+        again.close()
+
+
+class WriterThreadSpool(Spool):
+    """A real spool that notes which thread writes and fsyncs its appends."""
+
+    write_threads: list[int]
+
+    def _write(self, data: bytes) -> None:
+        self.write_threads.append(threading.get_ident())
+        super()._write(data)
+
+
+async def test_appends_do_their_disk_io_off_the_event_loop(tmp_path: Path) -> None:
+    # Finding 5c: verified, not changed. The write, the fsync and a rotation run in a
+    # worker thread; only open() at start (before the listener) runs inline.
+    spool = WriterThreadSpool(tmp_path, 1 << 20, 64)
+    spool.write_threads = []
+    spool.open()
+    await asyncio.gather(*(spool.append(b"k", b"x" * 40, []) for _ in range(10)))
+    await spool.append(b"k", b"after a rotation", [])
+    assert spool.write_threads and threading.get_ident() not in spool.write_threads
+    assert len(segments(tmp_path)) > 1
+    spool.close()
+
+
+async def test_a_full_disk_refuses_appends_and_checkpoints_and_heals_by_itself(
+    tmp_path: Path,
+) -> None:
+    # "Disk faults": ENOSPC at append and at the checkpoint. Each append fails whole
+    # (its request gets 503), nothing of it is left in the file, a checkpoint the
+    # full disk refuses releases nothing, and both work again once space is freed.
+    with small_tmpfs(tmp_path / "disk") as disk:
+        spool = opened(disk / "spool")
+        for i in range(3):
+            await spool.append(b"k", b"kept-%d" % i, [])
+        [segment] = segments(disk / "spool")
+        filler = fill(disk)
+        before = disk_errors("write", "ENOSPC")
+        results = await asyncio.gather(
+            *(spool.append(b"k", b"y" * 4096, []) for _ in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(r, OSError) and r.errno == errno.ENOSPC for r in results)
+        assert disk_errors("write", "ENOSPC") > before
+        assert segment.stat().st_size == spool._write_offset  # the failed part cut off
+        assert spool.events == 3 and values(spool) == [b"kept-%d" % i for i in range(3)]
+        assert spool.bytes == segment.stat().st_size
+
+        with pytest.raises(OSError) as refused:
+            await spool.release(spool.read(2))
+        assert refused.value.errno == errno.ENOSPC
+        assert disk_errors("checkpoint", "ENOSPC") >= 1
+        assert spool.events == 3
+
+        filler.unlink()
+        await spool.append(b"k", b"healed", [])
+        await spool.release(spool.read(2))
+        assert values(spool) == [b"kept-2", b"healed"]
+        spool.close()
+        cut = metrics.SPOOL_CORRUPT_BYTES._value.get()
+        again = opened(disk / "spool")
+        assert values(again) == [b"kept-2", b"healed"]
+        assert metrics.SPOOL_CORRUPT_BYTES._value.get() == cut  # no garbage to cut
+        again.close()
+
+
+async def test_an_fsync_the_device_fails_answers_no_and_heals(tmp_path: Path) -> None:
+    # "Disk faults" at fsync: a block device that cannot store the writes (a loop
+    # device on a full tmpfs; the kernel reports ENOSPC at fsync, as thin-provisioned
+    # storage does). write() succeeds into the page cache; the fsync fails, so the
+    # append fails and its bytes are cut; freed, the device takes the next ones.
+    with fsync_failing_disk(tmp_path) as (disk, backing):
+        spool = opened(disk / "spool")
+        await spool.append(b"k", b"kept", [])
+        filler = fill(backing)
+        before = disk_errors("fsync", "ENOSPC")
+        with pytest.raises(OSError):
+            await spool.append(b"k", os.urandom(256 * 1024), [])
+        assert disk_errors("fsync", "ENOSPC") > before
+        assert spool.events == 1 and values(spool) == [b"kept"]
+        filler.unlink()
+        await spool.append(b"k", b"healed", [])
+        assert values(spool) == [b"kept", b"healed"]
+        spool.close()
+        again = opened(disk / "spool")
+        assert values(again) == [b"kept", b"healed"]
+        again.close()
