@@ -26,6 +26,11 @@ A record Kafka refuses for good leaves the spool for ``dead-letter/`` in the sam
 directory (``service/deadletter.py``, written in this module's record format), so that it
 never blocks the records behind it.
 
+Disk faults (ENOSPC, EIO) fail the append (its requests get 503) and leave nothing of it
+in front of a later record: the failed part is truncated away, or, if the truncate fails
+too, the segment is sealed at its last good record and appends move to a new segment.
+Nothing remembers the failure, so the spool works again as soon as the disk does.
+
 Only one process may use a spool directory (an exclusive lock on ``lock``).
 """
 
