@@ -375,7 +375,11 @@ class Spool:
     def _open_for_append(self, number: int) -> None:
         self._write_fd = self._open_segment(number)
         self._write_segment = number
-        self._write_offset = os.fstat(self._write_fd).st_size
+        # A segment sealed at open (a tail it could not cut) ends where its records do,
+        # not where its garbage does: readers must stop there, and so must the seal
+        # the rotation of the first append writes.
+        sealed = self._sealed.get(number)
+        self._write_offset = os.fstat(self._write_fd).st_size if sealed is None else sealed
         self._durable = Position(number, self._write_offset)
 
     # -- read and release -------------------------------------------------------------

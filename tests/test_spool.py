@@ -350,3 +350,32 @@ async def test_an_fsync_the_device_fails_answers_no_and_heals(tmp_path: Path) ->
         again = opened(disk / "spool")
         assert values(again) == [b"kept", b"healed"]
         again.close()
+
+
+async def test_a_torn_tail_the_disk_will_not_cut_is_sealed_not_appended_to(
+    tmp_path: Path,
+) -> None:
+    # The same edge at start: open() could not truncate a torn tail (the kernel refuses
+    # it) and so refused to start; appending behind the tail instead would lose those
+    # records at the next open. Now the segment is sealed before the tail and appends
+    # go to a new segment.
+    with small_tmpfs(tmp_path / "disk") as disk:
+        spool = opened(disk / "spool")
+        for i in range(2):
+            await spool.append(b"k", b"whole-%d" % i, [])
+        spool.close()
+        [segment] = segments(disk / "spool")
+        torn = encode(b"k", b"never-acknowledged", [], 0)
+        with segment.open("ab") as f:
+            f.write(torn[: len(torn) // 2])
+        with append_only(segment):
+            again = opened(disk / "spool")
+            assert values(again) == [b"whole-0", b"whole-1"]
+            await again.append(b"k", b"after", [])
+            assert values(again) == [b"whole-0", b"whole-1", b"after"]
+            assert len(segments(disk / "spool")) == 2
+            assert disk_errors("recover", "EPERM") >= 1
+            again.close()
+        last = opened(disk / "spool")  # the disk takes the cut now
+        assert values(last) == [b"whole-0", b"whole-1", b"after"]
+        last.close()
