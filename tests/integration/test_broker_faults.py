@@ -9,7 +9,9 @@ callbacks without pause through real service processes, in two set-ups:
 Both assert what an operator would check afterwards: every 202 is in the ingest topic;
 every ingest record reaches `changes` or `rejected` exactly once and in the state
 machine's order; no other 5xx; the ingest node's memory did not grow with the faults.
-A last test SIGKILLs the ingest node while events sit in its spool.
+A further test SIGKILLs the ingest node while events sit in its spool; the last one
+SIGKILLs the leader of an ingest partition on a 3-node cluster under load, and asserts
+that the spool is empty again within a minute of the failover.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from tests.integration.kafkautil import (
     kafka,
     partitions_of,
     private_broker,
+    private_cluster,
     read_committed,
     settings_for,
 )
@@ -468,3 +471,160 @@ async def test_an_event_answered_503_lands_within_the_delivery_bound_or_never(
     # Different keys, different partitions: compare as sets, not in order.
     assert {b'{"n":"acked"}', b'{"n":"after"}'} <= set(values)
     assert not set(refused) & set(values), "an event answered 503 landed after the bound"
+
+
+# -------------------------------------------------------------- leader failover (issue 16)
+
+CLUSTER_PORT = 20210  # this test's own 3-node cluster: ports 20210-20215
+FAILOVER_DRAIN_BOUND_S = 60.0
+
+
+async def metrics_now(base: str, *names: str) -> dict[str, float]:
+    """Several unlabelled samples from one scrape of the node's /metrics."""
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        text = (await http.get("/metrics")).text
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            found[name] = float(value)
+    assert set(found) == set(names), f"not exported: {set(names) - set(found)}"
+    return found
+
+
+@dataclass
+class SpoolWatch:
+    """The ingest node's spool as its /metrics showed it, scraped in the background
+    from just before the fault to the end of the load."""
+
+    base: str
+    samples: list[tuple[float, float, float]] = field(default_factory=list)  # t, events, appends
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.stop.is_set():
+            m = await metrics_now(
+                self.base, "callstatus_spool_events", "callstatus_spool_appends_total"
+            )
+            self.samples.append(
+                (loop.time(), m["callstatus_spool_events"], m["callstatus_spool_appends_total"])
+            )
+            await asyncio.sleep(0.2)  # scrape interval
+
+    def empty_after(self, t: float) -> tuple[float, float] | None:
+        """(time, appends so far) of the first scrape after ``t`` with an empty spool."""
+        return next(((at, a) for at, events, a in self.samples if at > t and not events), None)
+
+    def peak(self) -> float:
+        return max((events for _, events, _ in self.samples), default=0.0)
+
+    def last(self) -> tuple[float, float]:
+        """(events, appends) at the latest scrape."""
+        _, events, appends = self.samples[-1]
+        return events, appends
+
+
+async def test_the_spool_is_empty_within_a_minute_of_a_leader_failover(
+    unique: str, tmp_path: Path
+) -> None:
+    """Issue 16, finding 3: on a 3-node cluster (topics with 3 replicas, 2 in sync for a
+    write) under 12 sending clients, SIGKILL the leader of ingest partition 0. Until the
+    controller declares it dead (Kafka's 9 s broker session timeout) writes to that
+    partition time out and ingest spools them, answering 202. Once the partition has a
+    new leader the spool must be empty again within a minute with the load still on,
+    and every 202 must reach the outputs exactly once."""
+    async with private_cluster(CLUSTER_PORT) as cluster:
+        settings = settings_for(
+            cluster.bootstrap,
+            unique,
+            role="ingest",
+            verify_signatures=True,
+            signing_secrets=(SECRET,),
+            topic_partitions=3,
+            topic_replication_factor=3,  # and so min.insync.replicas=2 (service.kafka)
+            produce_timeout_seconds=2.0,
+            produce_delivery_timeout_seconds=6.0,
+            spool_enabled=True,
+        )
+        await ensure_topics(settings)
+        ingest = ServiceProcess(settings, tmp_path, "ingest")
+        processor = ServiceProcess(
+            settings.model_copy(update={"role": Role.PROCESSOR}), tmp_path, "processor"
+        )
+        traffic = Traffic()
+        loop = asyncio.get_running_loop()
+        try:
+            await ingest.wait_ready()
+            await processor.wait_ready(deadline_s=90)
+            base = f"http://127.0.0.1:{ingest.port}"
+            partition0 = (await cluster.partitions(settings.topic_ingest))[0]
+            # The fault must be one the cluster can ride: 3 replicas, all in sync.
+            assert len(partition0.replicas) == 3 and len(partition0.isr) == 3, partition0
+            clients = [asyncio.create_task(client_loop(n, base, traffic)) for n in range(CLIENTS)]
+            await until(lambda: len(traffic.accepted) >= 200, 60, "no steady 202s before the fault")
+
+            watch = SpoolWatch(base)
+            watcher = asyncio.create_task(watch.run())
+            await until(lambda: bool(watch.samples), 30, "no scrape of /metrics")
+            _, appends_before = watch.last()
+            killed = partition0.leader
+            killed_at = loop.time()
+            await cluster.kill(killed)
+            # Kafka serves that partition again once the controller has moved its
+            # leadership (metadata says so): the failover, from which the bound runs.
+            new_leader = await cluster.new_leader(settings.topic_ingest, 0, killed, 60)
+            failover_at = loop.time()
+            while (empty := watch.empty_after(failover_at)) is None:
+                if watcher.done() or loop.time() > failover_at + FAILOVER_DRAIN_BOUND_S:
+                    break
+                await asyncio.sleep(0.2)  # polling interval
+            events_at_bound, _ = watch.last()
+            if empty is not None:
+                # The load goes on, now straight to Kafka on the new leader.
+                await until(
+                    partial(traffic.accepted_more, len(traffic.accepted) + 500), 60, "stall"
+                )
+            traffic.stop.set()
+            await asyncio.gather(*clients)
+            accepted_under_load = len(traffic.accepted)
+            _, appends_end = watch.last()
+            # Whatever the bound's verdict, everything spooled must still reach Kafka
+            # (now without new arrivals), so the exactly-once check below covers it.
+            stopped_at = loop.time()
+            await until(
+                lambda: watcher.done() or watch.empty_after(stopped_at) is not None,
+                180,
+                "the spool never drained after the load",
+            )
+            watch.stop.set()
+            await watcher  # a scrape that failed fails the test here, with its error
+            await cluster.start(killed)  # back in the cluster: it catches up as a follower
+            out = await collect(cluster.bootstrap, settings, traffic.accepted)
+            assert processor.alive() and ingest.alive(), "a service process died"
+        finally:
+            traffic.stop.set()
+            for node in (ingest, processor):
+                node.kill()
+            # (A node still killed here, after a failure, is simply left down: the
+            # cluster's `down` stops the others.)
+
+    codes = traffic.codes()
+    summary = check_exactly_once(out, traffic.accepted)
+    recovery_s = empty[0] - failover_at if empty is not None else None
+    outcome = (
+        f"empty {recovery_s:.1f}s after the failover"
+        f" ({appends_end - empty[1]:.0f} spooled after that)"
+        if empty is not None and recovery_s is not None
+        else f"still held {events_at_bound:.0f} events {FAILOVER_DRAIN_BOUND_S:.0f}s after it"
+    )
+    report = (
+        f"leader failover (3 nodes, RF 3, min ISR 2, {CLIENTS} clients): killed node"
+        f" {killed}, new leader {new_leader} after {failover_at - killed_at:.1f}s; spool"
+        f" {outcome}; peak {watch.peak():.0f} events; spooled {appends_end - appends_before:.0f}"
+        f" of {accepted_under_load} accepted; requests={sum(codes.values())}"
+        f" codes={dict(sorted(codes.items()))} " + " ".join(f"{k}={v}" for k, v in summary.items())
+    )
+    print("\n" + report)
+    assert set(codes) == {202}, "with the spool on, every request is answered 202"
+    assert recovery_s is not None and recovery_s <= FAILOVER_DRAIN_BOUND_S, report
