@@ -1,10 +1,17 @@
 """Where an accepted event goes: Kafka first, the local spool when Kafka cannot take it
 in time, and a drainer that moves spooled events to Kafka as soon as it takes writes.
 
-Per-call order: once anything is spooled, every new event is spooled behind it until
-the drainer has emptied the spool, and the drainer sends in spool order through the one
-ingest producer. So events of a call reach the ingest topic in the order they were
-accepted (events of one call that were in flight at the same moment have no order).
+Per-call order, and back to Kafka fast (docs/architecture.md, section 10): an event of a
+call that has events in the spool is spooled behind them, and the drainer sends in spool
+order through the one ingest producer; a call's next event goes to Kafka directly only
+once the drainer's ack has released its last spooled one. So events of a call reach the
+ingest topic in the order they were accepted (events of one call that were in flight at
+the same moment have no order). A call with nothing spooled goes straight to Kafka while
+the spool drains, so after a failover the spool holds only what it took during the
+fault and empties at the drain's pace, instead of every new event queueing behind it.
+While Kafka is failing (a direct write just went unacknowledged, and no drained batch
+has been acknowledged since) every event goes to the spool at once, without first
+waiting out the produce timeout.
 
 The guarantee this gives: a 202 means the event is in Kafka (acks=all) or fsync'd to
 the spool volume, and a spooled event reaches Kafka once the broker is back, or, if
@@ -24,7 +31,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 
@@ -66,6 +74,17 @@ class SpoolingPublisher:
         # (retiring the producer past the delivery timeout), so it is never a stall.
         self._sending = False
         self._stall_logged = False
+        # Per call (record key), how many of its events the spool holds or is writing:
+        # counted before the append starts, so a next event of the call cannot overtake
+        # one still being written, and uncounted once the drainer has released it.
+        self._spooled: Counter[bytes] = Counter()
+        # False while the spool holds events this process did not write (left by an
+        # earlier run): their calls are unknown until the spool has emptied once, so
+        # until then every event is spooled, as if all calls had events in it.
+        self._keys_known = True
+        # False from a direct write Kafka did not acknowledge until the drainer's next
+        # acknowledged batch: Kafka is failing, so new events go to the spool at once.
+        self._kafka_ok = True
         metrics.SPOOL_OLDEST_AGE.set_function(self._oldest_age)
         metrics.SPOOL_DRAIN_STALLED.set_function(lambda: float(self.stalled()))
 
@@ -78,6 +97,7 @@ class SpoolingPublisher:
         an earlier run left once there is a producer. From here on events are taken."""
         if self._drainer is None:
             self.spool.open()
+            self._keys_known = not self.spool.events
             self._progress_at = time.monotonic()
             self._drainer = asyncio.create_task(self._supervise(self._drain), name="spool-drainer")
 
@@ -148,23 +168,57 @@ class SpoolingPublisher:
         """Return once the event is in Kafka or durable in the spool; raise
         :class:`Unavailable` only when neither could take it, and :class:`Unwritable`
         when Kafka refuses it for good (spooled, it would be a 202 nothing can keep)."""
-        if not self.spool.bytes:
+        if self._direct(key):
             try:
                 await self.producer.publish(key, value, headers)
+                self._kafka_ok = True
                 return
             except Unwritable:
                 raise
             except Unavailable:
-                pass  # the spool takes it below
+                self._kafka_ok = False  # the spool takes it below, and the next ones
+        self._spooled[key] += 1
         try:
             await self.spool.append(key, value, headers)
         except SpoolFull:
+            self._forget((key,))
             metrics.PRODUCE_ERRORS.labels("spool_full").inc()
             raise Unavailable("spool_full") from None
         except OSError as exc:
+            # Not durable, so not in the spool for the drainer to send. (A cancelled
+            # append stays counted: it may still land, and over-counting only keeps the
+            # call on the spool's path, never lets it overtake.)
+            self._forget((key,))
             log.error("spool append failed", error=repr(exc))
             metrics.PRODUCE_ERRORS.labels("spool_error").inc()
             raise Unavailable("spool_error") from None
+
+    def _direct(self, key: bytes) -> bool:
+        """Whether this call's next event may go to Kafka directly: the spool holds
+        nothing at all, or Kafka is taking writes and the spool holds nothing of it."""
+        if not self.spool.bytes and not self._spooled:
+            return True
+        return self._kafka_ok and self._keys_known and key not in self._spooled
+
+    def _forget(self, keys: Sequence[bytes]) -> None:
+        for key in keys:
+            left = self._spooled[key] - 1
+            if left > 0:
+                self._spooled[key] = left
+            else:
+                del self._spooled[key]
+
+    async def _release(self, records: Sequence[SpooledRecord]) -> None:
+        """Release records from the spool once Kafka has them (or the dead-letter
+        directory does); their calls may then go to Kafka directly again."""
+        await self.spool.release(records)
+        if self._keys_known:
+            self._forget([r.key for r in records])
+        elif not self.spool.events:
+            # The earlier run's events are all out: from here on the spool holds only
+            # what this process counted.
+            self._keys_known = True
+            self._spooled.clear()
 
     async def _supervise(self, drain: Callable[[], Awaitable[None]]) -> None:
         """Run the drainer until stopped; if it ever ends with an error (a bug: every
@@ -198,7 +252,7 @@ class SpoolingPublisher:
             stage = "release"
             try:
                 if unreleased:
-                    await self.spool.release(unreleased)
+                    await self._release(unreleased)
                     solo = max(0, solo - len(unreleased))
                     unreleased = []
                     self._moved()
@@ -225,9 +279,10 @@ class SpoolingPublisher:
                     self._sending = False
                     self._moved()
                 if result.acked:
+                    self._kafka_ok = True  # Kafka takes writes: direct for calls not spooled
                     stage = "release"
                     unreleased = batch[: result.acked]
-                    await self.spool.release(unreleased)
+                    await self._release(unreleased)
                     solo = max(0, solo - result.acked)
                     unreleased = []
                 if result.error is None:
@@ -264,7 +319,7 @@ class SpoolingPublisher:
         """Move a record Kafka refused on its own, for good, out of the drain's way:
         durable in the dead-letter directory first, released from the spool after."""
         path = await asyncio.to_thread(deadletter.write, self.dead_letters, record, reason)
-        await self.spool.release([record])
+        await self._release([record])
         metrics.SPOOL_DEAD_LETTERS.labels(reason).inc()
         log.error(
             "kafka refuses a spooled event for good; moved it to the dead-letter directory",
