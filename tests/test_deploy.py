@@ -8,6 +8,10 @@
   writable spool volume larger than the spool's cap, four KafkaTopics with equal
   partitions, and at most one processor replica per partition. Prod runs ingest as a
   StatefulSet whose spool is a PersistentVolumeClaim; base and dev keep an emptyDir.
+- Prod's ingest scale-down strands no spool unnoticed: the HPA scales it down slowly
+  (one pod at a time, after a long stabilization window), each stop has time to drain
+  the spool, claims are retained, and the stranded-spool alert waits out a pod's
+  replacement and names the drain recipe.
 - The operator's recipe for draining a claim left by a scale-down
   (deploy/k8s/ops/spool-drain-pod.jq, needs ``jq``) is run on a pod as the API server
   returns it, and its output validated.
@@ -849,6 +853,60 @@ def test_dev_is_a_single_replica() -> None:
     [deployment] = of_kind(docs, "Deployment")
     assert deployment["spec"]["replicas"] == 1
     assert not of_kind(docs, "HorizontalPodAutoscaler")
+
+
+# How long the load must have been lower before the HPA removes an ingest pod: a Kafka
+# outage shorter than this (during which ingest pods spool, and their CPU may fall)
+# removes none (deploy/README.md "The spool on Kubernetes").
+INGEST_SCALE_DOWN_WINDOW_SECONDS = 1800
+STRANDED_ALERT = "CallstatusSpoolStranded"
+
+
+def prometheus_seconds(duration: str) -> float:
+    """A Prometheus duration of one unit ("15m", "30s") in seconds."""
+    match = re.fullmatch(r"(\d+)([smhd])", duration)
+    assert match, f"unexpected duration {duration!r}"
+    return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def test_prod_ingest_scale_down_strands_no_spool() -> None:
+    docs = render("overlays/prod")
+    ingest = one(docs, "StatefulSet", "callstatus-ingest")
+    grace = pod_spec(ingest)["terminationGracePeriodSeconds"]
+    hpa = hpa_for(docs, ingest)
+    assert hpa is not None
+    scale_down = hpa["spec"]["behavior"]["scaleDown"]
+    # 1. Slowly: only after half an hour of lower load, and one pod at a time, each
+    # removal further apart than a whole stop, so no two pods are ever stopping at once.
+    assert scale_down["stabilizationWindowSeconds"] >= INGEST_SCALE_DOWN_WINDOW_SECONDS
+    assert [(p["type"], p["value"]) for p in scale_down["policies"]] == [("Pods", 1)]
+    assert scale_down["policies"][0]["periodSeconds"] > grace
+    # 2. A stopping pod drains its spool for CALLSTATUS_SHUTDOWN_GRACE_SECONDS before
+    # the kubelet's SIGKILL (every phase of the stop fits in the grace period).
+    assert grace > stop_budget(docs, ingest)
+    # 3. What it could not drain stays on its claim for the next pod of that ordinal.
+    assert ingest["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+    # 4. And an alert says so, pointing at the drain recipe. It waits longer than a pod's
+    # replacement under the same name takes (stop, start-up probe's budget, two scrapes),
+    # so a rolling update never fires it.
+    [rules] = of_kind(docs, "PrometheusRule")
+    [alert] = [
+        rule
+        for group in rules["spec"]["groups"]
+        for rule in group["rules"]
+        if rule.get("alert") == STRANDED_ALERT
+    ]
+    assert "on (namespace, pod)" in alert["expr"], "a recreated pod keeps its name, not its IP"
+    startup = app_container(ingest)["startupProbe"]
+    [endpoint] = one(docs, "ServiceMonitor", "callstatus")["spec"]["endpoints"]
+    replacement = (
+        grace
+        + startup["periodSeconds"] * startup["failureThreshold"]
+        + 2 * prometheus_seconds(endpoint["interval"])
+    )
+    assert prometheus_seconds(alert["for"]) > replacement
+    recipe = SPOOL_DRAIN_JQ.relative_to(ROOT).as_posix()
+    assert recipe in alert["annotations"]["runbook"]
 
 
 # ------------------------------------------------------------------------------ Kafka

@@ -129,6 +129,7 @@ def test_spool_alerts_exist() -> None:
         ("CallstatusSpoolCorruptTail", "callstatus_spool_corrupt_bytes_total"),
         ("CallstatusSpoolNotDraining", "callstatus_spool_drain_stalled"),
         ("CallstatusSpoolDeadLetters", "callstatus_spool_dead_letters_total"),
+        ("CallstatusSpoolStranded", "callstatus_spool_events"),
     ):
         assert metric in names[name]["expr"], name
     # With the spool on, an unusable producer means 202s from the spool, not 503s.
@@ -212,6 +213,7 @@ def alert_tests() -> dict[str, Any]:
             promtool_test(series, checks),
             promtool_test(*spool_alert_tests()),
             promtool_test(*drain_alert_tests()),
+            promtool_test(*stranded_alert_tests()),
         ],
     }
 
@@ -302,6 +304,48 @@ def drain_alert_tests() -> tuple[dict[str, str], list[Check]]:
         ("7m", "CallstatusSpoolDeadLetters", []),
         ("9m", "CallstatusSpoolDeadLetters", [dead]),
         ("30m", "CallstatusSpoolDeadLetters", []),  # no new dead letter for 15 min
+    ]
+    return series, checks
+
+
+def stranded(pod: str, events: int) -> dict[str, Any]:
+    """An expected firing of CallstatusSpoolStranded for ``pod`` (labels: the pod's, not
+    an instance: a recreated pod keeps its name, not its IP), annotations rendered."""
+    [rule] = [a for a in alerts() if a["alert"] == "CallstatusSpoolStranded"]
+    annotations = {
+        key: text.replace("{{ $labels.pod }}", pod).replace("{{ $value }}", str(events))
+        for key, text in rule["annotations"].items()
+    }
+    labels = {"severity": rule["labels"]["severity"], "namespace": "callstatus", "pod": pod}
+    return {"exp_labels": labels, "exp_annotations": annotations}
+
+
+def stranded_alert_tests() -> tuple[dict[str, str], list[Check]]:
+    """Spool gauges as the ServiceMonitor labels them (namespace, pod, instance = the
+    pod's IP); `stale` is the marker Prometheus writes when a target goes away. Kafka is
+    away from minute 5 on and the HPA scales down at minute 10: ingest-7 stops with 40
+    events; ingest-6 drained to 0 before it stopped. ingest-5 is recreated under its
+    name (a rolling update): its first incarnation stops with 30 events at minute 10,
+    the second (a new IP) starts at minute 13 on the same claim, drains it and is
+    itself scaled down at minute 37, empty. ingest-0 runs on while Prometheus is down
+    from minute 10 to 18 (no samples, no staleness markers: its series goes missing).
+    processor-0 has no spool and is replaced at minute 20."""
+    events = 'callstatus_spool_events{{namespace="callstatus", pod="{}", instance="{}"}}'
+    series = {
+        events.format("callstatus-ingest-7", "10.0.0.7:8080"): "0x4 40x5 stale",
+        events.format("callstatus-ingest-6", "10.0.0.6:8080"): "0x4 40x2 0x2 stale",
+        events.format("callstatus-ingest-5", "10.0.0.5:8080"): "0x4 30x5 stale",
+        events.format("callstatus-ingest-5", "10.0.0.15:8080"): "_x13 30x3 0x20 stale",
+        events.format("callstatus-ingest-0", "10.0.0.1:8080"): "0x4 40x5 _x8 40x5 0x20",
+        events.format("callstatus-processor-0", "10.0.1.1:8080"): "0x19 stale",
+    }
+    checks: list[Check] = [
+        ("24m", "CallstatusSpoolStranded", []),  # gone since minute 10: pending 15 min
+        ("26m", "CallstatusSpoolStranded", [stranded("callstatus-ingest-7", 40)]),
+        # Only ingest-7: not ingest-6 (drained first), ingest-5 (its last incarnation
+        # drained, though the first one's series ends at 30) or ingest-0 (reports again).
+        ("60m", "CallstatusSpoolStranded", [stranded("callstatus-ingest-7", 40)]),
+        ("24h20m", "CallstatusSpoolStranded", []),  # the 24 h window has passed
     ]
     return series, checks
 
