@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
@@ -108,19 +109,30 @@ class TopicLayoutError(RuntimeError):
     """The topics exist but cannot be used as they are."""
 
 
+def role_topics(settings: Settings) -> list[str]:
+    """The topics this process's stages use: ingest alone writes only the ingest topic,
+    and with least-privilege ACLs (service/acls.py) it may not even see the others."""
+    if settings.role.runs_processor:
+        return list(settings.topic_names)
+    return [settings.topic_ingest]
+
+
 async def ensure_topics(settings: Settings) -> dict[str, int]:
-    """Create missing topics (when allowed) and return each topic's partition count.
+    """Create missing topics (when allowed) and return the partition count of each topic
+    this role uses (:func:`role_topics`).
 
     The processor writes a call's state to the state partition with the same number as
     its ingest partition, so the two counts must match; we refuse to start otherwise
     rather than silently scatter state.
     """
-    names = list(settings.topic_names)
+    names = role_topics(settings)
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
         counts = await _partition_counts(admin, names)
-        missing = [spec for spec in topic_specs(settings) if spec.name not in counts]
+        missing = [
+            spec for spec in topic_specs(settings) if spec.name in names and spec.name not in counts
+        ]
         if missing and settings.create_topics:
             await admin.create_topics(
                 [
@@ -146,9 +158,12 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
     if absent:
         raise TopicLayoutError(
             f"topics missing: {', '.join(absent)} (create them, or set "
-            "CALLSTATUS_CREATE_TOPICS=true)"
+            "CALLSTATUS_CREATE_TOPICS=true; with ACLs, a topic this user may not Describe "
+            "looks missing too)"
         )
-    if counts[settings.topic_ingest] != counts[settings.topic_state]:
+    # Only the processor places state by ingest partition (ingest does not see state).
+    ingest, state = counts[settings.topic_ingest], counts.get(settings.topic_state)
+    if settings.role.runs_processor and ingest != state:
         raise TopicLayoutError(
             f"{settings.topic_ingest} has {counts[settings.topic_ingest]} partitions but "
             f"{settings.topic_state} has {counts[settings.topic_state]}; they must be equal "
@@ -179,12 +194,13 @@ async def _check_record_limits(settings: Settings) -> None:
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
-        limits = await _record_limits(admin, list(settings.topic_names))
+        limits = await _record_limits(admin, role_topics(settings))
     finally:
         await admin.close()
     too_small = []
-    for topic, needed in record_sizes(settings).items():
-        limit, where = limits[topic]
+    for topic, limit_and_where in limits.items():
+        needed = record_sizes(settings)[topic]
+        limit, where = limit_and_where
         if limit < needed:
             too_small.append(
                 f"{topic} takes records up to {limit} bytes ({where}) but the service "
@@ -296,3 +312,46 @@ async def retry_at_start(
                 raise
             log.warning("kafka not reachable yet, retrying", step=what, error=repr(exc))
             await asyncio.sleep(min(backoff.next_delay(), deadline.remaining))
+
+
+async def event_ids_written(
+    options: dict[str, Any], topic: str, wanted: set[str], since_ms: int, until_ms: int
+) -> set[str]:
+    """Which of ``wanted`` (``ce_id`` headers) are on ``topic`` among the records whose
+    timestamps fall from ``since_ms`` on, reading each partition from the first record
+    at or after ``since_ms`` to the first at or after ``until_ms`` (or its end). Record
+    timestamps are the producer's CreateTime, so the window must allow for the writers'
+    clock skew. Used once at start after a crash mid-drain (service/publisher.py)."""
+    consumer = AIOKafkaConsumer(**options, enable_auto_commit=False)
+    await consumer.start()
+    found: set[str] = set()
+    try:
+        count = (await partition_counts(options, [topic])).get(topic, 0)
+        partitions = [TopicPartition(topic, p) for p in range(count)]
+        starts = await consumer.offsets_for_times({tp: since_ms for tp in partitions})
+        ends = await consumer.offsets_for_times({tp: until_ms for tp in partitions})
+        last = await consumer.end_offsets(partitions)
+        todo: dict[TopicPartition, int] = {}
+        consumer.assign(partitions)
+        for tp in partitions:
+            start, end = starts.get(tp), ends.get(tp)
+            stop = end.offset if end is not None else last[tp]
+            if start is None or start.offset >= stop:
+                continue
+            consumer.seek(tp, start.offset)
+            todo[tp] = stop
+        while todo and found != wanted:
+            batches = await consumer.getmany(*todo, timeout_ms=1000)
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset >= todo.get(tp, -1):
+                        todo.pop(tp, None)
+                        break
+                    for name, value in record.headers:
+                        if name == "ce_id" and value.decode(errors="replace") in wanted:
+                            found.add(value.decode())
+                if tp in todo and await consumer.position(tp) >= todo[tp]:
+                    todo.pop(tp)
+    finally:
+        await consumer.stop()
+    return found

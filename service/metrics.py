@@ -96,8 +96,13 @@ SPOOL_CORRUPT_BYTES = Counter(
 SPOOL_DISK_ERRORS = Counter(
     "callstatus_spool_disk_errors_total",
     "Spool disk operations that failed, by stage (write, fsync, truncate, rotate, close, "
-    "checkpoint, recover) and errno name (ENOSPC: the volume is full; EIO: it is failing)",
+    "checkpoint, sending, recover) and errno name (ENOSPC: the volume is full; EIO: it is failing)",
     ["stage", "error"],
+)
+SPOOL_RESENDS_AVOIDED = Counter(
+    "callstatus_spool_resends_avoided_total",
+    "Spooled events found in Kafka at start after a crash between a drained batch's ack "
+    "and its checkpoint, and so released instead of sent again",
 )
 SPOOL_DRAIN_ERRORS = Counter(
     "callstatus_spool_drain_errors_total",

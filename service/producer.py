@@ -59,7 +59,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from service import metrics
 from service.backoff import Backoff, sleep_or_stop
-from service.kafka import REFUSED_FOR_GOOD, client_options
+from service.kafka import REFUSED_FOR_GOOD, client_options, event_ids_written
 from service.settings import Settings
 
 log = structlog.get_logger(logger_name="callstatus.producer")
@@ -326,6 +326,17 @@ class IngestProducer:
         finally:
             self._inflight -= 1
         self._last_ack = time.monotonic()
+
+    async def written(self, event_ids: set[str], sent_at_ms: int) -> set[str]:
+        """Which of ``event_ids`` a send begun at ``sent_at_ms`` put on the ingest topic.
+        Its records carry our own clock's timestamps from then on, and were acknowledged
+        within the delivery timeout or never (the watchdog drops them after it); the
+        window allows a minute more for other writers' clocks, whose records may
+        interleave with ours."""
+        until_ms = sent_at_ms + int(self._delivery_timeout * 1000) + 60_000
+        return await event_ids_written(
+            self._options, self._topic, event_ids, sent_at_ms - 1000, until_ms
+        )
 
     async def send_batch(self, records: Sequence[tuple[bytes, bytes, Headers]]) -> BatchResult:
         """Send ``records`` in order and wait for every ack, with no answer deadline (the

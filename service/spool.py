@@ -18,9 +18,12 @@ A record::
     body = u64 received_ms | u16 len(key) | key | u8 n_headers
            | n x (u8 len(name) | name | u16 len(value) | value) | value
 
-Delivery is at least once: if the process dies after Kafka acknowledged a drained batch
-but before the checkpoint moved past it, those events are sent again with their
-original ``eventId``; the processor drops a repeated status as a duplicate.
+If the process dies after Kafka acknowledged a drained batch but before the checkpoint
+moved past it, the batch is still here at the next start. So that it is not sent twice
+(a copy whose call's state was retired meanwhile would be a second change), the drainer
+notes each batch in ``sending`` before it sends it (:meth:`Spool.mark_sending`), and a
+start that finds the note past the checkpoint (:attr:`Spool.unconfirmed`) asks Kafka
+which of that batch it has (service/publisher.py).
 
 A record Kafka refuses for good leaves the spool for ``dead-letter/`` in the same
 directory (``service/deadletter.py``, written in this module's record format), so that it
@@ -76,6 +79,16 @@ class SpoolLocked(Exception):
 class Position:
     segment: int
     offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sending:
+    """What the drainer was sending when the process last stopped: the records from the
+    checkpoint up to ``end`` may be in Kafka already (sent at ``at_ms`` and acknowledged,
+    with the process gone before the checkpoint moved past them)."""
+
+    end: Position
+    at_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +150,9 @@ class Spool:
     def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = 64 * 1024 * 1024):
         self.directory = directory
         self.max_bytes = max_bytes
+        # Set by open() when the last run may have died between a drained batch's ack
+        # and its checkpoint; the drainer settles it, then sets it back to None.
+        self.unconfirmed: Sending | None = None
         self.segment_bytes = segment_bytes
         self.events = 0  # records not yet released
         self.bytes = 0  # their size on disk
@@ -178,6 +194,7 @@ class Spool:
             os.close(self._lock_fd)
             raise SpoolLocked(f"another process uses the spool in {self.directory}") from None
         self._read = self._load_checkpoint()
+        self.unconfirmed = self._load_sending()
         segments = self._segments()
         for number in segments:
             if number < self._read.segment:
@@ -523,6 +540,32 @@ class Spool:
         sealed = self._sealed.get(number)
         return self._segment_size(number) if sealed is None else sealed
 
+    async def mark_sending(self, batch: Sequence[SpooledRecord]) -> None:
+        """Durably note how far ``batch`` reaches and when, before the drainer sends it:
+        after a crash between Kafka's ack and the checkpoint, the next start then knows
+        which records may be in Kafka already and asks it (publisher.py), instead of
+        sending them a second time. A failure raises, and the batch is not sent."""
+        if not batch:
+            return
+        end = batch[-1].end
+        note = {"segment": end.segment, "offset": end.offset, "at_ms": int(time.time() * 1000)}
+        try:
+            await asyncio.to_thread(self._store_json, "sending", note)
+        except OSError as exc:
+            _count("sending", exc)
+            raise
+
+    def _load_sending(self) -> Sending | None:
+        """The last batch noted as being sent, when it reaches past the checkpoint."""
+        try:
+            raw = json.loads((self.directory / "sending").read_text())
+            sending = Sending(Position(int(raw["segment"]), int(raw["offset"])), int(raw["at_ms"]))
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+        if (sending.end.segment, sending.end.offset) <= (self._read.segment, self._read.offset):
+            return None  # all of it was released: nothing to ask
+        return sending
+
     def _load_checkpoint(self) -> Position:
         try:
             raw = json.loads((self.directory / "checkpoint").read_text())
@@ -531,13 +574,16 @@ class Spool:
             return Position(0, 0)
 
     def _store_checkpoint(self, pos: Position) -> None:
-        # Written aside and renamed: a crash leaves the old checkpoint or the new one.
-        tmp = self.directory / "checkpoint.tmp"
+        self._store_json("checkpoint", {"segment": pos.segment, "offset": pos.offset})
+
+    def _store_json(self, name: str, value: dict[str, int]) -> None:
+        # Written aside and renamed: a crash leaves the old file or the new one.
+        tmp = self.directory / f"{name}.tmp"
         with tmp.open("w") as f:
-            json.dump({"segment": pos.segment, "offset": pos.offset}, f)
+            json.dump(value, f)
             f.flush()
             os.fsync(f.fileno())
-        tmp.replace(self.directory / "checkpoint")
+        tmp.replace(self.directory / name)
         _fsync_dir(self.directory)
 
 

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,29 @@ async def test_release_survives_a_restart_and_frees_segments(tmp_path: Path) -> 
     await again.append(b"k", b"after", [])
     assert values(again) == [b"after"]
     again.close()
+
+
+async def test_a_batch_noted_as_sending_and_not_released_is_unconfirmed_at_the_next_open(
+    tmp_path: Path,
+) -> None:
+    spool = opened(tmp_path)
+    for i in range(5):
+        await spool.append(b"k", b"v%d" % i, [])
+    assert spool.unconfirmed is None
+    await spool.release(spool.read(2))
+    batch = spool.read(2)
+    await spool.mark_sending(batch)  # then the process dies before the release
+    spool.close()
+
+    again = opened(tmp_path)
+    assert again.unconfirmed is not None
+    assert again.unconfirmed.end == batch[-1].end
+    assert abs(again.unconfirmed.at_ms / 1000 - time.time()) < 60
+    # Once released (the drainer settled it, or sent it), the note is behind the
+    # checkpoint and means nothing at the next open.
+    await again.release(again.read(2))
+    again.close()
+    assert opened(tmp_path).unconfirmed is None
 
 
 async def test_a_torn_tail_is_cut_off_and_reported(tmp_path: Path) -> None:
