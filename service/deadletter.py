@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaProducer
 from service.kafka import client_options
 from service.producer import event_id_of, partition_for
 from service.settings import Settings
-from service.spool import SpooledRecord, decode, encode
+from service.spool import SpooledRecord, decode, encode, fsync_dir
 
 DIRECTORY = "dead-letter"
 SUFFIX = ".rec"
@@ -54,7 +54,7 @@ def write(directory: Path, record: SpooledRecord, reason: str) -> Path:
     """Make ``record`` durable in ``directory`` (blocking: call it in a thread)."""
     if not directory.is_dir():
         directory.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(directory.parent)  # the directory's own name must survive a crash
+        fsync_dir(directory.parent)  # the directory's own name must survive a crash
     event = _UNSAFE.sub("_", event_id_of(record.headers) or "no-event-id")
     name = f"{record.received_ms:013d}_{event}_{_UNSAFE.sub('_', reason)}{SUFFIX}"
     path = directory / name
@@ -65,7 +65,7 @@ def write(directory: Path, record: SpooledRecord, reason: str) -> Path:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return path
 
 
@@ -115,11 +115,3 @@ async def replay(settings: Settings, directory: Path) -> list[tuple[DeadLetter, 
     finally:
         await producer.stop()
     return results
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -383,7 +383,7 @@ class Spool:
         try:
             # Every time, not only when the file is new: a retry after a directory fsync
             # that failed finds the file there, and its name must survive a crash too.
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError:
             os.close(fd)
             raise
@@ -584,10 +584,11 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(self.directory / name)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a directory's entries (a new or renamed file's name) durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
