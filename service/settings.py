@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
+    # The same two read from files (a mounted Secret, e.g. Strimzi's KafkaUser Secret),
+    # once at start; see _read_credential_files. Explicit *_FILE settings rather than
+    # pydantic-settings' secrets_dir: that one looks in a single directory for files
+    # named after the fields, silently skips a missing one and lets the environment
+    # quietly win, where a half-mounted Secret must stop the start with its path named.
+    kafka_sasl_username_file: Path | None = None
+    kafka_sasl_password_file: Path | None = None
     kafka_ssl_cafile: FilePath | None = None
     kafka_ssl_certfile: FilePath | None = None
     kafka_ssl_keyfile: FilePath | None = None
@@ -146,6 +153,24 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=300)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_credential_files(cls, data: object) -> object:
+        """Fill ``kafka_sasl_username`` / ``_password`` from their ``_FILE`` settings.
+        The value and its file together are refused: which one is meant cannot be told."""
+        if not isinstance(data, dict):
+            return data
+        values = dict(data)
+        for field in ("kafka_sasl_username", "kafka_sasl_password"):
+            path = values.get(f"{field}_file")
+            if path is None:
+                continue
+            variable = f"CALLSTATUS_{field.upper()}"
+            if values.get(field) is not None:
+                raise ValueError(f"set {variable} or {variable}_FILE, not both")
+            values[field] = _read_secret_file(Path(str(path)), f"{variable}_FILE")
+        return values
 
     @field_validator("signing_secrets", mode="before")
     @classmethod
@@ -227,6 +252,21 @@ class Settings(BaseSettings):
     @property
     def topic_names(self) -> tuple[str, str, str, str]:
         return (self.topic_ingest, self.topic_changes, self.topic_rejected, self.topic_state)
+
+
+def _read_secret_file(path: Path, variable: str) -> str:
+    """A credential file's content without the line end an editor or `kubectl create
+    secret --from-file` leaves (a Secret's key mounted as a file has none). Errors name
+    the variable and the path, never any of the content."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ValueError(f"{variable}: cannot read {path}: {reason}") from None
+    value = text.rstrip("\r\n")
+    if not value:
+        raise ValueError(f"{variable}: {path} is empty")
+    return value
 
 
 class SettingsError(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import structlog
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
+from service.cli import main
 from service.frontdoor import GuardedProtocol
 from service.kafka import client_options, topic_specs
 from service.server import build
@@ -205,3 +207,72 @@ def test_the_clock_skew_bound_has_a_default_and_is_bounded() -> None:
     assert make_settings().max_clock_skew_seconds == 300
     with pytest.raises(ValidationError, match="max_clock_skew_seconds"):
         make_settings(max_clock_skew_seconds=0)
+
+
+def _sasl(**overrides: object) -> Settings:
+    return make_settings(kafka_security_protocol="SASL_SSL", **overrides)
+
+
+def test_kafka_credentials_are_read_from_files(tmp_path: Path) -> None:
+    # A Secret's keys mounted as files; `kubectl create secret --from-file` may leave a
+    # line end, which is not part of the value.
+    (tmp_path / "username").write_text("callstatus-ingest\n")
+    (tmp_path / "password").write_text("s3cr3t pw\r\n")
+    s = _sasl(
+        kafka_sasl_username_file=tmp_path / "username",
+        kafka_sasl_password_file=str(tmp_path / "password"),
+    )
+    assert s.kafka_sasl_username == "callstatus-ingest"
+    assert s.kafka_sasl_password is not None
+    assert s.kafka_sasl_password.get_secret_value() == "s3cr3t pw"
+    options = client_options(s)
+    assert (options["sasl_plain_username"], options["sasl_plain_password"]) == (
+        "callstatus-ingest",
+        "s3cr3t pw",
+    )
+    assert "s3cr3t" not in repr(s)
+
+
+def test_kafka_credentials_from_the_environment_and_a_file_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "password").write_text("from-file")
+    with pytest.raises(ValidationError, match="CALLSTATUS_KAFKA_SASL_PASSWORD or") as exc:
+        _sasl(
+            kafka_sasl_username="u",
+            kafka_sasl_password="from-env",
+            kafka_sasl_password_file=tmp_path / "password",
+        )
+    assert "from-file" not in str(exc.value) and "from-env" not in str(exc.value)
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "directory", "unreadable"])
+def test_a_credential_file_that_cannot_be_used_is_named(tmp_path: Path, problem: str) -> None:
+    path = tmp_path / "password"
+    if problem == "empty":
+        path.write_text("\n")
+    elif problem == "directory":
+        path.mkdir()
+    elif problem == "unreadable":
+        path.write_text("pw")
+        path.chmod(0)
+        if os.access(path, os.R_OK):  # root reads anything: nothing to prove here
+            pytest.skip("running as root")
+    with pytest.raises(ValidationError, match="CALLSTATUS_KAFKA_SASL_PASSWORD_FILE") as exc:
+        _sasl(kafka_sasl_username="u", kafka_sasl_password_file=path)
+    assert str(path) in str(exc.value)
+
+
+def test_serve_with_an_unreadable_credential_file_exits_2(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no .callstatus.env here
+    for name in list(os.environ):
+        if name.startswith("CALLSTATUS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("CALLSTATUS_ROLE", "processor")
+    monkeypatch.setenv("CALLSTATUS_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("CALLSTATUS_KAFKA_SASL_USERNAME", "callstatus-processor")
+    monkeypatch.setenv("CALLSTATUS_KAFKA_SASL_PASSWORD_FILE", str(tmp_path / "absent"))
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "CALLSTATUS_KAFKA_SASL_PASSWORD_FILE" in err and str(tmp_path / "absent") in err
+    assert "Traceback" not in err
