@@ -8,6 +8,8 @@
   writable spool volume larger than the spool's cap, four KafkaTopics with equal
   partitions, and at most one processor replica per partition. Prod runs ingest as a
   StatefulSet whose spool is a PersistentVolumeClaim; base and dev keep an emptyDir.
+  Prod's KafkaUsers are exactly service/acls.py's, and each workload logs in as its own
+  user over SASL_SSL with the password file from that user's mounted Secret.
 - Prod's ingest scale-down strands no spool unnoticed: the HPA scales it down slowly
   (one pod at a time, after a long stabilization window), each stop has time to drain
   the spool, claims are retained, and the stranded-spool alert waits out a pod's
@@ -39,8 +41,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service.acls import kafka_users, user_for
 from service.server import CLIENT_CLOSE_SECONDS, build
-from service.settings import Settings
+from service.settings import Role, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -70,7 +73,7 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 # spread's matchLabelKeys must name to count only pods of the same revision).
 REVISION_LABEL = {"Deployment": "pod-template-hash", "StatefulSet": "controller-revision-hash"}
 # Custom resources: checked field by field below (no schema shipped for them).
-CUSTOM_KINDS = {"KafkaTopic", "ServiceMonitor", "PrometheusRule"}
+CUSTOM_KINDS = {"KafkaTopic", "KafkaUser", "ServiceMonitor", "PrometheusRule"}
 
 APP_UID = 10001
 HTTP_PORT = 8080
@@ -333,6 +336,9 @@ def test_renders_only_known_kinds(name: str) -> None:
         expected -= {"HorizontalPodAutoscaler"}
     assert expected <= kinds, f"{name} misses {expected - kinds}"
     assert len(of_kind(docs, "KafkaTopic")) == 4
+    # One Kafka user per role in prod (test_prod_kafka_users_are_service_acls); dev and
+    # the base talk to Kafka without a login.
+    assert len(of_kind(docs, "KafkaUser")) == (3 if name == "overlays/prod" else 0)
     assert len(of_kind(docs, "PrometheusRule")) == 1  # the alerts (test_operator_kit.py)
     keys = [(doc["kind"], doc["metadata"]["name"]) for doc in docs]
     assert len(keys) == len(set(keys)), f"{name} renders duplicate objects"
@@ -535,6 +541,10 @@ IN_STEP = (
     "volumeMounts",
     "args",
 )
+# What prod adds to each workload for its own Kafka login (the user's Secret and the
+# cluster CA, mounted; test_prod_workloads_log_in_as_their_own_user_from_a_mounted_secret).
+PROD_LOGIN_ENV = {"CALLSTATUS_KAFKA_SASL_USERNAME", "CALLSTATUS_KAFKA_SASL_PASSWORD_FILE"}
+PROD_LOGIN_MOUNTS = {"kafka-user", "kafka-ca"}
 
 
 def test_prod_workloads_stay_in_step_with_the_base() -> None:
@@ -554,10 +564,13 @@ def test_prod_workloads_stay_in_step_with_the_base() -> None:
                 assert refs == base_refs, f"{where}: {key}"
             elif key == "image":
                 assert container[key].split(":")[0] == base_container[key].split(":")[0], where
+            elif key == "volumeMounts":
+                mounts = [m for m in container[key] if m["name"] not in PROD_LOGIN_MOUNTS]
+                assert mounts == base_container[key], f"{where}: {key}"
             else:
                 assert container.get(key) == base_container.get(key), f"{where}: {key}"
-        # Only the role, and the processor's missing secret, differ in the env.
-        env = {v["name"] for v in container["env"]}
+        # Only the role, the Kafka login and the processor's missing secret differ.
+        env = {v["name"] for v in container["env"]} - PROD_LOGIN_ENV
         assert env <= base_env, f"{where}: env not in the base {env - base_env}"
         assert "CALLSTATUS_ROLE" in env, where
         for key in (
@@ -1071,3 +1084,91 @@ def test_compose_file() -> None:
     )
     assert app["environment"]["CALLSTATUS_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert app["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+
+# ------------------------------------------------------------------- Kafka users, ACLs
+
+
+def settings_of(docs: tuple[Doc, ...]) -> Settings:
+    """The service's settings as the overlay's ConfigMap sets its topics and group (the
+    names the ACLs are granted on)."""
+    config = config_map(docs)
+    names = {
+        key.removeprefix("CALLSTATUS_").lower(): value
+        for key, value in config.items()
+        if (key.startswith("CALLSTATUS_TOPIC_") and not key.endswith(("PARTITIONS", "FACTOR")))
+        or key == "CALLSTATUS_CONSUMER_GROUP"
+    }
+    return Settings.model_validate({"role": "processor", **names})
+
+
+def test_prod_kafka_users_are_service_acls() -> None:
+    # One definition of who may do what (service/acls.py), which the local authorizer
+    # tests apply too (tests/integration/test_acls.py): the committed KafkaUsers must be
+    # exactly its rendering for prod's topic names and group.
+    docs = render("overlays/prod")
+    rendered = {}
+    for user in of_kind(docs, "KafkaUser"):
+        labels = user["metadata"]["labels"]
+        rendered[user["metadata"]["name"]] = {
+            **user,
+            "metadata": {
+                "name": user["metadata"]["name"],
+                "labels": {"strimzi.io/cluster": labels["strimzi.io/cluster"]},
+            },
+        }
+    topic_clusters = {
+        t["metadata"]["labels"]["strimzi.io/cluster"] for t in of_kind(docs, "KafkaTopic")
+    }
+    [cluster] = topic_clusters
+    expected = {u["metadata"]["name"]: u for u in kafka_users(settings_of(docs), cluster)}
+    assert rendered == expected, (
+        "deploy/k8s/overlays/prod/kafkausers.yaml differs from service/acls.py: regenerate "
+        "it with `python -m service.acls > deploy/k8s/overlays/prod/kafkausers.yaml`"
+    )
+    for user in rendered.values():
+        assert user["spec"]["authentication"]["type"] == "scram-sha-512"
+        assert user["spec"]["authorization"]["type"] == "simple"
+        for acl in user["spec"]["authorization"]["acls"]:
+            # Least privilege: never everything, never every resource of a kind.
+            assert "All" not in acl["operations"], acl
+            assert acl["resource"]["name"] not in ("*", ""), acl
+            assert acl["resource"]["type"] != "cluster", acl
+
+
+def secret_file(workload: Doc, path: str) -> tuple[str, str]:
+    """(Secret name, key) that the app container of ``workload`` sees at ``path``."""
+    where = workload["metadata"]["name"]
+    volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+    mounts = app_container(workload)["volumeMounts"]
+    [mount] = [m for m in mounts if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mount.get("readOnly") is True, f"{where}: {mount}"
+    source = volumes[mount["name"]]["secret"]
+    relative = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    [item] = [i for i in source["items"] if i["path"] == relative]
+    # Readable by the app's group (fsGroup), by no one else.
+    mode = source["defaultMode"]
+    assert mode & 0o007 == 0 and mode & 0o040, f"{where}: mode {mode:o}"
+    return source["secretName"], item["key"]
+
+
+def test_prod_workloads_log_in_as_their_own_user_from_a_mounted_secret() -> None:
+    docs = render("overlays/prod")
+    users = {u["metadata"]["name"] for u in of_kind(docs, "KafkaUser")}
+    [cluster] = {t["metadata"]["labels"]["strimzi.io/cluster"] for t in of_kind(docs, "KafkaTopic")}
+    for workload in all_workloads(docs):
+        where = workload["metadata"]["name"]
+        env = environment(docs, workload)
+        user = user_for(Role(role(docs, workload)))
+        assert user in users, where
+        assert env["CALLSTATUS_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL", where
+        assert env["CALLSTATUS_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512", where
+        assert env["CALLSTATUS_KAFKA_BOOTSTRAP_SERVERS"].endswith(":9093"), where
+        assert env["CALLSTATUS_KAFKA_SASL_USERNAME"] == user, where
+        # The password only ever as a file, never as a value in the environment.
+        assert "CALLSTATUS_KAFKA_SASL_PASSWORD" not in env, where
+        # Strimzi's User Operator names the user's Secret after the KafkaUser.
+        password = secret_file(workload, env["CALLSTATUS_KAFKA_SASL_PASSWORD_FILE"])
+        assert password == (user, "password"), where
+        ca = secret_file(workload, env["CALLSTATUS_KAFKA_SSL_CAFILE"])
+        assert ca == (f"{cluster}-cluster-ca-cert", "ca.crt"), where
