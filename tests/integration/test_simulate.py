@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 from service.kafka import ensure_topics
+from service.settings import Role
 from tests.conftest import BOOTSTRAP, SECRET
 from tests.integration.kafkautil import ROOT, ServiceProcess, settings_env, settings_for
 
@@ -44,7 +45,9 @@ async def start(unique: str, tmp_path: Path, role: str) -> tuple[ServiceProcess,
         signing_secrets=(SECRET,),
         topic_partitions=3,
     )
-    await ensure_topics(settings)
+    # All four topics, as the processor creates them: an ingest-only node creates (and
+    # may see) only its own, and simulate reads changes and rejected.
+    await ensure_topics(settings.model_copy(update={"role": Role.ALL}))
     node = ServiceProcess(settings, tmp_path, role)
     return node, settings_env(settings, node.port)
 
