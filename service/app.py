@@ -422,9 +422,17 @@ class Ingest:
                 f"Kafka refuses this event ({exc.cause}); it was not stored",
             ) from None
         except Unavailable as exc:
+            # Say which of the two could not take it: an operator reading the answer
+            # looks at Kafka for one and at the node's spool volume for the other.
+            detail = (
+                "Kafka did not take the event in time and the node's spool could not store "
+                f"it ({'full' if exc.reason == 'spool_full' else 'disk error'}); retry later"
+                if exc.reason.startswith("spool_")
+                else "Kafka did not acknowledge the event in time; retry later"
+            )
             raise Refused(
                 problems.UNAVAILABLE,
-                "Kafka did not acknowledge the event in time; retry later",
+                detail,
                 outcome=f"{problems.UNAVAILABLE.outcome}_{exc.reason}",
                 headers={"Retry-After": self._retry_after},
             ) from None

@@ -618,6 +618,28 @@ async def test_an_event_kafka_refuses_for_good_is_a_500_without_retry_after() ->
     assert any(line["event"] == "kafka refuses the event for good" for line in logs)
 
 
+@pytest.mark.parametrize(
+    ("reason", "says"),
+    [("timeout", "Kafka did not acknowledge"), ("spool_full", "full"), ("spool_error", "disk")],
+)
+async def test_a_503_says_whether_kafka_or_the_spool_could_not_take_the_event(
+    reason: str, says: str
+) -> None:
+    class Refuses(MustNotPublish):
+        async def publish(
+            self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
+        ) -> None:
+            raise Unavailable(reason)
+
+    app = create_app(make_settings(), Refuses())
+    body = webhook_with()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/v1/call-status", content=body, headers=signed(body))
+    problem = assert_problem(response, 503)
+    assert says in str(problem["detail"])
+    assert response.headers["retry-after"]
+
+
 async def test_a_replay_that_fails_the_signature_is_still_401() -> None:
     capture = Capture()
     app = create_app(make_settings(), capture)
