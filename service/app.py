@@ -20,7 +20,6 @@ import hashlib
 import math
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
@@ -225,6 +224,11 @@ class ReadDeadlines:
         )
 
 
+def _accepted_body(event_id: str, call_id: str) -> bytes:
+    # Both ids have fixed, JSON-safe shapes (a UUID, CA + hex): no encoder needed.
+    return f'{{"eventId":"{event_id}","callId":"{call_id}"}}'.encode()
+
+
 class CachedVerdict:
     """A readiness check asked at most once per ``max_age`` seconds, with one ask in
     flight at a time that concurrent callers share. /readyz is unauthenticated and the
@@ -273,12 +277,20 @@ class Ingest:
         }
         self._accepted = self._outcomes["accepted"]
         self._replayed = self._outcomes[REPLAYED]
-        # The 202 bodies of the last events stored, by eventId (section 9): a signed
+        # The callIds of the last events stored, by eventId (section 9): a signed
         # request repeated within the tolerance is answered from here, so a replay loop
         # costs no Kafka write and cannot fill the spool during an outage. Only stored
-        # events enter it: one whose first attempt got a 503 is written again.
-        self._recent: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
-        self._recent_max = settings.replay_cache_entries
+        # events enter it: one whose first attempt got a 503 is written again. Plain
+        # strings on purpose: the garbage collector does not track them, whereas 20,000
+        # tuples in a long-lived dict cost ~10 us per request in its full collections
+        # (measured with wrk, cache on vs off). Two plain dicts, each up to half the
+        # size, the older dropped whole when the newer is full: the cheapest bounded
+        # store (no per-entry eviction), remembering the last half to all of
+        # REPLAY_CACHE_ENTRIES events.
+        self._recent: dict[str, str] = {}
+        self._older: dict[str, str] = {}
+        entries = settings.replay_cache_entries
+        self._recent_half = (entries + 1) // 2
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         fields: dict[str, Any] = scope[LOG_FIELDS]
@@ -331,21 +343,20 @@ class Ingest:
             if verdict is not signature.Verdict.VALID:
                 raise _signature_refused(verdict)
         event_id = event_id_for(raw)
-        recent = self._recent.get(event_id)
-        if recent is not None:
+        call_id = self._recent.get(event_id) or self._older.get(event_id)
+        if call_id is not None:
             # The same signed bytes were stored already: answer as the first time did.
-            fields.update(callId=recent[1], eventId=event_id, outcome=REPLAYED)
-            return recent[0]
+            fields.update(callId=call_id, eventId=event_id, outcome=REPLAYED)
+            return _accepted_body(event_id, call_id)
         source, request_type, call = validate_body(parse_body(raw), fields)
-        fields.update(callId=call.callId, eventId=event_id)
+        call_id = call.callId
+        fields.update(callId=call_id, eventId=event_id)
         await self._store(headers.get(TRACEPARENT), event_id, source, request_type, call, raw)
-        # Both ids have fixed, JSON-safe shapes (a UUID, CA + hex): no encoder needed.
-        answer = f'{{"eventId":"{event_id}","callId":"{call.callId}"}}'.encode()
-        if self._recent_max:
-            self._recent[event_id] = (answer, call.callId)
-            if len(self._recent) > self._recent_max:
-                self._recent.popitem(last=False)
-        return answer
+        if self._recent_half:
+            self._recent[event_id] = call_id
+            if len(self._recent) >= self._recent_half:
+                self._older, self._recent = self._recent, {}
+        return _accepted_body(event_id, call_id)
 
     def _check_header(self, header: bytes | None) -> signature.ParsedSignature | None:
         """Presence, grammar and time window of the signature, before reading the body:

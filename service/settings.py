@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     # Largest request head, and most header fields, taken; past either, 431 and close.
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
     max_header_fields: int = Field(default=100, ge=8, le=10_000)
-    # How many recently stored events ingest remembers (~300 bytes each), so that the
+    # How many recently stored events ingest remembers (~250 bytes each), so that the
     # same signed request again is answered 202 without a second write; 0: none.
     replay_cache_entries: int = Field(default=20_000, ge=0, le=10_000_000)
     role: Role = Role.ALL
