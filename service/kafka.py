@@ -348,8 +348,11 @@ async def event_ids_written(
                         todo.pop(tp, None)
                         break
                     for name, value in record.headers:
-                        if name == "ce_id" and value.decode(errors="replace") in wanted:
-                            found.add(value.decode())
+                        if (
+                            name == "ce_id"
+                            and (event_id := value.decode(errors="replace")) in wanted
+                        ):
+                            found.add(event_id)
                 if tp in todo and await consumer.position(tp) >= todo[tp]:
                     todo.pop(tp)
     finally:

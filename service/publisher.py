@@ -279,7 +279,10 @@ class SpoolingPublisher:
                 stage = "mark"
                 await self.spool.mark_sending(batch)
                 stage = "send"
-                sending = [r for r in batch if event_id_of(r.headers) not in skip]
+                # Only the first batch after an unclean stop has anything to leave out.
+                sending = (
+                    [r for r in batch if event_id_of(r.headers) not in skip] if skip else batch
+                )
                 self._sending = True
                 try:
                     result = await self.producer.send_batch(
@@ -293,13 +296,13 @@ class SpoolingPublisher:
                     # left out: released whole once the rest is in, else tried again
                     # whole (a second fault may then repeat some: at least once).
                     if result.error is None:
+                        metrics.SPOOL_RESENDS_AVOIDED.inc(len(batch) - len(sending))
+                        skip = set()  # the whole batch is in Kafka now
+                        self._kafka_ok = True
                         stage = "release"
                         unreleased = batch
                         await self._release(batch)
                         unreleased = []
-                        metrics.SPOOL_RESENDS_AVOIDED.inc(len(batch) - len(sending))
-                        skip = set()
-                        self._kafka_ok = True
                         backoff.reset()
                         continue
                     if result.refused_for_good:
