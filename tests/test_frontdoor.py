@@ -102,9 +102,10 @@ async def _app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[tuple[int, FrontDoor]]:
-    door = FrontDoor(1.0, 4096, 50, max_connections=20)
+@contextlib.asynccontextmanager
+async def running(door: FrontDoor) -> AsyncIterator[tuple[int, set[object]]]:
+    """A real uvicorn server on loopback with the guarded protocol; yields its port and
+    its set of open connections."""
     config = uvicorn.Config(
         _app, host="127.0.0.1", port=0, log_config=None, lifespan="off", **door.uvicorn_options()
     )
@@ -123,12 +124,18 @@ async def server() -> AsyncIterator[tuple[int, FrontDoor]]:
     while not srv.started:
         assert loop.time() < give_up, "server did not start"
         await asyncio.sleep(0.01)  # polling interval
-    port = srv.servers[0].sockets[0].getsockname()[1]
     try:
-        yield port, door
+        yield srv.servers[0].sockets[0].getsockname()[1], srv.server_state.connections  # type: ignore[misc]
     finally:
         srv.should_exit = True
         await task
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[int, FrontDoor]]:
+    door = FrontDoor(1.0, 4096, 50, max_connections=20)
+    async with running(door) as (port, _):
+        yield port, door
 
 
 async def _exchange(port: int, data: bytes) -> bytes:
@@ -252,3 +259,64 @@ def test_closes_are_logged_as_one_summary_line_a_second_at_most() -> None:
     assert (lines[0]["head_too_large"], lines[0]["head_timeout"]) == (1, 2)
     assert lines[0]["log_level"] == "warning"
     assert lines[1]["shed"] == 1 and "head_timeout" not in lines[1]
+
+
+async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionError:
+        return True
+
+
+async def test_past_the_cap_a_new_connection_sheds_the_idle_one_over_real_sockets() -> None:
+    door = FrontDoor(30.0, 4096, 50, max_connections=2)
+    async with running(door) as (port, connections):
+        loop = asyncio.get_running_loop()
+
+        async def until_waiting(n: int) -> None:
+            """``n`` of the open connections wait for a head (the rest are in flight)."""
+            give_up = loop.time() + 5
+            while door.waiting != n or len(connections) != n + 1:
+                assert loop.time() < give_up
+                await asyncio.sleep(0.01)  # polling interval
+
+        busy_r, busy_w = await asyncio.open_connection("127.0.0.1", port)
+        # A complete head whose body has not come: a request in flight, never shed.
+        busy_w.write(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n")
+        await until_waiting(0)  # open, and its head taken
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+        idle_w.write(b"GET / HTT")  # half a head: waiting, sheddable
+        await until_waiting(1)
+        shed = _closed("shed")
+        answer = await _exchange(port, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert _status_and_body(answer) == (200, {"headers": 1})
+        assert await _closed_by_server(idle_r)
+        assert _closed("shed") == shed + 1
+        # The busy one was not touched: its body completes the request.
+        busy_w.write(b"abc")
+        head = await asyncio.wait_for(busy_r.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        for w in (idle_w, busy_w):
+            w.close()
+
+
+async def test_when_every_socket_has_a_request_in_flight_a_new_one_is_closed() -> None:
+    door = FrontDoor(30.0, 4096, 50, max_connections=1)
+    async with running(door) as (port, connections):
+        busy_r, busy_w = await asyncio.open_connection("127.0.0.1", port)
+        busy_w.write(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n")
+        await busy_w.drain()
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 5
+        while door.waiting or not connections:  # open, and its head taken: in flight
+            assert loop.time() < give_up
+            await asyncio.sleep(0.01)  # polling interval
+        refused = _closed("over_capacity")
+        new_r, new_w = await asyncio.open_connection("127.0.0.1", port)
+        assert await _closed_by_server(new_r)
+        assert _closed("over_capacity") == refused + 1
+        busy_w.write(b"abc")
+        head = await asyncio.wait_for(busy_r.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        for w in (busy_w, new_w):
+            w.close()
