@@ -197,11 +197,20 @@ class Outputs:
     rejected: list[ConsumerRecord[bytes, bytes]]
 
 
-async def collect(address: str, settings: Settings, accepted: list[str]) -> Outputs:
+async def collect(
+    address: str,
+    settings: Settings,
+    accepted: list[str],
+    processor: ServiceProcess | None = None,
+) -> Outputs:
     """The ingest topic, then the outputs once the processor has accounted for every
     ingest record (or the deadline says it never will)."""
     loop = asyncio.get_running_loop()
-    ingested = await read_committed(address, settings.topic_ingest, len(accepted))
+    # Wait until every 202 can be there, then read all that is: a count alone stops
+    # short when ingest holds a record twice (a write that timed out, then landed, and
+    # was spooled again), leaving the newest events out of the oracle's input.
+    await read_committed(address, settings.topic_ingest, len(accepted), settle_s=0)
+    ingested = await read_all(address, settings.topic_ingest)
     envelopes = [IngestEnvelope.model_validate_json(r.value or b"") for r in ingested]
     distinct = len({e.eventId for e in envelopes})
     give_up = loop.time() + 120
@@ -219,8 +228,63 @@ async def collect(address: str, settings: Settings, accepted: list[str]) -> Outp
     )
     expected = expected_outcomes([Event(e.eventId, e.call, e.source) for _, e in ordered])
     # Order and verdicts: the pure state machine over the ingest topic's order.
-    assert by_call(changes) == expected.changes
+    seen = by_call(changes)
+    if seen != expected.changes:
+        lag = await group_lag(address, settings)
+        raise AssertionError(
+            mismatch_report(seen, expected.changes, len(changes) + len(rejected), distinct)
+            + f"\nprocessor lag by partition (end - committed): {lag}"
+            + (troubles(processor) if processor is not None else "")
+        )
     return Outputs([e.eventId for _, e in ordered], changes, rejected)
+
+
+def mismatch_report(
+    seen: dict[str, list[str]], expected: dict[str, list[str]], outputs: int, distinct: int
+) -> str:
+    """What differs between the changes seen and the oracle's, in a few lines: a CI log
+    shows only the end of a long diff, which cannot tell a stalled processor (whole
+    calls missing, the newest ones) from a wrong verdict or order (calls that differ)."""
+    missing = sorted(set(expected) - set(seen))
+    extra = sorted(set(seen) - set(expected))
+    differ = sorted(c for c in set(seen) & set(expected) if seen[c] != expected[c])
+    lines = [
+        f"outputs {outputs} of {distinct} distinct ingest events; calls: {len(missing)}"
+        f" missing from changes, {len(extra)} unexpected, {len(differ)} differ"
+    ]
+    lines += [f"  missing {c}: expected {expected[c]}" for c in missing[:3]]
+    lines += [f"  unexpected {c}: seen {seen[c]}" for c in extra[:3]]
+    lines += [f"  differs {c}: seen {seen[c]} expected {expected[c]}" for c in differ[:5]]
+    return "\n".join(lines)
+
+
+def troubles(process: ServiceProcess, last: int = 25) -> str:
+    """The last warning and error lines of a service process's JSON log."""
+    lines = [
+        line
+        for line in process.log_path.read_text().splitlines()
+        if line.startswith("{") and json.loads(line).get("level") in ("warning", "error")
+    ]
+    return f"\n{process.log_path.name}, its last warnings and errors:\n" + "\n".join(lines[-last:])
+
+
+async def group_lag(bootstrap: str, settings: Settings) -> dict[int, int]:
+    """The processor group's committed offsets against the ingest topic's ends."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=settings.consumer_group,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    try:
+        tps = await partitions_of(
+            bootstrap, settings.topic_ingest, asyncio.get_running_loop().time() + 30
+        )
+        ends = await consumer.end_offsets(tps)
+        return {tp.partition: ends[tp] - (await consumer.committed(tp) or 0) for tp in tps}
+    finally:
+        await consumer.stop()
 
 
 def check_exactly_once(out: Outputs, accepted: list[str]) -> dict[str, int]:
@@ -323,7 +387,13 @@ async def test_ingest_and_processor_ride_through_broker_restarts_and_a_crash(
         traffic.stop.set()
         await asyncio.gather(*clients)
         memory_after = rss_bytes(ingest.proc.pid)
-        out = await collect(address, settings, traffic.accepted)
+        if spool:  # what the spool still holds is on its way: wait for all of it
+            await until_async(
+                partial(metric_is, base, "callstatus_spool_events", 0.0),
+                120,
+                "the spool never drained after the load",
+            )
+        out = await collect(address, settings, traffic.accepted, processor)
         assert processor.alive() and ingest.alive(), "a service process died"
     finally:
         traffic.stop.set()
@@ -411,7 +481,7 @@ async def test_events_spooled_by_a_killed_node_are_drained_by_its_successor(
         finally:
             second.kill()
         accepted = traffic.accepted + later.accepted
-        out = await collect(address, settings, accepted)
+        out = await collect(address, settings, accepted, processor)
     finally:
         traffic.stop.set()
         later.stop.set()
@@ -600,7 +670,7 @@ async def test_the_spool_is_empty_within_a_minute_of_a_leader_failover(
             watch.stop.set()
             await watcher  # a scrape that failed fails the test here, with its error
             await cluster.start(killed)  # back in the cluster: it catches up as a follower
-            out = await collect(cluster.bootstrap, settings, traffic.accepted)
+            out = await collect(cluster.bootstrap, settings, traffic.accepted, processor)
             assert processor.alive() and ingest.alive(), "a service process died"
         finally:
             traffic.stop.set()
