@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import math
 import os
 import time
@@ -36,7 +35,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas.call import Call
-from schemas.messages import Source, encode_ingest, normalise_body
+from schemas.messages import INGEST_PATH, Source, encode_ingest, event_id_for, normalise_body
 from service import metrics, problems, signature, strictjson
 from service.openapi import openapi_document
 from service.problems import Refused, problem
@@ -45,7 +44,6 @@ from service.settings import Settings
 
 log = structlog.get_logger(logger_name="callstatus.http")
 
-INGEST_PATH = "/v1/call-status"
 # The outcome of a request whose signed bytes were stored already: 202, nothing written.
 REPLAYED = "replayed"
 # How old the publisher's readiness verdict /readyz answers with may be.
@@ -74,18 +72,6 @@ class Publisher(Protocol):
 
 class Readiness(Protocol):
     def ready(self) -> bool: ...
-
-
-def event_id_for(raw: bytes) -> str:
-    """The event's id, derived from the signed body bytes alone: a replay, and
-    FreeClimb's own retries (same body, new ``t=``), carry the same id, so consumers can
-    deduplicate on it. A UUID of version 8 (RFC 9562, custom) over SHA-256."""
-    digest = bytearray(hashlib.sha256(raw).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x80  # version 8
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 9562 variant
-    # str(uuid.UUID(...))'s canonical form, without building a UUID object per request.
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def ingest_headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
