@@ -4,6 +4,7 @@ sections 2 and 4)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -25,6 +26,10 @@ from schemas.call import (
     empty_strings_as_absent,
     format_rfc3339,
 )
+
+# Where the webhooks are POSTed: part of the wire contract, so a client (the simulator,
+# the image check) can name it without importing the HTTP app.
+INGEST_PATH = "/v1/call-status"
 
 
 class Source(StrEnum):
@@ -201,6 +206,18 @@ class IngestEvent(IngestEnvelope):
 def _head(fields: dict[str, Any]) -> bytes:
     # The object without its closing brace, so the call can be spliced in after it.
     return pydantic_core.to_json(fields)[:-1]
+
+
+def event_id_for(raw: bytes) -> str:
+    """The event's id, derived from the signed body bytes alone: a replay, and
+    FreeClimb's own retries (same body, new ``t=``), carry the same id, so consumers can
+    deduplicate on it. A UUID of version 8 (RFC 9562, custom) over SHA-256."""
+    digest = bytearray(hashlib.sha256(raw).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x80  # version 8
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 9562 variant
+    # str(uuid.UUID(...))'s canonical form, without building a UUID object per request.
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def encode_ingest(

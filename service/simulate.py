@@ -32,9 +32,8 @@ from urllib.parse import urlsplit
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from schemas.messages import RejectReason
+from schemas.messages import INGEST_PATH, RejectReason
 from service import signature
-from service.app import INGEST_PATH
 from service.fsm import Outcome
 from service.kafka import client_options, partition_counts
 from service.settings import Settings, load_settings

@@ -22,7 +22,8 @@ from starlette.types import Message
 from structlog.testing import capture_logs
 
 from schemas.messages import IngestEnvelope
-from service.app import MAX_DEPTH, create_app
+from service.app import create_app
+from service.ingest import MAX_DEPTH
 from service.producer import Unavailable, Unwritable
 from service.signature import sign
 from tests.conftest import SECRET, make_settings

@@ -45,8 +45,8 @@ from pathlib import Path
 
 import httpx
 
+from schemas.messages import INGEST_PATH
 from service import signature
-from service.app import INGEST_PATH
 from tests.integration.kafkautil import free_port, private_broker, read_committed
 
 ROOT = Path(__file__).resolve().parents[2]

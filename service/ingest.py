@@ -1,0 +1,306 @@
+"""The ingest handler: ``POST /v1/call-status``, from the request's headers to its answer.
+
+It runs per request, so it does each thing once, as a short sequence of steps: check the
+media type and the signature header (before a single body byte is read), read the body
+under the size cap and the read deadline, check the signature's digest on the raw bytes,
+parse the JSON once (strictly), validate, write to Kafka with the raw body spliced in,
+and answer. Each step refuses with an entry of ``problems``.
+
+It is a plain ASGI callable that the app's fast path (``service.app.App``) calls under
+the access log, outside Starlette's middleware, router and ``Request``/``Response``
+objects: those cost about 15 % of a request's CPU (bench/README.md, Findings) and give
+this one route nothing it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import structlog
+from prometheus_client import Counter
+from pydantic import ValidationError
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from schemas.call import Call
+from schemas.messages import Source, encode_ingest, event_id_for, normalise_body
+from service import metrics, problems, signature, strictjson
+from service.accesslog import LOG_FIELDS
+from service.body import BodyReader
+from service.problems import Refused, problem
+from service.producer import Unavailable, Unwritable
+from service.settings import Settings
+
+# One logger name for the whole HTTP shell (app, handler, access log): log queries
+# select on it.
+log = structlog.get_logger(logger_name="callstatus.http")
+
+# The outcome of a request whose signed bytes were stored already: 202, nothing written.
+REPLAYED = "replayed"
+# The request headers the ingest handler reads (ASGI servers give names in lower case).
+CONTENT_TYPE = b"content-type"
+CONTENT_LENGTH = b"content-length"
+SIGNATURE_HEADER = signature.HEADER.lower().encode()
+TRACEPARENT = b"traceparent"
+_INGEST_HEADERS = frozenset((CONTENT_TYPE, CONTENT_LENGTH, SIGNATURE_HEADER, TRACEPARENT))
+# The 202's headers but its length: the body is always JSON.
+_ACCEPTED_TYPE = (b"content-type", b"application/json")
+# Deepest nesting of objects and arrays a body may have. A webhook has 2 levels; the
+# processor's decoder stops at 200, and reads the body one level deeper than we do.
+MAX_DEPTH = 32
+
+
+class Publisher(Protocol):
+    """Where the handler stores events (the producer, or the spooling publisher)."""
+
+    async def publish(
+        self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
+    ) -> None: ...
+    async def ready(self) -> bool: ...
+
+
+def ingest_headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """The few request headers the ingest handler reads, each at its first occurrence
+    (as Starlette's ``Headers.get`` would pick it), in one pass over the ASGI list."""
+    found: dict[bytes, bytes] = {}
+    for name, value in raw:
+        if name in _INGEST_HEADERS and name not in found:
+            found[name] = value
+    return found
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    errors = []
+    for err in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(part) for part in err["loc"])
+        errors.append({"field": field or "(body)", "message": err["msg"]})
+    return errors
+
+
+def _signature_refused(verdict: signature.Verdict) -> Refused:
+    # The verdict names the kind of failure, never the expected digest.
+    return Refused(
+        problems.SIGNATURE,
+        f"FreeClimb-Signature check failed: {verdict.value}",
+        outcome=f"{problems.SIGNATURE.outcome}_{verdict.value}",
+        headers={"WWW-Authenticate": "FreeClimb-Signature"},
+    )
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The body as one JSON object, parsed once and strictly, or :class:`Refused`."""
+    try:
+        body = strictjson.parse(raw, MAX_DEPTH)
+    except strictjson.TooDeep:
+        raise Refused(
+            problems.TOO_DEEP, f"objects and arrays may nest at most {MAX_DEPTH} deep"
+        ) from None
+    except strictjson.DuplicateKey as exc:
+        raise Refused(
+            problems.DUPLICATE_KEY, f"key {exc.key[:64]!r} appears twice in one object"
+        ) from None
+    except strictjson.NotJson as exc:
+        raise Refused(problems.NOT_JSON, f"the body is not RFC 8259 JSON: {exc}"[:200]) from None
+    if not isinstance(body, dict):
+        raise Refused(problems.NOT_OBJECT, "the body must be one JSON object")
+    return body
+
+
+def validate_body(body: dict[str, Any], fields: dict[str, Any]) -> tuple[Source, str | None, Call]:
+    try:
+        return normalise_body(body)
+    except ValidationError as exc:
+        errors = _field_errors(exc)
+        fields["errors"] = errors
+        raise Refused(
+            problems.INVALID, f"{len(errors)} field(s) are invalid", errors=errors
+        ) from None
+
+
+def _accepted_body(event_id: str, call_id: str) -> bytes:
+    # Both ids have fixed, JSON-safe shapes (a UUID, CA + hex): no encoder needed.
+    return f'{{"eventId":"{event_id}","callId":"{call_id}"}}'.encode()
+
+
+class Ingest:
+    """``POST /v1/call-status``, as an ASGI app (see the module docstring for why)."""
+
+    def __init__(self, settings: Settings, publisher: Publisher) -> None:
+        self._publisher = publisher
+        self._body = BodyReader(settings.max_body_bytes, settings.body_read_timeout_seconds)
+        self._max_value = settings.max_ingest_value_bytes
+        self._secrets = settings.signing_secrets
+        self._verify = settings.verify_signatures
+        self._tolerance = settings.signature_tolerance_seconds
+        self._retry_after = str(max(1, int(settings.produce_timeout_seconds)))
+        # Every outcome the catalogue names exists from the start (at zero), so an alert
+        # on a rate sees the series before the first refusal of its kind.
+        self._outcomes: dict[str, Counter] = {
+            outcome: metrics.INGEST_OUTCOMES.labels(outcome)
+            for outcome in (
+                "accepted",
+                REPLAYED,
+                *(r.outcome for r in problems.CATALOGUE if not r.connection),
+            )
+            if outcome not in (problems.SIGNATURE.outcome, problems.UNAVAILABLE.outcome)
+        }
+        self._accepted = self._outcomes["accepted"]
+        self._replayed = self._outcomes[REPLAYED]
+        # The callIds of the last events stored, by eventId (section 9): a signed
+        # request repeated within the tolerance is answered from here, so a replay loop
+        # costs no Kafka write and cannot fill the spool during an outage. Only stored
+        # events enter it: one whose first attempt got a 503 is written again. Plain
+        # strings on purpose: the garbage collector does not track them, whereas 20,000
+        # tuples in a long-lived dict cost ~10 us per request in its full collections
+        # (measured with wrk, cache on vs off). Two plain dicts, each up to half the
+        # size, the older dropped whole when the newer is full: the cheapest bounded
+        # store (no per-entry eviction), remembering the last half to all of
+        # REPLAY_CACHE_ENTRIES events.
+        self._recent: dict[str, str] = {}
+        self._older: dict[str, str] = {}
+        entries = settings.replay_cache_entries
+        self._recent_half = (entries + 1) // 2
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fields: dict[str, Any] = scope[LOG_FIELDS]
+        try:
+            accepted = await self._handle(scope, receive, fields)
+        except Refused as refused:
+            fields["outcome"] = refused.outcome
+            self._count(refused.outcome)
+            await refused.response()(scope, receive, send)
+            return
+        except asyncio.CancelledError:
+            # Shutdown gave up on this request: its own outcome, never a 500. AccessLog
+            # answers for it; the cancellation goes on.
+            fields["outcome"] = problems.CANCELLED.outcome
+            self._count(problems.CANCELLED.outcome)
+            raise
+        except Exception as exc:
+            # What Starlette's exception middleware would answer: never a stack trace.
+            await internal_error(exc)(scope, receive, send)
+            return
+        outcome = fields.setdefault("outcome", "accepted")
+        (self._replayed if outcome == REPLAYED else self._accepted).inc()
+        # Two plain messages instead of a Response object: the 202 is the same every
+        # time but for its body.
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 202,
+                "headers": [_ACCEPTED_TYPE, (CONTENT_LENGTH, str(len(accepted)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": accepted})
+
+    def _count(self, outcome: str) -> None:
+        counter = self._outcomes.get(outcome)
+        if counter is None:
+            counter = self._outcomes[outcome] = metrics.INGEST_OUTCOMES.labels(outcome)
+        counter.inc()
+
+    async def _handle(self, scope: Scope, receive: Receive, fields: dict[str, Any]) -> bytes:
+        """The 202's body once the event is stored, or :class:`Refused`."""
+        headers = ingest_headers(scope["headers"])
+        content_type = headers.get(CONTENT_TYPE, b"")
+        if content_type != b"application/json" and not _is_json(content_type.decode("latin-1")):
+            raise Refused(problems.UNSUPPORTED_MEDIA_TYPE, "send the body as application/json")
+        signed = self._check_header(headers.get(SIGNATURE_HEADER))
+        raw = await self._body.read(receive, headers.get(CONTENT_LENGTH))
+        if signed is not None:
+            verdict = signature.check_body(signed, raw, self._secrets)
+            if verdict is not signature.Verdict.VALID:
+                raise _signature_refused(verdict)
+        event_id = event_id_for(raw)
+        call_id = self._recent.get(event_id) or self._older.get(event_id)
+        if call_id is not None:
+            # The same signed bytes were stored already: answer as the first time did.
+            fields.update(callId=call_id, eventId=event_id, outcome=REPLAYED)
+            return _accepted_body(event_id, call_id)
+        source, request_type, call = validate_body(parse_body(raw), fields)
+        call_id = call.callId
+        fields.update(callId=call_id, eventId=event_id)
+        await self._store(headers.get(TRACEPARENT), event_id, source, request_type, call, raw)
+        if self._recent_half:
+            self._recent[event_id] = call_id
+            if len(self._recent) >= self._recent_half:
+                self._older, self._recent = self._recent, {}
+        return _accepted_body(event_id, call_id)
+
+    def _check_header(self, header: bytes | None) -> signature.ParsedSignature | None:
+        """Presence, grammar and time window of the signature, before reading the body:
+        an unsigned or stale request is refused without buffering it."""
+        if not self._verify:
+            return None
+        parsed = signature.check_header(
+            None if header is None else header.decode("latin-1"), time.time(), self._tolerance
+        )
+        if isinstance(parsed, signature.Verdict):
+            raise _signature_refused(parsed)
+        return parsed
+
+    async def _store(
+        self,
+        traceparent: bytes | None,
+        event_id: str,
+        source: Source,
+        request_type: str | None,
+        call: Call,
+        raw: bytes,
+    ) -> None:
+        value = encode_ingest(event_id, datetime.now(UTC), source, request_type, call, raw)
+        key = call.callId.encode()
+        if len(value) + len(key) > self._max_value:
+            # The producer would refuse it on every retry (a 503 forever): say so now.
+            raise Refused(
+                problems.TOO_LARGE,
+                f"stored, this event would exceed {self._max_value} bytes; send fewer or "
+                "shorter fields",
+            )
+        headers = [("content-type", b"application/json"), ("ce_id", event_id.encode())]
+        if traceparent is not None and len(traceparent) <= 128:
+            headers.append(("traceparent", traceparent))
+        try:
+            await self._publisher.publish(key, value, headers)
+        except Unwritable as exc:
+            # Kafka refuses this event for good (a topic's max.message.bytes lowered while
+            # running, a policy): no retry can help, so no Retry-After and no 503. A 5xx
+            # the server errors alert sees: an operator must fix the topic.
+            log.error("kafka refuses the event for good", eventId=event_id, error=exc.cause)
+            raise Refused(
+                problems.UNWRITABLE,
+                f"Kafka refuses this event ({exc.cause}); it was not stored",
+            ) from None
+        except Unavailable as exc:
+            # Say which of the two could not take it: an operator reading the answer
+            # looks at Kafka for one and at the node's spool volume for the other.
+            detail = (
+                "Kafka did not take the event in time and the node's spool could not store "
+                f"it ({'full' if exc.reason == 'spool_full' else 'disk error'}); retry later"
+                if exc.reason.startswith("spool_")
+                else "Kafka did not acknowledge the event in time; retry later"
+            )
+            raise Refused(
+                problems.UNAVAILABLE,
+                detail,
+                outcome=f"{problems.UNAVAILABLE.outcome}_{exc.reason}",
+                headers={"Retry-After": self._retry_after},
+            ) from None
+
+
+def internal_error(exc: Exception) -> Response:
+    """A bug's answer: never a stack trace in it; the log line has the details. The
+    other routes' exception handler (``service.app``) answers the same."""
+    log.exception("unhandled error", exc_info=exc)
+    return problem(500, "internal", "Internal error", "the request could not be handled")
