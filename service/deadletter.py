@@ -23,8 +23,9 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
+from service.headers import event_id_of
 from service.kafka import client_options
-from service.producer import event_id_of, partition_for
+from service.partitioner import partition_for
 from service.settings import Settings
 from service.spool import SpooledRecord, decode, encode, fsync_dir
 

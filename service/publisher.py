@@ -38,7 +38,8 @@ import structlog
 
 from service import deadletter, metrics
 from service.backoff import Backoff, sleep_or_stop
-from service.producer import Headers, IngestProducer, Unavailable, Unwritable, event_id_of
+from service.headers import Headers, event_id_of
+from service.producer import IngestProducer, Unavailable, Unwritable
 from service.spool import Sending, Spool, SpooledRecord, SpoolFull
 
 log = structlog.get_logger(logger_name="callstatus.publisher")
