@@ -43,7 +43,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, ProducerClosed
 
-from service import metrics
+from service import aiokafka_internals, metrics
 from service.backoff import Backoff, sleep_or_stop
 from service.headers import Headers, event_id_of
 from service.kafka import client_options, event_ids_written
@@ -371,13 +371,13 @@ class IngestProducer:
         # aiokafka's stop() waits until every buffered batch is delivered, which never
         # happens for a producer the broker refuses. So: stop its sender first (nothing
         # more goes on the wire), then fail what it still holds (it must never be sent
-        # later), then close. aiokafka offers no public way to drop a producer's buffer,
-        # hence the two private attributes.
+        # later), then close. aiokafka offers no public way to do the first two (see
+        # service/aiokafka_internals.py).
         try:
-            await asyncio.wait_for(producer._sender.close(), CLOSE_SECONDS)
+            await asyncio.wait_for(aiokafka_internals.stop_sender(producer), CLOSE_SECONDS)
         except Exception as exc:  # the sender's own failure: it is stopped either way
             log.info("retired producer's sender ended", error=repr(exc))
-        producer._message_accumulator.fail_all(ProducerClosed())
+        aiokafka_internals.fail_buffered(producer, ProducerClosed())
         try:
             await asyncio.wait_for(producer.stop(), CLOSE_SECONDS)
         except Exception as exc:

@@ -32,6 +32,7 @@ from aiokafka.structs import RecordMetadata
 from prometheus_client import Counter
 
 from service import metrics
+from service.aiokafka_internals import sender_failure
 from service.batch import NO_RECORD, Output, Plan, Record, Retention, Target, plan
 from service.kafkaerrors import REFUSED_FOR_GOOD, is_refused_for_good, retrieve
 from service.settings import Settings
@@ -256,7 +257,7 @@ class PartitionWorker:
                 future.add_done_callback(retrieve)
             self.state_end = None
             await _abort_quietly(producer)
-            cause = _sender_failure(producer)
+            cause = sender_failure(producer)
             if cause is not None and cause is not exc and not isinstance(exc, Refused):
                 # aiokafka's sender died (fenced, say) and the next call only says
                 # "not in transaction": report why, so restarts are counted by cause.
@@ -319,15 +320,6 @@ class PartitionWorker:
         await self.producer.stop()
         with contextlib.suppress(KeyError):
             metrics.PROCESSOR_LAG.remove(str(self.partition))
-
-
-def _sender_failure(producer: AIOKafkaProducer) -> BaseException | None:
-    """The error that ended the producer's sender task, if it ended with one."""
-    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
-    if task is None or not task.done() or task.cancelled():
-        return None
-    exc: BaseException | None = task.exception()
-    return exc
 
 
 async def _abort_quietly(producer: AIOKafkaProducer) -> None:
