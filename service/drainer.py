@@ -38,7 +38,9 @@ from service import deadletter, metrics
 from service.backoff import Backoff, sleep_or_stop
 from service.headers import event_id_of
 from service.producer import BatchResult, IngestProducer
-from service.spool import Sending, Spool, SpooledRecord
+from service.spool import Spool
+from service.spoolfiles import Sending
+from service.spoolformat import SpooledRecord
 
 # The publisher's logger name, as before the drainer had a module of its own: log
 # queries written for the drain's lines keep finding them.

@@ -41,7 +41,8 @@ from service.backoff import Backoff, sleep_or_stop
 from service.drainer import Drainer
 from service.headers import Headers
 from service.producer import IngestProducer, Unavailable, Unwritable
-from service.spool import Spool, SpooledRecord, SpoolFull
+from service.spool import Spool, SpoolFull
+from service.spoolformat import SpooledRecord
 
 log = structlog.get_logger(logger_name="callstatus.publisher")
 
