@@ -7,7 +7,7 @@ operator lists it, fixes the cause (usually the topic's ``max.message.bytes``) a
 replays it: ``callstatus spool dead-letter list`` and ``... replay``.
 
 Format: ``<spool dir>/dead-letter/<received_ms>_<eventId>_<kafka error>.rec``, one file
-per event, holding exactly one record in the spool's own format (``service/spool.py``:
+per event, holding exactly one record in the spool's own format (``service/spoolformat.py``:
 crc32, length, received time, key, headers, value): the bytes, key and headers the
 event was spooled with, so a replay sends what ingest would have sent. Written aside,
 fsync'd and renamed before the drainer releases the event from the spool: a crash in
@@ -23,10 +23,12 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
+from service.headers import event_id_of
 from service.kafka import client_options
-from service.producer import event_id_of, partition_for
+from service.partitioner import partition_for
 from service.settings import Settings
-from service.spool import SpooledRecord, decode, encode, fsync_dir
+from service.spoolfiles import fsync_dir
+from service.spoolformat import SpooledRecord, decode, encode
 
 DIRECTORY = "dead-letter"
 SUFFIX = ".rec"

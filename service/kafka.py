@@ -16,12 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
-    InvalidTimestampError,
     KafkaError,
-    MessageSizeTooLargeError,
-    PolicyViolationError,
-    RecordListTooLargeError,
-    RecordTooLargeError,
     TopicAuthorizationFailedError,
     for_code,
 )
@@ -34,19 +29,6 @@ log = structlog.get_logger(logger_name="callstatus.kafka")
 
 DAY_MS = 24 * 3600 * 1000
 T = TypeVar("T")
-
-# Errors that say "Kafka will never take this record", whoever sends it and however
-# often: too large for the topic or the request, a timestamp or a policy it refuses. The
-# processor answers such an output with an ``unwritable`` rejection; ingest refuses such
-# an event instead of spooling it, and the spool drainer moves such a record to its
-# dead-letter directory, so that one record never blocks the records behind it.
-REFUSED_FOR_GOOD: tuple[type[KafkaError], ...] = (
-    MessageSizeTooLargeError,
-    RecordListTooLargeError,
-    RecordTooLargeError,
-    InvalidTimestampError,
-    PolicyViolationError,
-)
 
 # The largest state record the processor writes: a packed state is 27 + 8 x 32 bytes
 # (service/statecodec.py), its key a 42-character callId, plus record and batch framing.

@@ -10,7 +10,7 @@ send fails, and before this module existed the front door stayed shut until the
 process was restarted. aiokafka also retries an idempotent batch *without end*, so an
 event answered 503 could land in Kafka at any later time.
 
-So every error is sorted into one of two kinds:
+So every error is sorted into one of two kinds (:func:`service.kafkaerrors.is_fatal`):
 
 * *the same producer will manage*: a timeout, a lost connection, a leader election.
   The request gets 503; the producer keeps retrying in the background.
@@ -32,7 +32,6 @@ to it.
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -42,50 +41,17 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import (
-    InvalidProducerEpoch,
-    InvalidProducerIdMapping,
-    InvalidTxnState,
-    KafkaError,
-    KafkaTimeoutError,
-    MessageSizeTooLargeError,
-    OutOfOrderSequenceNumber,
-    ProducerClosed,
-    ProducerFenced,
-    RecordTooLargeError,
-    UnknownProducerId,
-)
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.errors import KafkaError, ProducerClosed
 
-from service import metrics
+from service import aiokafka_internals, metrics
 from service.backoff import Backoff, sleep_or_stop
-from service.kafka import REFUSED_FOR_GOOD, client_options, event_ids_written
+from service.headers import Headers, event_id_of
+from service.kafka import client_options, event_ids_written
+from service.kafkaerrors import is_fatal, is_refused_for_good, retrieve
+from service.partitioner import partition_for
 from service.settings import Settings
 
 log = structlog.get_logger(logger_name="callstatus.producer")
-
-Headers = Sequence[tuple[str, bytes]]
-
-# Errors after which this producer's sequence numbers or identity are worthless.
-FATAL: tuple[type[BaseException], ...] = (
-    OutOfOrderSequenceNumber,
-    UnknownProducerId,
-    InvalidProducerEpoch,
-    InvalidProducerIdMapping,
-    InvalidTxnState,
-    ProducerFenced,
-    ProducerClosed,
-)
-# Not the producer's fault: one record refused (another producer would be refused too),
-# or send() waiting too long for room in a full buffer (the watchdog judges the sends).
-# A record the *broker* refused does leave this producer's sequence numbers one batch
-# ahead of the partition's (every later send there fails OutOfOrderSequenceNumber), so
-# after one the producer is retired all the same: see ``_refused``.
-NOT_FATAL: tuple[type[BaseException], ...] = (
-    MessageSizeTooLargeError,
-    RecordTooLargeError,
-    KafkaTimeoutError,
-)
 
 # How often the watchdog looks for sends past their delivery deadline.
 WATCHDOG_TICK_SECONDS = 0.5
@@ -102,7 +68,7 @@ class Unavailable(Exception):
 
 
 class Unwritable(Unavailable):
-    """Kafka refuses this event for good (:data:`service.kafka.REFUSED_FOR_GOOD`): no
+    """Kafka refuses this event for good (:func:`service.kafkaerrors.is_refused_for_good`): no
     retry and no spool can ever deliver it, so it must be refused, never answered 202.
     A subclass of :class:`Unavailable` so that a caller that knows only that still
     refuses it; ``reason`` is ``unwritable``, ``cause`` the Kafka error's name."""
@@ -122,72 +88,13 @@ class BatchResult:
 
     @property
     def refused_for_good(self) -> bool:
-        return isinstance(self.error, REFUSED_FOR_GOOD)
-
-
-def event_id_of(headers: Headers) -> str | None:
-    """The eventId a record carries in its ``ce_id`` header (ingest always sets it)."""
-    for name, value in headers:
-        if name == "ce_id":
-            return value.decode(errors="replace")
-    return None
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+        return is_refused_for_good(self.error)
 
 
 def _wake(waiter: asyncio.Future[None], _: object = None) -> None:
     """Resolve a request's waiter: the send's ack (or failure) came, or its deadline."""
     if not waiter.done():
         waiter.set_result(None)
-
-
-_M = 0x5BD1E995  # murmur2's mixing constant
-_DEFAULT_PARTITIONER = DefaultPartitioner()
-
-
-def murmur2(data: bytes) -> int:
-    """Kafka's murmur2 (the Java client's ``Utils.murmur2``), equal to aiokafka's for
-    every input (a test holds it to that) at half its cost: the 4-byte words are
-    unpacked in one C call instead of four indexings each, and fewer masks are needed
-    where a value cannot pass 32 bits."""
-    length = len(data)
-    h = 0x9747B28C ^ length
-    for k in struct.unpack_from(f"<{length >> 2}I", data):
-        k = (k * _M) & 0xFFFFFFFF
-        k = ((k ^ (k >> 24)) * _M) & 0xFFFFFFFF
-        h = ((h * _M) & 0xFFFFFFFF) ^ k
-    tail = length & 3
-    if tail:
-        i = length - tail
-        if tail == 3:
-            h ^= data[i + 2] << 16
-        if tail >= 2:
-            h ^= data[i + 1] << 8
-        h = ((h ^ data[i]) * _M) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * _M) & 0xFFFFFFFF
-    return h ^ (h >> 15)
-
-
-def partition_for(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
-    """aiokafka's default partitioner with the faster :func:`murmur2`: the same key
-    lands in the same partition as before (and as with any Java-compatible client), so
-    a call's events stay in one partition across versions and the spool drainer."""
-    if key is None:
-        return int(_DEFAULT_PARTITIONER(key, all_partitions, available))
-    return all_partitions[(murmur2(key) & 0x7FFFFFFF) % len(all_partitions)]
-
-
-def is_fatal(exc: BaseException) -> bool:
-    """Whether ``exc`` from a send means the producer that raised it is finished."""
-    if isinstance(exc, FATAL):
-        return True
-    if isinstance(exc, NOT_FATAL):
-        return False
-    return isinstance(exc, KafkaError) and not exc.retriable
 
 
 class IngestProducer:
@@ -301,31 +208,40 @@ class IngestProducer:
             if not future.done():
                 # Its outcome no longer reaches anyone; the watchdog reads it, and the
                 # callback keeps a late failure from being logged as unretrieved.
-                future.add_done_callback(_retrieve)
+                future.add_done_callback(retrieve)
                 self._overdue.append((started, future, producer))
                 metrics.PRODUCE_ERRORS.labels("timeout").inc()
                 raise Unavailable("timeout")
             future.result()
         except KafkaError as exc:
-            reason = type(exc).__name__
-            metrics.PRODUCE_ERRORS.labels(reason).inc()
-            if isinstance(exc, REFUSED_FOR_GOOD):
-                # Answered with a refusal, never spooled: a 202 for it would promise a
-                # delivery that no retry can make (issue 16).
-                log.error(
-                    "kafka refuses the event for good; refused, not spooled",
-                    eventId=event_id_of(headers),
-                    error=repr(exc),
-                )
-                if future is not None:  # the broker refused it, not send() itself
-                    self._refused(producer, reason)
-                raise Unwritable(reason) from None
-            if is_fatal(exc):
-                self._finish(producer, reason)
-            raise Unavailable(reason) from None
+            # A send() that raised spent no sequence number; a delivery future that did,
+            # was refused by the broker.
+            raise self._failed(exc, producer, headers, sent=future is not None) from None
         finally:
             self._inflight -= 1
         self._last_ack = time.monotonic()
+
+    def _failed(
+        self, exc: KafkaError, producer: AIOKafkaProducer, headers: Headers, sent: bool
+    ) -> Unavailable:
+        """Count a request's failed send, do what its error calls for (retire the
+        producer when the error finished it), and return what the request raises."""
+        reason = type(exc).__name__
+        metrics.PRODUCE_ERRORS.labels(reason).inc()
+        if is_refused_for_good(exc):
+            # Answered with a refusal, never spooled: a 202 for it would promise a
+            # delivery that no retry can make (issue 16).
+            log.error(
+                "kafka refuses the event for good; refused, not spooled",
+                eventId=event_id_of(headers),
+                error=repr(exc),
+            )
+            if sent:  # the broker refused it, not send() itself
+                self._refused(producer, reason)
+            return Unwritable(reason)
+        if is_fatal(exc):
+            self._finish(producer, reason)
+        return Unavailable(reason)
 
     async def written(self, event_ids: set[str], sent_at_ms: int) -> set[str]:
         """Which of ``event_ids`` a send begun at ``sent_at_ms`` put on the ingest topic.
@@ -368,7 +284,7 @@ class IngestProducer:
         for result in results:
             if isinstance(result, BaseException):
                 cause = type(result).__name__
-                if isinstance(result, REFUSED_FOR_GOOD):
+                if is_refused_for_good(result):
                     self._refused(producer, cause)
                 elif is_fatal(result):
                     self._finish(producer, cause)
@@ -455,13 +371,13 @@ class IngestProducer:
         # aiokafka's stop() waits until every buffered batch is delivered, which never
         # happens for a producer the broker refuses. So: stop its sender first (nothing
         # more goes on the wire), then fail what it still holds (it must never be sent
-        # later), then close. aiokafka offers no public way to drop a producer's buffer,
-        # hence the two private attributes.
+        # later), then close. aiokafka offers no public way to do the first two (see
+        # service/aiokafka_internals.py).
         try:
-            await asyncio.wait_for(producer._sender.close(), CLOSE_SECONDS)
+            await asyncio.wait_for(aiokafka_internals.stop_sender(producer), CLOSE_SECONDS)
         except Exception as exc:  # the sender's own failure: it is stopped either way
             log.info("retired producer's sender ended", error=repr(exc))
-        producer._message_accumulator.fail_all(ProducerClosed())
+        aiokafka_internals.fail_buffered(producer, ProducerClosed())
         try:
             await asyncio.wait_for(producer.stop(), CLOSE_SECONDS)
         except Exception as exc:

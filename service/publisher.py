@@ -18,12 +18,12 @@ the spool volume, and a spooled event reaches Kafka once the broker is back, or,
 Kafka refuses it for good, lands in the spool's dead-letter directory
 (:mod:`service.deadletter`) for an operator to replay.
 
-The drainer never dies and never stops quietly (issue 16): every failed step (reading
-the spool, sending, moving the checkpoint, writing a dead letter) is logged with its
-cause, counted in ``callstatus_spool_drain_errors_total{stage}`` and retried with
-backoff; the task is supervised and restarted should it end anyway; and a drain that
-makes no progress while Kafka takes writes turns ``/readyz`` to 503 and sets
-``callstatus_spool_drain_stalled``.
+The drainer (:mod:`service.drainer`) never dies and never stops quietly (issue 16):
+every failed step (reading the spool, sending, moving the checkpoint, writing a dead
+letter) is logged with its cause, counted in ``callstatus_spool_drain_errors_total{stage}``
+and retried with backoff; the task is supervised and restarted should it end anyway
+(here); and a drain that makes no progress while Kafka takes writes turns ``/readyz``
+to 503 and sets ``callstatus_spool_drain_stalled``.
 """
 
 from __future__ import annotations
@@ -36,14 +36,16 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 
-from service import deadletter, metrics
+from service import metrics
 from service.backoff import Backoff, sleep_or_stop
-from service.producer import Headers, IngestProducer, Unavailable, Unwritable, event_id_of
-from service.spool import Sending, Spool, SpooledRecord, SpoolFull
+from service.drainer import Drainer
+from service.headers import Headers
+from service.producer import IngestProducer, Unavailable, Unwritable
+from service.spool import Spool, SpoolFull
+from service.spoolformat import SpooledRecord
 
 log = structlog.get_logger(logger_name="callstatus.publisher")
 
-DRAIN_BATCH = 500
 # A spool that holds events while Kafka takes writes, and has not moved for this long,
 # is stalled (see SpoolingPublisher.ready). Well above any healthy pause: a producer
 # rebuild, a drain-error backoff (capped at 5 s) or one batch's acks.
@@ -66,13 +68,11 @@ class SpoolingPublisher:
         self._stall_seconds = stall_seconds
         self._stopping = asyncio.Event()
         self._drainer: asyncio.Task[None] | None = None
-        self.dead_letters = deadletter.directory_of(spool.directory)
-        # When the drain last moved, or last waited for something that is not the
-        # spool's fault (no events, no usable producer, Kafka not acknowledging).
-        self._progress_at = time.monotonic()
-        # True while a send waits for its acks: the producer's watchdog bounds that wait
-        # (retiring the producer past the delivery timeout), so it is never a stall.
-        self._sending = False
+        # The drain loop; its progress (and whether it waits for acks) is what stalled()
+        # judges.
+        self.drainer = Drainer(
+            producer, spool, self._stopping, self._release, self._kafka_takes_writes
+        )
         self._stall_logged = False
         # Per call (record key), how many of its events the spool holds or is writing:
         # counted before the append starts, so a next event of the call cannot overtake
@@ -98,7 +98,7 @@ class SpoolingPublisher:
         if self._drainer is None:
             self.spool.open()
             self._keys_known = not self.spool.events
-            self._progress_at = time.monotonic()
+            self.drainer.moved()
             self._drainer = asyncio.create_task(self._supervise(self._drain), name="spool-drainer")
 
     async def start(self) -> None:
@@ -133,14 +133,14 @@ class SpoolingPublisher:
         stuck = (
             self.spool.events > 0
             and self.producer.usable
-            and not self._sending
-            and time.monotonic() - self._progress_at > self._stall_seconds
+            and not self.drainer.sending
+            and time.monotonic() - self.drainer.progress_at > self._stall_seconds
         )
         if stuck and not self._stall_logged:
             log.error(
                 "spool drain stalled while Kafka takes writes; /readyz answers 503",
                 events=self.spool.events,
-                seconds=round(time.monotonic() - self._progress_at),
+                seconds=round(time.monotonic() - self.drainer.progress_at),
             )
         elif self._stall_logged and not stuck:
             log.info("spool drain moving again", events=self.spool.events)
@@ -220,6 +220,11 @@ class SpoolingPublisher:
             self._keys_known = True
             self._spooled.clear()
 
+    def _kafka_takes_writes(self) -> None:
+        """The drainer's batch was acknowledged: calls with nothing spooled go to Kafka
+        directly again."""
+        self._kafka_ok = True
+
     async def _supervise(self, drain: Callable[[], Awaitable[None]]) -> None:
         """Run the drainer until stopped; if it ever ends with an error (a bug: every
         step's failure is handled inside it), log it, count it and start it again."""
@@ -236,148 +241,5 @@ class SpoolingPublisher:
                 await sleep_or_stop(backoff.next_delay(), self._stopping)
 
     async def _drain(self) -> None:
-        """Send spooled events to Kafka in order; release each batch only after its ack.
-        A record Kafka refuses for good goes to the dead-letter directory, and the drain
-        goes on behind it."""
-        backoff = Backoff(first=0.2, cap=5.0)
-        # After a refusal, how many records to send one at a time: a refused produce
-        # request fails every record batched with the culprit, so only a record refused
-        # on its own is known to be the one Kafka will never take.
-        solo = 0
-        # Records Kafka acknowledged whose release failed (the checkpoint's write): the
-        # release is retried, not the send, so a disk fault does not multiply them in
-        # Kafka (a crash before the release still re-sends them: at least once).
-        unreleased: list[SpooledRecord] = []
-        # The eventIds of the spool's head that Kafka had already when this process
-        # started (see _already_in_kafka): not sent again.
-        skip: set[str] = set()
-        while not self._stopping.is_set():
-            stage = "release"
-            try:
-                if unreleased:
-                    await self._release(unreleased)
-                    solo = max(0, solo - len(unreleased))
-                    unreleased = []
-                    self._moved()
-                    backoff.reset()
-                if not self.spool.nonempty.is_set():
-                    await self.spool.nonempty.wait()
-                    self._moved()
-                if not self.producer.usable:
-                    self._moved()  # waiting for the rebuilt producer: Kafka's turn, not ours
-                    await sleep_or_stop(0.2, self._stopping)
-                    continue
-                if self.spool.unconfirmed is not None:
-                    stage = "confirm"
-                    skip = await self._already_in_kafka(self.spool.unconfirmed)
-                    self.spool.unconfirmed = None
-                stage = "read"
-                batch = await self.spool.next_batch(1 if solo else DRAIN_BATCH)
-                if not batch:
-                    await sleep_or_stop(0.05, self._stopping)  # appended but not yet fsync'd
-                    continue
-                stage = "mark"
-                await self.spool.mark_sending(batch)
-                stage = "send"
-                # Only the first batch after an unclean stop has anything to leave out.
-                sending = (
-                    [r for r in batch if event_id_of(r.headers) not in skip] if skip else batch
-                )
-                self._sending = True
-                try:
-                    result = await self.producer.send_batch(
-                        [(r.key, r.value, r.headers) for r in sending]
-                    )
-                finally:
-                    self._sending = False
-                    self._moved()
-                if skip:
-                    # The first batch after a crash mid-drain, with what Kafka had of it
-                    # left out: released whole once the rest is in, else tried again
-                    # whole (a second fault may then repeat some: at least once).
-                    if result.error is None:
-                        metrics.SPOOL_RESENDS_AVOIDED.inc(len(batch) - len(sending))
-                        skip = set()  # the whole batch is in Kafka now
-                        self._kafka_ok = True
-                        stage = "release"
-                        unreleased = batch
-                        await self._release(batch)
-                        unreleased = []
-                        backoff.reset()
-                        continue
-                    if result.refused_for_good:
-                        skip = set()  # the usual path below finds and dead-letters it
-                    await sleep_or_stop(backoff.next_delay(), self._stopping)
-                    continue
-                if result.acked:
-                    self._kafka_ok = True  # Kafka takes writes: direct for calls not spooled
-                    stage = "release"
-                    unreleased = batch[: result.acked]
-                    await self._release(unreleased)
-                    solo = max(0, solo - result.acked)
-                    unreleased = []
-                if result.error is None:
-                    backoff.reset()
-                    continue
-                if result.refused_for_good:
-                    unsent = batch[result.acked :]
-                    # The records before it were acknowledged, so a refused last record
-                    # was alone in its produce batch: it is the one Kafka refuses.
-                    if len(unsent) == 1:
-                        stage = "dead_letter"
-                        await self._dead_letter(unsent[0], type(result.error).__name__)
-                        solo = max(0, solo - 1)
-                        self._moved()
-                    else:
-                        solo = len(unsent)
-                    continue  # the producer is being rebuilt: the loop waits for it
-                # Otherwise Kafka did not acknowledge (away, or the producer is being
-                # replaced): the producer's own supervision deals with that; back off.
-            except Exception as exc:
-                metrics.SPOOL_DRAIN_ERRORS.labels(stage).inc()
-                log.error(
-                    "spool drain step failed; retrying",
-                    stage=stage,
-                    error=repr(exc),
-                    exc_info=None if isinstance(exc, OSError) else exc,
-                )
-            await sleep_or_stop(backoff.next_delay(), self._stopping)
-
-    async def _already_in_kafka(self, sending: Sending) -> set[str]:
-        """The eventIds of the spool's head that Kafka has already, after a crash
-        between a drained batch's ack and the checkpoint (the spool noted the batch and
-        its time before sending it). Sent again, such a copy is dropped by the processor
-        as a duplicate while its call's state is held, but becomes a second change once
-        the state was retired meanwhile (a long downtime; issue 16, finding 4). Kafka is
-        asked once, at start, for that one batch's window."""
-        end = (sending.end.segment, sending.end.offset)
-        window = [
-            r
-            for r in await self.spool.next_batch(DRAIN_BATCH)
-            if (r.end.segment, r.end.offset) <= end
-        ]
-        wanted = {eid for r in window if (eid := event_id_of(r.headers)) is not None}
-        found = await self.producer.written(wanted, sending.at_ms) if wanted else set()
-        log.info(
-            "spool head checked against Kafka after an unclean stop",
-            maybe_sent=len(window),
-            already_in_kafka=len(found),
-        )
-        return found
-
-    def _moved(self) -> None:
-        self._progress_at = time.monotonic()
-
-    async def _dead_letter(self, record: SpooledRecord, reason: str) -> None:
-        """Move a record Kafka refused on its own, for good, out of the drain's way:
-        durable in the dead-letter directory first, released from the spool after."""
-        path = await asyncio.to_thread(deadletter.write, self.dead_letters, record, reason)
-        await self._release([record])
-        metrics.SPOOL_DEAD_LETTERS.labels(reason).inc()
-        log.error(
-            "kafka refuses a spooled event for good; moved it to the dead-letter directory",
-            eventId=event_id_of(record.headers),
-            error=reason,
-            bytes=len(record.value),
-            file=str(path),
-        )
+        """The drain loop (:meth:`Drainer.run`), as :meth:`_supervise` runs it."""
+        await self.drainer.run()

@@ -6,17 +6,16 @@ Format, and why
 Append-only segment files (``<number>.seg``) of length-prefixed, CRC-checked records,
 plus a ``checkpoint`` file naming the first record not yet delivered to Kafka. Chosen
 over SQLite because the spool needs exactly three things, each simple here and each
-visible in this one module: appends made durable in groups (one ``fsync`` for every
-request that arrived during the previous one), strictly ordered reads from a position,
-and a torn tail that is *detected and reported*. A crash mid-write leaves a partial or
-mismatching record at the end of a segment; opening the spool cuts the segment there,
-logs how many bytes it cut and counts them, and never hands those bytes to Kafka.
+visible in this module and its three helpers: appends made durable in groups (one
+``fsync`` for every request that arrived during the previous one), strictly ordered
+reads from a position, and a torn tail that is *detected and reported*. A crash
+mid-write leaves a partial or mismatching record at the end of a segment; opening the
+spool cuts the segment there, logs how many bytes it cut and counts them, and never
+hands those bytes to Kafka.
 
-A record::
-
-    u32 crc32(body) | u32 len(body) | body
-    body = u64 received_ms | u16 len(key) | key | u8 n_headers
-           | n x (u8 len(name) | name | u16 len(value) | value) | value
+The helpers: the record format and reading records back, :mod:`service.spoolformat`;
+the checkpoint and the ``sending`` note, :mod:`service.spoolfiles`; the segment files
+and the writer thread's side of them, :mod:`service.spoolsegments`.
 
 If the process dies after Kafka acknowledged a drained batch but before the checkpoint
 moved past it, the batch is still here at the next start. So that it is not sent twice
@@ -26,13 +25,14 @@ start that finds the note past the checkpoint (:attr:`Spool.unconfirmed`) asks K
 which of that batch it has (service/publisher.py).
 
 A record Kafka refuses for good leaves the spool for ``dead-letter/`` in the same
-directory (``service/deadletter.py``, written in this module's record format), so that it
+directory (``service/deadletter.py``, written in the spool's record format), so that it
 never blocks the records behind it.
 
 Disk faults (ENOSPC, EIO) fail the append (its requests get 503) and leave nothing of it
 in front of a later record: the failed part is truncated away, or, if the truncate fails
 too, the segment is sealed at its last good record and appends move to a new segment.
-Nothing remembers the failure, so the spool works again as soon as the disk does.
+Nothing remembers the failure, so the spool works again as soon as the disk does
+(:mod:`service.spoolsegments`).
 
 Only one process may use a spool directory (an exclusive lock on ``lock``).
 """
@@ -40,31 +40,35 @@ Only one process may use a spool directory (an exclusive lock on ``lock``).
 from __future__ import annotations
 
 import asyncio
-import errno
 import fcntl
-import json
 import os
-import struct
 import time
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from service import metrics
+from service.headers import Headers
+from service.spoolfiles import (
+    Position,
+    Sending,
+    load_checkpoint,
+    load_sending,
+    store_checkpoint,
+    store_sending,
+)
+from service.spoolformat import (
+    SpooledRecord,
+    decode,
+    encode,
+    read_records,
+    received_ms_of,
+    segment_numbers,
+)
+from service.spoolsegments import SegmentFiles, count_disk_error
 
 log = structlog.get_logger(logger_name="callstatus.spool")
-
-_HEAD = struct.Struct("<II")  # crc32, body length
-_BODY_HEAD = struct.Struct("<QH")  # received_ms, key length
-SEGMENT_SUFFIX = ".seg"
-# No single record is bigger (a body is capped far below this): a larger length field
-# can only be garbage.
-MAX_RECORD_BYTES = 64 * 1024 * 1024
-
-Headers = Sequence[tuple[str, bytes]]
 
 
 class SpoolFull(Exception):
@@ -75,103 +79,21 @@ class SpoolLocked(Exception):
     """Another process holds the spool directory."""
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
-    segment: int
-    offset: int
-
-
-@dataclass(frozen=True, slots=True)
-class Sending:
-    """What the drainer was sending when the process last stopped: the records from the
-    checkpoint up to ``end`` may be in Kafka already (sent at ``at_ms`` and acknowledged,
-    with the process gone before the checkpoint moved past them)."""
-
-    end: Position
-    at_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class SpooledRecord:
-    key: bytes
-    value: bytes
-    headers: list[tuple[str, bytes]]
-    received_ms: int
-    end: Position  # where the next record starts: release(end) frees this one
-    size: int
-
-
-def encode(key: bytes, value: bytes, headers: Headers, received_ms: int) -> bytes:
-    parts = [_BODY_HEAD.pack(received_ms, len(key)), key, bytes((len(headers),))]
-    for name, val in headers:
-        raw = name.encode()
-        parts += [bytes((len(raw),)), raw, struct.pack("<H", len(val)), val]
-    parts.append(value)
-    body = b"".join(parts)
-    return _HEAD.pack(zlib.crc32(body), len(body)) + body
-
-
-def decode(
-    data: bytes | memoryview, at: int
-) -> tuple[bytes, bytes, list[tuple[str, bytes]], int, int] | None:
-    """The record starting at ``at``: (key, value, headers, received_ms, next offset), or
-    None when what is there is not a whole, intact record (a torn or corrupt tail)."""
-    if len(data) - at < _HEAD.size:
-        return None
-    crc, length = _HEAD.unpack_from(data, at)
-    start = at + _HEAD.size
-    end = start + length
-    if length < _BODY_HEAD.size + 1 or length > MAX_RECORD_BYTES or end > len(data):
-        return None
-    body = bytes(data[start:end])
-    if zlib.crc32(body) != crc:
-        return None
-    received_ms, key_len = _BODY_HEAD.unpack_from(body, 0)
-    i = _BODY_HEAD.size
-    key = body[i : i + key_len]
-    i += key_len
-    headers = []
-    count = body[i]
-    i += 1
-    for _ in range(count):
-        name_len = body[i]
-        name = body[i + 1 : i + 1 + name_len].decode()
-        i += 1 + name_len
-        (val_len,) = struct.unpack_from("<H", body, i)
-        headers.append((name, body[i + 2 : i + 2 + val_len]))
-        i += 2 + val_len
-    return key, body[i:], headers, received_ms, end
-
-
-class Spool:
+class Spool(SegmentFiles):
     """The spool directory: open it (recovering a torn tail), append durably, read in
-    order from the checkpoint, release what Kafka acknowledged."""
+    order from the checkpoint, release what Kafka acknowledged. The segment files
+    themselves, and the writer thread's side of them, are :class:`SegmentFiles`."""
 
     def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = 64 * 1024 * 1024):
-        self.directory = directory
         self.max_bytes = max_bytes
         # Set by open() when the last run may have died between a drained batch's ack
         # and its checkpoint; the drainer settles it, then sets it back to None.
         self.unconfirmed: Sending | None = None
-        self.segment_bytes = segment_bytes
+        super().__init__(directory, segment_bytes)
         self.events = 0  # records not yet released
         self.bytes = 0  # their size on disk
         self.oldest_ms: int | None = None
         self._lock_fd = -1
-        self._write_fd = -1
-        self._write_segment = 0
-        self._write_offset = 0
-        # Set when a failed write could not be cut off (ftruncate failed too): the
-        # segment's tail may hold garbage, and a record appended behind garbage would be
-        # cut with it by the next open(). The next append moves to a new segment first.
-        self._poisoned = False
-        # Where the valid records end in segments left behind by a rotation: a poisoned
-        # one is longer than that (garbage), so its file size must not be trusted.
-        # Written by the writer thread before the durable end moves past the segment.
-        self._sealed: dict[int, int] = {}
-        # End of what is fsync'd: readers never look past it. One tuple, replaced whole,
-        # because the writer thread moves it while the event loop reads it.
-        self._durable = Position(0, 0)
         self._read = Position(0, 0)  # the checkpoint: first record not yet released
         self._pending: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
@@ -193,9 +115,9 @@ class Spool:
         except BlockingIOError:
             os.close(self._lock_fd)
             raise SpoolLocked(f"another process uses the spool in {self.directory}") from None
-        self._read = self._load_checkpoint()
-        self.unconfirmed = self._load_sending()
-        segments = self._segments()
+        self._read = load_checkpoint(self.directory)
+        self.unconfirmed = load_sending(self.directory, self._read)
+        segments = segment_numbers(self.directory)
         for number in segments:
             if number < self._read.segment:
                 (self._path(number)).unlink()  # fully released before the last crash
@@ -244,7 +166,7 @@ class Spool:
                 # The disk refuses the cut: the records before it are still good, so
                 # start anyway, but read this segment only up to ``at`` and never append
                 # to it (a record behind the garbage would be cut with it next time).
-                _count("recover", exc)
+                count_disk_error("recover", exc)
                 log.error(
                     "spool tail could not be cut; the segment is sealed before it",
                     segment=path.name,
@@ -300,7 +222,7 @@ class Spool:
                 continue
             self.events += len(records)
             if self.oldest_ms is None:
-                self.oldest_ms = _BODY_HEAD.unpack_from(records[0], _HEAD.size)[0]
+                self.oldest_ms = received_ms_of(records[0])
             metrics.SPOOL_APPENDS.inc(len(records))
             metrics.SPOOL_EVENTS.set(self.events)
             metrics.SPOOL_BYTES.set(self.bytes)
@@ -308,96 +230,6 @@ class Spool:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
-
-    def _write(self, data: bytes) -> None:
-        """In the writer thread: append one group and fsync it, or raise (every request
-        of the group then gets 503) leaving no byte of it where a later group would sit
-        behind it."""
-        if self._poisoned or self._write_offset >= self.segment_bytes:
-            self._rotate()  # raises (the group fails) while the disk refuses a new file
-        view = memoryview(data)
-        stage = "write"
-        try:
-            while view:
-                written = os.write(self._write_fd, view)
-                view = view[written:]
-            stage = "fsync"
-            os.fsync(self._write_fd)
-        except OSError as exc:
-            _count(stage, exc)
-            self._cut_failed_group()
-            raise
-        self._write_offset += len(data)
-        self._durable = Position(self._write_segment, self._write_offset)
-
-    def _cut_failed_group(self) -> None:
-        """Cut what part of a failed group reached the file. If even that fails, the
-        tail is garbage that the next open() cuts, with anything written behind it: so
-        the segment is poisoned and the next append goes to a new one."""
-        try:
-            os.ftruncate(self._write_fd, self._write_offset)
-        except OSError as exc:
-            _count("truncate", exc)
-            self._poisoned = True
-            log.error(
-                "spool could not cut a failed write; the next append starts a new segment",
-                segment=self._path(self._write_segment).name,
-                offset=self._write_offset,
-                error=repr(exc),
-            )
-
-    def _rotate(self) -> None:
-        """Move appends to the next segment. The new file is opened (and its name made
-        durable) before the old one is closed: a failure leaves the old fd open and in
-        use, never a closed fd number that a later close() would take from whoever the
-        kernel gave that number to meanwhile."""
-        try:
-            fd = self._open_segment(self._write_segment + 1)
-        except OSError as exc:
-            _count("rotate", exc)
-            log.error(
-                "spool could not start a new segment",
-                segment=self._path(self._write_segment + 1).name,
-                error=repr(exc),
-            )
-            raise
-        old, old_segment = self._write_fd, self._write_segment
-        # Sealed before the durable end moves past it: a reader in another thread that
-        # sees the new durable end also sees where this segment's records end.
-        self._sealed[old_segment] = self._write_offset
-        self._write_fd = fd
-        self._write_segment = old_segment + 1
-        self._write_offset = os.fstat(fd).st_size
-        self._poisoned = False
-        self._durable = Position(self._write_segment, self._write_offset)
-        try:
-            os.close(old)
-        except OSError as exc:
-            # Linux frees the fd number even when close() reports an error, and every
-            # record in it was fsync'd: nothing to undo, only to report.
-            _count("close", exc)
-            log.warning("spool segment close failed", segment=old_segment, error=repr(exc))
-
-    def _open_segment(self, number: int) -> int:
-        fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            # Every time, not only when the file is new: a retry after a directory fsync
-            # that failed finds the file there, and its name must survive a crash too.
-            fsync_dir(self.directory)
-        except OSError:
-            os.close(fd)
-            raise
-        return fd
-
-    def _open_for_append(self, number: int) -> None:
-        self._write_fd = self._open_segment(number)
-        self._write_segment = number
-        # A segment sealed at open (a tail it could not cut) ends where its records do,
-        # not where its garbage does: readers must stop there, and so must the seal
-        # the rotation of the first append writes.
-        sealed = self._sealed.get(number)
-        self._write_offset = os.fstat(self._write_fd).st_size if sealed is None else sealed
-        self._durable = Position(number, self._write_offset)
 
     # -- read and release -------------------------------------------------------------
 
@@ -413,45 +245,9 @@ class Spool:
         return await asyncio.to_thread(self.read, max_records)
 
     def _read_from(self, pos: Position, max_records: int, max_bytes: int) -> list[SpooledRecord]:
-        out: list[SpooledRecord] = []
-        durable = self._durable
-        size = 0
-        while len(out) < max_records and size < max_bytes:
-            if pos.segment == durable.segment:
-                limit = durable.offset
-            elif pos.segment < durable.segment:
-                limit = self._segment_end(pos.segment)
-            else:
-                break
-            if pos.offset >= limit:
-                if pos.segment == durable.segment:
-                    break
-                pos = Position(pos.segment + 1, 0)
-                continue
-            with self._path(pos.segment).open("rb") as f:
-                f.seek(pos.offset)
-                chunk = f.read(min(limit - pos.offset, max(max_bytes - size, _HEAD.size)))
-                if len(chunk) >= _HEAD.size:
-                    # A record longer than the chunk: read exactly that one.
-                    need = _HEAD.size + _HEAD.unpack_from(chunk, 0)[1]
-                    if need > len(chunk) and need <= limit - pos.offset:
-                        chunk += f.read(need - len(chunk))
-            at = 0
-            while len(out) < max_records and size < max_bytes:
-                record = decode(chunk, at)
-                if record is None:
-                    break
-                key, value, headers, received_ms, end = record
-                rec_end = Position(pos.segment, pos.offset + end)
-                out.append(SpooledRecord(key, value, headers, received_ms, rec_end, end - at))
-                size += end - at
-                at = end
-            if at == 0:
-                # Everything up to ``limit`` was checked when the spool was opened or
-                # written, so this is damage since then: refuse to guess past it.
-                raise OSError(f"spool segment {pos.segment} unreadable at {pos.offset}")
-            pos = Position(pos.segment, pos.offset + at)
-        return out
+        return read_records(
+            self.directory, pos, self._durable, self._segment_end, max_records, max_bytes
+        )
 
     async def release(self, done: Sequence[SpooledRecord]) -> None:
         """Forget records Kafka acknowledged (a prefix of what :meth:`read` returned): move
@@ -495,7 +291,7 @@ class Spool:
         try:
             self._store_checkpoint(end)
         except OSError as exc:
-            _count("checkpoint", exc)  # the drainer logs it and retries the release
+            count_disk_error("checkpoint", exc)  # the drainer logs it and retries the release
             raise
         for number in range(self._read.segment, end.segment):
             self._sealed.pop(number, None)
@@ -516,29 +312,9 @@ class Spool:
             return None
         return following[0].received_ms if following else None
 
-    # -- files --------------------------------------------------------------------------
-
-    def _path(self, number: int) -> Path:
-        return self.directory / f"{number:012d}{SEGMENT_SUFFIX}"
-
-    def _segments(self) -> list[int]:
-        return sorted(
-            int(p.name[: -len(SEGMENT_SUFFIX)])
-            for p in self.directory.glob(f"*{SEGMENT_SUFFIX}")
-            if p.name[: -len(SEGMENT_SUFFIX)].isdigit()
-        )
-
-    def _segment_size(self, number: int) -> int:
-        try:
-            return self._path(number).stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def _segment_end(self, number: int) -> int:
-        """Where the records of a segment behind the write segment end: its size, or,
-        for one sealed with garbage after its records, where the garbage starts."""
-        sealed = self._sealed.get(number)
-        return self._segment_size(number) if sealed is None else sealed
+    def _store_checkpoint(self, pos: Position) -> None:
+        """Blocking: the release's worker thread calls it."""
+        store_checkpoint(self.directory, pos)
 
     async def mark_sending(self, batch: Sequence[SpooledRecord]) -> None:
         """Durably note how far ``batch`` reaches and when, before the drainer sends it:
@@ -547,57 +323,9 @@ class Spool:
         sending them a second time. A failure raises, and the batch is not sent."""
         if not batch:
             return
-        end = batch[-1].end
-        note = {"segment": end.segment, "offset": end.offset, "at_ms": int(time.time() * 1000)}
+        note = Sending(batch[-1].end, int(time.time() * 1000))
         try:
-            await asyncio.to_thread(self._store_json, "sending", note)
+            await asyncio.to_thread(store_sending, self.directory, note)
         except OSError as exc:
-            _count("sending", exc)
+            count_disk_error("sending", exc)
             raise
-
-    def _load_sending(self) -> Sending | None:
-        """The last batch noted as being sent, when it reaches past the checkpoint."""
-        try:
-            raw = json.loads((self.directory / "sending").read_text())
-            sending = Sending(Position(int(raw["segment"]), int(raw["offset"])), int(raw["at_ms"]))
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return None
-        if (sending.end.segment, sending.end.offset) <= (self._read.segment, self._read.offset):
-            return None  # all of it was released: nothing to ask
-        return sending
-
-    def _load_checkpoint(self) -> Position:
-        try:
-            raw = json.loads((self.directory / "checkpoint").read_text())
-            return Position(int(raw["segment"]), int(raw["offset"]))
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return Position(0, 0)
-
-    def _store_checkpoint(self, pos: Position) -> None:
-        self._store_json("checkpoint", {"segment": pos.segment, "offset": pos.offset})
-
-    def _store_json(self, name: str, value: dict[str, int]) -> None:
-        # Written aside and renamed: a crash leaves the old file or the new one.
-        tmp = self.directory / f"{name}.tmp"
-        with tmp.open("w") as f:
-            json.dump(value, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.directory / name)
-        fsync_dir(self.directory)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a directory's entries (a new or renamed file's name) durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _count(stage: str, exc: OSError) -> None:
-    """Count a failed disk operation by stage and errno name (ENOSPC: the volume is
-    full; EIO: it is failing), so an alert can tell the two apart."""
-    name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-    metrics.SPOOL_DISK_ERRORS.labels(stage, name).inc()

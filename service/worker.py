@@ -24,25 +24,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
-from typing import Any, TypeAlias
+from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.structs import RecordMetadata
 from prometheus_client import Counter
 
 from service import metrics
-from service.batch import NO_RECORD, Output, Plan, Retention, Target, plan
-from service.kafka import REFUSED_FOR_GOOD
+from service.aiokafka_internals import sender_failure
+from service.batch import NO_RECORD, Output, Plan, Record, Retention, Target, plan
+from service.kafkaerrors import REFUSED_FOR_GOOD, is_refused_for_good, retrieve
 from service.settings import Settings
 
 log = structlog.get_logger(logger_name="callstatus.worker")
 
-Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
-
-# REFUSED_FOR_GOOD (service/kafka.py, shared with ingest and the spool): a record Kafka
-# refuses so is answered with an ``unwritable`` rejection. Everything else is the
-# broker's or the producer's trouble and restarts the processor.
+# A record Kafka refuses for good (service/kafkaerrors.py, shared with ingest and the
+# spool) is answered with an ``unwritable`` rejection. Everything else is the broker's
+# or the producer's trouble and restarts the processor.
 
 
 def transactional_id(group: str, topic: str, partition: int) -> str:
@@ -237,7 +236,7 @@ class PartitionWorker:
                 results = await asyncio.gather(*futures, return_exceptions=True)
                 errors = [r for r in results if isinstance(r, BaseException)]
                 if errors:
-                    if all(isinstance(e, REFUSED_FOR_GOOD) for e in errors):
+                    if all(is_refused_for_good(e) for e in errors):
                         # A refused produce request fails every record batched with the
                         # culprit: which one it was, only writing them singly tells.
                         raise Refused(None, errors[0])
@@ -255,10 +254,10 @@ class PartitionWorker:
             await producer.commit_transaction()
         except BaseException as exc:
             for future in futures:  # their errors are this one; don't log each at GC
-                future.add_done_callback(_retrieve)
+                future.add_done_callback(retrieve)
             self.state_end = None
             await _abort_quietly(producer)
-            cause = _sender_failure(producer)
+            cause = sender_failure(producer)
             if cause is not None and cause is not exc and not isinstance(exc, Refused):
                 # aiokafka's sender died (fenced, say) and the next call only says
                 # "not in transaction": report why, so restarts are counted by cause.
@@ -321,20 +320,6 @@ class PartitionWorker:
         await self.producer.stop()
         with contextlib.suppress(KeyError):
             metrics.PROCESSOR_LAG.remove(str(self.partition))
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-def _sender_failure(producer: AIOKafkaProducer) -> BaseException | None:
-    """The error that ended the producer's sender task, if it ended with one."""
-    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
-    if task is None or not task.done() or task.cancelled():
-        return None
-    exc: BaseException | None = task.exception()
-    return exc
 
 
 async def _abort_quietly(producer: AIOKafkaProducer) -> None:

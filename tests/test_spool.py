@@ -18,7 +18,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from service import metrics
-from service.spool import Position, Spool, SpoolFull, SpoolLocked, encode
+from service.spool import Spool, SpoolFull, SpoolLocked
+from service.spoolfiles import Position
+from service.spoolformat import encode
 from tests.diskfault import append_only, fill, fsync_failing_disk, small_tmpfs, use_up_inodes
 
 

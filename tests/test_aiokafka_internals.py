@@ -1,0 +1,103 @@
+"""The aiokafka internals the service relies on (service/aiokafka_internals.py) are
+still there and still behave so, on the aiokafka installed: a new aiokafka that moved
+them fails here, by name, instead of in production. No broker needed."""
+
+from __future__ import annotations
+
+import asyncio
+import tomllib
+from collections.abc import AsyncIterator
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import ProducerClosed, ProducerFenced
+from packaging.requirements import Requirement
+
+from service import aiokafka_internals
+
+ROOT = Path(__file__).resolve().parents[1]
+AIOKAFKA = version("aiokafka")
+CHANGED = (
+    f"aiokafka {AIOKAFKA} changed an internal that service/aiokafka_internals.py relies "
+    "on: adapt that module (and only it), then move pyproject.toml's bound on aiokafka"
+)
+
+
+@pytest.fixture
+async def producer() -> AsyncIterator[AIOKafkaProducer]:
+    # Never started: nothing here may need a broker. Port 1 answers no one.
+    made = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1")
+    try:
+        yield made
+    finally:
+        await made.stop()
+
+
+def test_the_installed_aiokafka_is_in_the_range_pyproject_allows() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    [spec] = [
+        Requirement(d)
+        for d in pyproject["project"]["dependencies"]
+        if Requirement(d).name == "aiokafka"
+    ]
+    assert spec.specifier, "pyproject.toml must bound aiokafka to the tested range"
+    assert AIOKAFKA in spec.specifier, (
+        f"aiokafka {AIOKAFKA} is installed but pyproject.toml allows {spec.specifier}: the "
+        "internals in service/aiokafka_internals.py were checked only in that range"
+    )
+
+
+def _require(obj: object, path: str) -> object:
+    for name in path.split("."):
+        assert hasattr(obj, name), f"{CHANGED}: no {name!r} on {type(obj).__name__} ({path})"
+        obj = getattr(obj, name)
+    return obj
+
+
+def test_a_producer_has_the_sender_and_the_accumulator_we_reach_into(
+    producer: AIOKafkaProducer,
+) -> None:
+    assert asyncio.iscoroutinefunction(_require(producer, "_sender.close")), CHANGED
+    _require(producer, "_sender.sender_task")
+    assert callable(_require(producer, "_message_accumulator.fail_all")), CHANGED
+
+
+async def test_stop_sender_ends_a_running_sender_task(producer: AIOKafkaProducer) -> None:
+    # The sender alone (the producer's start() would bootstrap against a broker).
+    await producer._sender.start()
+    task = producer._sender.sender_task
+    assert isinstance(task, asyncio.Task) and not task.done(), CHANGED
+    await asyncio.wait_for(aiokafka_internals.stop_sender(producer), 5)
+    assert task.done(), f"{CHANGED}: stop_sender left the sender task running"
+    assert aiokafka_internals.sender_failure(producer) is None
+
+
+async def test_fail_buffered_fails_every_buffered_send_and_nothing_is_sent_later(
+    producer: AIOKafkaProducer,
+) -> None:
+    accumulator = producer._message_accumulator
+    tp = TopicPartition("t", 0)
+    futures = [await accumulator.add_message(tp, b"k", b"v", timeout=1) for _ in range(3)]
+    batches = [batch.future for batch in accumulator._batches[tp]]
+    assert not any(f.done() for f in futures)
+    aiokafka_internals.fail_buffered(producer, ProducerClosed())
+    for future in futures + batches:  # each read, so none is logged as unretrieved
+        assert future.done(), f"{CHANGED}: fail_buffered left a send pending"
+        assert isinstance(future.exception(), ProducerClosed), CHANGED
+
+
+async def test_sender_failure_is_the_error_that_ended_the_sender_task(
+    producer: AIOKafkaProducer,
+) -> None:
+    assert aiokafka_internals.sender_failure(producer) is None  # never started
+
+    async def fenced() -> None:
+        raise ProducerFenced()
+
+    died = asyncio.ensure_future(fenced())
+    await asyncio.wait((died,))
+    producer._sender._sender_task = died  # what Sender.start() sets
+    assert producer._sender.sender_task is died, f"{CHANGED}: sender_task is not the task"
+    assert isinstance(aiokafka_internals.sender_failure(producer), ProducerFenced), CHANGED
