@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from schemas.call import CallStatus
-from tests.integration.kafkautil import Event, make_call
+from testkit import Event, make_call
 
 # The signing secret every server under test holds; the benchmark's only secret.
 SECRET = "sigsec_bench_" + "0" * 32

@@ -47,7 +47,7 @@ import httpx
 
 from service import signature
 from service.app import INGEST_PATH
-from tests.integration.kafkautil import free_port, private_broker, read_committed
+from testkit import free_port, private_broker, read_committed
 
 ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / "build" / "image-test"  # git-ignored: the dockerd log, scratch files
