@@ -138,6 +138,35 @@ def _phone(rng: random.Random) -> str:
     return f"+1312{rng.randrange(10**7):07d}"
 
 
+def callback_body(
+    request_type: str,
+    call_id: str,
+    account_id: str,
+    status: CallStatus,
+    direction: str,
+    ends: tuple[str, str],
+    **extra: object,
+) -> bytes:
+    """A FreeClimb callback body with the fields FreeClimb sends (keys as in its SDK's
+    example), ``extra`` after them; ``ends`` is (from, to). Shared with the benchmark's
+    traffic (bench/data.py)."""
+    caller, callee = ends
+    fields: dict[str, object] = {
+        "accountId": account_id,
+        "callId": call_id,
+        "callStatus": status.value,
+        "conferenceId": None,
+        "direction": direction,
+        "from": caller,
+        "parentCallId": None,
+        "queueId": None,
+        "requestType": request_type,
+        "to": callee,
+        **extra,
+    }
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
 def _body(
     step: Step,
     call_id: str,
@@ -146,25 +175,15 @@ def _body(
     ends: tuple[str, str],
     duration: int,
 ) -> bytes:
-    """A callback body with the fields FreeClimb sends (keys as in its SDK's example)."""
-    caller, callee = ends
-    fields: dict[str, object] = {
-        "accountId": account_id,
-        "callId": call_id,
-        "callStatus": step.status.value,
-        "conferenceId": None,
-        "direction": lifecycle.direction,
-        "from": caller,
-        "parentCallId": None,
-        "queueId": None,
-        "requestType": step.request_type,
-        "to": callee,
-    }
+    """One step's callback; the end carries its reason, and a completed call its length."""
+    extra: dict[str, object] = {}
     if step.ended_reason is not None:
-        fields["callEndedReason"] = step.ended_reason
+        extra["callEndedReason"] = step.ended_reason
         if step.status is S.COMPLETED:
-            fields["callDuration"] = duration
-    return json.dumps(fields, separators=(",", ":")).encode()
+            extra["callDuration"] = duration
+    return callback_body(
+        step.request_type, call_id, account_id, step.status, lifecycle.direction, ends, **extra
+    )
 
 
 def plan_call(rng: random.Random, shares: Shares) -> list[Delivery]:
