@@ -38,7 +38,7 @@ from bench.data import write_targets
 from bench.kafka_loop import send_loop
 from bench.profile import Recording
 from service.settings import Role
-from tests.integration.kafkautil import create_topics, private_broker
+from testkit import create_topics, private_broker
 
 ROOT = Path(__file__).resolve().parents[1]
 # Above the fastest server's closed-loop rate, so no target is ever sent twice.

@@ -1,5 +1,10 @@
 """What the benchmark sends: signed, unique webhook bodies as vegeta targets, and
-realistic call lifecycles for the processor (duplicates, late steps, reordering)."""
+realistic call lifecycles for the processor (duplicates, late steps, reordering).
+
+The bodies are service/traffic.py's FreeClimb callbacks; the lifecycles' mix of faults
+is the benchmark's own and stays fixed, because the processor figures of bench/README
+are measured over it (``callstatus simulate``'s shares are a user's to choose). Their
+outcomes are predicted by the one oracle, service/oracle.py, through testkit."""
 
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from schemas.call import CallStatus
-from tests.integration.kafkautil import Event, make_call
+from service.traffic import callback_body
+from testkit import Event, make_call
 
 # The signing secret every server under test holds; the benchmark's only secret.
 SECRET = "sigsec_bench_" + "0" * 32
@@ -36,24 +42,17 @@ def call_id(salt: str, n: int) -> str:
 
 def webhook_body(cid: str, status: CallStatus, n: int) -> bytes:
     """A FreeClimb status callback as FreeClimb sends it, about 400 bytes."""
-    return json.dumps(
-        {
-            "requestType": "callStatus",
-            "callId": cid,
-            "accountId": "AC" + "5" * 40,
-            "callStatus": status.value,
-            "direction": "outboundAPI",
-            "from": f"+1312{n % 10_000_000:07d}",
-            "to": "+13125550100",
-            "applicationId": "AP" + "6" * 40,
-            "conferenceId": None,
-            "queueId": None,
-            "parentCallId": None,
-            "privacyMode": False,
-            "callStatusReason": None,
-        },
-        separators=(",", ":"),
-    ).encode()
+    return callback_body(
+        "callStatus",
+        cid,
+        "AC" + "5" * 40,
+        status,
+        "outboundAPI",
+        (f"+1312{n % 10_000_000:07d}", "+13125550100"),
+        applicationId="AP" + "6" * 40,
+        privacyMode=False,
+        callStatusReason=None,
+    )
 
 
 def signature_header(timestamp: int, body: bytes) -> str:

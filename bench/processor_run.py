@@ -19,7 +19,7 @@ from bench.data import chunks, lifecycles
 from bench.profile import Recording
 from bench.servers import cpu_seconds
 from service.settings import Role, Settings
-from tests.integration.kafkautil import (
+from testkit import (
     ServiceProcess,
     create_topics,
     expected_outcomes,

@@ -18,7 +18,7 @@ from schemas.call import CallStatus
 from service.fsm import MARK_BYTES, CallState
 from service.restore import restore
 from service.statecodec import pack
-from tests.integration.kafkautil import create_topics
+from testkit import create_topics
 
 PARTITIONS = 6
 

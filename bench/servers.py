@@ -14,7 +14,7 @@ import httpx
 
 from bench.data import SECRET
 from service.settings import Role
-from tests.integration.kafkautil import ServiceProcess, free_port, settings_for
+from testkit import ServiceProcess, free_port, settings_for
 
 INGEST = "/v1/call-status"
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,23 +13,20 @@ receiver must plan for, each at a configurable share of calls or deliveries:
 - retries: the same callback again because its answer was lost;
 - illegal steps: a second, different end status after the call ended.
 
-:func:`expected_outcomes` runs the service's own state machine over a call's callbacks
-in sending order, which is the order the processor sees them in (one call's callbacks
-are sent one after the other), so every accepted request has one predicted outcome.
+What becomes of the callbacks is predicted by service/oracle.py, over each call's
+callbacks in sending order: the order the processor sees them in, since one call's
+callbacks are sent one after the other.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 
 from schemas.call import CallStatus
-from schemas.messages import RejectReason, WebhookBody
-from service.fsm import TERMINAL, CallState, Outcome, decide
+from service.fsm import TERMINAL
 
 S = CallStatus
 
@@ -141,6 +138,35 @@ def _phone(rng: random.Random) -> str:
     return f"+1312{rng.randrange(10**7):07d}"
 
 
+def callback_body(
+    request_type: str,
+    call_id: str,
+    account_id: str,
+    status: CallStatus,
+    direction: str,
+    ends: tuple[str, str],
+    **extra: object,
+) -> bytes:
+    """A FreeClimb callback body with the fields FreeClimb sends (keys as in its SDK's
+    example), ``extra`` after them; ``ends`` is (from, to). Shared with the benchmark's
+    traffic (bench/data.py)."""
+    caller, callee = ends
+    fields: dict[str, object] = {
+        "accountId": account_id,
+        "callId": call_id,
+        "callStatus": status.value,
+        "conferenceId": None,
+        "direction": direction,
+        "from": caller,
+        "parentCallId": None,
+        "queueId": None,
+        "requestType": request_type,
+        "to": callee,
+        **extra,
+    }
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
 def _body(
     step: Step,
     call_id: str,
@@ -149,25 +175,15 @@ def _body(
     ends: tuple[str, str],
     duration: int,
 ) -> bytes:
-    """A callback body with the fields FreeClimb sends (keys as in its SDK's example)."""
-    caller, callee = ends
-    fields: dict[str, object] = {
-        "accountId": account_id,
-        "callId": call_id,
-        "callStatus": step.status.value,
-        "conferenceId": None,
-        "direction": lifecycle.direction,
-        "from": caller,
-        "parentCallId": None,
-        "queueId": None,
-        "requestType": step.request_type,
-        "to": callee,
-    }
+    """One step's callback; the end carries its reason, and a completed call its length."""
+    extra: dict[str, object] = {}
     if step.ended_reason is not None:
-        fields["callEndedReason"] = step.ended_reason
+        extra["callEndedReason"] = step.ended_reason
         if step.status is S.COMPLETED:
-            fields["callDuration"] = duration
-    return json.dumps(fields, separators=(",", ":")).encode()
+            extra["callDuration"] = duration
+    return callback_body(
+        step.request_type, call_id, account_id, step.status, lifecycle.direction, ends, **extra
+    )
 
 
 def plan_call(rng: random.Random, shares: Shares) -> list[Delivery]:
@@ -203,22 +219,3 @@ def plan(calls: int, shares: Shares, seed: int | None = None) -> list[list[Deliv
     """The deliveries of ``calls`` calls, one list per call."""
     rng = random.Random(seed)  # noqa: S311 - traffic shapes, not secrets
     return [plan_call(rng, shares) for _ in range(calls)]
-
-
-@dataclass(frozen=True, slots=True)
-class Expected:
-    outcome: Outcome
-    reason: RejectReason | None
-
-
-def expected_outcomes(deliveries: Sequence[bytes]) -> list[Expected]:
-    """What the processor will make of one call's bodies, ingested in this order."""
-    state: CallState | None = None
-    now = datetime.now(UTC)  # only stored in the state; no rule reads it
-    out: list[Expected] = []
-    for n, body in enumerate(deliveries):
-        call = WebhookBody.model_validate_json(body).to_call()
-        decision = decide(state, call, str(n), now)
-        state = decision.state
-        out.append(Expected(decision.outcome, decision.reason))
-    return out

@@ -19,8 +19,11 @@ import pytest
 from schemas.call import CallStatus
 from schemas.messages import RejectReason, WebhookBody
 from service.fsm import Outcome
-from service.simulate import Progress, Run, Seen, Sent, judge, percentile, predict, summary
-from service.traffic import LIFECYCLES, Delivery, Kind, Shares, expected_outcomes, plan
+from service.oracle import expected_outcomes
+from service.simulate import Progress
+from service.stats import percentile
+from service.tally import Run, Seen, Sent, judge, predict, summary
+from service.traffic import LIFECYCLES, Delivery, Kind, Shares, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 NONE = Shares(gaps=0, reorder=0, duplicates=0, retries=0, illegal=0)

@@ -47,7 +47,7 @@ import httpx
 
 from schemas.messages import INGEST_PATH
 from service import signature
-from tests.integration.kafkautil import free_port, private_broker, read_committed
+from testkit import free_port, private_broker, read_committed
 
 ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / "build" / "image-test"  # git-ignored: the dockerd log, scratch files

@@ -52,7 +52,7 @@ from service.processor import Processor
 from service.producer import IngestProducer
 from service.settings import Settings
 from service.worker import open_producer
-from tests.integration.kafkautil import LAUNCHER, kafka, settings_for
+from testkit import LAUNCHER, kafka, settings_for
 
 # A port of this test's own (the shared broker is on 9092, other tests' on others).
 PORT = 20620

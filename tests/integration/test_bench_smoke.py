@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.integration.kafkautil import ROOT
+from testkit import ROOT
 
 # The harness starts its own private broker here (and on the next port): this range
 # belongs to the benchmark, so it never meets another test's broker.

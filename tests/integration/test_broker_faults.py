@@ -37,8 +37,7 @@ from service.kafka import ensure_topics
 from service.producer import IngestProducer, Unavailable
 from service.settings import Role, Settings
 from service.signature import sign
-from tests.conftest import SECRET
-from tests.integration.kafkautil import (
+from testkit import (
     Event,
     ServiceProcess,
     by_call,
@@ -50,6 +49,7 @@ from tests.integration.kafkautil import (
     read_committed,
     settings_for,
 )
+from tests.conftest import SECRET
 
 CLIENTS = 12
 RECOVERY_BOUND_S = 15.0

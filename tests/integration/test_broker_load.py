@@ -27,7 +27,7 @@ from service import metrics
 from service.backoff import Deadline
 from service.kafka import ensure_topics
 from service.processor import Processor
-from tests.integration.kafkautil import (
+from testkit import (
     Event,
     by_call,
     expected_outcomes,

@@ -10,7 +10,7 @@ import pytest
 
 from service.kafka import ensure_topics
 from service.processor import Processor
-from tests.integration.kafkautil import (
+from testkit import (
     by_call,
     expected_outcomes,
     kafka,

@@ -14,8 +14,8 @@ from aiokafka import AIOKafkaProducer
 from examples.consumer import Change, ChangesConsumer, SeenEvents
 from schemas.call import CallStatus
 from schemas.messages import Source, encode_outcome
+from testkit import create_topics, make_call
 from tests.conftest import BOOTSTRAP
-from tests.integration.kafkautil import create_topics, make_call
 
 S = CallStatus
 CALL_A, CALL_B = "CA" + "a" * 40, "CA" + "b" * 40

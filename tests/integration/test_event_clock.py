@@ -18,8 +18,8 @@ from service.kafka import ensure_topics
 from service.processor import Processor
 from service.settings import Settings
 from service.statecodec import unpack
+from testkit import Event, make_call, produce, read_committed, settings_for
 from tests.conftest import BOOTSTRAP
-from tests.integration.kafkautil import Event, make_call, produce, read_committed, settings_for
 
 S = CallStatus
 CALL, FORGER, SENTINEL = "CA" + "c1" * 20, "CA" + "f0" * 20, "CA" + "e2" * 20

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from service.kafka import ensure_topics
 from service.settings import Settings
-from tests.conftest import BOOTSTRAP
-from tests.integration.kafkautil import (
+from testkit import (
     Event,
     ServiceProcess,
     by_call,
@@ -24,6 +23,7 @@ from tests.integration.kafkautil import (
     read_committed,
     settings_for,
 )
+from tests.conftest import BOOTSTRAP
 from tests.integration.test_processor import scenario
 
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from service.signature import sign
+from testkit import ServiceProcess, read_committed, settings_for
 from tests.conftest import BOOTSTRAP, SECRET
-from tests.integration.kafkautil import ServiceProcess, read_committed, settings_for
 
 HEADER_TIMEOUT = 2.0
 # What a socket that is closed must do within: the deadline, the 10 Hz check, and slack

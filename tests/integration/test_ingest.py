@@ -19,14 +19,14 @@ from service.kafka import ensure_topics
 from service.producer import IngestProducer
 from service.settings import Settings
 from service.signature import sign
-from tests.conftest import BOOTSTRAP, SECRET
-from tests.integration.kafkautil import (
+from testkit import (
     ServiceProcess,
     kafka,
     private_broker,
     read_committed,
     settings_for,
 )
+from tests.conftest import BOOTSTRAP, SECRET
 
 CALL_ID = "CA" + "7e" * 20
 WEBHOOK = (

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 
+from testkit import ServiceProcess, settings_for
 from tests.conftest import BOOTSTRAP
-from tests.integration.kafkautil import ServiceProcess, settings_for
 from tests.test_operator_kit import named_metrics
 
 # The sample names each metric type exposes, from its `# TYPE` name.

@@ -26,8 +26,7 @@ from service.kafka import ensure_topics
 from service.processor import Processor
 from service.settings import Settings
 from service.statecodec import unpack
-from tests.conftest import BOOTSTRAP
-from tests.integration.kafkautil import (
+from testkit import (
     Event,
     ServiceProcess,
     by_call,
@@ -38,6 +37,7 @@ from tests.integration.kafkautil import (
     settings_for,
     traceparent,
 )
+from tests.conftest import BOOTSTRAP
 
 S = CallStatus
 LIFECYCLES = [
@@ -183,7 +183,7 @@ async def test_state_topic_holds_the_latest_state_per_call(
 
 async def test_unequal_partition_counts_refuse_to_start(unique: str) -> None:
     from service.kafka import TopicLayoutError
-    from tests.integration.kafkautil import create_topics
+    from testkit import create_topics
 
     settings = settings_for(BOOTSTRAP, unique)
     await create_topics(

@@ -31,8 +31,7 @@ from service.backoff import Deadline
 from service.kafka import ensure_topics
 from service.processor import Processor, transactional_id
 from service.settings import Settings
-from tests.conftest import BOOTSTRAP
-from tests.integration.kafkautil import (
+from testkit import (
     Event,
     ServiceProcess,
     make_call,
@@ -40,6 +39,7 @@ from tests.integration.kafkautil import (
     read_committed,
     settings_for,
 )
+from tests.conftest import BOOTSTRAP
 
 S = CallStatus
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -20,8 +20,8 @@ from service.processor import Processor
 from service.producer import IngestProducer
 from service.settings import Settings
 from service.signature import sign
+from testkit import read_committed, settings_for
 from tests.conftest import BOOTSTRAP, SECRET
-from tests.integration.kafkautil import read_committed, settings_for
 
 CALL_ID = "CA" + "9d" * 20
 SENTINEL_ID = "CA" + "5e" * 20

@@ -18,8 +18,7 @@ from schemas.messages import Source
 from service.kafka import ensure_topics
 from service.processor import Processor
 from service.settings import Settings
-from tests.conftest import BOOTSTRAP
-from tests.integration.kafkautil import (
+from testkit import (
     ROOT,
     Event,
     make_call,
@@ -28,6 +27,7 @@ from tests.integration.kafkautil import (
     settings_env,
     settings_for,
 )
+from tests.conftest import BOOTSTRAP
 
 S = CallStatus
 CALL = "CA" + "5a" * 20

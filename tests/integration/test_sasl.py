@@ -18,7 +18,7 @@ from service.kafka import client_options, ensure_topics
 from service.processor import Processor
 from service.producer import IngestProducer
 from service.settings import Settings
-from tests.integration.kafkautil import private_broker, settings_for
+from testkit import private_broker, settings_for
 
 USER, PASSWORD = "callstatus", "s3cret-pw"
 BODY = b'{"requestType":"callStatus","callId":"CA' + b"9" * 40 + b'","callStatus":"queued"}'

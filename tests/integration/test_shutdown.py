@@ -13,8 +13,8 @@ import httpx
 
 from service.kafka import ensure_topics
 from service.signature import sign
+from testkit import ServiceProcess, read_committed, settings_for
 from tests.conftest import BOOTSTRAP, SECRET
-from tests.integration.kafkautil import ServiceProcess, read_committed, settings_for
 
 
 def webhook(n: int) -> bytes:
@@ -126,7 +126,7 @@ async def test_sigterm_first_turns_readiness_off_while_still_serving(
 
 
 async def test_shutdown_is_bounded_when_kafka_is_gone(unique: str, tmp_path: Path) -> None:
-    from tests.integration.kafkautil import kafka, private_broker
+    from testkit import kafka, private_broker
 
     async with private_broker(19792) as broker:
         settings = settings_for(broker["address"], unique, role="all", shutdown_grace_seconds=2)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from service.kafka import ensure_topics
 from service.settings import Role
+from testkit import ROOT, ServiceProcess, settings_env, settings_for
 from tests.conftest import BOOTSTRAP, SECRET
-from tests.integration.kafkautil import ROOT, ServiceProcess, settings_env, settings_for
 
 SIMULATE = [str(ROOT / ".venv" / "bin" / "callstatus"), "simulate"]
 

@@ -20,7 +20,7 @@ from schemas.call import CallStatus
 from schemas.messages import Source
 from service.kafka import ensure_topics
 from service.processor import Processor
-from tests.integration.kafkautil import (
+from testkit import (
     Event,
     ServiceProcess,
     kafka,

@@ -21,9 +21,9 @@ from service.kafka import ensure_topics
 from service.producer import IngestProducer, Unavailable
 from service.publisher import SpoolingPublisher
 from service.spool import Spool
+from testkit import free_port, read_committed, settings_for
 from tests.conftest import BOOTSTRAP
 from tests.diskfault import fill, small_tmpfs
-from tests.integration.kafkautil import free_port, read_committed, settings_for
 
 KEY = b"CA" + b"d1" * 20
 # Larger than a page: while the disk is full, no append fits in what is left of the

@@ -25,8 +25,7 @@ from service.producer import IngestProducer, Unwritable
 from service.publisher import SpoolingPublisher
 from service.settings import Role, Settings
 from service.spool import Spool
-from tests.conftest import BOOTSTRAP
-from tests.integration.kafkautil import (
+from testkit import (
     ROOT,
     ServiceProcess,
     free_port,
@@ -34,6 +33,7 @@ from tests.integration.kafkautil import (
     settings_env,
     settings_for,
 )
+from tests.conftest import BOOTSTRAP
 
 SMALL_LIMIT = 4096  # the ingest topic's max.message.bytes in these tests
 KEY = b"CA" + b"7" * 40

@@ -19,7 +19,7 @@ from service.producer import IngestProducer
 from service.publisher import SpoolingPublisher
 from service.settings import Settings
 from service.spool import Spool
-from tests.integration.kafkautil import kafka, private_broker, read_committed, settings_for
+from testkit import kafka, private_broker, read_committed, settings_for
 
 CALL_A = b"CA" + b"a1" * 20
 CALL_B = b"CA" + b"b2" * 20
