@@ -33,7 +33,15 @@ from typing import Annotated, Any, Protocol
 
 import structlog
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 from schemas.call import AccountId
 from service import metrics
@@ -49,6 +57,7 @@ SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config" / "acco
 # Each secret costs one HMAC per request (signature.check_body), so this bounds the cost
 # of a request; a rotation needs two, three while one overlaps a late revert.
 MAX_SECRETS_PER_ACCOUNT = 8
+MAX_SECRET_CHARS = 1024
 # Far above 1,000 accounts (~250 bytes each); a bigger file is a mistake, not a
 # configuration, and must not be read into memory every poll.
 MAX_FILE_BYTES = 16 * 1024 * 1024
@@ -58,8 +67,20 @@ ANY_ACCOUNT_LABEL = "default"
 
 # ----------------------------------------------------------------------- the file
 
-
-Secret = Annotated[SecretStr, Field(min_length=1, max_length=1024)]
+# A signing secret: checked by AccountEntry's validator (clearer messages than the
+# constraint errors), published with the same bounds for editors and linters.
+Secret = Annotated[
+    SecretStr,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "password",
+            "writeOnly": True,
+            "minLength": 1,
+            "maxLength": MAX_SECRET_CHARS,
+        }
+    ),
+]
 
 
 class AccountEntry(BaseModel):
@@ -98,6 +119,10 @@ class AccountEntry(BaseModel):
         # refusing it here names the account, where a silent mismatch would not.
         for secret in secrets:
             value = secret.get_secret_value()
+            if not value:
+                raise ValueError("a secret is empty")
+            if len(value) > MAX_SECRET_CHARS:
+                raise ValueError(f"a secret is longer than {MAX_SECRET_CHARS} characters")
             if value != value.strip():
                 raise ValueError("a secret has leading or trailing whitespace")
         return secrets
