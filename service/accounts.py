@@ -505,7 +505,9 @@ class AccountsWatcher:
         try:
             book = parse(version.data, self.path)
         except AccountsFileError as exc:
-            return self._failed(str(exc))
+            # Keyed by content: two different bad versions are two failures, even when
+            # their messages read the same.
+            return self._failed(str(exc), key=version.digest.hex())
         # The swap: one reference assignment. A request that read the old book goes on
         # with it; the next one reads this one.
         self._book = book
@@ -515,10 +517,11 @@ class AccountsWatcher:
         log.info("accounts reloaded", path=str(self.path), accounts=len(book))
         return Reload.RELOADED
 
-    def _failed(self, problem: str) -> Reload:
+    def _failed(self, problem: str, key: str | None = None) -> Reload:
         metrics.ACCOUNTS_FILE_STALE.set(1)
-        if problem != self._failure:
-            self._failure = problem
+        key = key if key is not None else problem
+        if key != self._failure:
+            self._failure = key
             metrics.ACCOUNTS_RELOAD_FAILURES.inc()
             log.error(
                 "accounts file not reloaded; the last good one stays in use",
@@ -535,10 +538,15 @@ class AccountsWatcher:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            # In a thread: a stat and a read of a small file, but a stuck volume must
-            # not stop the event loop. The swap inside is a single assignment, atomic
-            # for the loop's readers.
-            await asyncio.to_thread(self.poll)
+            try:
+                # In a thread: a stat and a read of a small file, but a stuck volume
+                # must not stop the event loop. The swap inside is a single assignment,
+                # atomic for the loop's readers.
+                await asyncio.to_thread(self.poll)
+            except Exception:
+                # A bug here must not end the watching for the process's life: the
+                # book in use stays, and the next poll tries again.
+                log.exception("accounts poll failed", path=str(self.path))
 
 
 class _AccountSettings(Protocol):

@@ -457,11 +457,17 @@ def test_a_malformed_new_file_keeps_the_old_book_and_raises_the_metric(
     assert watcher.poll() is Reload.FAILED
     assert failures() == before + 1
 
+    # Another bad version (the same kind of mistake) is another failure.
+    volume.publish(f"accounts:\n  {A}:\n    signingSecrets: [{NEW}, \n")
+    assert watcher.poll() is Reload.FAILED
+    assert failures() == before + 2
+    assert watcher.book is good
+
     volume.publish(rotation_file(NEW, OLD))
     assert watcher.poll() is Reload.RELOADED
     assert stale() == 0
     assert signed_ok(watcher.book, A, NEW)
-    assert failures() == before + 1
+    assert failures() == before + 2
 
 
 def test_an_error_line_names_the_file_and_never_a_secret(
@@ -545,6 +551,35 @@ async def test_the_watcher_task_reloads_within_its_interval(volume: SecretVolume
             assert time.monotonic() < deadline, "the watcher did not reload in 10 s"
             await asyncio.sleep(0.01)
         assert sample("callstatus_accounts") == 2
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_the_watcher_task_outlives_an_unexpected_error(
+    volume: SecretVolume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    volume.publish(rotation_file(OLD))
+    watcher = AccountsWatcher.open(volume.path, 0.01)
+    real_poll = watcher.poll
+    calls: list[str] = []
+
+    def flaky_poll() -> Reload:
+        calls.append("poll")
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real_poll()
+
+    monkeypatch.setattr(watcher, "poll", flaky_poll)
+    task = asyncio.create_task(watcher.run())
+    try:
+        volume.publish(rotation_file(NEW))
+        deadline = time.monotonic() + 10
+        while secrets_of(watcher.book.lookup(A)) != [NEW]:
+            assert time.monotonic() < deadline, "the watcher stopped after an error"
+            await asyncio.sleep(0.01)
+        assert len(calls) >= 2
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
