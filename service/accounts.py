@@ -328,15 +328,38 @@ def _decode(data: bytes, source: Path) -> object:
         raise AccountsFileError(f"{source}: not valid YAML: {type(exc).__name__}") from None
 
 
+def _message(error: Any) -> str:
+    """pydantic's message, in the file's terms where its own would puzzle an operator
+    (a secret's length is not "items"; YAML turns an unquoted 12345 into a number)."""
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind == "missing":
+        return "missing"
+    if kind == "extra_forbidden":
+        return "not a known field"
+    if kind == "too_short":
+        return "is empty" if ctx.get("min_length") == 1 else error["msg"]
+    if kind == "too_long":
+        return f"has more than {ctx.get('max_length')} entries"
+    if kind == "string_type":
+        return "must be a string (in YAML, quote it)"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
 def _describe(exc: ValidationError) -> str:
     problems = []
-    for error in exc.errors():
-        parts = [str(part) for part in error["loc"]]
+    errors = exc.errors()
+    for error in errors:
+        loc = error["loc"]
+        if error["type"] == "too_short" and any(
+            other["loc"][: len(loc)] == loc and len(other["loc"]) > len(loc) for other in errors
+        ):
+            continue  # a list "empty" only because its items failed: they say why
+        parts = [str(part) for part in loc]
         if parts and parts[-1] == "[key]":
             # An account id that is not one: the key itself is the location.
             problems.append(f"{'.'.join(parts[:-1])}: not an account id (AC + 40 hex digits)")
             continue
-        problems.append(f"{'.'.join(parts) or 'the file'}: {error['msg']}")
+        problems.append(f"{'.'.join(parts) or 'the file'}: {_message(error)}")
     return "; ".join(problems)
 
 

@@ -119,20 +119,28 @@ def entry(**fields: object) -> str:
     [
         ("a.yaml", "", "the accounts file is empty"),
         ("a.yaml", "- just\n- a list\n", "expected a mapping with `accounts` at the top"),
-        ("a.yaml", "accounts: {}\n", "accounts: Dictionary should have at least 1 item"),
+        ("a.yaml", "accounts: {}\n", "accounts: is empty"),
         ("a.yaml", "accounts:\n  AC12: {signingSecrets: [x]}\n", "accounts.AC12: not an account"),
-        ("a.yaml", f"accounts:\n  {A}: {{apiKey: k}}\n", f"accounts.{A}.signingSecrets: Field"),
+        ("a.yaml", f"accounts:\n  {A}: {{apiKey: k}}\n", f"accounts.{A}.signingSecrets: missing"),
         (
             "a.json",
             entry(signingSecrets=[]),
-            f"accounts.{A}.signingSecrets: Tuple should have at least 1 item",
+            f"accounts.{A}.signingSecrets: is empty",
         ),
-        ("a.json", entry(signingSecrets=["s"] * 9), "at most 8 items"),
-        ("a.json", entry(signingSecrets=[""]), "signingSecrets: Value error, a secret is empty"),
-        ("a.json", entry(signingSecrets=["s"], colour="red"), f"accounts.{A}.colour: Extra"),
-        ("a.json", entry(signingSecrets=["s"], apiKey=""), "apiKey: Value should have at least"),
+        ("a.json", entry(signingSecrets=["s"] * 9), "signingSecrets: has more than 8 entries"),
+        ("a.json", entry(signingSecrets=[""]), f"accounts.{A}.signingSecrets: a secret is empty"),
+        (
+            "a.json",
+            entry(signingSecrets=["s"], colour="red"),
+            f"accounts.{A}.colour: not a known field",
+        ),
+        ("a.json", entry(signingSecrets=["s"], apiKey=""), f"accounts.{A}.apiKey: is empty"),
         # YAML reads an unquoted number as one: refused rather than turned into text.
-        ("a.yaml", f"accounts:\n  {A}: {{signingSecrets: [12345]}}\n", "signingSecrets.0"),
+        (
+            "a.yaml",
+            f"accounts:\n  {A}: {{signingSecrets: [12345]}}\n",
+            "signingSecrets.0: must be a string (in YAML, quote it)",
+        ),
         ("a.json", '{"accounts": ', "not valid JSON: Expecting value (line 1, column 14)"),
         ("a.yaml", "accounts: [\n", "not valid YAML:"),
         (
@@ -182,6 +190,17 @@ def test_no_error_shows_a_secret(text: str) -> None:
         parse(text.encode(), Path(name))
     assert OLD not in str(caught.value)
     assert "sigsec" not in str(caught.value)
+
+
+def test_every_problem_is_listed_once_without_echoes() -> None:
+    text = f'accounts:\n  {A}: {{signingSecrets: [12345], apiKey: "", extra: 1}}\n'
+    with pytest.raises(AccountsFileError) as caught:
+        parse(text.encode(), Path("a.yaml"))
+    where = f"a.yaml: accounts.{A}"
+    assert str(caught.value) == (
+        f"{where}.signingSecrets.0: must be a string (in YAML, quote it); "
+        f"accounts.{A}.apiKey: is empty; accounts.{A}.extra: not a known field"
+    )  # no "signingSecrets: is empty": the list is only empty because its item failed
 
 
 def test_padding_around_a_secret_is_refused() -> None:
@@ -301,7 +320,7 @@ def test_a_malformed_file_at_start_is_a_start_up_error(tmp_path: Path) -> None:
     path = tmp_path / "accounts.yaml"
     path.write_text(f"accounts:\n  {A}: {{}}\n")
     settings = make_settings(signing_secrets=(), accounts_file=str(path))
-    with pytest.raises(AccountsFileError, match=f"{path}: accounts.{A}.signingSecrets"):
+    with pytest.raises(AccountsFileError, match=f"{path}: accounts.{A}.signingSecrets: missing"):
         open_source(settings)
     with pytest.raises(AccountsFileError, match="cannot read the accounts file"):
         open_source(make_settings(signing_secrets=(), accounts_file=str(tmp_path / "nope")))
