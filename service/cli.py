@@ -6,13 +6,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import secrets
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import SecretStr
 
 from service import logs, signature
 from service.settings import LOCAL_ENV_FILE, SettingsError, load_settings
+
+# The account of a local one-account file unless --account says otherwise: the one of
+# the README's example webhook, so that example is accepted as it stands.
+LOCAL_ACCOUNT_ID = "AC1334ffb694cd8d969f51cddf5f7c9b478546d50c"
+ACCOUNT_ID = re.compile(r"AC[0-9a-fA-F]{40}")
 
 
 def _fail(message: str) -> int:
@@ -42,31 +51,112 @@ def cmd_serve(_: argparse.Namespace) -> int:
 
 def cmd_sign(args: argparse.Namespace) -> int:
     secret = args.secret
+    if secret is not None and (args.account or args.accounts_file):
+        return _fail("--secret signs with that secret: not with --account or --accounts-file")
+    if secret is None and (args.account or args.accounts_file):
+        found = _account_secret(args.account, args.accounts_file)
+        if isinstance(found, int):
+            return found
+        secret = found
     if secret is None:
-        configured = load_settings().signing_secrets
-        if not configured:
-            return _fail("no secret: pass --secret or set CALLSTATUS_SIGNING_SECRETS")
-        secret = configured[0]
+        settings = load_settings()
+        if settings.accounts_file is not None:
+            found = _account_secret(None, settings.accounts_file)
+            if isinstance(found, int):
+                return found
+            secret = found
+        elif not settings.signing_secrets:
+            return _fail(
+                "no secret: pass --secret or set CALLSTATUS_SIGNING_SECRETS "
+                "(or CALLSTATUS_ACCOUNTS_FILE)"
+            )
+        else:
+            secret = settings.signing_secrets[0]
     body = sys.stdin.buffer.read()
     timestamp = args.timestamp if args.timestamp is not None else int(time.time())
     print(signature.sign(secret, timestamp, body))
     return 0
 
 
-def cmd_local_secret(_: argparse.Namespace) -> int:
-    """Create a signing secret for local play once, unless one is configured already."""
+def _account_secret(account_id: str | None, path: Path | None) -> SecretStr | int:
+    """The current secret of ``account_id`` (the only account when None) in the accounts
+    file at ``path`` (CALLSTATUS_ACCOUNTS_FILE when None; the shorthand without one), or
+    the exit status of a failure already reported."""
+    from service import accounts
+
+    if path is None:
+        settings = load_settings()
+        path = settings.accounts_file
+        if path is None:
+            book = accounts.shorthand_book(settings.signing_secrets, settings.signing_account_id)
+    if path is not None:
+        book, _ = accounts.load(path)
+    where = str(path) if path is not None else "CALLSTATUS_SIGNING_SECRETS"
+    if account_id is None:
+        if len(book) != 1:
+            return _fail(f"{where} has {len(book)} accounts: pass --account")
+        [account] = book
+    else:
+        found = book.lookup(account_id)
+        if found is None:
+            return _fail(f"account {account_id} is not in {where}")
+        account = found
+    return account.current_secret
+
+
+def cmd_local_secret(args: argparse.Namespace) -> int:
+    """Create a signing secret for local play once, unless one is configured already:
+    in .callstatus.env (the one-account shorthand), or as a one-account accounts file."""
+    if args.accounts_file is not None:
+        return _local_accounts_file(args.accounts_file, args.account)
     if os.environ.get("CALLSTATUS_SIGNING_SECRETS"):
         print("callstatus: using CALLSTATUS_SIGNING_SECRETS from the environment", file=sys.stderr)
         return 0
     if LOCAL_ENV_FILE.exists():
         print(f"callstatus: using the signing secret in {LOCAL_ENV_FILE}", file=sys.stderr)
         return 0
-    value = "sigsec_" + secrets.token_hex(20)
+    value = _new_secret()
     LOCAL_ENV_FILE.write_text(f"CALLSTATUS_SIGNING_SECRETS={value}\n", encoding="utf-8")
     LOCAL_ENV_FILE.chmod(0o600)
     print(
         f"callstatus: created a local signing secret in {LOCAL_ENV_FILE} (git-ignored); "
         "`callstatus sign` uses it, and CALLSTATUS_SIGNING_SECRETS overrides it",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _new_secret() -> str:
+    return "sigsec_" + secrets.token_hex(20)
+
+
+def _local_accounts_file(path: Path, account_id: str) -> int:
+    """A one-account accounts file at ``path``, made once (owner-only), kept after."""
+    if not ACCOUNT_ID.fullmatch(account_id):
+        return _fail(f"--account {account_id!r} is not an account id (AC + 40 hex digits)")
+    text = (
+        "# Accounts for local play, made by `callstatus local-secret`: never commit it.\n"
+        "# Schema: schemas/config/accounts.schema.json. Edits are picked up while the\n"
+        "# service runs (CALLSTATUS_ACCOUNTS_RELOAD_SECONDS).\n"
+        "accounts:\n"
+        f"  {account_id}:\n"
+        "    name: local\n"
+        f'    signingSecrets: ["{_new_secret()}"]\n'
+    )
+    try:
+        # O_EXCL: an existing file, whoever made it, is never overwritten.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"callstatus: using the accounts in {path}", file=sys.stderr)
+        return 0
+    except OSError as exc:
+        return _fail(f"cannot create {path}: {exc.strerror}")
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    print(
+        f"callstatus: created a one-account accounts file {path} (account {account_id}); "
+        f"serve with CALLSTATUS_ACCOUNTS_FILE={path}, sign with "
+        f"`callstatus sign --accounts-file {path}`",
         file=sys.stderr,
     )
     return 0
@@ -126,7 +216,19 @@ def parser() -> argparse.ArgumentParser:
         func=cmd_serve
     )
     sign = sub.add_parser("sign", help="print a FreeClimb-Signature value for the body on stdin")
-    sign.add_argument("--secret", help="signing secret (default: the first configured one)")
+    sign.add_argument(
+        "--secret", help="signing secret (default: the configured one, see --account)"
+    )
+    sign.add_argument(
+        "--account",
+        help="sign with this account's current (first) secret in the accounts file "
+        "(default: its only account, or the CALLSTATUS_SIGNING_SECRETS shorthand's)",
+    )
+    sign.add_argument(
+        "--accounts-file",
+        type=Path,
+        help="the accounts file to take it from (default: CALLSTATUS_ACCOUNTS_FILE)",
+    )
     sign.add_argument("--timestamp", type=int, help="unix seconds (default: now)")
     sign.set_defaults(func=cmd_sign)
     tail = sub.add_parser("tail", help="follow the changes and rejected topics")
@@ -142,9 +244,20 @@ def parser() -> argparse.ArgumentParser:
     )
     simulate.add_arguments(sim)
     sim.set_defaults(func=simulate.main)
-    sub.add_parser(
+    local = sub.add_parser(
         "local-secret", help="create a git-ignored signing secret for local play, once"
-    ).set_defaults(func=cmd_local_secret)
+    )
+    local.add_argument(
+        "--accounts-file",
+        type=Path,
+        help="make it a one-account accounts file at this path instead of .callstatus.env",
+    )
+    local.add_argument(
+        "--account",
+        default=LOCAL_ACCOUNT_ID,
+        help=f"that file's account id (default: {LOCAL_ACCOUNT_ID}, the README's example)",
+    )
+    local.set_defaults(func=cmd_local_secret)
     spool = sub.add_parser("spool", help="the ingest spool (CALLSTATUS_SPOOL_DIR)")
     spool_sub = spool.add_subparsers(dest="spool_command", required=True)
     dead = spool_sub.add_parser(

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:  # service.accounts imports this module
+    from service.accounts import Account
 
 HTTP_REQUESTS = Counter(
     "callstatus_http_requests_total", "HTTP requests by route and status code", ["route", "code"]
@@ -125,3 +130,32 @@ SPOOL_DEAD_LETTERS = Counter(
     "by Kafka error",
     ["reason"],
 )
+
+# The accounts (service/accounts.py): the book in use and the accounts file's reloads.
+ACCOUNTS_CONFIGURED = Gauge(
+    "callstatus_accounts", "Accounts in the book in use (1 for the SIGNING_SECRETS shorthand)"
+)
+ACCOUNTS_FILE_STALE = Gauge(
+    "callstatus_accounts_file_stale",
+    "1 while the accounts file on disk is not the one in use (unreadable or invalid: the "
+    "last good version keeps serving), else 0",
+)
+ACCOUNTS_RELOAD_FAILURES = Counter(
+    "callstatus_accounts_reload_failures_total",
+    "Versions of the accounts file (or read errors) that could not be loaded; each is "
+    "counted once, and the last good accounts stay in use",
+)
+ACCOUNT_REQUESTS = Counter(
+    "callstatus_account_requests_total",
+    "Ingest requests by account (configured ones only; `unknown` for any other, `default` "
+    "for the SIGNING_SECRETS shorthand bound to no account) and outcome",
+    ["account", "outcome"],
+)
+UNKNOWN_ACCOUNT = "unknown"
+
+
+def count_account_request(account: Account | None, outcome: str) -> None:
+    """Count one request for ``account`` (what ``AccountBook.lookup`` answered): labelled
+    with configured accounts only, so a request cannot mint a series by naming an id."""
+    label = account.metric_label if account is not None else UNKNOWN_ACCOUNT
+    ACCOUNT_REQUESTS.labels(label, outcome).inc()

@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from schemas.call import AccountId
+
 # The local, git-ignored file where `make run` keeps its generated signing secret.
 LOCAL_ENV_FILE = Path(".callstatus.env")
 
@@ -80,6 +82,19 @@ class Settings(BaseSettings):
     # NoDecode: a plain comma-separated list, not JSON. SecretStr: a repr, a log line or
     # an error shows "**********", never the value.
     signing_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # The accounts (service/accounts.py). Either an accounts file (YAML or JSON, schema
+    # schemas/config/accounts.schema.json): per FreeClimb account id its signing secrets
+    # and API key; a request must be signed with a secret of the account it is for. It
+    # is watched: a new version is used within ACCOUNTS_RELOAD_SECONDS, without a
+    # restart, and a bad new version keeps the last good one. Or, without a file,
+    # SIGNING_SECRETS above: the one-account shorthand. Its secrets are bound to
+    # SIGNING_ACCOUNT_ID when that is set (requests for any other account are refused);
+    # left unset, they verify requests for any account, as before accounts existed, so
+    # upgrading with SIGNING_SECRETS alone changes nothing. Not both the file and the
+    # secrets: which one is meant cannot be told.
+    accounts_file: Path | None = None
+    accounts_reload_seconds: float = Field(default=5.0, gt=0, le=3600)
+    signing_account_id: AccountId | None = None
     verify_signatures: bool = True
     signature_tolerance_seconds: int = Field(default=300, ge=1, le=3600)
     max_body_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
@@ -181,6 +196,12 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
+    @field_validator("accounts_file", "signing_account_id", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `CALLSTATUS_ACCOUNTS_FILE=` (empty) is unset, not the current directory.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
@@ -188,10 +209,26 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.role.runs_ingest and self.verify_signatures and not self.signing_secrets:
+        if self.accounts_file is not None and self.signing_secrets:
+            local = f" (the secrets may come from {LOCAL_ENV_FILE})" * LOCAL_ENV_FILE.exists()
+            raise ValueError(
+                f"set CALLSTATUS_ACCOUNTS_FILE or CALLSTATUS_SIGNING_SECRETS, not both{local}"
+            )
+        if self.signing_account_id is not None and not self.signing_secrets:
+            raise ValueError(
+                "CALLSTATUS_SIGNING_ACCOUNT_ID names the account of CALLSTATUS_SIGNING_SECRETS, "
+                "which is empty"
+            )
+        if (
+            self.role.runs_ingest
+            and self.verify_signatures
+            and not self.signing_secrets
+            and self.accounts_file is None
+        ):
             raise ValueError(
                 "CALLSTATUS_SIGNING_SECRETS is empty while signatures are verified; "
-                "set it, or CALLSTATUS_VERIFY_SIGNATURES=false for local play only"
+                "set it or CALLSTATUS_ACCOUNTS_FILE, or CALLSTATUS_VERIFY_SIGNATURES=false "
+                "for local play only"
             )
         sasl = self.kafka_security_protocol.startswith("SASL_")
         has_credentials = self.kafka_sasl_username is not None or self.kafka_sasl_password

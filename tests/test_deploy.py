@@ -10,6 +10,9 @@
   StatefulSet whose spool is a PersistentVolumeClaim; base and dev keep an emptyDir.
   Prod's KafkaUsers are exactly service/acls.py's, and each workload logs in as its own
   user over SASL_SSL with the password file from that user's mounted Secret.
+- Ingest reads its accounts (signing secrets, API keys) from the Secret
+  ``callstatus-accounts`` mounted as a directory (a subPath would never see an update),
+  never from environment variables; the processor gets neither.
 - Prod's ingest scale-down strands no spool unnoticed: the HPA scales it down slowly
   (one pod at a time, after a long stabilization window), each stop has time to drain
   the spool, claims are retained, and the stranded-spool alert waits out a pod's
@@ -379,18 +382,47 @@ def test_no_secret_in_source_files() -> None:
         assert "secretGenerator" not in text, path
 
 
+# Where the manifests mount the accounts file (the Secret callstatus-accounts).
+ACCOUNTS_FILE = "/etc/callstatus/accounts/accounts.yaml"
+
+
 @parametrize_kustomizations
-def test_signing_secrets_come_from_the_secret(name: str) -> None:
+def test_webhook_secrets_come_from_the_mounted_accounts_file(name: str) -> None:
+    # Issue 18: signing secrets (and API keys) per account, from a mounted Secret file
+    # that is reloaded when the Secret changes. Never environment variables any more:
+    # those are readable in /proc/1/environ and fixed for the process's life.
     for docs, workload in workloads(name):
+        where = workload["metadata"]["name"]
         env = environment(docs, workload)
-        secrets = env.get("CALLSTATUS_SIGNING_SECRETS")
+        assert "CALLSTATUS_SIGNING_SECRETS" not in env, where
+        volumes = pod_spec(workload).get("volumes", [])
+        mounted = [
+            v for v in volumes if v.get("secret", {}).get("secretName") == "callstatus-accounts"
+        ]
         if role(docs, workload) == "processor":
-            # The processor verifies no webhook: least privilege, no secret.
-            assert secrets is None
+            # The processor verifies no webhook: least privilege, no accounts.
+            assert "CALLSTATUS_ACCOUNTS_FILE" not in env, where
+            assert not mounted, where
             continue
-        assert isinstance(secrets, dict), "signing secrets must never be a plain value"
-        assert secrets == {"secretKeyRef": {"name": "callstatus-signing", "key": "secrets"}}
+        path = env.get("CALLSTATUS_ACCOUNTS_FILE")
+        assert path == ACCOUNTS_FILE, f"{where}: CALLSTATUS_ACCOUNTS_FILE is {path!r}"
+        assert secret_file(workload, path) == ("callstatus-accounts", "accounts.yaml"), where
+        # The kubelet updates a Secret volume by swapping its ..data symlink; a subPath
+        # mount never sees the update, and reloading would silently never happen.
+        for mount in app_container(workload)["volumeMounts"]:
+            if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+                assert "subPath" not in mount and "subPathExpr" not in mount, where
         assert env.get("CALLSTATUS_VERIFY_SIGNATURES", "true") == "true"
+        # What the manifests set is a configuration the service accepts (a file and no
+        # SIGNING_SECRETS), with the ConfigMap's reload interval.
+        settings = Settings.model_validate(
+            {
+                "role": role(docs, workload),
+                "accounts_file": path,
+                "accounts_reload_seconds": env.get("CALLSTATUS_ACCOUNTS_RELOAD_SECONDS", 5),
+            }
+        )
+        assert settings.accounts_file == Path(ACCOUNTS_FILE)
 
 
 # ------------------------------------------------------------------------- hardening
@@ -545,13 +577,16 @@ IN_STEP = (
 # cluster CA, mounted; test_prod_workloads_log_in_as_their_own_user_from_a_mounted_secret).
 PROD_LOGIN_ENV = {"CALLSTATUS_KAFKA_SASL_USERNAME", "CALLSTATUS_KAFKA_SASL_PASSWORD_FILE"}
 PROD_LOGIN_MOUNTS = {"kafka-user", "kafka-ca"}
+# What the prod processor leaves out of the base (it verifies no webhook): the accounts
+# Secret's mount (test_webhook_secrets_come_from_the_mounted_accounts_file).
+PROCESSOR_DROPPED_MOUNTS = {"accounts"}
 
 
 def test_prod_workloads_stay_in_step_with_the_base() -> None:
     [base] = all_workloads(render("base"))
     base_container = app_container(base)
     base_env = {v["name"] for v in base_container["env"]}
-    for _, workload in workloads("overlays/prod"):
+    for docs, workload in workloads("overlays/prod"):
         where = workload["metadata"]["name"]
         container = app_container(workload)
         for key in IN_STEP:
@@ -566,7 +601,10 @@ def test_prod_workloads_stay_in_step_with_the_base() -> None:
                 assert container[key].split(":")[0] == base_container[key].split(":")[0], where
             elif key == "volumeMounts":
                 mounts = [m for m in container[key] if m["name"] not in PROD_LOGIN_MOUNTS]
-                assert mounts == base_container[key], f"{where}: {key}"
+                expected = base_container[key]
+                if role(docs, workload) == "processor":
+                    expected = [m for m in expected if m["name"] not in PROCESSOR_DROPPED_MOUNTS]
+                assert mounts == expected, f"{where}: {key}"
             else:
                 assert container.get(key) == base_container.get(key), f"{where}: {key}"
         # Only the role, the Kafka login and the processor's missing secret differ.

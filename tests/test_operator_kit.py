@@ -214,6 +214,7 @@ def alert_tests() -> dict[str, Any]:
             promtool_test(*spool_alert_tests()),
             promtool_test(*drain_alert_tests()),
             promtool_test(*stranded_alert_tests()),
+            promtool_test(*accounts_alert_tests()),
         ],
     }
 
@@ -346,6 +347,28 @@ def stranded_alert_tests() -> tuple[dict[str, str], list[Check]]:
         # drained, though the first one's series ends at 30) or ingest-0 (reports again).
         ("60m", "CallstatusSpoolStranded", [stranded("callstatus-ingest-7", 40)]),
         ("24h20m", "CallstatusSpoolStranded", []),  # the 24 h window has passed
+    ]
+    return series, checks
+
+
+def accounts_alert_tests() -> tuple[dict[str, str], list[Check]]:
+    """ingest-0's accounts file turns invalid at minute 5 and is fixed at minute 15;
+    ingest-1 sees one unreadable poll (the gauge is 1 for one sample, under the `for`);
+    processor-0 has no accounts file (the gauge stays 0)."""
+    series = {
+        'callstatus_accounts_file_stale{instance="ingest-0"}': "0x4 1x10 0x20",
+        'callstatus_accounts_file_stale{instance="ingest-1"}': "0x4 1 0x25",
+        'callstatus_accounts_file_stale{instance="processor-0"}': "0x30",
+    }
+    stale = fired(
+        "CallstatusAccountsFileStale",
+        "ingest-0: the accounts file on disk is not loaded; its last good version serves",
+    )
+    checks: list[Check] = [
+        ("5m", "CallstatusAccountsFileStale", []),  # pending: 1m `for`
+        ("6m", "CallstatusAccountsFileStale", [stale]),  # only ingest-0
+        ("14m", "CallstatusAccountsFileStale", [stale]),
+        ("16m", "CallstatusAccountsFileStale", []),  # resolves once a good version loads
     ]
     return series, checks
 
