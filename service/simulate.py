@@ -38,7 +38,7 @@ from service.app import INGEST_PATH
 from service.fsm import Outcome
 from service.kafka import client_options, partition_counts
 from service.settings import Settings, load_settings
-from service.traffic import Delivery, Expected, Shares, expected_outcomes, plan
+from service.traffic import Delivery, Expected, Shares, expected_outcomes, generate_calls
 
 # Answers FreeClimb would retry (503: the service is draining or Kafka is unavailable),
 # how often and how soon; a transport error (no answer at all) is retried the same way.
@@ -348,7 +348,7 @@ def outstanding(run: Run) -> int:
 
 async def simulate(settings: Settings, args: argparse.Namespace) -> Run:
     shares = Shares(args.gaps, args.reorder, args.duplicates, args.retries, args.illegal)
-    traffic = plan(args.calls, shares, args.seed)
+    traffic = generate_calls(args.calls, shares, args.seed)
     url = args.url or f"http://{_client_host(settings.host)}:{settings.port}"
     run = Run()
     reader = Reader(settings)
