@@ -32,7 +32,7 @@ from aiokafka.structs import RecordMetadata
 from prometheus_client import Counter
 
 from service import metrics
-from service.batch import NO_RECORD, Output, Plan, Retention, Target, plan
+from service.batch import NO_RECORD, BatchPlan, Output, Retention, Target, plan_batch
 from service.kafka import REFUSED_FOR_GOOD
 from service.settings import Settings
 
@@ -57,7 +57,7 @@ AHEAD_REPORT_SECONDS = 60.0
 
 
 class AheadOfClock:
-    """Aggregates the events whose receivedAt was past the clock's bound (batch.Plan)
+    """Aggregates the events whose receivedAt was past the clock's bound (batch.BatchPlan)
     of all partitions into one warning per ``window`` seconds."""
 
     def __init__(
@@ -104,7 +104,7 @@ def _transition_counter(before: str, after: str) -> Counter:
     return metrics.PROCESSOR_TRANSITIONS.labels(before, after)
 
 
-class Refused(Exception):
+class Unwritable(Exception):
     """Kafka refused an output of this batch for good; the transaction was aborted.
     ``offset`` is the ingest record it answers, when known (one-by-one writing)."""
 
@@ -175,7 +175,7 @@ class PartitionWorker:
         unwritable: set[int] = set()
         one_by_one = False
         while True:
-            p = plan(
+            p = plan_batch(
                 records,
                 self.states,
                 position=self.next_offset,
@@ -191,7 +191,7 @@ class PartitionWorker:
                 return False
             try:
                 await self._commit(p, one_by_one)
-            except Refused as refused:
+            except Unwritable as refused:
                 await self._renew_producer(type(refused.cause).__name__)
                 if refused.offset is None or refused.offset == NO_RECORD:
                     if one_by_one:  # a tombstone refused: nothing we can answer for
@@ -213,7 +213,7 @@ class PartitionWorker:
             self._adopt(p)
             return True
 
-    async def _commit(self, p: Plan, one_by_one: bool) -> None:
+    async def _commit(self, p: BatchPlan, one_by_one: bool) -> None:
         started = time.perf_counter()
         producer = self.producer
         await producer.begin_transaction()
@@ -230,7 +230,7 @@ class PartitionWorker:
                     else:
                         futures.append(future)
                 except REFUSED_FOR_GOOD as exc:
-                    raise Refused(out.offset, exc) from exc
+                    raise Unwritable(out.offset, exc) from exc
             if futures:
                 # Every output acknowledged before the offset goes in: the commit below
                 # would otherwise succeed without a refused record.
@@ -240,7 +240,7 @@ class PartitionWorker:
                     if all(isinstance(e, REFUSED_FOR_GOOD) for e in errors):
                         # A refused produce request fails every record batched with the
                         # culprit: which one it was, only writing them singly tells.
-                        raise Refused(None, errors[0])
+                        raise Unwritable(None, errors[0])
                     raise errors[0]
                 state_offsets = [
                     meta.offset
@@ -259,7 +259,7 @@ class PartitionWorker:
             self.state_end = None
             await _abort_quietly(producer)
             cause = _sender_failure(producer)
-            if cause is not None and cause is not exc and not isinstance(exc, Refused):
+            if cause is not None and cause is not exc and not isinstance(exc, Unwritable):
                 # aiokafka's sender died (fenced, say) and the next call only says
                 # "not in transaction": report why, so restarts are counted by cause.
                 raise cause from exc
@@ -276,7 +276,7 @@ class PartitionWorker:
         )
         return future
 
-    def _adopt(self, p: Plan) -> None:
+    def _adopt(self, p: BatchPlan) -> None:
         """Committed: only now does memory follow."""
         for call_id, state in p.states.items():
             if state is None:
@@ -296,7 +296,7 @@ class PartitionWorker:
         for (before, after), n in p.transitions.items():
             _transition_counter(before, after).inc(n)
 
-    def _take_time(self, p: Plan) -> None:
+    def _take_time(self, p: BatchPlan) -> None:
         if p.watermark_clamped_from is not None:
             # Once per restore at most: the clamped watermark is ours from now on.
             log.warning(
@@ -344,4 +344,10 @@ async def _abort_quietly(producer: AIOKafkaProducer) -> None:
         log.warning("abort failed", error=repr(exc))
 
 
-__all__ = ["AheadOfClock", "PartitionWorker", "Refused", "open_producer", "transactional_id"]
+__all__ = [
+    "AheadOfClock",
+    "PartitionWorker",
+    "Unwritable",
+    "open_producer",
+    "transactional_id",
+]
