@@ -1,24 +1,30 @@
 """The processor: a consumer-group member that supervises one
-:class:`~service.worker.PartitionWorker` per assigned ingest partition. What goes into a
-transaction is decided by :mod:`service.batch` (pure), written by :mod:`service.worker`;
-states are rebuilt by :mod:`service.restore`. The reasoning is in docs/architecture.md,
-sections 5 and 8:
+:class:`~service.worker.PartitionWorker` per assigned ingest partition. It only asks for
+workers and runs their batches: what goes into a transaction is decided by
+:mod:`service.batch` (pure); opening a partition (fencing, seek, restore), writing its
+transactions and telling whether it is still current belong to :mod:`service.worker`.
+The reasoning is in docs/architecture.md, sections 5 and 8:
 
 * Partitions are independent (own producer, own transaction): their batches run
   concurrently, each under a deadline.
 * Anything that fails (fenced, broker gone, coordinator errors) restarts the whole
   processor from what Kafka committed, with backoff; only cancellation ends it, and a
   corrupt state topic on a processor-only node (which a restart cannot mend).
-* Rebalances: a batch holds the lock for its whole transaction and revocation takes the
-  same lock; a worker is kept across a rebalance only while nobody else wrote for its
-  partition (committed offset and state partition end both unchanged).
+* Rebalances: the callbacks only register. Revocation waits for the in-flight batch
+  (which holds the lock for its whole transaction) and stops an opening under way;
+  assignment records the partitions and pauses them. The main loop then opens the
+  workers (restore can take minutes: inside the callback it would hold up the whole
+  group's rebalance and, with our heartbeats stopped meanwhile, get us expelled), keeps
+  polling while they open, and resumes the partitions once all are open. A worker is
+  kept across a rebalance only while its partition stayed ours and nobody else wrote
+  for it (:meth:`~service.worker.PartitionWorker.still_current`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
@@ -31,9 +37,9 @@ from service import metrics
 from service.backoff import Backoff, sleep_or_stop
 from service.batch import CE_SOURCE, CE_TYPE_CHANGED, CE_TYPE_REJECTED
 from service.kafka import client_options
-from service.restore import CorruptState, restore
+from service.restore import CorruptState
 from service.settings import Settings
-from service.worker import PartitionWorker, open_producer, transactional_id
+from service.worker import PartitionWorker, transactional_id
 
 log = structlog.get_logger(logger_name="callstatus.processor")
 
@@ -48,18 +54,6 @@ BATCH_DEADLINE_SECONDS = 90.0
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-async def _seek_committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
-    """Point the consumer at the group's committed offset (the start when there is none)
-    and return it: the next record this partition's worker must judge."""
-    committed = await consumer.committed(tp)
-    if committed is None:
-        await consumer.seek_to_beginning(tp)
-        position: int = await consumer.position(tp)
-        return position
-    consumer.seek(tp, committed)
-    return int(committed)
 
 
 async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
@@ -77,6 +71,33 @@ async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
         log.warning("consumer stop raised a stray cancellation; ignored")
     except Exception as exc:
         log.warning("consumer did not stop cleanly", error=repr(exc))
+
+
+async def _close_all(workers: Iterable[PartitionWorker]) -> None:
+    for worker in workers:
+        with contextlib.suppress(Exception):
+            await worker.close()
+
+
+async def _all_or_none(
+    openings: dict[int, Coroutine[Any, Any, PartitionWorker]],
+) -> dict[int, PartitionWorker]:
+    """Run the openings concurrently (each restore is its own reader) and return every
+    worker, or none: on a failure, or our cancellation, the others are cancelled and
+    each worker already open is closed before the error goes on, so no producer of a
+    partition we may no longer own lingers."""
+    tasks = {partition: asyncio.ensure_future(c) for partition, c in openings.items()}
+    try:
+        await asyncio.gather(*tasks.values())
+    except BaseException:
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.wait(tasks.values())
+        # Retrieving each failure keeps asyncio from logging it again at GC.
+        done = [t for t in tasks.values() if not t.cancelled() and t.exception() is None]
+        await _close_all(t.result() for t in done)
+        raise
+    return {partition: task.result() for partition, task in tasks.items()}
 
 
 class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -102,7 +123,17 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
-        self._settled = False
+        # What the rebalance callbacks register. Each assignment is a new generation;
+        # per assigned partition, the generation since which it has been ours without
+        # a break (with the eager protocol a partition in two consecutive assignments
+        # had no other owner between them). A worker is only kept while its partition
+        # has been ours since the generation it was checked against (_workers_at).
+        self._generation = 0
+        self._assignment: dict[int, int] = {}
+        self._revoked = False  # between a revocation and the next assignment
+        self._workers_at = 0
+        self._opening: asyncio.Task[None] | None = None
+        self._settled = False  # the workers match the assignment, partitions resumed
         self._progressed = False
         # aiokafka logs and swallows exceptions raised in rebalance callbacks; we keep
         # the first one here and re-raise it from the main loop, which restarts us.
@@ -162,57 +193,65 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         )
         self._consumer = consumer
         self._failure = None
+        self._generation, self._assignment, self._revoked, self._workers_at = 0, {}, False, 0
         cause = "stopped"
         try:
             consumer.subscribe([s.topic_ingest], listener=self)
             await consumer.start()
             while not self._stopping.is_set():
+                self._tend_opening(consumer)
+                # Polling goes on while workers open: it is what keeps us in the group
+                # (max_poll_interval), and paused partitions return nothing meanwhile.
                 batches = await self._fetch(consumer)
                 if self._failure is not None:
                     raise self._failure
                 async with self._lock:
-                    if not self._settled:
-                        continue  # mid-rebalance: records fetched now are re-read later
-                    now = self.clock()
-                    workers = list(self._workers.values())
-                    # Partitions are independent (own producer, own transaction), so
-                    # their commits overlap instead of queueing behind each other. All
-                    # are awaited before a failure is raised: none may still be running
-                    # when the restart tears the producers down.
-                    results = await asyncio.gather(
-                        *(
-                            asyncio.wait_for(
-                                w.process(batches.get(w.tp, []), now), BATCH_DEADLINE_SECONDS
-                            )
-                            for w in workers
-                        ),
-                        return_exceptions=True,
-                    )
-                    for worker, result in zip(workers, results, strict=True):
-                        if isinstance(result, BaseException):
-                            log.warning(
-                                "partition batch failed",
-                                partition=worker.partition,
-                                error=repr(result),
-                            )
-                    for result in results:
-                        if isinstance(result, BaseException):
-                            raise result
-                        if result:
-                            self._progressed = True
-                    for worker in workers:
-                        self._record_lag(consumer, worker)
-                    metrics.PROCESSOR_CALLS.set(sum(len(w.states) for w in workers))
+                    # Mid-rebalance or opening: records fetched now are re-read, since
+                    # opening seeks every partition to its committed offset.
+                    if self._settled:
+                        await self._process(consumer, batches)
         except BaseException as exc:
             cause = type(exc).__name__
             raise
         finally:
             self._settled = False
+            await self._stop_opening()
             async with self._lock:
                 await self._drop_workers(cause)
             # Leaving the group lets the others take our partitions at once.
             await _stop_consumer(consumer)
             self._consumer = None
+
+    async def _process(
+        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Record]]
+    ) -> None:
+        """One batch per worker, under the lock (the caller holds it)."""
+        now = self.clock()
+        workers = list(self._workers.values())
+        # Partitions are independent (own producer, own transaction), so their commits
+        # overlap instead of queueing behind each other. All are awaited before a
+        # failure is raised: none may still be running when the restart tears the
+        # producers down.
+        results = await asyncio.gather(
+            *(
+                asyncio.wait_for(w.process(batches.get(w.tp, []), now), BATCH_DEADLINE_SECONDS)
+                for w in workers
+            ),
+            return_exceptions=True,
+        )
+        for worker, result in zip(workers, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning(
+                    "partition batch failed", partition=worker.partition, error=repr(result)
+                )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            if result:
+                self._progressed = True
+        for worker in workers:
+            self._record_lag(consumer, worker)
+        metrics.PROCESSOR_CALLS.set(sum(len(w.states) for w in workers))
 
     async def _fetch(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, list[Record]]:
         try:
@@ -243,78 +282,143 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
             if cause != "stopped":
                 metrics.PRODUCER_REBUILDS.labels("processor", cause).inc()
 
-    # -- ConsumerRebalanceListener -------------------------------------------------
+    # -- Opening the assignment, from the main loop ----------------------------------
+
+    def _tend_opening(self, consumer: AIOKafkaConsumer) -> None:
+        """Start opening the registered assignment when it is new; hand the failure of
+        an opening that failed to the main loop (the restart closes everything and
+        starts over)."""
+        task = self._opening
+        if task is not None:
+            if not task.done():
+                return
+            self._opening = None
+            # Cancelled: by a revocation, whose assignment is opened afresh below.
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                # Raised after the next fetch, with the partitions resumed: a batch we
+                # cannot read is then reported as that (a node without its codec
+                # library fails to build its producer too, and that would hide the
+                # cause). Nothing fetched is processed: the restart drops the consumer.
+                self._failure = self._failure or exc
+                consumer.resume(*consumer.paused())
+                return
+        if not self._settled and not self._revoked and self._generation > 0:
+            generation, assignment = self._generation, dict(self._assignment)
+            self._opening = asyncio.create_task(
+                self._open_assignment(consumer, generation, assignment)
+            )
+
+    async def _stop_opening(self) -> None:
+        task, self._opening = self._opening, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait([task])  # its own cleanup closes what it opened
+        if not task.cancelled():
+            task.exception()  # the run is ending anyway; only keep asyncio quiet
+
+    async def _open_assignment(
+        self, consumer: AIOKafkaConsumer, generation: int, assignment: dict[int, int]
+    ) -> None:
+        """Bring the workers in line with the assignment of ``generation``: keep each
+        worker whose partition stayed ours and that is still current, open the rest;
+        then, unless a rebalance came meanwhile, resume the partitions and settle.
+
+        The failures, each:
+
+        * Revocation while opening (restore included): the callback cancels this task;
+          _all_or_none closes every worker it opened, and the next assignment is opened
+          anew. Nothing was written: an opening only reads and fences.
+        * An assignment while opening (without revocation first, or after it): the
+          generation moved. Workers whose partition has been ours since ``generation``
+          are kept for the next opening to check; the others are closed (another
+          owner may have fenced them and written meanwhile). We do not settle.
+        * Fenced while opening (a zombie or the next owner initialised the same
+          transactional id): open raises, this task fails, the main loop restarts the
+          processor from what Kafka committed.
+        """
+        async with self._lock:
+            held, self._workers = self._workers, {}
+            held_at = self._workers_at
+        opened: dict[int, PartitionWorker] = {}
+        stayed: dict[int, PartitionWorker] = {}
+        try:
+            lapsed = [w for p, w in held.items() if not assignment.get(p, held_at + 1) <= held_at]
+            await _close_all(lapsed)
+            opened = await _all_or_none(
+                {p: self._worker_for(consumer, p, held.get(p)) for p in sorted(assignment)}
+            )
+            async with self._lock:
+                stayed = {p: w for p, w in opened.items() if self._owned_since(p, generation)}
+                self._workers, self._workers_at = stayed, generation
+                if generation == self._generation and not self._revoked:
+                    # The callback paused them all; no await since the check, so the
+                    # assignment cannot have changed under us.
+                    consumer.resume(*(w.tp for w in stayed.values()))
+                    self._settled = True
+                    kept = sorted(p for p, w in stayed.items() if held.get(p) is w)
+                    log.info("partitions assigned", partitions=sorted(stayed), kept=kept)
+        except BaseException:
+            # Cancelled (revocation) or failed between steps: whatever this opening
+            # holds is closed, so no producer of a partition we may have lost lingers.
+            await _close_all({id(w): w for w in (*held.values(), *opened.values())}.values())
+            raise
+        await _close_all(w for p, w in opened.items() if p not in stayed)
+
+    def _owned_since(self, partition: int, generation: int) -> bool:
+        since = self._assignment.get(partition)
+        return since is not None and since <= generation
+
+    async def _worker_for(
+        self, consumer: AIOKafkaConsumer, partition: int, held: PartitionWorker | None
+    ) -> PartitionWorker:
+        """``held`` if it is still current, else a newly opened worker."""
+        if held is not None:
+            try:
+                current = await held.still_current(consumer)
+            except BaseException:
+                await _close_all([held])
+                raise
+            if current:
+                return held
+            await _close_all([held])
+        return await PartitionWorker.open(
+            self.settings,
+            partition,
+            consumer,
+            options=self._options,
+            producer_options=self._producer_options,
+        )
+
+    # -- ConsumerRebalanceListener: register only -------------------------------------
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        # Taking the lock waits for an in-flight batch; _settled=False then keeps the
-        # main loop from starting another until the new assignment is in place.
+        # Taking the lock waits for an in-flight batch, whose transaction then ends
+        # before the partitions change hands; _settled=False keeps the main loop from
+        # starting another. An opening under way is stopped: its partitions may be
+        # someone else's in a moment.
         self._settled = False
+        self._revoked = True
+        if self._opening is not None:
+            self._opening.cancel()
         async with self._lock:
             pass
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         consumer = self._consumer
         assert consumer is not None
-        async with self._lock:
-            partitions = sorted(tp.partition for tp in assigned)
-            previous, self._workers = self._workers, {}
-            kept: dict[int, PartitionWorker] = {}
-            fresh: dict[int, PartitionWorker] = {}
-            try:
-                while previous:
-                    partition, worker = previous.popitem()
-                    if partition in partitions and await self._still_current(consumer, worker):
-                        kept[partition] = worker
-                    else:
-                        await worker.close()
-                for partition in partitions:
-                    if partition not in kept:
-                        fresh[partition] = await self._open_worker(consumer, partition)
-                restored = await restore(self._options, self.settings.topic_state, sorted(fresh))
-                for partition, r in restored.items():
-                    worker = fresh[partition]
-                    worker.states, worker.watermark, worker.state_end = r.states, r.watermark, r.end
-            except Exception as exc:
-                # Without workers these partitions would sit idle; fail loudly instead.
-                # Every producer is closed, also those of workers not yet looked at.
-                for worker in (*previous.values(), *kept.values(), *fresh.values()):
-                    with contextlib.suppress(Exception):
-                        await worker.close()
-                self._failure = self._failure or exc
-                return
-            self._workers = {**kept, **fresh}
-            self._settled = True
-            log.info("partitions assigned", partitions=partitions, kept=sorted(kept))
-
-    async def _still_current(self, consumer: AIOKafkaConsumer, worker: PartitionWorker) -> bool:
-        """Whether a worker we had before this rebalance may go on as it is: nobody
-        committed an offset for its partition since we did, and nobody wrote to its
-        state partition either (a transaction with only sweep tombstones moves no
-        offset, but changes the states)."""
-        if await _seek_committed(consumer, worker.tp) != worker.next_offset:
-            return False
-        if worker.state_end is None:
-            return False
-        state_tp = TopicPartition(self.settings.topic_state, worker.partition)
-        ends = await consumer.end_offsets([state_tp])
-        return bool(ends[state_tp] == worker.state_end)
-
-    async def _open_worker(self, consumer: AIOKafkaConsumer, partition: int) -> PartitionWorker:
-        s = self.settings
-        txn_id = transactional_id(s.consumer_group, s.topic_ingest, partition)
-        producer = await open_producer(self._producer_options, txn_id)
-        tp = TopicPartition(s.topic_ingest, partition)
+        self._generation += 1
+        self._assignment = {
+            tp.partition: self._assignment.get(tp.partition, self._generation) for tp in assigned
+        }
+        self._revoked = False
+        self._settled = False
         try:
-            position = await _seek_committed(consumer, tp)
-            counts = {
-                len(await producer.partitions_for(topic))
-                for topic in (s.topic_ingest, s.topic_changes, s.topic_rejected)
-            }
-        except BaseException:
-            await producer.stop()
-            raise
-        aligned = len(counts) == 1
-        return PartitionWorker(s, partition, producer, position, self._producer_options, aligned)
+            # Nothing of a partition is fetched until its worker is open and has
+            # seeked it; the main loop resumes them then.
+            consumer.pause(*assigned)
+        except Exception as exc:
+            self._failure = self._failure or exc
 
 
 __all__ = [

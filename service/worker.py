@@ -1,6 +1,11 @@
-"""One ingest partition's transactional shell: its producer, its call states, its
-position, and the writing of one batch plan (:mod:`service.batch`) in one Kafka
-transaction. The reasoning is in docs/architecture.md, sections 5 and 8:
+"""One ingest partition's transactional shell and its whole lifecycle: opening it
+(fencing, seek, restore), writing each batch plan (:mod:`service.batch`) in one Kafka
+transaction, telling whether it is still current after a rebalance, and closing it. The
+reasoning is in docs/architecture.md, sections 5 and 8:
+
+* Opening fences before it reads: the partition's transactional producer is initialised
+  first, which aborts or finishes the previous owner's open transaction, so the
+  committed offset and the state partition read next are final (:meth:`PartitionWorker.open`).
 
 * A batch's changes, rejections, states and input offset go in ONE transaction, so
   ``read_committed`` readers see all of it or none.
@@ -27,13 +32,14 @@ from functools import cache
 from typing import Any, TypeAlias
 
 import structlog
-from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.structs import RecordMetadata
 from prometheus_client import Counter
 
 from service import metrics
 from service.batch import NO_RECORD, BatchPlan, Output, Retention, Target, plan_batch
 from service.kafka import REFUSED_FOR_GOOD
+from service.restore import restore
 from service.settings import Settings
 
 log = structlog.get_logger(logger_name="callstatus.worker")
@@ -136,21 +142,36 @@ async def open_producer(options: dict[str, Any], txn_id: str) -> AIOKafkaProduce
     return producer
 
 
+async def _seek_committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
+    """Point the consumer at the group's committed offset (the start when there is none)
+    and return it: the next record this partition's worker must judge."""
+    committed = await consumer.committed(tp)
+    if committed is None:
+        await consumer.seek_to_beginning(tp)
+        position: int = await consumer.position(tp)
+        return position
+    consumer.seek(tp, committed)
+    return int(committed)
+
+
 @dataclass
 class PartitionWorker:
-    """Owns one ingest partition: its producer, its call states and its position."""
+    """Owns one ingest partition: its producer, its call states and its position.
+    Made by :meth:`open`, never by hand: only that order of steps makes it safe."""
 
     settings: Settings
     partition: int
     producer: AIOKafkaProducer
     next_offset: int
-    options: dict[str, Any]
+    options: dict[str, Any]  # the producer's, for a renewal
+    transactional_id: str
     aligned: bool = False  # see Target.aligned
     states: dict[str, bytes] = field(default_factory=dict)  # packed (statecodec)
     watermark: datetime | None = None
     swept_at: datetime | None = None
-    # The state partition's end offset after our last commit; None when unknown (after
-    # an abort). Another owner's transaction moves it, even one without an offset.
+    # The state partition's end offset after our last commit (restore's end, then moved
+    # by each commit that wrote states); None when unknown (after an abort). Another
+    # owner's transaction moves it, even one without an offset: see still_current.
     state_end: int | None = None
 
     def __post_init__(self) -> None:
@@ -169,6 +190,75 @@ class PartitionWorker:
             timedelta(seconds=s.state_idle_retention_seconds),
             timedelta(seconds=s.max_clock_skew_seconds),
         )
+
+    @classmethod
+    async def open(
+        cls,
+        settings: Settings,
+        partition: int,
+        consumer: AIOKafkaConsumer,
+        *,
+        options: dict[str, Any],
+        producer_options: dict[str, Any],
+    ) -> PartitionWorker:
+        """The worker for ``partition``, ready to process from the committed offset.
+
+        The order is what makes it exactly-once, so it lives here and nowhere else:
+
+        1. Fence: init the producer of the partition's transactional id. This returns
+           once the previous owner is fenced and its open transaction finished
+           (committed or aborted), so nothing it still writes can become visible.
+        2. Seek ``consumer`` (which has the partition assigned, paused) to the
+           committed offset: final now, since no transaction can still add to it.
+        3. Restore the calls' states from the state partition, read_committed, to its
+           end. Aborted transactions (a zombie's, or our own failed batches) are
+           skipped by the reader, and after step 1 none is still open, so the end is
+           not held back by one and what we read is everything committed.
+
+        A failure at any step (fenced by yet another owner, the broker away, a corrupt
+        state, our cancellation by a revocation) closes the producer and raises: no
+        half-opened worker exists. ``options`` are the client's (for the restore
+        reader), ``producer_options`` those of the partition's producers.
+        """
+        s = settings
+        txn_id = transactional_id(s.consumer_group, s.topic_ingest, partition)
+        producer = await open_producer(producer_options, txn_id)
+        try:
+            position = await _seek_committed(consumer, TopicPartition(s.topic_ingest, partition))
+            restored = (await restore(options, s.topic_state, [partition]))[partition]
+            counts = {
+                len(await producer.partitions_for(topic))
+                for topic in (s.topic_ingest, s.topic_changes, s.topic_rejected)
+            }
+        except BaseException:
+            await producer.stop()
+            raise
+        return cls(
+            s,
+            partition,
+            producer,
+            position,
+            producer_options,
+            txn_id,
+            aligned=len(counts) == 1,
+            states=restored.states,
+            watermark=restored.watermark,
+            state_end=restored.end,
+        )
+
+    async def still_current(self, consumer: AIOKafkaConsumer) -> bool:
+        """Whether this worker may go on as it is after a rebalance gave its partition
+        back to us: nobody committed an offset for it since we did, and nobody wrote to
+        its state partition either (a transaction with only sweep tombstones moves no
+        offset, but changes the states). Seeks ``consumer`` to the committed offset on
+        the way, as :meth:`open` would."""
+        if await _seek_committed(consumer, self.tp) != self.next_offset:
+            return False
+        if self.state_end is None:
+            return False
+        state_tp = TopicPartition(self.settings.topic_state, self.partition)
+        ends = await consumer.end_offsets([state_tp])
+        return bool(ends[state_tp] == self.state_end)
 
     async def process(self, records: list[Record], processed_at: datetime) -> bool:
         """Judge a batch and commit its effects in one transaction; True if it did."""
@@ -312,9 +402,7 @@ class PartitionWorker:
         numbers the broker never took, so only a new epoch writes cleanly again."""
         old = self.producer
         await old.stop()
-        s = self.settings
-        txn_id = transactional_id(s.consumer_group, s.topic_ingest, self.partition)
-        self.producer = await open_producer(self.options, txn_id)
+        self.producer = await open_producer(self.options, self.transactional_id)
         metrics.PRODUCER_REBUILDS.labels("processor", cause).inc()
 
     async def close(self) -> None:
