@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
@@ -37,6 +36,7 @@ from aiokafka.structs import RecordMetadata
 from prometheus_client import Counter
 
 from service import metrics
+from service.aheadofclock import AheadOfClock
 from service.batch import NO_RECORD, BatchPlan, Output, Retention, Target, plan_batch
 from service.kafka import REFUSED_FOR_GOOD
 from service.restore import restore
@@ -56,48 +56,7 @@ def transactional_id(group: str, topic: str, partition: int) -> str:
     return f"{group}.{topic}.{partition}"
 
 
-# At most one log line this often about events ahead of the clock, with the count since
-# the last one: whoever can write forged records to ingest must not be able to write our
-# logs at the same rate. The metric counts every one.
-AHEAD_REPORT_SECONDS = 60.0
-
-
-class AheadOfClock:
-    """Aggregates the events whose receivedAt was past the clock's bound (batch.BatchPlan)
-    of all partitions into one warning per ``window`` seconds."""
-
-    def __init__(
-        self, window: float = AHEAD_REPORT_SECONDS, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.window = window
-        self.clock = clock
-        self._logged_at: float | None = None
-        self._held = 0
-        self._partitions: set[int] = set()
-        self._furthest: datetime | None = None
-
-    def note(self, partition: int, count: int, furthest: datetime, max_skew: timedelta) -> None:
-        metrics.PROCESSOR_AHEAD_OF_CLOCK.inc(count)
-        self._held += count
-        self._partitions.add(partition)
-        if self._furthest is None or furthest > self._furthest:
-            self._furthest = furthest
-        now = self.clock()
-        if self._logged_at is not None and now - self._logged_at < self.window:
-            return
-        self._logged_at = now
-        log.warning(
-            "ingest events ahead of the clock judged without moving the watermark",
-            events=self._held,
-            partitions=sorted(self._partitions),
-            furthest_received_at=self._furthest.isoformat(),
-            max_clock_skew_seconds=max_skew.total_seconds(),
-            window_seconds=self.window,
-        )
-        self._held, self._partitions, self._furthest = 0, set(), None
-
-
-_AHEAD = AheadOfClock()
+_AHEAD = AheadOfClock()  # one for all partitions: one warning a window
 
 
 @cache
@@ -433,7 +392,6 @@ async def _abort_quietly(producer: AIOKafkaProducer) -> None:
 
 
 __all__ = [
-    "AheadOfClock",
     "PartitionWorker",
     "Unwritable",
     "open_producer",
