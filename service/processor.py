@@ -335,7 +335,9 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
           owner may have fenced them and written meanwhile). We do not settle.
         * Fenced while opening (a zombie or the next owner initialised the same
           transactional id): open raises, this task fails, the main loop restarts the
-          processor from what Kafka committed.
+          processor from what Kafka committed. Fenced after it (a kept worker's
+          producer included): the next commit fails and aborts, and the same restart
+          follows; nothing of that batch is visible.
         """
         async with self._lock:
             held, self._workers = self._workers, {}
@@ -343,10 +345,13 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         opened: dict[int, PartitionWorker] = {}
         stayed: dict[int, PartitionWorker] = {}
         try:
-            lapsed = [w for p, w in held.items() if not assignment.get(p, held_at + 1) <= held_at]
-            await _close_all(lapsed)
+            # Only a worker whose partition has been ours since it was last checked
+            # may be kept; one that left us in between (another owner may have fenced
+            # it and written) is closed, and its partition opened anew.
+            fit = {p: w for p, w in held.items() if assignment.get(p, held_at + 1) <= held_at}
+            await _close_all(w for p, w in held.items() if p not in fit)
             opened = await _all_or_none(
-                {p: self._worker_for(consumer, p, held.get(p)) for p in sorted(assignment)}
+                {p: self._worker_for(consumer, p, fit.get(p)) for p in sorted(assignment)}
             )
             async with self._lock:
                 stayed = {p: w for p, w in opened.items() if self._owned_since(p, generation)}

@@ -172,3 +172,21 @@ async def test_a_failed_opening_closes_every_worker_and_fails_after_a_fetch(
     assert opener.opened and all(w.closed for w in opener.opened)
     # Resumed for the one fetch before the restart: an unreadable batch shows as such.
     assert consumer.paused_tps == set()
+
+
+async def test_a_worker_whose_partition_left_us_in_between_is_not_kept(
+    opener: Opener,
+) -> None:
+    p, consumer = processor()
+    opener.gate.set()
+    await p.on_partitions_assigned(tps(0))
+    p._tend_opening(consumer)
+    await opening_done(p)
+    old = p._workers[0]
+    # Two rebalances before the main loop looks again: 0 went elsewhere and came back.
+    for assignment in (tps(1), tps(0)):
+        await p.on_partitions_revoked(set())
+        await p.on_partitions_assigned(assignment)
+    p._tend_opening(consumer)
+    await opening_done(p)
+    assert old.closed and p._workers[0] is not old and p.ready()  # type: ignore[attr-defined]
