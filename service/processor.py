@@ -136,7 +136,8 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._settled = False  # the workers match the assignment, partitions resumed
         self._progressed = False
         # aiokafka logs and swallows exceptions raised in rebalance callbacks; we keep
-        # the first one here and re-raise it from the main loop, which restarts us.
+        # the first one here, or a failed opening's, and re-raise it from the main loop
+        # after its next fetch, which restarts us.
         self._failure: BaseException | None = None
 
     def ready(self) -> bool:
