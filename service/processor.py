@@ -23,8 +23,7 @@ The reasoning is in docs/architecture.md, sections 5 and 8:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
@@ -34,6 +33,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from service import metrics
+from service.assignment import Assignment, close_all, open_all_or_none
 from service.backoff import Backoff, sleep_or_stop
 from service.batch import CE_SOURCE, CE_TYPE_CHANGED, CE_TYPE_REJECTED
 from service.kafka import client_options
@@ -73,33 +73,6 @@ async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
         log.warning("consumer did not stop cleanly", error=repr(exc))
 
 
-async def _close_all(workers: Iterable[PartitionWorker]) -> None:
-    for worker in workers:
-        with contextlib.suppress(Exception):
-            await worker.close()
-
-
-async def _all_or_none(
-    openings: dict[int, Coroutine[Any, Any, PartitionWorker]],
-) -> dict[int, PartitionWorker]:
-    """Run the openings concurrently (each restore is its own reader) and return every
-    worker, or none: on a failure, or our cancellation, the others are cancelled and
-    each worker already open is closed before the error goes on, so no producer of a
-    partition we may no longer own lingers."""
-    tasks = {partition: asyncio.ensure_future(c) for partition, c in openings.items()}
-    try:
-        await asyncio.gather(*tasks.values())
-    except BaseException:
-        for task in tasks.values():
-            task.cancel()
-        await asyncio.wait(tasks.values())
-        # Retrieving each failure keeps asyncio from logging it again at GC.
-        done = [t for t in tasks.values() if not t.cancelled() and t.exception() is None]
-        await _close_all(t.result() for t in done)
-        raise
-    return {partition: task.result() for partition, task in tasks.items()}
-
-
 class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     """The consumer group member, supervising one :class:`PartitionWorker` per partition."""
 
@@ -123,14 +96,9 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
-        # What the rebalance callbacks register. Each assignment is a new generation;
-        # per assigned partition, the generation since which it has been ours without
-        # a break (with the eager protocol a partition in two consecutive assignments
-        # had no other owner between them). A worker is only kept while its partition
-        # has been ours since the generation it was checked against (_workers_at).
-        self._generation = 0
-        self._assignment: dict[int, int] = {}
-        self._revoked = False  # between a revocation and the next assignment
+        # What the rebalance callbacks register. A worker is only kept while its
+        # partition has been ours since the generation it was checked against.
+        self._assignment = Assignment()
         self._workers_at = 0
         self._opening: asyncio.Task[None] | None = None
         self._settled = False  # the workers match the assignment, partitions resumed
@@ -194,7 +162,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         )
         self._consumer = consumer
         self._failure = None
-        self._generation, self._assignment, self._revoked, self._workers_at = 0, {}, False, 0
+        self._assignment, self._workers_at = Assignment(), 0
         cause = "stopped"
         try:
             consumer.subscribe([s.topic_ingest], listener=self)
@@ -303,10 +271,10 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._failure = self._failure or exc
                 consumer.resume(*consumer.paused())
                 return
-        if not self._settled and not self._revoked and self._generation > 0:
-            generation, assignment = self._generation, dict(self._assignment)
+        a = self._assignment
+        if not self._settled and not a.revoked and a.generation > 0:
             self._opening = asyncio.create_task(
-                self._open_assignment(consumer, generation, assignment)
+                self._open_assignment(consumer, a.generation, sorted(a.since))
             )
 
     async def _stop_opening(self) -> None:
@@ -319,7 +287,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
             task.exception()  # the run is ending anyway; only keep asyncio quiet
 
     async def _open_assignment(
-        self, consumer: AIOKafkaConsumer, generation: int, assignment: dict[int, int]
+        self, consumer: AIOKafkaConsumer, generation: int, partitions: list[int]
     ) -> None:
         """Bring the workers in line with the assignment of ``generation``: keep each
         worker whose partition stayed ours and that is still current, open the rest;
@@ -328,7 +296,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         The failures, each:
 
         * Revocation while opening (restore included): the callback cancels this task;
-          _all_or_none closes every worker it opened, and the next assignment is opened
+          open_all_or_none closes every worker it opened, and the next assignment is opened
           anew. Nothing was written: an opening only reads and fences.
         * An assignment while opening (without revocation first, or after it): the
           generation moved. Workers whose partition has been ours since ``generation``
@@ -339,6 +307,9 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
           processor from what Kafka committed. Fenced after it (a kept worker's
           producer included): the next commit fails and aborts, and the same restart
           follows; nothing of that batch is visible.
+        * A state partition holding aborted transactions: the restore skips them
+          (read_committed), and since open fences first none is still open to hold
+          the end back (PartitionWorker.open).
         """
         async with self._lock:
             held, self._workers = self._workers, {}
@@ -349,15 +320,16 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
             # Only a worker whose partition has been ours since it was last checked
             # may be kept; one that left us in between (another owner may have fenced
             # it and written) is closed, and its partition opened anew.
-            fit = {p: w for p, w in held.items() if assignment.get(p, held_at + 1) <= held_at}
-            await _close_all(w for p, w in held.items() if p not in fit)
-            opened = await _all_or_none(
-                {p: self._worker_for(consumer, p, fit.get(p)) for p in sorted(assignment)}
+            ours = self._assignment.ours_since
+            fit = {p: w for p, w in held.items() if p in partitions and ours(p, held_at)}
+            await close_all(w for p, w in held.items() if p not in fit)
+            opened = await open_all_or_none(
+                {p: self._worker_for(consumer, p, fit.get(p)) for p in partitions}
             )
             async with self._lock:
-                stayed = {p: w for p, w in opened.items() if self._owned_since(p, generation)}
+                stayed = {p: w for p, w in opened.items() if ours(p, generation)}
                 self._workers, self._workers_at = stayed, generation
-                if generation == self._generation and not self._revoked:
+                if self._assignment.is_current(generation):
                     # The callback paused them all; no await since the check, so the
                     # assignment cannot have changed under us.
                     consumer.resume(*(w.tp for w in stayed.values()))
@@ -367,13 +339,9 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         except BaseException:
             # Cancelled (revocation) or failed between steps: whatever this opening
             # holds is closed, so no producer of a partition we may have lost lingers.
-            await _close_all({id(w): w for w in (*held.values(), *opened.values())}.values())
+            await close_all({id(w): w for w in (*held.values(), *opened.values())}.values())
             raise
-        await _close_all(w for p, w in opened.items() if p not in stayed)
-
-    def _owned_since(self, partition: int, generation: int) -> bool:
-        since = self._assignment.get(partition)
-        return since is not None and since <= generation
+        await close_all(w for p, w in opened.items() if p not in stayed)
 
     async def _worker_for(
         self, consumer: AIOKafkaConsumer, partition: int, held: PartitionWorker | None
@@ -383,11 +351,11 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
             try:
                 current = await held.still_current(consumer)
             except BaseException:
-                await _close_all([held])
+                await close_all([held])
                 raise
             if current:
                 return held
-            await _close_all([held])
+            await close_all([held])
         return await PartitionWorker.open(
             self.settings,
             partition,
@@ -404,7 +372,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         # starting another. An opening under way is stopped: its partitions may be
         # someone else's in a moment.
         self._settled = False
-        self._revoked = True
+        self._assignment.revoke()
         if self._opening is not None:
             self._opening.cancel()
         async with self._lock:
@@ -413,11 +381,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Any) -> None:
         consumer = self._consumer
         assert consumer is not None
-        self._generation += 1
-        self._assignment = {
-            tp.partition: self._assignment.get(tp.partition, self._generation) for tp in assigned
-        }
-        self._revoked = False
+        self._assignment.assign(tp.partition for tp in assigned)
         self._settled = False
         try:
             # Nothing of a partition is fetched until its worker is open and has

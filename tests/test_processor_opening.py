@@ -1,8 +1,9 @@
-"""Opening an assignment from the processor's main loop (service/processor.py): the
-rebalance callbacks only register and pause; a revocation stops an opening under way,
-an assignment that came while one was under way keeps only the workers whose partition
-stayed ours, and nothing opened is left behind on a failure. (Fencing, seek and restore
-themselves are proven against the broker in tests/integration.)"""
+"""Opening an assignment from the processor's main loop (service/processor.py,
+service/assignment.py): the rebalance callbacks only register and pause; a revocation
+stops an opening under way, an assignment that came while one was under way keeps only
+the workers whose partition stayed ours, and nothing opened is left behind on a
+failure. (Fencing, seek and restore themselves are proven against the broker in
+tests/integration.)"""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
+from service.assignment import Assignment
 from service.processor import Processor
 from service.worker import PartitionWorker
 from tests.conftest import make_settings
@@ -190,3 +192,15 @@ async def test_a_worker_whose_partition_left_us_in_between_is_not_kept(
     p._tend_opening(consumer)
     await opening_done(p)
     assert old.closed and p._workers[0] is not old and p.ready()  # type: ignore[attr-defined]
+
+
+def test_a_partition_is_ours_since_the_assignment_that_gave_it_without_a_break() -> None:
+    a = Assignment()
+    a.assign([0, 1])  # generation 1
+    a.revoke()
+    assert not a.is_current(1)
+    a.assign([1, 2])  # 2: 1 stayed, 0 left, 2 came
+    a.assign([0, 1, 2])  # 3: 0 came back
+    assert [a.ours_since(p, 1) for p in (0, 1, 2)] == [False, True, False]
+    assert [a.ours_since(p, 2) for p in (0, 1, 2)] == [False, True, True]
+    assert a.is_current(3) and not a.is_current(2)
