@@ -1,6 +1,6 @@
 """Plan one batch of one ingest partition: records and states in, a plan out.
 
-Pure: no producer, no clock of its own, no metrics. The transactional shell (``processor.py``)
+Pure: no producer, no clock of its own, no metrics. The transactional shell (``worker.py``)
 writes a plan in one Kafka transaction and, only once it committed, makes the plan's
 states its own and counts its tallies. Everything that decides what the outputs are
 lives here, so it is tested without a broker (``tests/test_batch.py``).
@@ -36,7 +36,7 @@ from schemas.messages import (
     encode_unprocessable,
     read_ingest,
 )
-from service.fsm import CallState, Outcome, decide, expired, is_expired
+from service.fsm import CallState, Decision, Outcome, decide, expired, is_expired
 from service.statecodec import pack, peek, unpack
 
 CE_SOURCE = b"urn:callstatus:processor"
@@ -95,7 +95,9 @@ class Output:
 
 
 @dataclass(slots=True)
-class Plan:
+class BatchPlan:
+    """What one batch writes, in one transaction, and what memory becomes once it committed."""
+
     outputs: list[Output] = field(default_factory=list)
     # Calls whose state changes: the new state (packed, see statecodec), or None to
     # forget it.
@@ -141,7 +143,7 @@ def _trace(record: Record) -> bytes | None:
     return next((v for k, v in record.headers if k == "traceparent"), None)
 
 
-def plan(
+def plan_batch(
     records: Iterable[Record],
     states: Mapping[str, bytes],
     *,
@@ -152,7 +154,7 @@ def plan(
     retention: Retention,
     processed_at: datetime,
     unwritable: Set[int] = frozenset(),
-) -> Plan:
+) -> BatchPlan:
     """Judge the records at or after ``position`` against ``states`` (packed, left
     untouched).
 
@@ -162,62 +164,115 @@ def plan(
     bounds event time (``Retention.max_clock_skew``). No verdict depends on it: a record
     past the bound is judged as usual, it only does not move the watermark.
     """
-    out = Plan(watermark=watermark, swept_at=swept_at)
-    # Event time is what the records say, but never more than the skew ahead of our own
-    # clock: only so much of it can a forger (any writer to ingest) or an ingest pod
-    # whose clock jumped move. A watermark already past it (restored from a state
-    # written before this bound, or the clock stepped back) is pulled back to it.
-    bound = processed_at + retention.max_clock_skew
+    out = _clamped(watermark, swept_at, processed_at + retention.max_clock_skew)
+    judge = _Judge(out, states, target, retention, processed_at, unwritable)
+    last: int | None = None
+    for record in records:
+        if record.offset < position:
+            continue  # fetched before a rebalance re-seeked us; already committed
+        last = record.offset
+        judge.record(record)
+    judge.write_states()
+    out.next_offset = None if last is None else last + 1
+    _sweep(out, states, target, retention)
+    return out
+
+
+def _clamped(watermark: datetime | None, swept_at: datetime | None, bound: datetime) -> BatchPlan:
+    """An empty plan holding the partition's clock as given, but never past ``bound``.
+
+    Event time is what the records say, but never more than the skew ahead of our own
+    clock: only so much of it can a forger (any writer to ingest) or an ingest pod whose
+    clock jumped move. A watermark already past it (restored from a state written
+    before this bound, or the clock stepped back) is pulled back to it."""
+    out = BatchPlan(watermark=watermark, swept_at=swept_at)
     if watermark is not None and watermark > bound:
         out.watermark_clamped_from = watermark
         out.watermark = bound
     if out.swept_at is not None and out.watermark is not None and out.swept_at > out.watermark:
         out.swept_at = out.watermark  # else no sweep until the clock caught up with it
-    processed = format_rfc3339(processed_at)
-    processed_b = processed.encode()
-    # The calls this batch judged: their state after the batch so far, unpacked once,
-    # and the offset of their last event.
-    touched: dict[str, CallState] = {}
-    state_at: dict[str, int] = {}
-    last: int | None = None
-    for record in records:
+    return out
+
+
+class _Judge:
+    """Judges one batch's records in order into ``out``. It keeps the calls this batch
+    judged so far: their state after the batch so far, unpacked once, and the offset
+    of their last event, for the one state record per call that ends the batch."""
+
+    __slots__ = (
+        "bound",
+        "last_at",
+        "out",
+        "processed",
+        "processed_at",
+        "processed_b",
+        "retention",
+        "states",
+        "target",
+        "touched",
+        "unwritable",
+    )
+
+    def __init__(
+        self,
+        out: BatchPlan,
+        states: Mapping[str, bytes],
+        target: Target,
+        retention: Retention,
+        processed_at: datetime,
+        unwritable: Set[int],
+    ) -> None:
+        self.out, self.states, self.target, self.retention = out, states, target, retention
+        self.processed_at, self.unwritable = processed_at, unwritable
+        self.bound = processed_at + retention.max_clock_skew
+        self.processed = format_rfc3339(processed_at)
+        self.processed_b = self.processed.encode()
+        self.touched: dict[str, CallState] = {}
+        self.last_at: dict[str, int] = {}
+
+    def record(self, record: Record) -> None:
+        """One record: a rejection if it is not an event or Kafka refused its outputs,
+        else its call's verdict."""
         offset = record.offset
-        if offset < position:
-            continue  # fetched before a rebalance re-seeked us; already committed
-        last = offset
-        raw = record.value or b""
         try:
-            event = read_ingest(raw)
+            event = read_ingest(record.value or b"")
         except ValidationError as exc:
             # Ingest answered 202 for whatever is here, so it must not vanish: it goes
             # to rejected, in this transaction, bytes and all.
             first = exc.errors()[0]["msg"]
             detail = f"not an ingest event ({exc.error_count()} errors): {first}"
             # Whole, unless Kafka already refused that: then cut, as for unwritable.
-            cut = offset in unwritable
+            cut = offset in self.unwritable
             reason = RejectReason.UNWRITABLE if cut else RejectReason.UNDECODABLE
-            _unprocessable(out, target, record, reason, detail, None, processed_at)
-            continue
-        received = event.receivedAt
-        if received > bound:
-            # Judged all the same, but at the bound: the state keeps a time it can expire
-            # by (one kept in 9999 would never be retired), and the watermark stays.
+            self._unprocessable(record, reason, detail, None)
+            return
+        received = self._event_time(event.receivedAt)
+        if offset in self.unwritable:
+            detail = "Kafka refused this event's outputs for good (too large for the topic?)"
+            self._unprocessable(record, RejectReason.UNWRITABLE, detail, event)
+            return
+        self._judge(record, event, received)
+
+    def _event_time(self, received: datetime) -> datetime:
+        """The time the event is judged at; moves the watermark unless it is past the
+        clock's bound (then it is judged all the same, but at the bound: the state keeps
+        a time it can expire by, as one kept in 9999 would never be retired)."""
+        out = self.out
+        if received > self.bound:
             out.ahead_of_clock += 1
             if out.furthest_ahead is None or received > out.furthest_ahead:
                 out.furthest_ahead = received
-            received = bound
-        elif out.watermark is None or received > out.watermark:
+            return self.bound
+        if out.watermark is None or received > out.watermark:
             out.watermark = received
-        if offset in unwritable:
-            detail = "Kafka refused this event's outputs for good (too large for the topic?)"
-            _unprocessable(
-                out, target, record, RejectReason.UNWRITABLE, detail, event, processed_at
-            )
-            continue
+        return received
+
+    def _judge(self, record: Record, event: IngestView, received: datetime) -> None:
+        out, retention = self.out, self.retention
         call = event.call
         cid = call.callId
-        state = touched.get(cid)
-        if state is None and (packed := states.get(cid)) is not None:
+        state = self.touched.get(cid)
+        if state is None and (packed := self.states.get(cid)) is not None:
             state = unpack(packed)
         w = out.watermark  # None only while every record so far was ahead of the clock
         if (
@@ -230,44 +285,59 @@ def plan(
         out.events[decision.outcome.value, decision.reason.value if decision.reason else ""] += 1
         new = decision.state
         if new is None or new is state:
-            continue  # rule 0: this very event was judged before; nothing changes
-        key = cid.encode()
+            return  # rule 0: this very event was judged before; nothing changes
         if decision.outcome is not Outcome.DUPLICATE:
-            accepted = decision.outcome is Outcome.ACCEPTED
-            topic, kind = (
-                (target.changes, CE_TYPE_CHANGED)
-                if accepted
-                else (target.rejected, CE_TYPE_REJECTED)
-            )
-            value = encode_outcome(
-                event_id=event.eventId,
-                call=call,
-                previous_status=state.status if state else None,
-                previous_revision=state.revision if state else None,
-                source=event.source,
-                request_type=event.requestType,
-                received_at=event.receivedText,
-                processed_at=processed,
-                reason=decision.reason,
-                detail=decision.detail,
-            )
-            headers = _ce_headers(event.eventId, cid, kind, processed_b, _trace(record))
-            out.outputs.append(Output(topic, key, value, headers, target.output_partition, offset))
-            if accepted:
-                out.transitions[_status(state.status if state else None), call.status.value] += 1
+            self._verdict(record, event, state, decision)
         # Every verdict changes the state, if only by remembering the eventId (rule 0),
         # so a replay of this event is recognised after a restore too.
-        touched[cid] = new
-        state_at[cid] = offset
-    # One state record per call per batch, its last: on a compacted topic only the last
-    # one counts, and a backlog often holds several steps of a call in one batch. It is
-    # tagged with the offset of the call's last event, which an unwritable search blames.
-    for cid, offset in state_at.items():
-        value = out.states[cid] = pack(touched[cid])
-        out.outputs.append(Output(target.state, cid.encode(), value, [], target.partition, offset))
-    out.next_offset = None if last is None else last + 1
-    _sweep(out, states, target, retention)
-    return out
+        self.touched[cid] = new
+        self.last_at[cid] = record.offset
+
+    def _verdict(
+        self, record: Record, event: IngestView, state: CallState | None, decision: Decision
+    ) -> None:
+        """The change (accepted) or rejection that answers the event."""
+        out, target, call = self.out, self.target, event.call
+        accepted = decision.outcome is Outcome.ACCEPTED
+        topic, kind = (
+            (target.changes, CE_TYPE_CHANGED) if accepted else (target.rejected, CE_TYPE_REJECTED)
+        )
+        value = encode_outcome(
+            event_id=event.eventId,
+            call=call,
+            previous_status=state.status if state else None,
+            previous_revision=state.revision if state else None,
+            source=event.source,
+            request_type=event.requestType,
+            received_at=event.receivedText,
+            processed_at=self.processed,
+            reason=decision.reason,
+            detail=decision.detail,
+        )
+        headers = _ce_headers(event.eventId, call.callId, kind, self.processed_b, _trace(record))
+        key = call.callId.encode()
+        out.outputs.append(
+            Output(topic, key, value, headers, target.output_partition, record.offset)
+        )
+        if accepted:
+            out.transitions[_status(state.status if state else None), call.status.value] += 1
+
+    def write_states(self) -> None:
+        """One state record per call per batch, its last: on a compacted topic only the
+        last one counts, and a backlog often holds several steps of a call in one
+        batch. It is tagged with the offset of the call's last event, which an
+        unwritable search blames."""
+        out, target = self.out, self.target
+        for cid, offset in self.last_at.items():
+            value = out.states[cid] = pack(self.touched[cid])
+            out.outputs.append(
+                Output(target.state, cid.encode(), value, [], target.partition, offset)
+            )
+
+    def _unprocessable(
+        self, record: Record, reason: RejectReason, detail: str, event: IngestView | None
+    ) -> None:
+        _unprocessable(self.out, self.target, record, reason, detail, event, self.processed_at)
 
 
 def _status(status: CallStatus | None) -> str:
@@ -275,7 +345,7 @@ def _status(status: CallStatus | None) -> str:
 
 
 def _unprocessable(
-    out: Plan,
+    out: BatchPlan,
     target: Target,
     record: Record,
     reason: RejectReason,
@@ -306,7 +376,7 @@ def _unprocessable(
     out.events["rejected", reason.value] += 1
 
 
-def _sweep(out: Plan, states: Mapping[str, bytes], target: Target, r: Retention) -> None:
+def _sweep(out: BatchPlan, states: Mapping[str, bytes], target: Target, r: Retention) -> None:
     """Tombstones for the states past their retention at the watermark (rule 5), once
     the watermark has moved ``sweep_every`` past the last sweep. Only memory and the
     state topic's size depend on it: decisions already treat an expired state as gone."""
@@ -326,4 +396,4 @@ def _sweep(out: Plan, states: Mapping[str, bytes], target: Target, r: Retention)
         )
 
 
-__all__ = ["NO_RECORD", "Output", "Plan", "Retention", "Target", "plan"]
+__all__ = ["NO_RECORD", "BatchPlan", "Output", "Retention", "Target", "plan_batch"]

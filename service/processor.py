@@ -1,44 +1,49 @@
 """The processor: a consumer-group member that supervises one
-:class:`~service.worker.PartitionWorker` per assigned ingest partition. What goes into a
-transaction is decided by :mod:`service.batch` (pure), written by :mod:`service.worker`;
-states are rebuilt by :mod:`service.restore`. The reasoning is in docs/architecture.md,
-sections 5 and 8:
+:class:`~service.worker.PartitionWorker` per assigned ingest partition. It only asks for
+workers and runs their batches: what goes into a transaction is decided by
+:mod:`service.batch` (pure); opening a partition (fencing, seek, restore), writing its
+transactions and telling whether it is still current belong to :mod:`service.worker`.
+The reasoning is in docs/architecture.md, sections 5 and 8:
 
 * Partitions are independent (own producer, own transaction): their batches run
   concurrently, each under a deadline.
 * Anything that fails (fenced, broker gone, coordinator errors) restarts the whole
   processor from what Kafka committed, with backoff; only cancellation ends it, and a
   corrupt state topic on a processor-only node (which a restart cannot mend).
-* Rebalances: a batch holds the lock for its whole transaction and revocation takes the
-  same lock; a worker is kept across a rebalance only while nobody else wrote for its
-  partition (committed offset and state partition end both unchanged).
+* Rebalances: the callbacks only register. Revocation waits for the in-flight batch
+  (which holds the lock for its whole transaction) and stops an opening under way;
+  assignment records the partitions and pauses them. The main loop then opens the
+  workers (restore can take minutes: inside the callback it would hold up the whole
+  group's rebalance and, with our heartbeats stopped meanwhile, get us expelled), keeps
+  polling while they open, and resumes the partitions once all are open. A worker is
+  kept across a rebalance only while its partition stayed ours and nobody else wrote
+  for it (:meth:`~service.worker.PartitionWorker.still_current`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeAlias
+from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from service import metrics
+from service.assignment import Assignment, close_all, open_all_or_none
 from service.backoff import Backoff, sleep_or_stop
-from service.batch import CE_SOURCE, CE_TYPE_CHANGED, CE_TYPE_REJECTED
+from service.batch import CE_SOURCE, CE_TYPE_CHANGED, CE_TYPE_REJECTED, Record
 from service.kafka import client_options
-from service.restore import CorruptState, restore
+from service.restore import CorruptState
 from service.settings import Settings
-from service.worker import PartitionWorker, open_producer, transactional_id
+from service.worker import PartitionWorker, transactional_id
 
 log = structlog.get_logger(logger_name="callstatus.processor")
 
 Clock = Callable[[], datetime]
-Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 
 # Upper bound on one partition's batch, transaction included. aiokafka waits without end
 # for a coordinator that does not answer; past aiokafka's transaction timeout (60 s) the
@@ -48,18 +53,6 @@ BATCH_DEADLINE_SECONDS = 90.0
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-async def _seek_committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
-    """Point the consumer at the group's committed offset (the start when there is none)
-    and return it: the next record this partition's worker must judge."""
-    committed = await consumer.committed(tp)
-    if committed is None:
-        await consumer.seek_to_beginning(tp)
-        position: int = await consumer.position(tp)
-        return position
-    consumer.seek(tp, committed)
-    return int(committed)
 
 
 async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
@@ -102,10 +95,16 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
-        self._settled = False
+        # What the rebalance callbacks register. A worker is only kept while its
+        # partition has been ours since the generation it was checked against.
+        self._assignment = Assignment()
+        self._workers_at = 0
+        self._opening: asyncio.Task[None] | None = None
+        self._settled = False  # the workers match the assignment, partitions resumed
         self._progressed = False
         # aiokafka logs and swallows exceptions raised in rebalance callbacks; we keep
-        # the first one here and re-raise it from the main loop, which restarts us.
+        # the first one here, or a failed opening's, and re-raise it from the main loop
+        # after its next fetch, which restarts us.
         self._failure: BaseException | None = None
 
     def ready(self) -> bool:
@@ -162,57 +161,65 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         )
         self._consumer = consumer
         self._failure = None
+        self._assignment, self._workers_at = Assignment(), 0
         cause = "stopped"
         try:
             consumer.subscribe([s.topic_ingest], listener=self)
             await consumer.start()
             while not self._stopping.is_set():
+                self._tend_opening(consumer)
+                # Polling goes on while workers open: it is what keeps us in the group
+                # (max_poll_interval), and paused partitions return nothing meanwhile.
                 batches = await self._fetch(consumer)
                 if self._failure is not None:
                     raise self._failure
                 async with self._lock:
-                    if not self._settled:
-                        continue  # mid-rebalance: records fetched now are re-read later
-                    now = self.clock()
-                    workers = list(self._workers.values())
-                    # Partitions are independent (own producer, own transaction), so
-                    # their commits overlap instead of queueing behind each other. All
-                    # are awaited before a failure is raised: none may still be running
-                    # when the restart tears the producers down.
-                    results = await asyncio.gather(
-                        *(
-                            asyncio.wait_for(
-                                w.process(batches.get(w.tp, []), now), BATCH_DEADLINE_SECONDS
-                            )
-                            for w in workers
-                        ),
-                        return_exceptions=True,
-                    )
-                    for worker, result in zip(workers, results, strict=True):
-                        if isinstance(result, BaseException):
-                            log.warning(
-                                "partition batch failed",
-                                partition=worker.partition,
-                                error=repr(result),
-                            )
-                    for result in results:
-                        if isinstance(result, BaseException):
-                            raise result
-                        if result:
-                            self._progressed = True
-                    for worker in workers:
-                        self._record_lag(consumer, worker)
-                    metrics.PROCESSOR_CALLS.set(sum(len(w.states) for w in workers))
+                    # Mid-rebalance or opening: records fetched now are re-read, since
+                    # opening seeks every partition to its committed offset.
+                    if self._settled:
+                        await self._process(consumer, batches)
         except BaseException as exc:
             cause = type(exc).__name__
             raise
         finally:
             self._settled = False
+            await self._stop_opening()
             async with self._lock:
                 await self._drop_workers(cause)
             # Leaving the group lets the others take our partitions at once.
             await _stop_consumer(consumer)
             self._consumer = None
+
+    async def _process(
+        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Record]]
+    ) -> None:
+        """One batch per worker, under the lock (the caller holds it)."""
+        now = self.clock()
+        workers = list(self._workers.values())
+        # Partitions are independent (own producer, own transaction), so their commits
+        # overlap instead of queueing behind each other. All are awaited before a
+        # failure is raised: none may still be running when the restart tears the
+        # producers down.
+        results = await asyncio.gather(
+            *(
+                asyncio.wait_for(w.process(batches.get(w.tp, []), now), BATCH_DEADLINE_SECONDS)
+                for w in workers
+            ),
+            return_exceptions=True,
+        )
+        for worker, result in zip(workers, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning(
+                    "partition batch failed", partition=worker.partition, error=repr(result)
+                )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            if result:
+                self._progressed = True
+        for worker in workers:
+            self._record_lag(consumer, worker)
+        metrics.PROCESSOR_CALLS.set(sum(len(w.states) for w in workers))
 
     async def _fetch(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, list[Record]]:
         try:
@@ -243,78 +250,144 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
             if cause != "stopped":
                 metrics.PRODUCER_REBUILDS.labels("processor", cause).inc()
 
-    # -- ConsumerRebalanceListener -------------------------------------------------
+    # -- Opening the assignment, from the main loop ----------------------------------
+
+    def _tend_opening(self, consumer: AIOKafkaConsumer) -> None:
+        """Start opening the registered assignment when it is new; hand the failure of
+        an opening that failed to the main loop (the restart closes everything and
+        starts over)."""
+        task = self._opening
+        if task is not None:
+            if not task.done():
+                return
+            self._opening = None
+            # Cancelled: by a revocation, whose assignment is opened afresh below.
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                # Raised after the next fetch, with the partitions resumed: a batch we
+                # cannot read is then reported as that (a node without its codec
+                # library fails to build its producer too, and that would hide the
+                # cause). Nothing fetched is processed: the restart drops the consumer.
+                self._failure = self._failure or exc
+                consumer.resume(*consumer.paused())
+                return
+        a = self._assignment
+        if not self._settled and not a.revoked and a.generation > 0:
+            self._opening = asyncio.create_task(
+                self._open_assignment(consumer, a.generation, sorted(a.since))
+            )
+
+    async def _stop_opening(self) -> None:
+        task, self._opening = self._opening, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait([task])  # its own cleanup closes what it opened
+        if not task.cancelled():
+            task.exception()  # the run is ending anyway; only keep asyncio quiet
+
+    async def _open_assignment(
+        self, consumer: AIOKafkaConsumer, generation: int, partitions: list[int]
+    ) -> None:
+        """Bring the workers in line with the assignment of ``generation``: keep each
+        worker whose partition stayed ours and that is still current, open the rest;
+        then, unless a rebalance came meanwhile, resume the partitions and settle.
+
+        The failures, each:
+
+        * Revocation while opening (restore included): the callback cancels this task;
+          open_all_or_none closes every worker it opened, and the next assignment is opened
+          anew. Nothing was written: an opening only reads and fences.
+        * An assignment while opening (without revocation first, or after it): the
+          generation moved. Workers whose partition has been ours since ``generation``
+          are kept for the next opening to check; the others are closed (another
+          owner may have fenced them and written meanwhile). We do not settle.
+        * Fenced while opening (a zombie or the next owner initialised the same
+          transactional id): open raises, this task fails, the main loop restarts the
+          processor from what Kafka committed. Fenced after it (a kept worker's
+          producer included): the next commit fails and aborts, and the same restart
+          follows; nothing of that batch is visible.
+        * A state partition holding aborted transactions: the restore skips them
+          (read_committed), and since open fences first none is still open to hold
+          the end back (PartitionWorker.open).
+        """
+        async with self._lock:
+            held, self._workers = self._workers, {}
+            held_at = self._workers_at
+        opened: dict[int, PartitionWorker] = {}
+        stayed: dict[int, PartitionWorker] = {}
+        try:
+            # Only a worker whose partition has been ours since it was last checked
+            # may be kept; one that left us in between (another owner may have fenced
+            # it and written) is closed, and its partition opened anew.
+            ours = self._assignment.ours_since
+            fit = {p: w for p, w in held.items() if p in partitions and ours(p, held_at)}
+            await close_all(w for p, w in held.items() if p not in fit)
+            opened = await open_all_or_none(
+                {p: self._worker_for(consumer, p, fit.get(p)) for p in partitions}
+            )
+            async with self._lock:
+                stayed = {p: w for p, w in opened.items() if ours(p, generation)}
+                self._workers, self._workers_at = stayed, generation
+                if self._assignment.is_current(generation):
+                    # The callback paused them all; no await since the check, so the
+                    # assignment cannot have changed under us.
+                    consumer.resume(*(w.tp for w in stayed.values()))
+                    self._settled = True
+                    kept = sorted(p for p, w in stayed.items() if held.get(p) is w)
+                    log.info("partitions assigned", partitions=sorted(stayed), kept=kept)
+        except BaseException:
+            # Cancelled (revocation) or failed between steps: whatever this opening
+            # holds is closed, so no producer of a partition we may have lost lingers.
+            await close_all({id(w): w for w in (*held.values(), *opened.values())}.values())
+            raise
+        await close_all(w for p, w in opened.items() if p not in stayed)
+
+    async def _worker_for(
+        self, consumer: AIOKafkaConsumer, partition: int, held: PartitionWorker | None
+    ) -> PartitionWorker:
+        """``held`` if it is still current, else a newly opened worker."""
+        if held is not None:
+            try:
+                current = await held.still_current(consumer)
+            except BaseException:
+                await close_all([held])
+                raise
+            if current:
+                return held
+            await close_all([held])
+        return await PartitionWorker.open(
+            self.settings,
+            partition,
+            consumer,
+            options=self._options,
+            producer_options=self._producer_options,
+        )
+
+    # -- ConsumerRebalanceListener: register only -------------------------------------
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        # Taking the lock waits for an in-flight batch; _settled=False then keeps the
-        # main loop from starting another until the new assignment is in place.
+        # Taking the lock waits for an in-flight batch, whose transaction then ends
+        # before the partitions change hands; _settled=False keeps the main loop from
+        # starting another. An opening under way is stopped: its partitions may be
+        # someone else's in a moment.
         self._settled = False
+        self._assignment.revoke()
+        if self._opening is not None:
+            self._opening.cancel()
         async with self._lock:
             pass
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         consumer = self._consumer
         assert consumer is not None
-        async with self._lock:
-            partitions = sorted(tp.partition for tp in assigned)
-            previous, self._workers = self._workers, {}
-            kept: dict[int, PartitionWorker] = {}
-            fresh: dict[int, PartitionWorker] = {}
-            try:
-                while previous:
-                    partition, worker = previous.popitem()
-                    if partition in partitions and await self._still_current(consumer, worker):
-                        kept[partition] = worker
-                    else:
-                        await worker.close()
-                for partition in partitions:
-                    if partition not in kept:
-                        fresh[partition] = await self._open_worker(consumer, partition)
-                restored = await restore(self._options, self.settings.topic_state, sorted(fresh))
-                for partition, r in restored.items():
-                    worker = fresh[partition]
-                    worker.states, worker.watermark, worker.state_end = r.states, r.watermark, r.end
-            except Exception as exc:
-                # Without workers these partitions would sit idle; fail loudly instead.
-                # Every producer is closed, also those of workers not yet looked at.
-                for worker in (*previous.values(), *kept.values(), *fresh.values()):
-                    with contextlib.suppress(Exception):
-                        await worker.close()
-                self._failure = self._failure or exc
-                return
-            self._workers = {**kept, **fresh}
-            self._settled = True
-            log.info("partitions assigned", partitions=partitions, kept=sorted(kept))
-
-    async def _still_current(self, consumer: AIOKafkaConsumer, worker: PartitionWorker) -> bool:
-        """Whether a worker we had before this rebalance may go on as it is: nobody
-        committed an offset for its partition since we did, and nobody wrote to its
-        state partition either (a transaction with only sweep tombstones moves no
-        offset, but changes the states)."""
-        if await _seek_committed(consumer, worker.tp) != worker.next_offset:
-            return False
-        if worker.state_end is None:
-            return False
-        state_tp = TopicPartition(self.settings.topic_state, worker.partition)
-        ends = await consumer.end_offsets([state_tp])
-        return bool(ends[state_tp] == worker.state_end)
-
-    async def _open_worker(self, consumer: AIOKafkaConsumer, partition: int) -> PartitionWorker:
-        s = self.settings
-        txn_id = transactional_id(s.consumer_group, s.topic_ingest, partition)
-        producer = await open_producer(self._producer_options, txn_id)
-        tp = TopicPartition(s.topic_ingest, partition)
+        self._assignment.assign(tp.partition for tp in assigned)
+        self._settled = False
         try:
-            position = await _seek_committed(consumer, tp)
-            counts = {
-                len(await producer.partitions_for(topic))
-                for topic in (s.topic_ingest, s.topic_changes, s.topic_rejected)
-            }
-        except BaseException:
-            await producer.stop()
-            raise
-        aligned = len(counts) == 1
-        return PartitionWorker(s, partition, producer, position, self._producer_options, aligned)
+            # Nothing of a partition is fetched until its worker is open and has
+            # seeked it; the main loop resumes them then.
+            consumer.pause(*assigned)
+        except Exception as exc:
+            self._failure = self._failure or exc
 
 
 __all__ = [

@@ -36,7 +36,7 @@ from service.httpclient import Connection, HttpError
 from service.kafka import client_options, partition_counts
 from service.settings import Settings, load_settings
 from service.tally import Run, Seen, Sent, judge, outstanding, predict, summary
-from service.traffic import Delivery, Shares, plan
+from service.traffic import Delivery, Shares, generate_calls
 
 # Answers FreeClimb would retry (503: the service is draining or Kafka is unavailable),
 # how often and how soon; a transport error (no answer at all) is retried the same way.
@@ -216,7 +216,7 @@ class Reader:
 
 async def simulate(settings: Settings, args: argparse.Namespace) -> Run:
     shares = Shares(args.gaps, args.reorder, args.duplicates, args.retries, args.illegal)
-    traffic = plan(args.calls, shares, args.seed)
+    traffic = generate_calls(args.calls, shares, args.seed)
     url = args.url or f"http://{_client_host(settings.host)}:{settings.port}"
     run = Run()
     reader = Reader(settings)

@@ -186,7 +186,7 @@ def _body(
     )
 
 
-def plan_call(rng: random.Random, shares: Shares) -> list[Delivery]:
+def generate_call(rng: random.Random, shares: Shares) -> list[Delivery]:
     """The callbacks of one new call, in the order they will be sent."""
     lifecycle = rng.choices(LIFECYCLES, weights=[lc.weight for lc in LIFECYCLES])[0]
     call_id, account_id = "CA" + _hex(rng, 40), "AC" + _hex(rng, 40)
@@ -215,7 +215,7 @@ def plan_call(rng: random.Random, shares: Shares) -> list[Delivery]:
     return out
 
 
-def plan(calls: int, shares: Shares, seed: int | None = None) -> list[list[Delivery]]:
+def generate_calls(calls: int, shares: Shares, seed: int | None = None) -> list[list[Delivery]]:
     """The deliveries of ``calls`` calls, one list per call."""
     rng = random.Random(seed)  # noqa: S311 - traffic shapes, not secrets
-    return [plan_call(rng, shares) for _ in range(calls)]
+    return [generate_call(rng, shares) for _ in range(calls)]

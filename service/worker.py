@@ -1,6 +1,11 @@
-"""One ingest partition's transactional shell: its producer, its call states, its
-position, and the writing of one batch plan (:mod:`service.batch`) in one Kafka
-transaction. The reasoning is in docs/architecture.md, sections 5 and 8:
+"""One ingest partition's transactional shell and its whole lifecycle: opening it
+(fencing, seek, restore), writing each batch plan (:mod:`service.batch`) in one Kafka
+transaction, telling whether it is still current after a rebalance, and closing it. The
+reasoning is in docs/architecture.md, sections 5 and 8:
+
+* Opening fences before it reads: the partition's transactional producer is initialised
+  first, which aborts or finishes the previous owner's open transaction, so the
+  committed offset and the state partition read next are final (:meth:`PartitionWorker.open`).
 
 * A batch's changes, rejections, states and input offset go in ONE transaction, so
   ``read_committed`` readers see all of it or none.
@@ -20,21 +25,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import RecordMetadata
 from prometheus_client import Counter
 
 from service import metrics
+from service.aheadofclock import AheadOfClock
 from service.aiokafka_internals import sender_failure
-from service.batch import NO_RECORD, Output, Plan, Record, Retention, Target, plan
+from service.batch import NO_RECORD, BatchPlan, Output, Record, Retention, Target, plan_batch
 from service.kafkaerrors import REFUSED_FOR_GOOD, is_refused_for_good, retrieve
+from service.restore import restore
 from service.settings import Settings
 
 log = structlog.get_logger(logger_name="callstatus.worker")
@@ -49,48 +55,7 @@ def transactional_id(group: str, topic: str, partition: int) -> str:
     return f"{group}.{topic}.{partition}"
 
 
-# At most one log line this often about events ahead of the clock, with the count since
-# the last one: whoever can write forged records to ingest must not be able to write our
-# logs at the same rate. The metric counts every one.
-AHEAD_REPORT_SECONDS = 60.0
-
-
-class AheadOfClock:
-    """Aggregates the events whose receivedAt was past the clock's bound (batch.Plan)
-    of all partitions into one warning per ``window`` seconds."""
-
-    def __init__(
-        self, window: float = AHEAD_REPORT_SECONDS, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.window = window
-        self.clock = clock
-        self._logged_at: float | None = None
-        self._held = 0
-        self._partitions: set[int] = set()
-        self._furthest: datetime | None = None
-
-    def note(self, partition: int, count: int, furthest: datetime, max_skew: timedelta) -> None:
-        metrics.PROCESSOR_AHEAD_OF_CLOCK.inc(count)
-        self._held += count
-        self._partitions.add(partition)
-        if self._furthest is None or furthest > self._furthest:
-            self._furthest = furthest
-        now = self.clock()
-        if self._logged_at is not None and now - self._logged_at < self.window:
-            return
-        self._logged_at = now
-        log.warning(
-            "ingest events ahead of the clock judged without moving the watermark",
-            events=self._held,
-            partitions=sorted(self._partitions),
-            furthest_received_at=self._furthest.isoformat(),
-            max_clock_skew_seconds=max_skew.total_seconds(),
-            window_seconds=self.window,
-        )
-        self._held, self._partitions, self._furthest = 0, set(), None
-
-
-_AHEAD = AheadOfClock()
+_AHEAD = AheadOfClock()  # one for all partitions: one warning a window
 
 
 @cache
@@ -103,7 +68,7 @@ def _transition_counter(before: str, after: str) -> Counter:
     return metrics.PROCESSOR_TRANSITIONS.labels(before, after)
 
 
-class Refused(Exception):
+class Unwritable(Exception):
     """Kafka refused an output of this batch for good; the transaction was aborted.
     ``offset`` is the ingest record it answers, when known (one-by-one writing)."""
 
@@ -135,21 +100,36 @@ async def open_producer(options: dict[str, Any], txn_id: str) -> AIOKafkaProduce
     return producer
 
 
+async def _seek_committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
+    """Point the consumer at the group's committed offset (the start when there is none)
+    and return it: the next record this partition's worker must judge."""
+    committed = await consumer.committed(tp)
+    if committed is None:
+        await consumer.seek_to_beginning(tp)
+        position: int = await consumer.position(tp)
+        return position
+    consumer.seek(tp, committed)
+    return int(committed)
+
+
 @dataclass
 class PartitionWorker:
-    """Owns one ingest partition: its producer, its call states and its position."""
+    """Owns one ingest partition: its producer, its call states and its position.
+    Made by :meth:`open`, never by hand: only that order of steps makes it safe."""
 
     settings: Settings
     partition: int
     producer: AIOKafkaProducer
     next_offset: int
-    options: dict[str, Any]
+    options: dict[str, Any]  # the producer's, for a renewal
+    transactional_id: str
     aligned: bool = False  # see Target.aligned
     states: dict[str, bytes] = field(default_factory=dict)  # packed (statecodec)
     watermark: datetime | None = None
     swept_at: datetime | None = None
-    # The state partition's end offset after our last commit; None when unknown (after
-    # an abort). Another owner's transaction moves it, even one without an offset.
+    # The state partition's end offset after our last commit (restore's end, then moved
+    # by each commit that wrote states); None when unknown (after an abort). Another
+    # owner's transaction moves it, even one without an offset: see still_current.
     state_end: int | None = None
 
     def __post_init__(self) -> None:
@@ -169,12 +149,81 @@ class PartitionWorker:
             timedelta(seconds=s.max_clock_skew_seconds),
         )
 
+    @classmethod
+    async def open(
+        cls,
+        settings: Settings,
+        partition: int,
+        consumer: AIOKafkaConsumer,
+        *,
+        options: dict[str, Any],
+        producer_options: dict[str, Any],
+    ) -> PartitionWorker:
+        """The worker for ``partition``, ready to process from the committed offset.
+
+        The order is what makes it exactly-once, so it lives here and nowhere else:
+
+        1. Fence: init the producer of the partition's transactional id. This returns
+           once the previous owner is fenced and its open transaction finished
+           (committed or aborted), so nothing it still writes can become visible.
+        2. Seek ``consumer`` (which has the partition assigned, paused) to the
+           committed offset: final now, since no transaction can still add to it.
+        3. Restore the calls' states from the state partition, read_committed, to its
+           end. Aborted transactions (a zombie's, or our own failed batches) are
+           skipped by the reader, and after step 1 none is still open, so the end is
+           not held back by one and what we read is everything committed.
+
+        A failure at any step (fenced by yet another owner, the broker away, a corrupt
+        state, our cancellation by a revocation) closes the producer and raises: no
+        half-opened worker exists. ``options`` are the client's (for the restore
+        reader), ``producer_options`` those of the partition's producers.
+        """
+        s = settings
+        txn_id = transactional_id(s.consumer_group, s.topic_ingest, partition)
+        producer = await open_producer(producer_options, txn_id)
+        try:
+            position = await _seek_committed(consumer, TopicPartition(s.topic_ingest, partition))
+            restored = (await restore(options, s.topic_state, [partition]))[partition]
+            counts = {
+                len(await producer.partitions_for(topic))
+                for topic in (s.topic_ingest, s.topic_changes, s.topic_rejected)
+            }
+        except BaseException:
+            await producer.stop()
+            raise
+        return cls(
+            s,
+            partition,
+            producer,
+            position,
+            producer_options,
+            txn_id,
+            aligned=len(counts) == 1,
+            states=restored.states,
+            watermark=restored.watermark,
+            state_end=restored.end,
+        )
+
+    async def still_current(self, consumer: AIOKafkaConsumer) -> bool:
+        """Whether this worker may go on as it is after a rebalance gave its partition
+        back to us: nobody committed an offset for it since we did, and nobody wrote to
+        its state partition either (a transaction with only sweep tombstones moves no
+        offset, but changes the states). Seeks ``consumer`` to the committed offset on
+        the way, as :meth:`open` would."""
+        if await _seek_committed(consumer, self.tp) != self.next_offset:
+            return False
+        if self.state_end is None:
+            return False
+        state_tp = TopicPartition(self.settings.topic_state, self.partition)
+        ends = await consumer.end_offsets([state_tp])
+        return bool(ends[state_tp] == self.state_end)
+
     async def process(self, records: list[Record], processed_at: datetime) -> bool:
         """Judge a batch and commit its effects in one transaction; True if it did."""
         unwritable: set[int] = set()
         one_by_one = False
         while True:
-            p = plan(
+            p = plan_batch(
                 records,
                 self.states,
                 position=self.next_offset,
@@ -190,7 +239,7 @@ class PartitionWorker:
                 return False
             try:
                 await self._commit(p, one_by_one)
-            except Refused as refused:
+            except Unwritable as refused:
                 await self._renew_producer(type(refused.cause).__name__)
                 if refused.offset is None or refused.offset == NO_RECORD:
                     if one_by_one:  # a tombstone refused: nothing we can answer for
@@ -212,7 +261,7 @@ class PartitionWorker:
             self._adopt(p)
             return True
 
-    async def _commit(self, p: Plan, one_by_one: bool) -> None:
+    async def _commit(self, p: BatchPlan, one_by_one: bool) -> None:
         started = time.perf_counter()
         producer = self.producer
         await producer.begin_transaction()
@@ -229,7 +278,7 @@ class PartitionWorker:
                     else:
                         futures.append(future)
                 except REFUSED_FOR_GOOD as exc:
-                    raise Refused(out.offset, exc) from exc
+                    raise Unwritable(out.offset, exc) from exc
             if futures:
                 # Every output acknowledged before the offset goes in: the commit below
                 # would otherwise succeed without a refused record.
@@ -239,7 +288,7 @@ class PartitionWorker:
                     if all(is_refused_for_good(e) for e in errors):
                         # A refused produce request fails every record batched with the
                         # culprit: which one it was, only writing them singly tells.
-                        raise Refused(None, errors[0])
+                        raise Unwritable(None, errors[0])
                     raise errors[0]
                 state_offsets = [
                     meta.offset
@@ -258,7 +307,7 @@ class PartitionWorker:
             self.state_end = None
             await _abort_quietly(producer)
             cause = sender_failure(producer)
-            if cause is not None and cause is not exc and not isinstance(exc, Refused):
+            if cause is not None and cause is not exc and not isinstance(exc, Unwritable):
                 # aiokafka's sender died (fenced, say) and the next call only says
                 # "not in transaction": report why, so restarts are counted by cause.
                 raise cause from exc
@@ -275,7 +324,7 @@ class PartitionWorker:
         )
         return future
 
-    def _adopt(self, p: Plan) -> None:
+    def _adopt(self, p: BatchPlan) -> None:
         """Committed: only now does memory follow."""
         for call_id, state in p.states.items():
             if state is None:
@@ -295,7 +344,7 @@ class PartitionWorker:
         for (before, after), n in p.transitions.items():
             _transition_counter(before, after).inc(n)
 
-    def _take_time(self, p: Plan) -> None:
+    def _take_time(self, p: BatchPlan) -> None:
         if p.watermark_clamped_from is not None:
             # Once per restore at most: the clamped watermark is ours from now on.
             log.warning(
@@ -311,9 +360,7 @@ class PartitionWorker:
         numbers the broker never took, so only a new epoch writes cleanly again."""
         old = self.producer
         await old.stop()
-        s = self.settings
-        txn_id = transactional_id(s.consumer_group, s.topic_ingest, self.partition)
-        self.producer = await open_producer(self.options, txn_id)
+        self.producer = await open_producer(self.options, self.transactional_id)
         metrics.PRODUCER_REBUILDS.labels("processor", cause).inc()
 
     async def close(self) -> None:
@@ -329,4 +376,9 @@ async def _abort_quietly(producer: AIOKafkaProducer) -> None:
         log.warning("abort failed", error=repr(exc))
 
 
-__all__ = ["AheadOfClock", "PartitionWorker", "Refused", "open_producer", "transactional_id"]
+__all__ = [
+    "PartitionWorker",
+    "Unwritable",
+    "open_producer",
+    "transactional_id",
+]

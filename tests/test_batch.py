@@ -20,7 +20,7 @@ from schemas.messages import (
     UnprocessableMessage,
     encode_ingest,
 )
-from service.batch import NO_RECORD, Plan, Retention, Target, plan
+from service.batch import NO_RECORD, BatchPlan, Retention, Target, plan_batch
 from service.fsm import CallState, mark
 from service.statecodec import pack, unpack
 
@@ -70,7 +70,7 @@ def run(
     records: list[ConsumerRecord[bytes, bytes]],
     states: dict[str, bytes] | None = None,
     **kw: object,
-) -> Plan:
+) -> BatchPlan:
     args: dict[str, object] = {
         "position": 0,
         "watermark": None,
@@ -80,10 +80,10 @@ def run(
         "processed_at": T + 10 * HOUR,
     }
     args.update(kw)
-    return plan(records, states or {}, **args)  # type: ignore[arg-type]
+    return plan_batch(records, states or {}, **args)  # type: ignore[arg-type]
 
 
-def topics(p: Plan) -> list[tuple[str, int]]:
+def topics(p: BatchPlan) -> list[tuple[str, int]]:
     return [(o.topic, o.offset) for o in p.outputs]
 
 
@@ -167,7 +167,7 @@ def test_a_batch_cut_differently_decides_the_same() -> None:
     ]
     whole = run(records)
     states: dict[str, bytes] = {}
-    parts: list[Plan] = []
+    parts: list[BatchPlan] = []
     position, watermark, swept = 0, None, None
     for r in records:
         p = run([r], states, position=position, watermark=watermark, swept_at=swept)
@@ -181,7 +181,7 @@ def test_a_batch_cut_differently_decides_the_same() -> None:
 
     # The verdicts (changes, rejections) are the same, and so is the state they leave;
     # how many state records carry it depends on the cut (one per call per batch).
-    def judged(plans: list[Plan]) -> list[tuple[str, int]]:
+    def judged(plans: list[BatchPlan]) -> list[tuple[str, int]]:
         return [
             (o.topic, o.offset)
             for p in plans
@@ -208,7 +208,7 @@ def test_the_sweep_tombstones_expired_states_once_the_watermark_moved_on() -> No
     assert [o.topic for o in q.outputs] == ["changes", "state"]
 
 
-def _apply(states: dict[str, bytes], p: Plan) -> None:
+def _apply(states: dict[str, bytes], p: BatchPlan) -> None:
     for k, v in p.states.items():
         if v is None:
             states.pop(k, None)
@@ -374,3 +374,51 @@ def test_a_watermark_ahead_of_the_clock_is_clamped() -> None:
     assert cid(1) not in p.states  # ringing five minutes ahead: not retired
     # An empty batch clamps too: the worker takes the plan's watermark either way.
     assert run([], watermark=FORGED).watermark == NOW + SKEW
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(),  # decodable
+            st.integers(0, 3),  # call
+            st.sampled_from(list(CallStatus)),
+            st.integers(-30, 240),  # minutes since the previous record
+        ),
+        max_size=25,
+    ),
+    st.sets(st.integers(0, 24)),  # offsets Kafka refused
+    st.integers(0, 3000),  # the clock, in minutes after T
+)
+def test_every_record_gets_one_verdict_and_only_events_within_the_bound_move_time(
+    steps: list[tuple[bool, int, CallStatus, int]], refused: set[int], clock: int
+) -> None:
+    """Undecodable, refused, ahead-of-clock and ordinary records mixed in one batch: the
+    rules that make each of them what it is are applied in the planner's order (event
+    time is taken before the refusal is answered, so a refused event moves it too)."""
+    at, records, received = T, [], {}
+    for offset, (decodable, call, status, minutes) in enumerate(steps):
+        at += timedelta(minutes=minutes)
+        if decodable:
+            records.append(event(offset, cid(call), status, at))
+            received[offset] = at
+        else:
+            records.append(record(offset, b"\x00 not an event"))
+    now = T + timedelta(minutes=clock)
+    p = run(records, processed_at=now, unwritable=refused)
+    bound = now + SKEW
+    assert sum(p.events.values()) == len(records)
+    assert p.watermark == max((t for t in received.values() if t <= bound), default=None)
+    assert p.ahead_of_clock == sum(t > bound for t in received.values())
+    rejected_for = {
+        o.offset: UnprocessableMessage.model_validate_json(o.value or b"").reason
+        for o in p.outputs
+        if o.topic == "rejected" and (o.offset in refused or o.offset not in received)
+    }
+    for offset in range(len(records)):
+        if offset in refused:
+            assert rejected_for[offset] is RejectReason.UNWRITABLE
+            assert [o.topic for o in p.outputs if o.offset == offset] == ["rejected"]
+        elif offset not in received:
+            assert rejected_for[offset] is RejectReason.UNDECODABLE
+    assert p.next_offset == (len(records) or None)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from structlog.testing import capture_logs
 
 from service import metrics
-from service.worker import AheadOfClock
+from service.aheadofclock import AheadOfClock
 
 SKEW = timedelta(seconds=300)
 

@@ -23,7 +23,7 @@ from service.oracle import expected_outcomes
 from service.simulate import Progress
 from service.stats import percentile
 from service.tally import Run, Seen, Sent, judge, predict, summary
-from service.traffic import LIFECYCLES, Delivery, Kind, Shares, plan
+from service.traffic import LIFECYCLES, Delivery, Kind, Shares, generate_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 NONE = Shares(gaps=0, reorder=0, duplicates=0, retries=0, illegal=0)
@@ -35,7 +35,7 @@ def statuses(deliveries: list[Delivery]) -> list[CallStatus]:
 
 
 def test_clean_traffic_follows_freeclimb_lifecycles_and_is_all_accepted() -> None:
-    calls = plan(300, NONE, seed=1)
+    calls = generate_calls(300, NONE, seed=1)
     lifecycles = {tuple(s.status for s in lc.steps) for lc in LIFECYCLES}
     seen = set()
     for deliveries in calls:
@@ -47,7 +47,7 @@ def test_clean_traffic_follows_freeclimb_lifecycles_and_is_all_accepted() -> Non
 
 
 def test_bodies_are_freeclimb_callbacks_of_one_call() -> None:
-    for deliveries in plan(50, Shares(), seed=2):
+    for deliveries in generate_calls(50, Shares(), seed=2):
         bodies = [json.loads(d.body) for d in deliveries]
         assert len({b["callId"] for b in bodies}) == 1
         assert len({b["accountId"] for b in bodies}) == 1
@@ -59,8 +59,8 @@ def test_bodies_are_freeclimb_callbacks_of_one_call() -> None:
 
 
 def test_same_seed_same_traffic() -> None:
-    assert plan(20, Shares(), seed=3) == plan(20, Shares(), seed=3)
-    assert plan(20, Shares(), seed=3) != plan(20, Shares(), seed=4)
+    assert generate_calls(20, Shares(), seed=3) == generate_calls(20, Shares(), seed=3)
+    assert generate_calls(20, Shares(), seed=3) != generate_calls(20, Shares(), seed=4)
 
 
 def _gapped(short: list[CallStatus], full: tuple[CallStatus, ...]) -> bool:
@@ -72,14 +72,14 @@ def _gapped(short: list[CallStatus], full: tuple[CallStatus, ...]) -> bool:
 
 def test_gaps_drop_a_middle_step_and_stay_accepted() -> None:
     lifecycles = [tuple(s.status for s in lc.steps) for lc in LIFECYCLES]
-    for deliveries in plan(100, Shares(0.999, 0, 0, 0, 0), seed=5):
+    for deliveries in generate_calls(100, Shares(0.999, 0, 0, 0, 0), seed=5):
         assert any(_gapped(statuses(deliveries), full) for full in lifecycles)
         verdicts = expected_outcomes([d.body for d in deliveries])
         assert {v.outcome for v in verdicts} == {Outcome.ACCEPTED}
 
 
 def test_reordered_callbacks_are_rejected_as_out_of_order() -> None:
-    for deliveries in plan(50, Shares(0, 0.999, 0, 0, 0), seed=6):
+    for deliveries in generate_calls(50, Shares(0, 0.999, 0, 0, 0), seed=6):
         late = [i for i, d in enumerate(deliveries) if d.kind is Kind.LATE]
         assert len(late) == 1
         verdicts = expected_outcomes([d.body for d in deliveries])
@@ -88,7 +88,7 @@ def test_reordered_callbacks_are_rejected_as_out_of_order() -> None:
 
 
 def test_duplicates_and_retries_are_dropped() -> None:
-    for deliveries in plan(30, Shares(0, 0, 0.999, 0.999, 0), seed=7):
+    for deliveries in generate_calls(30, Shares(0, 0, 0.999, 0.999, 0), seed=7):
         verdicts = expected_outcomes([d.body for d in deliveries])
         for delivery, verdict in zip(deliveries, verdicts, strict=True):
             expected = Outcome.ACCEPTED if delivery.kind is Kind.STEP else Outcome.DUPLICATE
@@ -97,7 +97,7 @@ def test_duplicates_and_retries_are_dropped() -> None:
 
 
 def test_illegal_steps_are_rejected_as_illegal_transitions() -> None:
-    for deliveries in plan(50, Shares(0, 0, 0, 0, 0.999), seed=8):
+    for deliveries in generate_calls(50, Shares(0, 0, 0, 0, 0.999), seed=8):
         assert deliveries[-1].kind is Kind.ILLEGAL
         assert deliveries[-1].status is not deliveries[-2].status
         verdict = expected_outcomes([d.body for d in deliveries])[-1]
@@ -140,7 +140,7 @@ def _publish_as_predicted(run: Run) -> None:
 
 def _one_call() -> list[Delivery]:
     # ringing, ringing again (dropped), completed, then ringing late (out of order)
-    deliveries = plan(40, Shares(0, 0, 0, 0, 0), seed=9)
+    deliveries = generate_calls(40, Shares(0, 0, 0, 0, 0), seed=9)
     call = next(d for d in deliveries if statuses(d) == [S.RINGING, S.IN_PROGRESS, S.COMPLETED])
     ringing, _, completed = call
     return [ringing, ringing, completed, ringing]

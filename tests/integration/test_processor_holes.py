@@ -226,7 +226,7 @@ async def test_another_owners_offsetless_transaction_means_the_worker_is_not_cur
         assert consumer is not None
         async with p._lock:
             worker = p._workers[0]
-            assert await p._still_current(consumer, worker)
+            assert await worker.still_current(consumer)
             txn_id = transactional_id(settings.consumer_group, settings.topic_ingest, 0)
             impostor = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, transactional_id=txn_id)
             await impostor.start()
@@ -238,7 +238,7 @@ async def test_another_owners_offsetless_transaction_means_the_worker_is_not_cur
                 await impostor.commit_transaction()
             finally:
                 await impostor.stop()
-            assert not await p._still_current(consumer, worker)
+            assert not await worker.still_current(consumer)
 
 
 async def test_a_batch_in_a_codec_the_node_cannot_read_stalls_loudly_not_silently(
