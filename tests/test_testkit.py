@@ -13,9 +13,12 @@ import pytest
 from service.settings import Settings
 from testkit import environment, settings_env, settings_for
 
+ACCOUNT = "AC" + "3" * 40
 
-def every_field_set(folder: Path) -> Settings:
-    """Settings with no field at its default."""
+
+def every_field_set(folder: Path, accounts_file: bool = False) -> Settings:
+    """Settings with no field at its default, but one of two exclusive ways to give the
+    signing secrets: inline (and bound to an account), or an accounts file."""
     files = {}
     for name, content in (
         ("user", "callstatus-user"),
@@ -37,7 +40,15 @@ def every_field_set(folder: Path) -> Settings:
             "kafka_ssl_cafile": files["ca.pem"],
             "kafka_ssl_certfile": files["cert.pem"],
             "kafka_ssl_keyfile": files["key.pem"],
-            "signing_secrets": ("sigsec_" + "1" * 40, "sigsec_" + "2" * 40),
+            **(
+                {"accounts_file": write_accounts(folder)}
+                if accounts_file
+                else {
+                    "signing_secrets": ("sigsec_" + "1" * 40, "sigsec_" + "2" * 40),
+                    "signing_account_id": ACCOUNT,
+                }
+            ),
+            "accounts_reload_seconds": 2.5,
             "verify_signatures": False,
             "signature_tolerance_seconds": 30,
             "max_body_bytes": 32768,
@@ -77,13 +88,24 @@ def every_field_set(folder: Path) -> Settings:
     )
 
 
-def test_every_setting_survives_the_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settings = every_field_set(tmp_path)
+def write_accounts(folder: Path) -> Path:
+    path = folder / "accounts.yaml"
+    path.write_text(f"accounts:\n  {ACCOUNT}:\n    signingSecrets: [sigsec_{'4' * 40}]\n")
+    return path
+
+
+def test_every_setting_is_off_its_default_in_one_of_the_two(tmp_path: Path) -> None:
+    both = (every_field_set(tmp_path), every_field_set(tmp_path, accounts_file=True))
     for name, info in Settings.model_fields.items():
         default = info.get_default(call_default_factory=True)
-        assert getattr(settings, name) != default, f"give {name} a value off its default"
+        assert any(getattr(s, name) != default for s in both), f"give {name} a value"
+
+
+@pytest.mark.parametrize("accounts_file", [False, True])
+def test_every_setting_survives_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accounts_file: bool
+) -> None:
+    settings = every_field_set(tmp_path, accounts_file)
     for key in os.environ:
         if key.startswith("CALLSTATUS_"):
             monkeypatch.delenv(key)
