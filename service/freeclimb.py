@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import urlencode, urlsplit
 
 import httpx
@@ -240,7 +240,17 @@ def _encode(data: Mapping[str, Any]) -> bytes:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _problem(exc: pydantic.ValidationError) -> str:
+def _validate(data: Mapping[str, Any], account_id: str) -> Call:
+    call = Call.model_validate(data)
+    # An account's credentials read only its own calls; anything else is not ours to post.
+    if call.accountId is not None and call.accountId != account_id:
+        raise ValueError("accountId: the call belongs to another account")
+    return call
+
+
+def _problem(exc: pydantic.ValidationError | ValueError) -> str:
+    if not isinstance(exc, pydantic.ValidationError):
+        return str(exc)
     # Field locations and messages only: pydantic's default text repeats the input.
     return "; ".join(
         f"{'.'.join(str(p) for p in err['loc']) or 'call'}: {err['msg']}" for err in exc.errors()
@@ -290,7 +300,11 @@ class _Retry:
     retry_after: float | None = None
 
 
-@dataclass(slots=True)
+class RandomSource(Protocol):
+    def random(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
 class ClientOptions:
     """How the client treats the API; defaults suit a background reconciler."""
 
@@ -320,7 +334,7 @@ class FreeClimbClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
-        rng: random.Random | None = None,
+        rng: RandomSource | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.options = options or ClientOptions()
@@ -343,7 +357,7 @@ class FreeClimbClient:
         self._sleep = sleep
         self._clock = clock
         self._now = now
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
+        self._rng: RandomSource = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(self.options.timeout),
             transport=transport,
@@ -385,8 +399,8 @@ class FreeClimbClient:
                 status=200,
             )
         try:
-            call = Call.model_validate(data)
-        except pydantic.ValidationError as exc:
+            call = _validate(data, account_id)
+        except (pydantic.ValidationError, ValueError) as exc:
             metrics.FREECLIMB_API_INVALID_CALLS.inc()
             raise UnexpectedResponse(
                 f"the Call resource does not validate: {_problem(exc)}",
@@ -394,6 +408,13 @@ class FreeClimbClient:
                 path=path,
                 status=200,
             ) from None
+        if call.callId != call_id:
+            raise UnexpectedResponse(
+                "the answer is another call's resource",
+                account_id=account_id,
+                path=path,
+                status=200,
+            )
         return FetchedCall(body, data, call)
 
     async def list_calls(
@@ -439,10 +460,12 @@ class FreeClimbClient:
             for data in page.calls:
                 item = _encode(data)
                 try:
-                    yield FetchedCall(item, data, Call.model_validate(data))
-                except pydantic.ValidationError as exc:
+                    call = _validate(data, account_id)
+                except (pydantic.ValidationError, ValueError) as exc:
                     metrics.FREECLIMB_API_INVALID_CALLS.inc()
                     yield InvalidCall(item, data, _problem(exc))
+                    continue
+                yield FetchedCall(item, data, call)
             next_path = self._next_path(page.nextPageUri, account_id, next_path)
 
     # --- plumbing -------------------------------------------------------------------
@@ -529,7 +552,7 @@ class FreeClimbClient:
             if answer.status == 200:
                 self._count(operation, code, "ok")
                 return answer.body
-            if answer.status in (429,) or answer.status >= 500:
+            if answer.status == 429 or answer.status >= 500:
                 retry_after = parse_retry_after(answer.retry_after, self._now())
                 retry = _Retry(
                     code,

@@ -279,3 +279,19 @@ async def test_a_retry_after_longer_than_the_client_waits_fails_at_once() -> Non
     assert raised.value.retry_after == 3600.0
     assert raised.value.status == 429
     assert len(seen) == 1
+
+
+async def test_another_call_or_account_in_the_answer_is_refused() -> None:
+    other_call = json.dumps(_resource("CA" + "e" * 40)).encode()
+    client = _client(lambda _: httpx.Response(200, content=other_call))
+    with pytest.raises(UnexpectedResponse, match="another call"):
+        await client.get_call(ACCOUNT, CALL)
+    other_account = json.dumps(_resource(accountId="AC" + "f" * 40)).encode()
+    client = _client(lambda _: httpx.Response(200, content=other_account))
+    with pytest.raises(UnexpectedResponse, match="another account"):
+        await client.get_call(ACCOUNT, CALL)
+    page = {"calls": [json.loads(other_account)], "nextPageUri": None}
+    client = _client(lambda _: httpx.Response(200, content=json.dumps(page).encode()))
+    (item,) = [item async for item in client.list_calls(ACCOUNT)]
+    assert isinstance(item, InvalidCall)
+    assert "another account" in item.problem

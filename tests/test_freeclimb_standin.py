@@ -73,7 +73,7 @@ def make_client(base: str, time: FakeTime, key: str = KEY, **options: object) ->
         sleep=time.sleep,
         clock=time.clock,
         now=lambda: T0,
-        rng=NoJitter(),  # type: ignore[arg-type]
+        rng=NoJitter(),
     )
 
 
