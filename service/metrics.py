@@ -159,3 +159,28 @@ def count_account_request(account: Account | None, outcome: str) -> None:
     with configured accounts only, so a request cannot mint a series by naming an id."""
     label = account.metric_label if account is not None else UNKNOWN_ACCOUNT
     ACCOUNT_REQUESTS.labels(label, outcome).inc()
+
+
+# --- FreeClimb REST API client (service/freeclimb.py) ---
+FREECLIMB_API_REQUESTS = Counter(
+    "callstatus_freeclimb_api_requests_total",
+    "Requests to FreeClimb's REST API, by operation (get_call, list_calls), HTTP code "
+    "(or timeout, transport) and outcome (ok, retried, not_found, failed)",
+    ["operation", "code", "outcome"],
+)
+FREECLIMB_API_RETRIES = Counter(
+    "callstatus_freeclimb_api_retries_total",
+    "FreeClimb REST API requests sent again after a 429, a 5xx, a timeout or a transport "
+    "error, by operation and reason (rate_limited, server_error, timeout, transport)",
+    ["operation", "reason"],
+)
+FREECLIMB_API_SECONDS = Histogram(
+    "callstatus_freeclimb_api_request_duration_seconds",
+    "Latency of one FreeClimb REST API request (one attempt), by operation",
+    ["operation"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+FREECLIMB_API_INVALID_CALLS = Counter(
+    "callstatus_freeclimb_api_invalid_calls_total",
+    "Call resources from FreeClimb's REST API that the Call model refused",
+)
