@@ -1,4 +1,5 @@
-"""The FreeClimb Call resource (shared/seeds and shared/reference/freeclimb.md section 1)."""
+"""The FreeClimb Call resource (docs/freeclimb.md section 1; FreeClimb's own page for it is
+kept in docs/freeclimb/call-resource.txt)."""
 
 from __future__ import annotations
 

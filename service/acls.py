@@ -14,7 +14,7 @@ Least privilege, derived from what each stage's code does (README "Security"):
 - ingest writes the ingest topic with an idempotent producer. Since Kafka 3.0 (KIP-679)
   Write on a topic is enough for that; no cluster-wide IdempotentWrite. It also reads
   its own topic, once, after an unclean stop mid-drain: which of the spool's head Kafka
-  has already (service/publisher.py ``_already_in_kafka``, issue 16); without Read that
+  has already (service/drainer.py ``_already_in_kafka``); without Read that
   check fails for ever and the spool never drains. It reads nothing it did not write.
 - the processor reads ingest in its consumer group, restores from and writes the state
   topic, writes changes and rejected, all in transactions whose ids start with

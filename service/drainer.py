@@ -212,7 +212,7 @@ class Drainer:
         between a drained batch's ack and the checkpoint (the spool noted the batch and
         its time before sending it). Sent again, such a copy is dropped by the processor
         as a duplicate while its call's state is held, but becomes a second change once
-        the state was retired meanwhile (a long downtime; issue 16, finding 4). Kafka is
+        the state was retired meanwhile (a long downtime). Kafka is
         asked once, at start, for that one batch's window."""
         end = (sending.end.segment, sending.end.offset)
         window = [

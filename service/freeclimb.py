@@ -1,5 +1,5 @@
 """FreeClimb's REST API for Calls, client side: fetch one Call resource or page through an
-account's calls (shared/reference/freeclimb.md, section 5), politely and without leaking
+account's calls (docs/freeclimb.md, section 5), politely and without leaking
 the API key.
 
 Etiquette, because FreeClimb documents no rate limits: at most ``max_concurrency``

@@ -97,7 +97,7 @@ def content_digest(call: CallLike) -> bytes:
 
 
 def _legacy_digest(call: CallLike) -> bytes:
-    # The digest releases before issue 17 kept: of the call's JSON as written, keys in
+    # The digest that earlier releases kept: of the call's JSON as written, keys in
     # the sender's order. States on the state topic still carry it until their call's
     # next revisioned accept (or retention) replaces them. Equal bytes are equal
     # content, so a match is a true duplicate: the check is sound for ever, and only

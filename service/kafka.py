@@ -171,7 +171,7 @@ def record_sizes(settings: Settings) -> dict[str, int]:
 async def _check_record_limits(settings: Settings) -> None:
     """Refuse to start when a topic's ``max.message.bytes`` is below the largest record
     the service writes to it. Found at run time instead, such a record would be answered
-    202 from the spool and then refused by Kafka on every retry (issue 16): the start is
+    202 from the spool and then refused by Kafka on every retry, blocking the spool: the start is
     where one line can name the topic and the setting to change."""
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()

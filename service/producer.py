@@ -230,7 +230,7 @@ class IngestProducer:
         metrics.PRODUCE_ERRORS.labels(reason).inc()
         if is_refused_for_good(exc):
             # Answered with a refusal, never spooled: a 202 for it would promise a
-            # delivery that no retry can make (issue 16).
+            # delivery that no retry can make.
             log.error(
                 "kafka refuses the event for good; refused, not spooled",
                 eventId=event_id_of(headers),

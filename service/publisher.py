@@ -18,7 +18,7 @@ the spool volume, and a spooled event reaches Kafka once the broker is back, or,
 Kafka refuses it for good, lands in the spool's dead-letter directory
 (:mod:`service.deadletter`) for an operator to replay.
 
-The drainer (:mod:`service.drainer`) never dies and never stops quietly (issue 16):
+The drainer (:mod:`service.drainer`) never dies and never stops quietly:
 every failed step (reading the spool, sending, moving the checkpoint, writing a dead
 letter) is logged with its cause, counted in ``callstatus_spool_drain_errors_total{stage}``
 and retried with backoff; the task is supervised and restarted should it end anyway

@@ -5,7 +5,7 @@ Header value: ``t=<unix seconds>,v1=<hex>[,v1=<hex>...]`` where
 account rotates its secret, and we may hold several secrets for the same reason, so a
 request is authentic when *any* ``v1`` matches the HMAC under *any* of our secrets.
 
-Deliberately unlike the official Python SDK (see shared/reference/freeclimb.md):
+Deliberately unlike the official Python SDK (see docs/freeclimb.md):
 tolerance is in seconds and applies in both directions (a timestamp far in the future is
 as suspicious as an old one), nothing is kept between calls, digests are compared in
 constant time, and a malformed header is a verdict, never an exception escaping to HTTP.

@@ -1,5 +1,5 @@
 """A stand-in for FreeClimb's REST API for Calls, for tests and ``callstatus simulate``: an
-in-memory set of calls per account, served the way shared/reference/freeclimb.md
+in-memory set of calls per account, served the way docs/freeclimb.md
 (sections 1 and 5) documents them.
 
 - ``GET {base}/Accounts/{accountId}/Calls/{callId}``: one Call resource, 404 if unknown.

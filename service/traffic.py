@@ -1,6 +1,6 @@
 """Realistic FreeClimb callback traffic for ``callstatus simulate``, as pure functions.
 
-A call's callbacks follow FreeClimb's real order (shared/reference/freeclimb.md section
+A call's callbacks follow FreeClimb's real order (docs/freeclimb.md section
 2): an inbound call starts with ``inboundCall`` (ringing), an outbound API call with
 ``outDialStart`` (queued, then ringing), an answered call goes inProgress
 (``outDialApiConnect``, ``getDigits``), and every call ends with one ``callStatus``

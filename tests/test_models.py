@@ -35,7 +35,7 @@ from schemas.messages import (
     read_ingest,
 )
 
-# The SDK's own documented webhook example (shared/reference/freeclimb.md section 2), verbatim.
+# The SDK's own documented webhook example (docs/freeclimb.md section 2), verbatim.
 SDK_WEBHOOK = (
     b'{"accountId":"AC1334ffb694cd8d969f51cddf5f7c9b478546d50c",'
     b'"callId":"CAccb0b00506553cda09b51c5477f672a49e0b2213","callStatus":"ringing",'

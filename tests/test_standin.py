@@ -1,4 +1,4 @@
-"""The FreeClimb Calls API stand-in serves calls as shared/reference/freeclimb.md documents
+"""The FreeClimb Calls API stand-in serves calls as docs/freeclimb.md documents
 them: fields, date formats, revisions, filters, paging, Basic auth and injected faults."""
 
 from __future__ import annotations
