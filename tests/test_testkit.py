@@ -14,8 +14,18 @@ from service.settings import Settings
 from testkit import environment, settings_env, settings_for
 
 
-def every_field_set(folder: Path) -> Settings:
-    """Settings with no field at its default."""
+def every_field_set(folder: Path, accounts_file: bool = False) -> Settings:
+    """Settings with no field at its default, but for the accounts: the shorthand
+    (``SIGNING_SECRETS`` bound to ``SIGNING_ACCOUNT_ID``) and the accounts file exclude
+    each other, so ``accounts_file`` chooses which of the two is set."""
+    accounts: dict[str, object] = (
+        {"accounts_file": folder / "accounts.yaml"}
+        if accounts_file
+        else {
+            "signing_secrets": ("sigsec_" + "1" * 40, "sigsec_" + "2" * 40),
+            "signing_account_id": "AC" + "3" * 40,
+        }
+    )
     files = {}
     for name, content in (
         ("user", "callstatus-user"),
@@ -37,7 +47,8 @@ def every_field_set(folder: Path) -> Settings:
             "kafka_ssl_cafile": files["ca.pem"],
             "kafka_ssl_certfile": files["cert.pem"],
             "kafka_ssl_keyfile": files["key.pem"],
-            "signing_secrets": ("sigsec_" + "1" * 40, "sigsec_" + "2" * 40),
+            **accounts,
+            "accounts_reload_seconds": 0.5,
             "verify_signatures": False,
             "signature_tolerance_seconds": 30,
             "max_body_bytes": 32768,
@@ -80,17 +91,20 @@ def every_field_set(folder: Path) -> Settings:
 def test_every_setting_survives_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = every_field_set(tmp_path)
+    both = [every_field_set(tmp_path), every_field_set(tmp_path, accounts_file=True)]
     for name, info in Settings.model_fields.items():
         default = info.get_default(call_default_factory=True)
-        assert getattr(settings, name) != default, f"give {name} a value off its default"
-    for key in os.environ:
-        if key.startswith("CALLSTATUS_"):
-            monkeypatch.delenv(key)
-    for key, value in environment(settings).items():
-        monkeypatch.setenv(key, value)
+        assert any(getattr(s, name) != default for s in both), (
+            f"give {name} a value off its default"
+        )
     monkeypatch.chdir(tmp_path)  # no .callstatus.env here: the environment alone
-    assert Settings() == settings
+    for settings in both:
+        for key in os.environ:
+            if key.startswith("CALLSTATUS_"):
+                monkeypatch.delenv(key)
+        for key, value in environment(settings).items():
+            monkeypatch.setenv(key, value)
+        assert Settings() == settings
 
 
 def test_the_child_listens_on_loopback_logs_json_and_ignores_the_parents_settings(
