@@ -183,3 +183,17 @@ def test_local_secret_defers_to_the_environment(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert b"from the environment" in result.stderr
     assert not (tmp_path / ".callstatus.env").exists()
+
+
+def test_serve_with_a_malformed_accounts_file_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "accounts.yaml"
+    path.write_text("accounts:\n  - [not closed\n")
+    result = run(
+        ["serve"],
+        tmp_path,
+        {"CALLSTATUS_ACCOUNTS_FILE": str(path), "CALLSTATUS_ROLE": "ingest"},
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"callstatus: {path}: not valid YAML")
