@@ -303,6 +303,10 @@ class Ingest:
             if account is None:
                 raise _unknown_account(path_id)  # before a body byte is read
             scope[_ACCOUNT] = account
+        elif not book.binds_accounts:
+            # The shorthand bound to no account: its secrets for any body, no claim to
+            # find (what the service did before accounts existed).
+            account = scope[_ACCOUNT] = book.lookup(None)
         headers = ingest_headers(scope["headers"])
         content_type = headers.get(CONTENT_TYPE, b"")
         if content_type != b"application/json" and not _is_json(content_type.decode("latin-1")):
@@ -310,12 +314,15 @@ class Ingest:
         signed = self._check_header(headers.get(SIGNATURE_HEADER))
         raw = await self._body.read(receive, headers.get(CONTENT_LENGTH))
         if account is None:
-            claimed = claimed_account(raw) if book.binds_accounts else None
-            if claimed is not None:
-                fields["account"] = claimed
+            # The claim in the raw bytes says whose secrets to try; the parse, once the
+            # signature is verified, says whether the body is that account's.
+            claimed = claimed_account(raw)
+            if claimed is None:
+                raise _no_account_refused()
+            fields["account"] = claimed
             account = book.lookup(claimed)
             if account is None:
-                raise _no_account_refused() if claimed is None else _unknown_account(claimed)
+                raise _unknown_account(claimed)
             scope[_ACCOUNT] = account
         if signed is not None:
             # The HMACs of this one account's secrets, however many accounts there are.

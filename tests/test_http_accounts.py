@@ -382,3 +382,26 @@ async def test_unverified_local_play_still_binds_the_path() -> None:
 )
 def test_the_claimed_account_scan(raw: bytes, found: str | None) -> None:
     assert claimed_account(raw) == found
+
+
+async def test_per_account_outcomes_name_only_configured_accounts() -> None:
+    # Before the body is read the claim of /v1/call-status is not known: `unknown`; the
+    # account path's is, once looked up; the unbound shorthand's is always `default`.
+    body = body_for(A)
+    unsigned = {"content-type": "application/json"}
+    before = (
+        account_count("unknown", "signature_missing"),
+        account_count(A, "signature_missing"),
+        account_count("default", "signature_missing"),
+    )
+    async with client_for(MustNotPublish()) as c:
+        await c.post("/v1/call-status", content=body, headers=unsigned)
+        await c.post(f"/v1/call-status/{A}", content=body, headers=unsigned)
+    async with client_for(MustNotPublish(), shorthand_book((SecretStr(SECRET),), None)) as c:
+        await c.post("/v1/call-status", content=body, headers=unsigned)
+    after = (
+        account_count("unknown", "signature_missing"),
+        account_count(A, "signature_missing"),
+        account_count("default", "signature_missing"),
+    )
+    assert after == (before[0] + 1, before[1] + 1, before[2] + 1)
