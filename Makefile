@@ -27,26 +27,15 @@ kafka-down:
 kafka-reset:
 	$(KAFKA) reset
 
-# The service on http://127.0.0.1:8080 with a local broker and a local signing secret:
-# by default the one-account shorthand in .callstatus.env (what `callstatus simulate`
-# signs with). `make run LOCAL_ACCOUNTS=1`: a one-account accounts file instead, made
-# once (LOCAL_ACCOUNTS_FILE), bound to the README example's account and reloaded while
-# the service runs, as the manifests do; sign with `callstatus sign --accounts-file FILE`.
-# The empty CALLSTATUS_SIGNING_SECRETS keeps .callstatus.env's secret out of it (the
-# settings refuse a file and secrets together).
-LOCAL_ACCOUNTS ?=
-LOCAL_ACCOUNTS_FILE ?= .callstatus-accounts.yaml
+# The service on http://127.0.0.1:8080 with a local broker and local accounts: a
+# one-account accounts file (.callstatus-accounts.yaml, bound to the README example's
+# account, reloaded while the service runs as the manifests' Secret is), made once and
+# named in .callstatus.env, where `callstatus sign` and `callstatus simulate` find it too.
+# A .callstatus.env from before (the SIGNING_SECRETS shorthand) is kept and still works.
 run: venv kafka-up
-ifeq ($(LOCAL_ACCOUNTS),1)
-	$(BIN)/callstatus local-secret --accounts-file $(LOCAL_ACCOUNTS_FILE)
-	CALLSTATUS_SIGNING_SECRETS= CALLSTATUS_ACCOUNTS_FILE=$(LOCAL_ACCOUNTS_FILE) \
-	CALLSTATUS_LOG_FORMAT=$${CALLSTATUS_LOG_FORMAT:-console} \
-	CALLSTATUS_SPOOL_DIR=$${CALLSTATUS_SPOOL_DIR:-deploy/local/.data/spool} $(BIN)/callstatus serve
-else
 	$(BIN)/callstatus local-secret
 	CALLSTATUS_LOG_FORMAT=$${CALLSTATUS_LOG_FORMAT:-console} \
 	CALLSTATUS_SPOOL_DIR=$${CALLSTATUS_SPOOL_DIR:-deploy/local/.data/spool} $(BIN)/callstatus serve
-endif
 
 lint: venv
 	$(BIN)/ruff check .

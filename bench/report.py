@@ -99,6 +99,18 @@ def rows(r: dict[str, Any]) -> list[Row]:
             f"{h['ingest_us'] / h['bare_us']:.1f}x bare Starlette",
         )
     )
+    for kind, how in (("body", "/v1/call-status"), ("path", "/v1/call-status/{accountId}")):
+        one, many = h.get(f"accounts_1_{kind}_cpu_us"), h.get(f"accounts_1000_{kind}_cpu_us")
+        if one is None or many is None:
+            continue
+        out.append(
+            Row(
+                f"handler CPU with 1 vs 1,000 accounts, {how}",
+                f"{_num(one)} vs {_num(many)} µs CPU/request",
+                f"{many / one:.2f}x",
+                _verdict(many <= one * 1.1, "the same (≤ 1.1x)"),
+            )
+        )
     p = r["processor"]
     out.append(
         Row(

@@ -25,6 +25,9 @@ log = structlog.get_logger(logger_name="callstatus.http")
 
 # Where the access log finds what a handler learned about the request (callId, ...).
 LOG_FIELDS = "callstatus.log"
+# Where an app names the route template of a path with a parameter in it (the account
+# path): the metrics label it by the template, never by the path a request made up.
+ROUTE = "callstatus.route"
 
 
 class AccessLog:
@@ -78,7 +81,7 @@ class AccessLog:
         finally:
             elapsed = time.perf_counter() - start
             path: str = scope["path"]
-            route = path if path in self.routes else "other"
+            route = path if path in self.routes else scope.get(ROUTE, "other")
             counter = self.counters.get((route, status))
             if counter is None:
                 counter = metrics.HTTP_REQUESTS.labels(route, str(status))

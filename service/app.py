@@ -23,8 +23,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from schemas.messages import INGEST_PATH
-from service.accesslog import AccessLog
-from service.ingest import Ingest, Publisher, internal_error
+from service.accesslog import ROUTE, AccessLog
+from service.accounts import AccountSource, open_source
+from service.ingest import ACCOUNT_PATH, ACCOUNT_PATH_PREFIX, Ingest, Publisher, internal_error
 from service.openapi import openapi_document
 from service.problems import problem
 from service.settings import Settings
@@ -64,13 +65,17 @@ class App(Starlette):
 
     Each request is dispatched once, on its scope (:meth:`__call__`):
 
-    - ``POST /v1/call-status`` goes straight to the ingest handler, under its own
-      :class:`AccessLog`, and meets no Starlette code at all: Starlette's middleware,
-      router and ``Request`` objects cost about 15 % of a request's CPU
-      (bench/README.md, Findings) and give that handler nothing it needs;
+    - ``POST /v1/call-status`` and ``POST /v1/call-status/{accountId}`` (any path under
+      ``/v1/call-status/``: the handler judges the segment) go straight to the ingest
+      handler, under its own :class:`AccessLog`, and meet no Starlette code at all:
+      Starlette's middleware, router and ``Request`` objects cost about 15 % of a
+      request's CPU (bench/README.md, Findings) and give that handler nothing it needs;
     - everything else goes to Starlette: the other routes, the lifespan events, and the
-      other methods on the ingest path, which the table's ingest entry answers with a
+      other methods on the ingest paths, which the table's ingest entries answer with a
       405 and ``Allow: POST``.
+
+    Both access logs label the account path by its template, so a made-up account id
+    never mints a metric series.
 
     On the Starlette side the access log sits outside the whole middleware stack, error
     middleware included: Starlette always puts ``ServerErrorMiddleware`` first, and the
@@ -88,15 +93,18 @@ class App(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ingest = self._ingest
-        if (
-            ingest is not None
-            and scope["type"] == "http"
-            and scope["path"] == INGEST_PATH
-            and scope["method"] == "POST"
-        ):
-            await ingest(scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
+        if ingest is not None and scope["type"] == "http":
+            path: str = scope["path"]
+            if path == INGEST_PATH:
+                if scope["method"] == "POST":
+                    await ingest(scope, receive, send)
+                    return
+            elif path.startswith(ACCOUNT_PATH_PREFIX):
+                scope[ROUTE] = ACCOUNT_PATH
+                if scope["method"] == "POST":
+                    await ingest(scope, receive, send)
+                    return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -105,9 +113,12 @@ def create_app(
     processor: Readiness | None = None,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
     draining: Callable[[], bool] = lambda: False,
+    accounts: AccountSource | None = None,
 ) -> Starlette:
     """Build the ASGI app; ``publisher`` is None for a processor-only node, and
-    ``draining`` tells readiness when a shutdown has begun."""
+    ``draining`` tells readiness when a shutdown has begun. ``accounts`` judges the
+    signatures (the server passes the one it watches; by default the settings' own,
+    unwatched)."""
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -139,11 +150,13 @@ def create_app(
         return internal_error(exc)
 
     routes = []
-    ingest = Ingest(settings, publisher) if publisher is not None else None
-    if ingest is not None:
-        # App sends every POST here to the handler before Starlette sees it: the entry
-        # answers the other methods (405, Allow: POST) and names the route in the metrics.
+    ingest = None
+    if publisher is not None:
+        ingest = Ingest(settings, publisher, accounts or open_source(settings))
+        # App sends every POST here to the handler before Starlette sees it: the entries
+        # answer the other methods (405, Allow: POST) and name the routes in the metrics.
         routes.append(Route(INGEST_PATH, ingest, methods=["POST"]))
+        routes.append(Route(ACCOUNT_PATH, ingest, methods=["POST"]))
     routes += [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

@@ -104,23 +104,33 @@ def _account_secret(account_id: str | None, path: Path | None) -> SecretStr | in
     return account.current_secret
 
 
+# The one-account accounts file `make run` creates for local play (git-ignored), and
+# what .callstatus.env then holds: its path, so serve, sign and simulate all use it.
+LOCAL_ACCOUNTS_FILE = Path(".callstatus-accounts.yaml")
+
+
 def cmd_local_secret(args: argparse.Namespace) -> int:
-    """Create a signing secret for local play once, unless one is configured already:
-    in .callstatus.env (the one-account shorthand), or as a one-account accounts file."""
+    """Create the accounts for local play once, unless some are configured already: a
+    one-account accounts file (``--account``, by default the README example's), named in
+    .callstatus.env so that every local command finds it. An existing .callstatus.env is
+    kept as it is, also one that holds the shorthand's secret (from before the file)."""
     if args.accounts_file is not None:
         return _local_accounts_file(args.accounts_file, args.account)
-    if os.environ.get("CALLSTATUS_SIGNING_SECRETS"):
-        print("callstatus: using CALLSTATUS_SIGNING_SECRETS from the environment", file=sys.stderr)
-        return 0
+    for name in ("CALLSTATUS_ACCOUNTS_FILE", "CALLSTATUS_SIGNING_SECRETS"):
+        if os.environ.get(name):
+            print(f"callstatus: using {name} from the environment", file=sys.stderr)
+            return 0
     if LOCAL_ENV_FILE.exists():
-        print(f"callstatus: using the signing secret in {LOCAL_ENV_FILE}", file=sys.stderr)
+        print(f"callstatus: using the local settings in {LOCAL_ENV_FILE}", file=sys.stderr)
         return 0
-    value = _new_secret()
-    LOCAL_ENV_FILE.write_text(f"CALLSTATUS_SIGNING_SECRETS={value}\n", encoding="utf-8")
+    code = _local_accounts_file(LOCAL_ACCOUNTS_FILE, args.account)
+    if code:
+        return code
+    LOCAL_ENV_FILE.write_text(f"CALLSTATUS_ACCOUNTS_FILE={LOCAL_ACCOUNTS_FILE}\n", encoding="utf-8")
     LOCAL_ENV_FILE.chmod(0o600)
     print(
-        f"callstatus: created a local signing secret in {LOCAL_ENV_FILE} (git-ignored); "
-        "`callstatus sign` uses it, and CALLSTATUS_SIGNING_SECRETS overrides it",
+        f"callstatus: {LOCAL_ENV_FILE} (git-ignored) points serve, sign and simulate at it; "
+        "environment variables override it",
         file=sys.stderr,
     )
     return 0
@@ -245,12 +255,14 @@ def parser() -> argparse.ArgumentParser:
     simulate.add_arguments(sim)
     sim.set_defaults(func=simulate.main)
     local = sub.add_parser(
-        "local-secret", help="create a git-ignored signing secret for local play, once"
+        "local-secret",
+        help="create a git-ignored one-account accounts file for local play, once",
     )
     local.add_argument(
         "--accounts-file",
         type=Path,
-        help="make it a one-account accounts file at this path instead of .callstatus.env",
+        help="make only a one-account accounts file at this path (default: "
+        f"{LOCAL_ACCOUNTS_FILE}, named in .callstatus.env)",
     )
     local.add_argument(
         "--account",

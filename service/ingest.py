@@ -1,10 +1,14 @@
-"""The ingest handler: ``POST /v1/call-status``, from the request's headers to its answer.
+"""The ingest handler: ``POST /v1/call-status[/{accountId}]``, from the request's headers
+to its answer.
 
-It runs per request, so it does each thing once, as a short sequence of steps: check the
-media type and the signature header (before a single body byte is read), read the body
-under the size cap and the read deadline, check the signature's digest on the raw bytes,
-parse the JSON once (strictly), validate, write to Kafka with the raw body spliced in,
-and answer. Each step refuses with an entry of ``problems``.
+It runs per request, so it does each thing once, as a short sequence of steps: take the
+accounts' book (one snapshot for the whole request), check the path's account id and look
+it up, check the media type and the signature header (before a single body byte is read),
+read the body under the size cap and the read deadline, find the claimed account in the
+raw bytes when the path named none, check the signature's digest on the raw bytes with
+that one account's secrets, parse the JSON once (strictly, authenticated input only),
+validate, require the body's accountId to be the account that verified it, write to Kafka
+with the raw body spliced in, and answer. Each step refuses with an entry of ``problems``.
 
 It is a plain ASGI callable that the app's fast path (``service.app.App``) calls under
 the access log, outside Starlette's middleware, router and ``Request``/``Response``
@@ -15,6 +19,7 @@ this one route nothing it needs.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -27,9 +32,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from schemas.call import Call
-from schemas.messages import Source, encode_ingest, event_id_for, normalise_body
+from schemas.messages import INGEST_PATH, Source, encode_ingest, event_id_for, normalise_body
 from service import metrics, problems, signature, strictjson
 from service.accesslog import LOG_FIELDS
+from service.accounts import Account, AccountBook, AccountSource, canonical_id
 from service.body import BodyReader
 from service.problems import Refused, problem
 from service.producer import Unavailable, Unwritable
@@ -49,6 +55,20 @@ TRACEPARENT = b"traceparent"
 _INGEST_HEADERS = frozenset((CONTENT_TYPE, CONTENT_LENGTH, SIGNATURE_HEADER, TRACEPARENT))
 # The 202's headers but its length: the body is always JSON.
 _ACCEPTED_TYPE = (b"content-type", b"application/json")
+# The path users put in their statusCallbackUrl: the account is known before the body.
+ACCOUNT_PATH_PREFIX = INGEST_PATH + "/"
+ACCOUNT_PATH = ACCOUNT_PATH_PREFIX + "{accountId}"
+_ACCOUNT_ID = re.compile(r"AC[0-9a-fA-F]{40}")
+# Where the handler keeps the account a request is judged for, for its metrics: in the
+# scope, which exists per request anyway.
+_ACCOUNT = "callstatus.account"
+# The raw-bytes scan for the claimed account (claimed_account).
+_ACCOUNT_KEY = b'"accountId"'
+_JSON_SPACE = b" \t\r\n"
+_ACCOUNT_VALUE = re.compile(rb'"(AC[0-9a-fA-F]{40})"')
+# What judges requests when signatures are not verified (local play): any account, no
+# secret, and so no account binding but the path's.
+_UNVERIFIED = AccountBook(any_account=Account(None, ()))
 # Deepest nesting of objects and arrays a body may have. A webhook has 2 levels; the
 # processor's decoder stops at 200, and reads the body one level deeper than we do.
 MAX_DEPTH = 32
@@ -73,6 +93,23 @@ def ingest_headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
     return found
 
 
+def claimed_account(raw: bytes) -> str | None:
+    """The account id the body claims, found in its raw bytes without parsing them: the
+    value of the first ``"accountId"`` that is a key, when it is an account id. Only a
+    hint of whose secrets to try: the strict parse after the signature check decides
+    what the body says, and the handler refuses it when that differs (a nested or
+    escaped accountId cannot pass for another account)."""
+    at = raw.find(_ACCOUNT_KEY)
+    while at >= 0:
+        start = at + len(_ACCOUNT_KEY)
+        rest = raw[start : start + 256].lstrip(_JSON_SPACE)
+        if rest[:1] == b":":  # a key (the same text as a value is followed by , ] or })
+            match = _ACCOUNT_VALUE.match(rest[1:].lstrip(_JSON_SPACE))
+            return match.group(1).decode("ascii") if match is not None else None
+        at = raw.find(_ACCOUNT_KEY, start)
+    return None
+
+
 def _is_json(content_type: str) -> bool:
     media = content_type.partition(";")[0].strip().lower()
     return media == "application/json" or (
@@ -95,6 +132,23 @@ def _signature_refused(verdict: signature.Verdict) -> Refused:
         f"FreeClimb-Signature check failed: {verdict.value}",
         outcome=f"{problems.SIGNATURE.outcome}_{verdict.value}",
         headers={"WWW-Authenticate": "FreeClimb-Signature"},
+    )
+
+
+def _no_account_refused() -> Refused:
+    return Refused(
+        problems.SIGNATURE,
+        "FreeClimb-Signature check failed: no_account (the body names no accountId, so no "
+        "account's secret can verify it; send it to /v1/call-status/{accountId})",
+        outcome=f"{problems.SIGNATURE.outcome}_no_account",
+        headers={"WWW-Authenticate": "FreeClimb-Signature"},
+    )
+
+
+def _unknown_account(account_id: str) -> Refused:
+    # The claimed id only (the requester's own words): never the configured ones.
+    return Refused(
+        problems.UNKNOWN_ACCOUNT, f"account {account_id} is not configured on this service"
     )
 
 
@@ -134,13 +188,16 @@ def _accepted_body(event_id: str, call_id: str) -> bytes:
 
 
 class Ingest:
-    """``POST /v1/call-status``, as an ASGI app (see the module docstring for why)."""
+    """``POST /v1/call-status[/{accountId}]``, as an ASGI app (see the module docstring
+    for why). ``accounts`` gives the book in use; the handler reads it once per request."""
 
-    def __init__(self, settings: Settings, publisher: Publisher) -> None:
+    def __init__(self, settings: Settings, publisher: Publisher, accounts: AccountSource) -> None:
         self._publisher = publisher
+        self._accounts: AccountSource = accounts
+        if not settings.verify_signatures:
+            self._accounts = _Fixed(_UNVERIFIED)
         self._body = BodyReader(settings.max_body_bytes, settings.body_read_timeout_seconds)
         self._max_value = settings.max_ingest_value_bytes
-        self._secrets = settings.signing_secrets
         self._verify = settings.verify_signatures
         self._tolerance = settings.signature_tolerance_seconds
         self._retry_after = str(max(1, int(settings.produce_timeout_seconds)))
@@ -157,6 +214,9 @@ class Ingest:
         }
         self._accepted = self._outcomes["accepted"]
         self._replayed = self._outcomes[REPLAYED]
+        # callstatus_account_requests_total's children, looked up once per (account,
+        # outcome): bounded by the accounts ever configured, never by what requests claim.
+        self._by_account: dict[tuple[str, str], Counter] = {}
         # The callIds of the last events stored, by eventId (section 9): a signed
         # request repeated within the tolerance is answered from here, so a replay loop
         # costs no Kafka write and cannot fill the spool during an outage. Only stored
@@ -179,6 +239,7 @@ class Ingest:
         except Refused as refused:
             fields["outcome"] = refused.outcome
             self._count(refused.outcome)
+            self._count_account(scope.get(_ACCOUNT), refused.outcome)
             await refused.response()(scope, receive, send)
             return
         except asyncio.CancelledError:
@@ -186,6 +247,7 @@ class Ingest:
             # answers for it; the cancellation goes on.
             fields["outcome"] = problems.CANCELLED.outcome
             self._count(problems.CANCELLED.outcome)
+            self._count_account(scope.get(_ACCOUNT), problems.CANCELLED.outcome)
             raise
         except Exception as exc:
             # What Starlette's exception middleware would answer: never a stack trace.
@@ -193,6 +255,7 @@ class Ingest:
             return
         outcome = fields.setdefault("outcome", "accepted")
         (self._replayed if outcome == REPLAYED else self._accepted).inc()
+        self._count_account(scope.get(_ACCOUNT), outcome)
         # Two plain messages instead of a Response object: the 202 is the same every
         # time but for its body.
         await send(
@@ -210,30 +273,83 @@ class Ingest:
             counter = self._outcomes[outcome] = metrics.INGEST_OUTCOMES.labels(outcome)
         counter.inc()
 
+    def _count_account(self, account: Account | None, outcome: str) -> None:
+        label = account.metric_label if account is not None else metrics.UNKNOWN_ACCOUNT
+        counter = self._by_account.get((label, outcome))
+        if counter is None:
+            counter = self._by_account[label, outcome] = metrics.ACCOUNT_REQUESTS.labels(
+                label, outcome
+            )
+        counter.inc()
+
     async def _handle(self, scope: Scope, receive: Receive, fields: dict[str, Any]) -> bytes:
         """The 202's body once the event is stored, or :class:`Refused`."""
+        # One snapshot for the whole request: a reload while it runs never changes who
+        # judges it, so a rotation's swap cannot refuse it.
+        book = self._accounts.book
+        account: Account | None = None
+        path: str = scope["path"]
+        path_id: str | None = None
+        if len(path) != len(INGEST_PATH):  # the app sends only the two ingest paths here
+            path_id = path[len(ACCOUNT_PATH_PREFIX) :]
+            if _ACCOUNT_ID.fullmatch(path_id) is None:
+                raise Refused(
+                    problems.NOT_AN_ACCOUNT_ID,
+                    "post to /v1/call-status/{accountId}, with the FreeClimb account id "
+                    "(AC followed by 40 hex digits), or to /v1/call-status",
+                )
+            fields["account"] = path_id
+            account = book.lookup(path_id)
+            if account is None:
+                raise _unknown_account(path_id)  # before a body byte is read
+            scope[_ACCOUNT] = account
+        elif not book.binds_accounts:
+            # The shorthand bound to no account: its secrets for any body, no claim to
+            # find (what the service did before accounts existed).
+            account = scope[_ACCOUNT] = book.lookup(None)
         headers = ingest_headers(scope["headers"])
         content_type = headers.get(CONTENT_TYPE, b"")
         if content_type != b"application/json" and not _is_json(content_type.decode("latin-1")):
             raise Refused(problems.UNSUPPORTED_MEDIA_TYPE, "send the body as application/json")
         signed = self._check_header(headers.get(SIGNATURE_HEADER))
         raw = await self._body.read(receive, headers.get(CONTENT_LENGTH))
+        if account is None:
+            # The claim in the raw bytes says whose secrets to try; the parse, once the
+            # signature is verified, says whether the body is that account's.
+            claimed = claimed_account(raw)
+            if claimed is None:
+                raise _no_account_refused()
+            fields["account"] = claimed
+            account = book.lookup(claimed)
+            if account is None:
+                raise _unknown_account(claimed)
+            scope[_ACCOUNT] = account
         if signed is not None:
-            verdict = signature.check_body(signed, raw, self._secrets)
+            # The HMACs of this one account's secrets, however many accounts there are.
+            verdict = signature.check_body(signed, raw, account.secrets)
             if verdict is not signature.Verdict.VALID:
                 raise _signature_refused(verdict)
+        # The account the body must name: the one whose secret verified it, or for the
+        # unbound shorthand the path's (None: any, as before accounts existed).
+        bound = account.id if account.id is not None else path_id and canonical_id(path_id)
+        # Cached answers carry the account they were stored for: the same bytes signed by
+        # another account's secret are judged afresh (and refused), not answered 202.
+        prefix = bound or ""
         event_id = event_id_for(raw)
-        call_id = self._recent.get(event_id) or self._older.get(event_id)
-        if call_id is not None:
+        cached = self._recent.get(event_id) or self._older.get(event_id)
+        if cached is not None and cached.startswith(prefix):
             # The same signed bytes were stored already: answer as the first time did.
+            call_id = cached[len(prefix) :]
             fields.update(callId=call_id, eventId=event_id, outcome=REPLAYED)
             return _accepted_body(event_id, call_id)
         source, request_type, call = validate_body(parse_body(raw), fields)
+        if bound is not None:
+            _check_binding(call.accountId, bound, path_id)
         call_id = call.callId
         fields.update(callId=call_id, eventId=event_id)
         await self._store(headers.get(TRACEPARENT), event_id, source, request_type, call, raw)
         if self._recent_half:
-            self._recent[event_id] = call_id
+            self._recent[event_id] = prefix + call_id
             if len(self._recent) >= self._recent_half:
                 self._older, self._recent = self._recent, {}
         return _accepted_body(event_id, call_id)
@@ -297,6 +413,30 @@ class Ingest:
                 outcome=f"{problems.UNAVAILABLE.outcome}_{exc.reason}",
                 headers={"Retry-After": self._retry_after},
             ) from None
+
+
+def _check_binding(body_account: str | None, bound: str, path_id: str | None) -> None:
+    """The parsed body's accountId against the account the request is for (``bound``,
+    canonical). A body naming none is accepted on the account path (the path names it,
+    and the body claims no other); on /v1/call-status the claim found in the raw bytes
+    was then not the body's own (nested in another object), so it is refused."""
+    if body_account is not None and canonical_id(body_account) == bound:
+        return
+    if body_account is None and path_id is not None:
+        return
+    claim = f"the body's accountId {body_account}" if body_account else "the body (no accountId)"
+    whose = "the path's account" if path_id is not None else "the account whose secret verified it"
+    raise Refused(problems.ACCOUNT_MISMATCH, f"{claim} is not {whose} ({bound})")
+
+
+class _Fixed:
+    """A book that never changes, with nothing to watch (signatures not verified)."""
+
+    def __init__(self, book: AccountBook) -> None:
+        self.book = book
+
+    async def run(self) -> None:
+        """Nothing to watch."""
 
 
 def internal_error(exc: Exception) -> Response:

@@ -8,16 +8,17 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from schemas.call import Call
-from schemas.messages import WebhookBody
+from schemas.messages import INGEST_PATH, WebhookBody
+from service.ingest import ACCOUNT_PATH
 from service.problems import CATALOGUE
 
 
-def _refusals() -> dict[str, Any]:
-    """One response per status the ingest endpoint can answer with, from the catalogue of
+def _refusals(account_path: bool) -> dict[str, Any]:
+    """One response per status an ingest endpoint can answer with, from the catalogue of
     refusals: each names its problem types and causes."""
     by_status: dict[int, list[str]] = {}
     for refusal in CATALOGUE:
-        if refusal.public:
+        if refusal.public and (account_path or not refusal.account_path_only):
             by_status.setdefault(refusal.status, []).append(f"`{refusal.type}`: {refusal.cause}")
     return {
         str(status): {
@@ -39,6 +40,12 @@ _NAMES_A_WEBHOOK = {"anyOf": [{"required": ["requestType"]}, {"required": ["call
 CROSS_FIELD_RULES = (
     "connectDuration <= duration; startTime <= connectTime <= endTime (when present)"
 )
+ACCOUNT_ID_PATTERN = "^AC[0-9a-fA-F]{40}$"
+# What binds a body to an account, which JSON Schema cannot state either (403).
+ACCOUNT_RULE = (
+    "The body's accountId must be the account whose signing secret verified the request "
+    "(403 account-mismatch)."
+)
 
 
 def _empty_means_absent(model_schema: dict[str, Any]) -> None:
@@ -48,6 +55,78 @@ def _empty_means_absent(model_schema: dict[str, Any]) -> None:
     for name, prop in model_schema["properties"].items():
         if name not in required:
             prop["anyOf"] = [*prop.pop("anyOf", [{}]), {"const": ""}]
+
+
+def _ingest_operation(account_path: bool) -> dict[str, Any]:
+    parameters: list[dict[str, Any]] = [
+        {
+            "name": "FreeClimb-Signature",
+            "in": "header",
+            "required": True,
+            "schema": {"type": "string", "pattern": SIGNATURE_PATTERN},
+            "description": "t=<unix seconds>,v1=<hex HMAC-SHA256>[,v1=...]; "
+            "judged (401) before the body is read, except the digest",
+        }
+    ]
+    if account_path:
+        summary = "Take one FreeClimb webhook body or one Call resource body for one account"
+        description = (
+            "The preferred endpoint: put it in the statusCallbackUrl. The account is known "
+            "before the body is read (an unknown one is refused without reading it); the "
+            "body's accountId, when present, must be the path's. " + ACCOUNT_RULE
+        )
+        parameters.insert(
+            0,
+            {
+                "name": "accountId",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": ACCOUNT_ID_PATTERN},
+                "description": "the FreeClimb account id; anything else is a 404",
+            },
+        )
+    else:
+        summary = "Take one FreeClimb webhook body or one Call resource body"
+        description = (
+            "The account is the body's accountId, which must be there when accounts are "
+            "configured (401 without it). " + ACCOUNT_RULE
+        )
+    return {
+        "summary": summary,
+        "description": description,
+        "parameters": parameters,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    # Read as a webhook when it names requestType or callStatus, else as
+                    # a Call resource.
+                    "schema": {
+                        "if": _NAMES_A_WEBHOOK,
+                        "then": {"$ref": "#/components/schemas/WebhookBody"},
+                        "else": {"$ref": "#/components/schemas/Call"},
+                    }
+                }
+            },
+        },
+        "responses": {
+            "202": {
+                "description": "Stored durably in the ingest topic",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "eventId": {"type": "string"},
+                                "callId": {"type": "string"},
+                            },
+                        }
+                    }
+                },
+            },
+            **_refusals(account_path),
+        },
+    }
 
 
 @cache
@@ -81,52 +160,8 @@ def openapi_document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "FreeClimb call-status processor", "version": "1"},
         "paths": {
-            "/v1/call-status": {
-                "post": {
-                    "summary": "Take one FreeClimb webhook body or one Call resource body",
-                    "parameters": [
-                        {
-                            "name": "FreeClimb-Signature",
-                            "in": "header",
-                            "required": True,
-                            "schema": {"type": "string", "pattern": SIGNATURE_PATTERN},
-                            "description": "t=<unix seconds>,v1=<hex HMAC-SHA256>[,v1=...]; "
-                            "judged (401) before the body is read, except the digest",
-                        }
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                # Read as a webhook when it names requestType or
-                                # callStatus, else as a Call resource.
-                                "schema": {
-                                    "if": _NAMES_A_WEBHOOK,
-                                    "then": {"$ref": "#/components/schemas/WebhookBody"},
-                                    "else": {"$ref": "#/components/schemas/Call"},
-                                }
-                            }
-                        },
-                    },
-                    "responses": {
-                        "202": {
-                            "description": "Stored durably in the ingest topic",
-                            "content": {
-                                "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "properties": {
-                                            "eventId": {"type": "string"},
-                                            "callId": {"type": "string"},
-                                        },
-                                    }
-                                }
-                            },
-                        },
-                        **_refusals(),
-                    },
-                }
-            },
+            ACCOUNT_PATH: {"post": _ingest_operation(account_path=True)},
+            INGEST_PATH: {"post": _ingest_operation(account_path=False)},
             "/healthz": {
                 "get": {"summary": "Liveness", "responses": {"200": {"description": "up"}}}
             },

@@ -33,6 +33,8 @@ class Refusal:
     # True for answers the HTTP server gives before any route sees a request
     # (service/frontdoor.py): counted in callstatus_http_connections_closed_total.
     connection: bool = False
+    # True for answers only ``POST /v1/call-status/{accountId}`` gives (its path segment).
+    account_path_only: bool = False
 
     @property
     def type(self) -> str:
@@ -93,7 +95,34 @@ SIGNATURE = Refusal(
     "Invalid signature",
     "signature",
     "FreeClimb-Signature missing, malformed, wrong, or its t outside the tolerance "
-    "(judged before the body is read, except the digest)",
+    "(judged before the body is read, except the digest); also a body that names no "
+    "accountId on /v1/call-status while accounts are bound, as no account's secret can "
+    "then verify it",
+)
+UNKNOWN_ACCOUNT = Refusal(
+    403,
+    "unknown-account",
+    "Unknown account",
+    "unknown_account",
+    "the account the path or the body's accountId names is not configured here (judged "
+    "before the body is read when the path names it)",
+)
+ACCOUNT_MISMATCH = Refusal(
+    403,
+    "account-mismatch",
+    "Account mismatch",
+    "account_mismatch",
+    "the body's accountId is not the path's account, or not the account whose signing "
+    "secret verified the request (one account's secret never vouches for another's body)",
+)
+NOT_AN_ACCOUNT_ID = Refusal(
+    404,
+    "not-an-account-id",
+    "No such endpoint",
+    "not_an_account_id",
+    "the path's segment after /v1/call-status/ is not a FreeClimb account id (AC followed "
+    "by 40 hex digits)",
+    account_path_only=True,
 )
 TOO_SLOW = Refusal(
     408, "body-timeout", "Body not received in time", "too_slow", "the body took too long"
@@ -168,6 +197,9 @@ CATALOGUE: tuple[Refusal, ...] = (
     TOO_DEEP,
     DUPLICATE_KEY,
     SIGNATURE,
+    UNKNOWN_ACCOUNT,
+    ACCOUNT_MISMATCH,
+    NOT_AN_ACCOUNT_ID,
     TOO_SLOW,
     TOO_LARGE,
     HEAD_TOO_LARGE,

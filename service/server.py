@@ -31,6 +31,7 @@ import uvicorn
 from aiokafka.errors import KafkaError
 from starlette.applications import Starlette
 
+from service.accounts import AccountsWatcher, StaticAccounts, open_source
 from service.app import create_app
 from service.frontdoor import FrontDoor
 from service.kafka import ensure_topics, retry_at_start
@@ -62,6 +63,12 @@ class Node:
         self.settings = settings
         self.publisher = publisher_for(settings) if settings.role.runs_ingest else None
         self.processor = Processor(settings) if settings.role.runs_processor else None
+        # Loaded now, so a bad accounts file stops the start like a bad setting (exit 2,
+        # one line); a processor-only node judges no signatures and needs none.
+        self.accounts: AccountsWatcher | StaticAccounts | None = (
+            open_source(settings) if settings.role.runs_ingest else None
+        )
+        self._watching: asyncio.Task[None] | None = None
         # Set on the first SIGTERM: /readyz answers 503 while requests are still served.
         self.draining = False
         # Set when the processor died on its own: the process must then exit non-zero.
@@ -72,6 +79,9 @@ class Node:
 
     async def start(self) -> None:
         settings = self.settings
+        if self.accounts is not None:
+            # First: the file must be followed from the first request on.
+            self._watching = asyncio.create_task(self.accounts.run(), name="accounts-watch")
         if isinstance(self.publisher, SpoolingPublisher):
             # FreeClimb does not retry: a node that waits for Kafka before it listens
             # loses every callback sent meanwhile (a pod rescheduled during a broker
@@ -123,6 +133,9 @@ class Node:
         if self._connecting is not None:
             self._connecting.cancel()
             await asyncio.wait((self._connecting,))
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.wait((self._watching,))
         if self._task is not None:
             self._task.remove_done_callback(self._processor_ended)
         bound = self.settings.shutdown_grace_seconds + CLIENT_CLOSE_SECONDS
@@ -196,7 +209,9 @@ def build(settings: Settings) -> DrainingServer:
     # In role=all the processor's rebalances must not take the webhook endpoint out of
     # the load balancer, so only a processor-only node reports its restore progress.
     readiness = node.processor if settings.role is Role.PROCESSOR else None
-    app = create_app(settings, node.publisher, readiness, node.lifespan, lambda: node.draining)
+    app = create_app(
+        settings, node.publisher, readiness, node.lifespan, lambda: node.draining, node.accounts
+    )
     door = FrontDoor(
         settings.header_timeout_seconds,
         settings.max_header_bytes,

@@ -1,14 +1,19 @@
 """``callstatus simulate``: send realistic FreeClimb callback traffic to a running service
 and account for every request it accepted.
 
-The traffic (service/traffic.py) is signed with the configured signing secret (the local
-one of ``make run``) and sent at a steady rate, each call's callbacks one after the other
-and many calls at once. Meanwhile the changes and rejected topics are read from their
-current end with read_committed. At the end a summary is printed: requests by status
-code, changes, rejections by reason, duplicates dropped, and latencies. Exit status 1
-when an answer was a 5xx other than 503, or an accepted request's outcome never appeared
-(or appeared twice, or not as the state machine predicts), and also when an answer was a
-4xx or nothing was accepted at all (the traffic is valid: a wrong secret or URL); else 0.
+The traffic (service/traffic.py) is signed as FreeClimb would sign it for one account:
+with the current secret of the accounts file's account (``--account`` when it has
+several; the local one-account file of ``make run``), sent to that account's
+``/v1/call-status/{accountId}`` and naming it in every body; or, with the
+``SIGNING_SECRETS`` shorthand bound to no account, with its first secret, to
+``/v1/call-status``, each call for a random account. It is sent at a steady rate, each
+call's callbacks one after the other and many calls at once. Meanwhile the changes and
+rejected topics are read from their current end with read_committed. At the end a
+summary is printed: requests by status code, changes, rejections by reason, duplicates
+dropped, and latencies. Exit status 1 when an answer was a 5xx other than 503, or an
+accepted request's outcome never appeared (or appeared twice, or not as the state
+machine predicts), and also when an answer was a 4xx or nothing was accepted at all (the
+traffic is valid: a wrong secret or URL); else 0.
 
 This module sends and reads; the run's books, the prediction and the summary are
 service/tally.py's, and the HTTP client is service/httpclient.py (a few lines over
@@ -23,15 +28,17 @@ import contextlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TextIO
 from urllib.parse import urlsplit
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from pydantic import SecretStr
 
 from schemas.messages import INGEST_PATH, RejectReason
-from service import signature
+from service import accounts, signature
 from service.httpclient import Connection, HttpError
 from service.kafka import client_options, partition_counts
 from service.settings import Settings, load_settings
@@ -78,6 +85,44 @@ class Progress:
         return f"sending [{bar}] {self.done}/{self.total} requests, {rate:.0f}/s"
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Whose traffic a run sends: the secret it signs with, the path it posts to, and the
+    account its bodies name (None: a random one per call)."""
+
+    secret: SecretStr
+    path: str
+    account_id: str | None
+
+
+def target_of(settings: Settings, account_id: str | None) -> Target | str:
+    """The run's :class:`Target` from the configured accounts, or why there is none.
+    Raises :class:`~service.accounts.AccountsFileError` when the file cannot be loaded."""
+    if settings.accounts_file is not None:
+        book, _ = accounts.load(settings.accounts_file)
+        where = str(settings.accounts_file)
+    else:
+        book = accounts.shorthand_book(settings.signing_secrets, settings.signing_account_id)
+        where = "CALLSTATUS_SIGNING_SECRETS"
+    if not len(book):
+        return (
+            "no signing secret: run `callstatus local-secret` or set "
+            "CALLSTATUS_ACCOUNTS_FILE or CALLSTATUS_SIGNING_SECRETS"
+        )
+    if account_id is not None:
+        found = book.lookup(account_id)
+        if found is None:
+            return f"account {account_id} is not in {where}"
+        account = found
+    elif len(book) == 1:
+        [account] = book
+    else:
+        return f"{where} has {len(book)} accounts: pass --account"
+    if account.id is None:  # the shorthand bound to no account: as before accounts
+        return Target(account.current_secret, INGEST_PATH, account_id)
+    return Target(account.current_secret, f"{INGEST_PATH}/{account.id}", account.id)
+
+
 class Pacer:
     """Spaces requests evenly at ``rate`` per second across all senders."""
 
@@ -95,13 +140,13 @@ class Pacer:
 async def send_call(
     calls: asyncio.Queue[list[Delivery]],
     conn: Connection,
-    settings: Settings,
+    target: Target,
     pacer: Pacer,
     run: Run,
     progress: Progress,
 ) -> None:
     """Take calls off the queue and send each one's callbacks in order."""
-    secret = settings.signing_secrets[0]
+    secret, path = target.secret, target.path
     while True:
         try:
             deliveries = calls.get_nowait()
@@ -122,7 +167,7 @@ async def send_call(
                     signature.HEADER: signature.sign(secret, int(sent.sent_at), delivery.body),
                 }
                 try:
-                    code, answer = await conn.post(INGEST_PATH, delivery.body, headers)
+                    code, answer = await conn.post(path, delivery.body, headers)
                 except HttpError:
                     run.answers["no answer"] += 1
                     # It may have been ingested all the same: see the 503 case below.
@@ -142,7 +187,7 @@ async def send_call(
 
 
 async def send_all(
-    settings: Settings,
+    target: Target,
     url: str,
     traffic: list[list[Delivery]],
     rate: float,
@@ -159,7 +204,7 @@ async def send_all(
     conns = [Connection(parts.hostname, parts.port or 80) for _ in range(concurrency)]
     started = time.monotonic()
     try:
-        await asyncio.gather(*(send_call(calls, c, settings, pacer, run, progress) for c in conns))
+        await asyncio.gather(*(send_call(calls, c, target, pacer, run, progress) for c in conns))
     finally:
         for conn in conns:
             await conn.close()
@@ -214,9 +259,9 @@ class Reader:
         await self.consumer.stop()
 
 
-async def simulate(settings: Settings, args: argparse.Namespace) -> Run:
+async def simulate(settings: Settings, target: Target, args: argparse.Namespace) -> Run:
     shares = Shares(args.gaps, args.reorder, args.duplicates, args.retries, args.illegal)
-    traffic = generate_calls(args.calls, shares, args.seed)
+    traffic = generate_calls(args.calls, shares, args.seed, target.account_id)
     url = args.url or f"http://{_client_host(settings.host)}:{settings.port}"
     run = Run()
     reader = Reader(settings)
@@ -230,7 +275,7 @@ async def simulate(settings: Settings, args: argparse.Namespace) -> Run:
             f"simulating {args.calls} calls at {args.rate:g} requests/s against {url}",
             file=sys.stderr,
         )
-        await send_all(settings, url, traffic, args.rate, args.concurrency, run)
+        await send_all(target, url, traffic, args.rate, args.concurrency, run)
         predict(run)
         run.predicted = True
         print(
@@ -263,6 +308,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--wait", type=float, default=60.0, help="seconds to wait for outcomes (60)"
     )
     parser.add_argument("--seed", type=int, help="random seed, to repeat a run's traffic")
+    parser.add_argument(
+        "--account",
+        help="the account to send as (default: the accounts file's only account; with "
+        "the shorthand bound to no account, a random one per call)",
+    )
     defaults = Shares()
     for name, help_text in (
         ("gaps", "share of calls missing a middle step"),
@@ -286,12 +336,9 @@ def main(args: argparse.Namespace) -> int:
         print("callstatus: --rate must be above 0 and --wait at least 0", file=sys.stderr)
         return 2
     settings = load_settings()
-    if not settings.signing_secrets:
-        print(
-            "callstatus: no signing secret: run `callstatus local-secret` "
-            "or set CALLSTATUS_SIGNING_SECRETS",
-            file=sys.stderr,
-        )
+    target = target_of(settings, args.account)  # a bad accounts file: SettingsError, exit 2
+    if isinstance(target, str):
+        print(f"callstatus: {target}", file=sys.stderr)
         return 2
     try:
         Shares(args.gaps, args.reorder, args.duplicates, args.retries, args.illegal)
@@ -304,7 +351,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"callstatus: --url must be http://host:port, not {url!r}", file=sys.stderr)
         return 2
     try:
-        run = asyncio.run(simulate(settings, args))
+        run = asyncio.run(simulate(settings, target, args))
     except (KafkaError, RuntimeError, ValueError) as exc:  # one readable line, no traceback
         print(f"callstatus: {exc}", file=sys.stderr)
         return 2

@@ -186,10 +186,15 @@ def _body(
     )
 
 
-def generate_call(rng: random.Random, shares: Shares) -> list[Delivery]:
-    """The callbacks of one new call, in the order they will be sent."""
+def generate_call(
+    rng: random.Random, shares: Shares, account_id: str | None = None
+) -> list[Delivery]:
+    """The callbacks of one new call, in the order they will be sent; for
+    ``account_id``, else for a random account."""
     lifecycle = rng.choices(LIFECYCLES, weights=[lc.weight for lc in LIFECYCLES])[0]
-    call_id, account_id = "CA" + _hex(rng, 40), "AC" + _hex(rng, 40)
+    # The random account is drawn either way: a seed plans the same calls for any account.
+    call_id, drawn = "CA" + _hex(rng, 40), "AC" + _hex(rng, 40)
+    account_id = account_id or drawn
     ends = (_phone(rng), _phone(rng))
     duration = rng.randrange(5, 600)
     steps = [(step, Kind.STEP) for step in lifecycle.steps]
@@ -215,7 +220,11 @@ def generate_call(rng: random.Random, shares: Shares) -> list[Delivery]:
     return out
 
 
-def generate_calls(calls: int, shares: Shares, seed: int | None = None) -> list[list[Delivery]]:
-    """The deliveries of ``calls`` calls, one list per call."""
+def generate_calls(
+    calls: int, shares: Shares, seed: int | None = None, account_id: str | None = None
+) -> list[list[Delivery]]:
+    """The deliveries of ``calls`` calls, one list per call, all for ``account_id`` when
+    given (an accounts file binds each request to its account), else each call for a
+    random account."""
     rng = random.Random(seed)  # noqa: S311 - traffic shapes, not secrets
-    return [generate_call(rng, shares) for _ in range(calls)]
+    return [generate_call(rng, shares, account_id) for _ in range(calls)]

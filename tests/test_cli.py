@@ -16,6 +16,7 @@ import pytest
 import structlog
 
 from service import logs
+from service.accounts import parse
 from service.app import create_app
 from service.signature import Verdict, sign, verify
 from tests.conftest import SECRET, make_settings
@@ -80,29 +81,52 @@ def test_processor_role_needs_no_secret(tmp_path: Path) -> None:
 
 
 def test_local_secret_is_made_once_and_sign_uses_it(tmp_path: Path) -> None:
+    # What `make run` does on a fresh checkout: a one-account accounts file, named in
+    # .callstatus.env so that sign and simulate find it (issue 18; before, the file
+    # held the SIGNING_SECRETS shorthand's secret itself).
     first = run(["local-secret"], tmp_path, {})
     assert first.returncode == 0
-    assert b"created a local signing secret" in first.stderr
+    assert b"created a one-account accounts file .callstatus-accounts.yaml" in first.stderr
     env_file = tmp_path / ".callstatus.env"
-    secret = env_file.read_text().strip().partition("=")[2]
-    assert secret.startswith("sigsec_") and len(secret) == 47
+    assert env_file.read_text() == "CALLSTATUS_ACCOUNTS_FILE=.callstatus-accounts.yaml\n"
     assert env_file.stat().st_mode & 0o077 == 0  # not readable by others
+    accounts_file = tmp_path / ".callstatus-accounts.yaml"
+    assert accounts_file.stat().st_mode & 0o077 == 0
+    [account] = parse(accounts_file.read_bytes(), accounts_file)
+    assert account.id == "AC1334ffb694cd8d969f51cddf5f7c9b478546d50c"  # the README's
+    secret = account.current_secret.get_secret_value()
+    assert secret.startswith("sigsec_") and len(secret) == 47
+    made = accounts_file.read_text()
 
     again = run(["local-secret"], tmp_path, {})
-    assert b"using the signing secret" in again.stderr
-    assert env_file.read_text().strip().partition("=")[2] == secret  # kept, not replaced
+    assert b"using the local settings in .callstatus.env" in again.stderr
+    assert accounts_file.read_text() == made  # kept, not replaced
 
     body = json.dumps(WEBHOOK).encode()
     signed = run(["sign"], tmp_path, {}, stdin=body)
     header = signed.stdout.decode().strip()
     assert verify(header, body, (secret,), time.time(), 300) is Verdict.VALID
 
-    # The environment wins over the file.
+    # The environment wins over the file, variable by variable: the shorthand instead
+    # of the file takes both (the settings refuse a file and secrets together).
     other = "sigsec_" + "e" * 40
-    from_env = run(["sign"], tmp_path, {"CALLSTATUS_SIGNING_SECRETS": other}, stdin=body)
+    shorthand = {"CALLSTATUS_SIGNING_SECRETS": other, "CALLSTATUS_ACCOUNTS_FILE": ""}
+    from_env = run(["sign"], tmp_path, shorthand, stdin=body)
     assert (
         verify(from_env.stdout.decode().strip(), body, (other,), time.time(), 300) is Verdict.VALID
     )
+
+
+def test_an_older_local_secret_file_is_kept(tmp_path: Path) -> None:
+    # A checkout set up before accounts files: its shorthand secret keeps working.
+    env_file = tmp_path / ".callstatus.env"
+    env_file.write_text(f"CALLSTATUS_SIGNING_SECRETS={SECRET}\n")
+    result = run(["local-secret"], tmp_path, {})
+    assert result.returncode == 0
+    assert env_file.read_text() == f"CALLSTATUS_SIGNING_SECRETS={SECRET}\n"
+    assert not (tmp_path / ".callstatus-accounts.yaml").exists()
+    signed = run(["sign", "--timestamp", "7"], tmp_path, {}, stdin=b"{}")
+    assert signed.stdout.decode().strip() == sign(SECRET, 7, b"{}")
 
 
 def test_sign_with_explicit_secret_and_timestamp(tmp_path: Path) -> None:
@@ -159,3 +183,17 @@ def test_local_secret_defers_to_the_environment(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert b"from the environment" in result.stderr
     assert not (tmp_path / ".callstatus.env").exists()
+
+
+def test_serve_with_a_malformed_accounts_file_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "accounts.yaml"
+    path.write_text("accounts:\n  - [not closed\n")
+    result = run(
+        ["serve"],
+        tmp_path,
+        {"CALLSTATUS_ACCOUNTS_FILE": str(path), "CALLSTATUS_ROLE": "ingest"},
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"callstatus: {path}: not valid YAML")

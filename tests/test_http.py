@@ -198,8 +198,11 @@ async def test_healthz_openapi_metrics(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     spec = (await client.get("/openapi.json")).json()
     responses = spec["paths"]["/v1/call-status"]["post"]["responses"]
-    expected = {"202", "400", "401", "408", "413", "415", "422", "431", "500", "503"}
+    expected = {"202", "400", "401", "403", "408", "413", "415", "422", "431", "500", "503"}
     assert set(responses) == expected
+    # The account path adds its 404 (a segment that is no account id).
+    with_account = spec["paths"]["/v1/call-status/{accountId}"]["post"]["responses"]
+    assert set(with_account) == expected | {"404"}
     body = json.dumps(WEBHOOK).encode()
     await client.post("/v1/call-status", content=body, headers={"content-type": "application/json"})
     text = (await client.get("/metrics")).text

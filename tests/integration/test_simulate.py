@@ -5,9 +5,12 @@ processor running) exits non-zero and says so."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 from pathlib import Path
+
+import httpx
 
 from service.kafka import ensure_topics
 from service.settings import Role
@@ -108,3 +111,58 @@ async def test_a_wrong_secret_fails_the_run_with_its_401s(unique: str, tmp_path:
     assert result.returncode == 1, result.stdout + result.stderr
     assert count(result.stdout, "401 Unauthorized") > 0
     assert "NO CALLBACK WAS ACCEPTED" in result.stdout
+
+
+async def test_simulate_sends_as_the_local_accounts_file_account(
+    unique: str, tmp_path: Path
+) -> None:
+    # What `make run` sets up: `callstatus local-secret` makes a one-account file and
+    # names it in .callstatus.env; the server and simulate both read it from there.
+    made = await asyncio.to_thread(
+        subprocess.run,
+        [str(ROOT / ".venv" / "bin" / "callstatus"), "local-secret"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("CALLSTATUS_")},
+        cwd=tmp_path,
+        capture_output=True,
+        check=True,
+    )
+    assert b"created a one-account accounts file" in made.stderr
+    settings = settings_for(
+        BOOTSTRAP,
+        unique,
+        role="all",
+        verify_signatures=True,
+        accounts_file=tmp_path / ".callstatus-accounts.yaml",
+        topic_partitions=3,
+    )
+    await ensure_topics(settings)
+    node = ServiceProcess(settings, tmp_path, "all")
+    env = settings_env(settings, node.port)
+    del env["CALLSTATUS_ACCOUNTS_FILE"]  # simulate finds it through .callstatus.env
+    del env["CALLSTATUS_SIGNING_SECRETS"]
+    try:
+        await node.wait_ready()
+        result = await asyncio.to_thread(
+            simulate, env, tmp_path, *("--calls", "20", "--rate", "200", "--wait", "120")
+        )
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"http://127.0.0.1:{node.port}/metrics")).text
+    finally:
+        assert node.terminate()
+    out = result.stdout
+    assert result.returncode == 0, f"{out}\n{result.stderr}"
+    accepted = count(out, "202 Accepted")
+    assert re.search(rf"accounted for\s+{accepted}\s+of {accepted}$", out, re.MULTILINE), out
+    # Every request was for the file's account, on its path (a 202 is a store or the
+    # answer to a replay of one).
+    account = "AC1334ffb694cd8d969f51cddf5f7c9b478546d50c"
+    by_outcome = {
+        outcome: float(value)
+        for outcome, value in re.findall(
+            rf'^callstatus_account_requests_total{{account="{account}",outcome="(\w+)"}} (\S+)$',
+            metrics,
+            re.MULTILINE,
+        )
+    }
+    assert by_outcome.get("accepted", 0) + by_outcome.get("replayed", 0) == accepted
+    assert 'route="/v1/call-status/{accountId}"' in metrics
