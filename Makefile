@@ -68,7 +68,7 @@ bench: $(BIN)/.bench-installed
 
 schemas: venv
 	$(BIN)/python -m schemas.export
-	$(BIN)/python -m service.accounts
+	$(BIN)/python -m service.accountsfile
 
 # The image's pinned runtime set: what `pip install .` resolves to in a clean venv.
 lock:

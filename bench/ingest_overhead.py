@@ -31,7 +31,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message
 
 from service import logs
-from service.accounts import Account, AccountBook, StaticAccounts
+from service.accountbook import Account, AccountBook
+from service.accounts import StaticAccounts
 from service.app import create_app
 from service.settings import Settings
 from service.signature import sign

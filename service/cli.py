@@ -82,13 +82,13 @@ def _account_secret(account_id: str | None, path: Path | None) -> SecretStr | in
     """The current secret of ``account_id`` (the only account when None) in the accounts
     file at ``path`` (CALLSTATUS_ACCOUNTS_FILE when None; the shorthand without one), or
     the exit status of a failure already reported."""
-    from service import accounts
+    from service import accountbook, accounts
 
     if path is None:
         settings = load_settings()
         path = settings.accounts_file
         if path is None:
-            book = accounts.shorthand_book(settings.signing_secrets, settings.signing_account_id)
+            book = accountbook.shorthand_book(settings.signing_secrets, settings.signing_account_id)
     if path is not None:
         book, _ = accounts.load(path)
     where = str(path) if path is not None else "CALLSTATUS_SIGNING_SECRETS"

@@ -35,7 +35,8 @@ from schemas.call import Call
 from schemas.messages import INGEST_PATH, Source, encode_ingest, event_id_for, normalise_body
 from service import metrics, problems, signature, strictjson
 from service.accesslog import LOG_FIELDS
-from service.accounts import Account, AccountBook, AccountSource, canonical_id
+from service.accountbook import Account, AccountBook, canonical_id
+from service.accounts import AccountSource
 from service.body import BodyReader
 from service.problems import Refused, problem
 from service.producer import Unavailable, Unwritable

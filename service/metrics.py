@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:  # service.accounts imports this module
-    from service.accounts import Account
+    from service.accountbook import Account
 
 HTTP_REQUESTS = Counter(
     "callstatus_http_requests_total", "HTTP requests by route and status code", ["route", "code"]

@@ -38,7 +38,7 @@ from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
 from schemas.messages import INGEST_PATH, RejectReason
-from service import accounts, signature
+from service import accountbook, accounts, signature
 from service.httpclient import Connection, HttpError
 from service.kafka import client_options, partition_counts
 from service.settings import Settings, load_settings
@@ -97,12 +97,12 @@ class Target:
 
 def target_of(settings: Settings, account_id: str | None) -> Target | str:
     """The run's :class:`Target` from the configured accounts, or why there is none.
-    Raises :class:`~service.accounts.AccountsFileError` when the file cannot be loaded."""
+    Raises :class:`~service.accountsfile.AccountsFileError` when the file cannot be loaded."""
     if settings.accounts_file is not None:
         book, _ = accounts.load(settings.accounts_file)
         where = str(settings.accounts_file)
     else:
-        book = accounts.shorthand_book(settings.signing_secrets, settings.signing_account_id)
+        book = accountbook.shorthand_book(settings.signing_secrets, settings.signing_account_id)
         where = "CALLSTATUS_SIGNING_SECRETS"
     if not len(book):
         return (

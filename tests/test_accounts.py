@@ -22,18 +22,10 @@ import yaml
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
-from service import accounts, cli, metrics, signature
-from service.accounts import (
-    Account,
-    AccountBook,
-    AccountsFileError,
-    AccountsWatcher,
-    Reload,
-    StaticAccounts,
-    open_source,
-    parse,
-    shorthand_book,
-)
+from service import accountsfile, cli, metrics, signature
+from service.accountbook import Account, AccountBook, shorthand_book
+from service.accounts import AccountsWatcher, Reload, StaticAccounts, open_source
+from service.accountsfile import AccountsFileError, parse
 from service.settings import Role, SettingsError
 from tests.conftest import SECRET, make_settings
 
@@ -218,18 +210,18 @@ def test_reprs_never_show_secrets() -> None:
 
 # ------------------------------------------------------------------------- schema
 
-REGENERATE = "run `make schemas` (python -m service.accounts) and commit the result"
+REGENERATE = "run `make schemas` (python -m service.accountsfile) and commit the result"
 
 
 def test_published_schema_is_the_models() -> None:
-    assert accounts.SCHEMA_PATH == ROOT / "schemas" / "config" / "accounts.schema.json"
-    assert accounts.SCHEMA_PATH.is_file(), f"the accounts schema is missing: {REGENERATE}"
-    published = accounts.SCHEMA_PATH.read_text(encoding="utf-8")
-    assert published == accounts.schema_text(), f"the accounts schema is stale: {REGENERATE}"
+    assert accountsfile.SCHEMA_PATH == ROOT / "schemas" / "config" / "accounts.schema.json"
+    assert accountsfile.SCHEMA_PATH.is_file(), f"the accounts schema is missing: {REGENERATE}"
+    published = accountsfile.SCHEMA_PATH.read_text(encoding="utf-8")
+    assert published == accountsfile.schema_text(), f"the accounts schema is stale: {REGENERATE}"
 
 
 def test_published_schema_agrees_with_the_parser(tmp_path: Path) -> None:
-    schema = json.loads(accounts.SCHEMA_PATH.read_text(encoding="utf-8"))
+    schema = json.loads(accountsfile.SCHEMA_PATH.read_text(encoding="utf-8"))
     jsonschema.Draft202012Validator.check_schema(schema)
     validator = jsonschema.Draft202012Validator(schema)
     assert not list(validator.iter_errors(yaml.safe_load(YAML_FILE)))

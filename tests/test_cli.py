@@ -16,7 +16,7 @@ import pytest
 import structlog
 
 from service import logs
-from service.accounts import parse
+from service.accountsfile import parse
 from service.app import create_app
 from service.signature import Verdict, sign, verify
 from tests.conftest import SECRET, make_settings

@@ -19,7 +19,8 @@ from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from starlette.types import Message
 
-from service.accounts import Account, AccountBook, StaticAccounts, shorthand_book
+from service.accountbook import Account, AccountBook, shorthand_book
+from service.accounts import StaticAccounts
 from service.app import create_app
 from service.ingest import claimed_account
 from service.signature import sign

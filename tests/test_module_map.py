@@ -27,6 +27,7 @@ PURE = {
     "service.oracle",
     "service.tally",
     "service.stats",
+    "service.accountbook",
     "schemas.call",
     "schemas.messages",
     "schemas.export",
@@ -55,7 +56,6 @@ HTTP = {
     "service.accesslog",
     "service.problems",
     "service.openapi",
-    "service.accounts",
 }
 SPOOL = {
     "service.producer",
