@@ -54,6 +54,10 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
 
     assert r["kafka_loop_msgs_per_s"] > 0
     assert r["handler"]["bare_us"] > 0 and r["handler"]["ingest_us"] > 0
+    # The cost of accounts, both ways of naming one: 1 and 1,000 accounts measured.
+    for kind in ("body", "path"):
+        for n in (1, 1000):
+            assert r["handler"][f"accounts_{n}_{kind}_cpu_us"] > 0, (kind, n)
 
     p = r["processor"]
     assert p["events"] > p["calls"] > 0 and p["events_per_s"] > 0
@@ -75,7 +79,8 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
 
     table = (out / "table.md").read_text()
     assert table in run.stdout
-    assert len(table.splitlines()) == 2 + 4 + 4 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1
+    # header, 4 closed-loop, 4 open-loop, handler, 2 account-cost rows, then 7 more
+    assert len(table.splitlines()) == 2 + 4 + 4 + 1 + 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1
     # The chart needs the bench extra (matplotlib); without it the run still passes and
     # simply writes no chart, which is what `make test` (dev extras only) sees.
     if importlib.util.find_spec("matplotlib") is not None:
