@@ -107,6 +107,30 @@ class App(Starlette):
         await super().__call__(scope, receive, send)
 
 
+# The endpoints and error handlers that need nothing from the node.
+
+
+async def healthz(_: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def metrics_endpoint(_: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def openapi(_: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
+async def http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return problem(exc.status_code, "http", exc.detail, exc.detail, headers=exc.headers)
+
+
+async def server_error(_: Request, exc: Exception) -> Response:
+    return internal_error(exc)
+
+
 def create_app(
     settings: Settings,
     publisher: Publisher | None,
@@ -120,9 +144,6 @@ def create_app(
     signatures (the server passes the one it watches; by default the settings' own,
     unwatched)."""
 
-    async def healthz(_: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
     kafka_ready = (
         None if publisher is None else CachedVerdict(publisher.ready, READINESS_MAX_AGE_SECONDS)
     )
@@ -135,19 +156,6 @@ def create_app(
             checks["processor"] = processor.ready()
         ok = all(checks.values())
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
-
-    async def metrics_endpoint(_: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    async def openapi(_: Request) -> Response:
-        return JSONResponse(openapi_document())
-
-    async def http_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        return problem(exc.status_code, "http", exc.detail, exc.detail, headers=exc.headers)
-
-    async def server_error(_: Request, exc: Exception) -> Response:
-        return internal_error(exc)
 
     routes = []
     ingest = None

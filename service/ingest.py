@@ -188,6 +188,23 @@ def _accepted_body(event_id: str, call_id: str) -> bytes:
     return f'{{"eventId":"{event_id}","callId":"{call_id}"}}'.encode()
 
 
+def _claimed_account(
+    scope: Scope, book: AccountBook, raw: bytes, fields: dict[str, Any]
+) -> Account:
+    """The account whose secrets to try for a body on the plain path: the claim in the
+    raw bytes says which; the parse, once the signature is verified, says whether the
+    body is really that account's."""
+    claimed = claimed_account(raw)
+    if claimed is None:
+        raise _no_account_refused()
+    fields["account"] = claimed
+    account = book.lookup(claimed)
+    if account is None:
+        raise _unknown_account(claimed)
+    scope[_ACCOUNT] = account
+    return account
+
+
 class Ingest:
     """``POST /v1/call-status[/{accountId}]``, as an ASGI app (see the module docstring
     for why). ``accounts`` gives the book in use; the handler reads it once per request."""
@@ -288,26 +305,7 @@ class Ingest:
         # One snapshot for the whole request: a reload while it runs never changes who
         # judges it, so a rotation's swap cannot refuse it.
         book = self._accounts.book
-        account: Account | None = None
-        path: str = scope["path"]
-        path_id: str | None = None
-        if len(path) != len(INGEST_PATH):  # the app sends only the two ingest paths here
-            path_id = path[len(ACCOUNT_PATH_PREFIX) :]
-            if _ACCOUNT_ID.fullmatch(path_id) is None:
-                raise Refused(
-                    problems.NOT_AN_ACCOUNT_ID,
-                    "post to /v1/call-status/{accountId}, with the FreeClimb account id "
-                    "(AC followed by 40 hex digits), or to /v1/call-status",
-                )
-            fields["account"] = path_id
-            account = book.lookup(path_id)
-            if account is None:
-                raise _unknown_account(path_id)  # before a body byte is read
-            scope[_ACCOUNT] = account
-        elif not book.binds_accounts:
-            # The shorthand bound to no account: its secrets for any body, no claim to
-            # find (what the service did before accounts existed).
-            account = scope[_ACCOUNT] = book.lookup(None)
+        path_id, account = self._path_account(scope, book, fields)
         headers = ingest_headers(scope["headers"])
         content_type = headers.get(CONTENT_TYPE, b"")
         if content_type != b"application/json" and not _is_json(content_type.decode("latin-1")):
@@ -315,16 +313,7 @@ class Ingest:
         signed = self._check_header(headers.get(SIGNATURE_HEADER))
         raw = await self._body.read(receive, headers.get(CONTENT_LENGTH))
         if account is None:
-            # The claim in the raw bytes says whose secrets to try; the parse, once the
-            # signature is verified, says whether the body is that account's.
-            claimed = claimed_account(raw)
-            if claimed is None:
-                raise _no_account_refused()
-            fields["account"] = claimed
-            account = book.lookup(claimed)
-            if account is None:
-                raise _unknown_account(claimed)
-            scope[_ACCOUNT] = account
+            account = _claimed_account(scope, book, raw, fields)
         if signed is not None:
             # The HMACs of this one account's secrets, however many accounts there are.
             verdict = signature.check_body(signed, raw, account.secrets)
@@ -350,10 +339,44 @@ class Ingest:
         fields.update(callId=call_id, eventId=event_id)
         await self._store(headers.get(TRACEPARENT), event_id, source, request_type, call, raw)
         if self._recent_half:
-            self._recent[event_id] = prefix + call_id
-            if len(self._recent) >= self._recent_half:
-                self._older, self._recent = self._recent, {}
+            self._remember(event_id, prefix + call_id)
         return _accepted_body(event_id, call_id)
+
+    def _remember(self, event_id: str, answer: str) -> None:
+        """The stored event's answer, for a replay of its bytes: two plain dicts of
+        half the cache each, the older dropped whole when the newer fills."""
+        self._recent[event_id] = answer
+        if len(self._recent) >= self._recent_half:
+            self._older, self._recent = self._recent, {}
+
+    @staticmethod
+    def _path_account(
+        scope: Scope, book: AccountBook, fields: dict[str, Any]
+    ) -> tuple[str | None, Account | None]:
+        """The account id the path names (or None on the plain path) and the account to
+        verify with when it is known before the body: the path's, or the unbound
+        shorthand's. None means: find it in the body."""
+        path: str = scope["path"]
+        if len(path) == len(INGEST_PATH):  # the app sends only the two ingest paths here
+            if book.binds_accounts:
+                return None, None
+            # The shorthand bound to no account: its secrets for any body, no claim to
+            # find (what the service did before accounts existed).
+            account = scope[_ACCOUNT] = book.lookup(None)
+            return None, account
+        path_id = path[len(ACCOUNT_PATH_PREFIX) :]
+        if _ACCOUNT_ID.fullmatch(path_id) is None:
+            raise Refused(
+                problems.NOT_AN_ACCOUNT_ID,
+                "post to /v1/call-status/{accountId}, with the FreeClimb account id "
+                "(AC followed by 40 hex digits), or to /v1/call-status",
+            )
+        fields["account"] = path_id
+        account = book.lookup(path_id)
+        if account is None:
+            raise _unknown_account(path_id)  # before a body byte is read
+        scope[_ACCOUNT] = account
+        return path_id, account
 
     def _check_header(self, header: bytes | None) -> signature.ParsedSignature | None:
         """Presence, grammar and time window of the signature, before reading the body:
