@@ -25,7 +25,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from schemas.messages import INGEST_PATH
 from service.accesslog import ROUTE, AccessLog
 from service.accounts import AccountSource, open_source
-from service.ingest import ACCOUNT_PATH, ACCOUNT_PATH_PREFIX, Ingest, Publisher, internal_error
+from service.binding import ACCOUNT_PATH, ACCOUNT_PATH_PREFIX
+from service.ingest import Ingest, Publisher, internal_error
 from service.openapi import openapi_document
 from service.problems import problem
 from service.settings import Settings

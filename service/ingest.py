@@ -19,7 +19,6 @@ this one route nothing it needs.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -32,11 +31,17 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from schemas.call import Call
-from schemas.messages import INGEST_PATH, Source, encode_ingest, event_id_for, normalise_body
+from schemas.messages import Source, encode_ingest, event_id_for, normalise_body
 from service import metrics, problems, signature, strictjson
 from service.accesslog import LOG_FIELDS
 from service.accountbook import Account, AccountBook, canonical_id
 from service.accounts import AccountSource
+from service.binding import (
+    SCOPE_KEY,
+    body_account,
+    check_binding,
+    path_account,
+)
 from service.body import BodyReader
 from service.problems import Refused, problem
 from service.producer import Unavailable, Unwritable
@@ -56,17 +61,6 @@ TRACEPARENT = b"traceparent"
 _INGEST_HEADERS = frozenset((CONTENT_TYPE, CONTENT_LENGTH, SIGNATURE_HEADER, TRACEPARENT))
 # The 202's headers but its length: the body is always JSON.
 _ACCEPTED_TYPE = (b"content-type", b"application/json")
-# The path users put in their statusCallbackUrl: the account is known before the body.
-ACCOUNT_PATH_PREFIX = INGEST_PATH + "/"
-ACCOUNT_PATH = ACCOUNT_PATH_PREFIX + "{accountId}"
-_ACCOUNT_ID = re.compile(r"AC[0-9a-fA-F]{40}")
-# Where the handler keeps the account a request is judged for, for its metrics: in the
-# scope, which exists per request anyway.
-_ACCOUNT = "callstatus.account"
-# The raw-bytes scan for the claimed account (claimed_account).
-_ACCOUNT_KEY = b'"accountId"'
-_JSON_SPACE = b" \t\r\n"
-_ACCOUNT_VALUE = re.compile(rb'"(AC[0-9a-fA-F]{40})"')
 # What judges requests when signatures are not verified (local play): any account, no
 # secret, and so no account binding but the path's.
 _UNVERIFIED = AccountBook(any_account=Account(None, ()))
@@ -94,23 +88,6 @@ def ingest_headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
     return found
 
 
-def claimed_account(raw: bytes) -> str | None:
-    """The account id the body claims, found in its raw bytes without parsing them: the
-    value of the first ``"accountId"`` that is a key, when it is an account id. Only a
-    hint of whose secrets to try: the strict parse after the signature check decides
-    what the body says, and the handler refuses it when that differs (a nested or
-    escaped accountId cannot pass for another account)."""
-    at = raw.find(_ACCOUNT_KEY)
-    while at >= 0:
-        start = at + len(_ACCOUNT_KEY)
-        rest = raw[start : start + 256].lstrip(_JSON_SPACE)
-        if rest[:1] == b":":  # a key (the same text as a value is followed by , ] or })
-            match = _ACCOUNT_VALUE.match(rest[1:].lstrip(_JSON_SPACE))
-            return match.group(1).decode("ascii") if match is not None else None
-        at = raw.find(_ACCOUNT_KEY, start)
-    return None
-
-
 def _is_json(content_type: str) -> bool:
     media = content_type.partition(";")[0].strip().lower()
     return media == "application/json" or (
@@ -133,23 +110,6 @@ def _signature_refused(verdict: signature.Verdict) -> Refused:
         f"FreeClimb-Signature check failed: {verdict.value}",
         outcome=f"{problems.SIGNATURE.outcome}_{verdict.value}",
         headers={"WWW-Authenticate": "FreeClimb-Signature"},
-    )
-
-
-def _no_account_refused() -> Refused:
-    return Refused(
-        problems.SIGNATURE,
-        "FreeClimb-Signature check failed: no_account (the body names no accountId, so no "
-        "account's secret can verify it; send it to /v1/call-status/{accountId})",
-        outcome=f"{problems.SIGNATURE.outcome}_no_account",
-        headers={"WWW-Authenticate": "FreeClimb-Signature"},
-    )
-
-
-def _unknown_account(account_id: str) -> Refused:
-    # The claimed id only (the requester's own words): never the configured ones.
-    return Refused(
-        problems.UNKNOWN_ACCOUNT, f"account {account_id} is not configured on this service"
     )
 
 
@@ -186,23 +146,6 @@ def validate_body(body: dict[str, Any], fields: dict[str, Any]) -> tuple[Source,
 def _accepted_body(event_id: str, call_id: str) -> bytes:
     # Both ids have fixed, JSON-safe shapes (a UUID, CA + hex): no encoder needed.
     return f'{{"eventId":"{event_id}","callId":"{call_id}"}}'.encode()
-
-
-def _claimed_account(
-    scope: Scope, book: AccountBook, raw: bytes, fields: dict[str, Any]
-) -> Account:
-    """The account whose secrets to try for a body on the plain path: the claim in the
-    raw bytes says which; the parse, once the signature is verified, says whether the
-    body is really that account's."""
-    claimed = claimed_account(raw)
-    if claimed is None:
-        raise _no_account_refused()
-    fields["account"] = claimed
-    account = book.lookup(claimed)
-    if account is None:
-        raise _unknown_account(claimed)
-    scope[_ACCOUNT] = account
-    return account
 
 
 class Ingest:
@@ -257,7 +200,7 @@ class Ingest:
         except Refused as refused:
             fields["outcome"] = refused.outcome
             self._count(refused.outcome)
-            self._count_account(scope.get(_ACCOUNT), refused.outcome)
+            self._count_account(scope.get(SCOPE_KEY), refused.outcome)
             await refused.response()(scope, receive, send)
             return
         except asyncio.CancelledError:
@@ -265,7 +208,7 @@ class Ingest:
             # answers for it; the cancellation goes on.
             fields["outcome"] = problems.CANCELLED.outcome
             self._count(problems.CANCELLED.outcome)
-            self._count_account(scope.get(_ACCOUNT), problems.CANCELLED.outcome)
+            self._count_account(scope.get(SCOPE_KEY), problems.CANCELLED.outcome)
             raise
         except Exception as exc:
             # What Starlette's exception middleware would answer: never a stack trace.
@@ -273,7 +216,7 @@ class Ingest:
             return
         outcome = fields.setdefault("outcome", "accepted")
         (self._replayed if outcome == REPLAYED else self._accepted).inc()
-        self._count_account(scope.get(_ACCOUNT), outcome)
+        self._count_account(scope.get(SCOPE_KEY), outcome)
         # Two plain messages instead of a Response object: the 202 is the same every
         # time but for its body.
         await send(
@@ -305,7 +248,7 @@ class Ingest:
         # One snapshot for the whole request: a reload while it runs never changes who
         # judges it, so a rotation's swap cannot refuse it.
         book = self._accounts.book
-        path_id, account = self._path_account(scope, book, fields)
+        path_id, account = path_account(scope, book, fields)
         headers = ingest_headers(scope["headers"])
         content_type = headers.get(CONTENT_TYPE, b"")
         if content_type != b"application/json" and not _is_json(content_type.decode("latin-1")):
@@ -313,7 +256,7 @@ class Ingest:
         signed = self._check_header(headers.get(SIGNATURE_HEADER))
         raw = await self._body.read(receive, headers.get(CONTENT_LENGTH))
         if account is None:
-            account = _claimed_account(scope, book, raw, fields)
+            account = body_account(scope, book, raw, fields)
         if signed is not None:
             # The HMACs of this one account's secrets, however many accounts there are.
             verdict = signature.check_body(signed, raw, account.secrets)
@@ -334,7 +277,7 @@ class Ingest:
             return _accepted_body(event_id, call_id)
         source, request_type, call = validate_body(parse_body(raw), fields)
         if bound is not None:
-            _check_binding(call.accountId, bound, path_id)
+            check_binding(call.accountId, bound, path_id)
         call_id = call.callId
         fields.update(callId=call_id, eventId=event_id)
         await self._store(headers.get(TRACEPARENT), event_id, source, request_type, call, raw)
@@ -348,35 +291,6 @@ class Ingest:
         self._recent[event_id] = answer
         if len(self._recent) >= self._recent_half:
             self._older, self._recent = self._recent, {}
-
-    @staticmethod
-    def _path_account(
-        scope: Scope, book: AccountBook, fields: dict[str, Any]
-    ) -> tuple[str | None, Account | None]:
-        """The account id the path names (or None on the plain path) and the account to
-        verify with when it is known before the body: the path's, or the unbound
-        shorthand's. None means: find it in the body."""
-        path: str = scope["path"]
-        if len(path) == len(INGEST_PATH):  # the app sends only the two ingest paths here
-            if book.binds_accounts:
-                return None, None
-            # The shorthand bound to no account: its secrets for any body, no claim to
-            # find (what the service did before accounts existed).
-            account = scope[_ACCOUNT] = book.lookup(None)
-            return None, account
-        path_id = path[len(ACCOUNT_PATH_PREFIX) :]
-        if _ACCOUNT_ID.fullmatch(path_id) is None:
-            raise Refused(
-                problems.NOT_AN_ACCOUNT_ID,
-                "post to /v1/call-status/{accountId}, with the FreeClimb account id "
-                "(AC followed by 40 hex digits), or to /v1/call-status",
-            )
-        fields["account"] = path_id
-        account = book.lookup(path_id)
-        if account is None:
-            raise _unknown_account(path_id)  # before a body byte is read
-        scope[_ACCOUNT] = account
-        return path_id, account
 
     def _check_header(self, header: bytes | None) -> signature.ParsedSignature | None:
         """Presence, grammar and time window of the signature, before reading the body:
@@ -437,20 +351,6 @@ class Ingest:
                 outcome=f"{problems.UNAVAILABLE.outcome}_{exc.reason}",
                 headers={"Retry-After": self._retry_after},
             ) from None
-
-
-def _check_binding(body_account: str | None, bound: str, path_id: str | None) -> None:
-    """The parsed body's accountId against the account the request is for (``bound``,
-    canonical). A body naming none is accepted on the account path (the path names it,
-    and the body claims no other); on /v1/call-status the claim found in the raw bytes
-    was then not the body's own (nested in another object), so it is refused."""
-    if body_account is not None and canonical_id(body_account) == bound:
-        return
-    if body_account is None and path_id is not None:
-        return
-    claim = f"the body's accountId {body_account}" if body_account else "the body (no accountId)"
-    whose = "the path's account" if path_id is not None else "the account whose secret verified it"
-    raise Refused(problems.ACCOUNT_MISMATCH, f"{claim} is not {whose} ({bound})")
 
 
 class _Fixed:

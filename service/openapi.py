@@ -9,7 +9,7 @@ from pydantic.json_schema import models_json_schema
 
 from schemas.call import Call
 from schemas.messages import INGEST_PATH, WebhookBody
-from service.ingest import ACCOUNT_PATH
+from service.binding import ACCOUNT_PATH
 from service.problems import CATALOGUE
 
 

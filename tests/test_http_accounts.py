@@ -22,7 +22,7 @@ from starlette.types import Message
 from service.accountbook import Account, AccountBook, shorthand_book
 from service.accounts import StaticAccounts
 from service.app import create_app
-from service.ingest import claimed_account
+from service.binding import claimed_account
 from service.signature import sign
 from tests.conftest import SECRET, make_settings
 from tests.test_http import WEBHOOK, Capture, MustNotPublish, assert_problem

@@ -52,6 +52,7 @@ HTTP = {
     "service.frontdoor",
     "service.app",
     "service.ingest",
+    "service.binding",
     "service.body",
     "service.accesslog",
     "service.problems",
