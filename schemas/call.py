@@ -83,13 +83,15 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MULTIPLE_OF_4 = "(0[48]|[2468][048]|[13579][26])"  # as two digits, 00 excluded
 _TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
 
-# RFC 1123: years 1000-9999 only. Python's date parser reads a year below 100 as 19xx or
-# 20xx, so "0099" would silently become 1999; four significant digits cannot.
+# RFC 1123 (after RFC 822) writes the day in one or two digits: Java's RFC_1123_DATE_TIME,
+# for one, writes "Tue, 1 Dec 2026". Years 1000-9999 only: Python's date parser reads a
+# year below 100 as 19xx or 20xx, so "0099" would silently become 1999; four significant
+# digits cannot.
 _YEAR_1123 = "[1-9][0-9]{3}"
 _LEAP_1123 = f"([1-9][0-9]{_MULTIPLE_OF_4}|(1[26]|[2468][048]|[3579][26])00)"
 _DATE_1123 = (
     "("
-    f"(0[1-9]|1[0-9]|2[0-8]) ({'|'.join(_MONTHS)}) {_YEAR_1123}"
+    f"(0?[1-9]|1[0-9]|2[0-8]) ({'|'.join(_MONTHS)}) {_YEAR_1123}"
     f"|(29|30) ({'|'.join(m for m in _MONTHS if m != 'Feb')}) {_YEAR_1123}"
     f"|31 (Jan|Mar|May|Jul|Aug|Oct|Dec) {_YEAR_1123}"
     f"|29 Feb {_LEAP_1123}"
@@ -97,7 +99,7 @@ _DATE_1123 = (
 )
 RFC1123_PATTERN = f"^({'|'.join(_DAYS)}), {_DATE_1123} {_TIME} GMT$"
 _RFC1123 = re.compile(
-    r"[A-Z][a-z]{2}, (?P<day>\d\d) (?P<month>[A-Z][a-z]{2}) (?P<year>\d{4}) "
+    r"[A-Z][a-z]{2}, (?P<day>\d{1,2}) (?P<month>[A-Z][a-z]{2}) (?P<year>\d{4}) "
     r"(?P<hour>\d\d):(?P<minute>\d\d):(?P<second>\d\d) GMT",
     re.ASCII,
 )

@@ -309,6 +309,18 @@ def test_rfc3339_outside_the_published_grammar_is_refused(field: str, text: str)
     assert locs(exc.value) == [(field,)]
 
 
+@pytest.mark.parametrize("field", RFC1123_FIELDS)
+def test_rfc1123_day_of_one_digit_is_read_and_written_with_two(field: str) -> None:
+    # RFC 1123 takes the day in one or two digits, and Java's RFC_1123_DATE_TIME writes
+    # one: a resource from the REST API dated the 1st to the 9th must validate.
+    call = Call.model_validate({**MINIMAL, field: "Tue, 1 Dec 2026 12:00:00 GMT"})
+    assert getattr(call, field) == utc(2026, 12, 1, 12)
+    assert json.loads(call.to_json())[field] == "Tue, 01 Dec 2026 12:00:00 GMT"
+    assert re.fullmatch(RFC1123_PATTERN, "Tue, 1 Dec 2026 12:00:00 GMT")
+    for text in ("Tue, 001 Dec 2026 12:00:00 GMT", "Tue,  1 Dec 2026 12:00:00 GMT"):
+        assert not _accepted(field, text), text
+
+
 def test_rfc1123_day_name_is_written_back_correctly() -> None:
     call = Call.model_validate({**MINIMAL, "startTime": "Sun, 15 Jun 2009 20:45:30 GMT"})
     assert json.loads(call.to_json())["startTime"] == "Mon, 15 Jun 2009 20:45:30 GMT"
