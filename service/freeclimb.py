@@ -17,10 +17,11 @@ numbers) or a header.
 Each call comes back as the resource's JSON bytes (what an ingest record keeps as its
 body), its parsed JSON and the validated :class:`~schemas.call.Call`.
 
-This module is the I/O: the requests, their retries and the account gates. The errors
-and data types are in service/freeclimbtypes.py, the retry arithmetic in
-service/freeclimbretry.py, the query and the answers' reading in service/freeclimbwire.py;
-their public names are re-exported here, where callers have always imported them.
+This module is the operations, their retries and the account gates; one send is in
+service/freeclimbsend.py, the errors and data types in service/freeclimbtypes.py, the
+retry arithmetic in service/freeclimbretry.py, the query and the answers' reading in
+service/freeclimbwire.py; their public names are re-exported here, where callers have
+always imported them.
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ PURE = {
     "service.freeclimbtypes",
     "service.freeclimbretry",
     "service.freeclimbwire",
+    "service.standincalls",
+    "service.standinquery",
     "schemas.call",
     "schemas.messages",
     "schemas.export",
