@@ -27,6 +27,10 @@ as an overloaded front end would.
 
 Calls are put and moved on with :meth:`StandIn.put_call` and :meth:`StandIn.advance`;
 :func:`serve` runs the app with uvicorn on a real socket (127.0.0.1, port 0 by default).
+
+This module is the accounts, the faults and the HTTP side; the held calls and their
+resource are in service/standincalls.py, the list filters and cursor in
+service/standinquery.py (their public names re-exported here).
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -55,93 +58,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from schemas.call import CallDirection, CallStatus
+from service.standincalls import ACTIVE, TERMINAL, HeldCall, millis, rfc1123, rfc3339
+from service.standinquery import filters, read_cursor, write_cursor
 
-ACTIVE = frozenset({CallStatus.QUEUED, CallStatus.RINGING, CallStatus.IN_PROGRESS})
-TERMINAL = frozenset(CallStatus) - ACTIVE
-_FILTER_TIME = "%Y-%m-%d %H:%M:%S"
-
-
-def rfc1123(value: datetime) -> str:
-    return format_datetime(value.astimezone(UTC), usegmt=True)
-
-
-def rfc3339(value: datetime) -> str:
-    return (
-        value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
-    )
-
-
-def _millis(value: datetime) -> datetime:
-    # What the ISO fields can say: anything finer would make two readings of a call differ.
-    if value.tzinfo is None:
-        raise ValueError("times must be timezone-aware")
-    return value.astimezone(UTC).replace(microsecond=value.microsecond // 1000 * 1000)
-
-
-@dataclass(slots=True)
-class HeldCall:
-    """One call as FreeClimb holds it; :meth:`resource` is its JSON."""
-
-    account_id: str
-    call_id: str
-    status: CallStatus
-    direction: CallDirection
-    from_: str
-    to: str
-    created: datetime
-    updated: datetime
-    revision: int = 1
-    parent_call_id: str | None = None
-    application_id: str | None = None
-    phone_number_id: str | None = None
-    answered_by: str | None = None
-    start_time: datetime | None = None
-    connect_time: datetime | None = None
-    end_time: datetime | None = None
-
-    def resource(self) -> dict[str, Any]:
-        uri = f"/Accounts/{self.account_id}/Calls/{self.call_id}"
-        duration: int | str = ""
-        connect_duration: int | str = ""
-        if self.end_time is not None and self.status in (CallStatus.COMPLETED, CallStatus.CANCELED):
-            if self.start_time is not None:
-                duration = int((self.end_time - self.start_time).total_seconds())
-            if self.connect_time is not None:
-                connect_duration = int((self.end_time - self.connect_time).total_seconds())
-        return {
-            "uri": uri,
-            "dateCreated": rfc1123(self.created),
-            "dateUpdated": rfc1123(self.updated),
-            "dateCreatedISO": rfc3339(self.created),
-            "dateUpdatedISO": rfc3339(self.updated),
-            "revision": self.revision,
-            "callId": self.call_id,
-            "parentCallId": self.parent_call_id,
-            "accountId": self.account_id,
-            "to": self.to,
-            "from": self.from_,
-            "phoneNumberId": self.phone_number_id,
-            "status": str(self.status),
-            "startTime": rfc1123(self.start_time) if self.start_time else "",
-            "connectTime": rfc1123(self.connect_time) if self.connect_time else "",
-            "endTime": rfc1123(self.end_time) if self.end_time else "",
-            "connectDuration": connect_duration,
-            "duration": duration,
-            "direction": str(self.direction),
-            "answeredBy": self.answered_by,
-            "subresourceUris": {"logs": f"{uri}/Logs", "recordings": f"{uri}/Recordings"},
-            "applicationId": self.application_id,
-        }
-
-    def _reach(self, status: CallStatus, at: datetime) -> None:
-        # The times a status implies: dialled (ringing), answered (inProgress), ended.
-        if status in (CallStatus.RINGING, CallStatus.IN_PROGRESS) and self.start_time is None:
-            self.start_time = at
-        if status is CallStatus.IN_PROGRESS:
-            self.connect_time = at
-        if status in TERMINAL:
-            self.end_time = at
-        self.status = status
+__all__ = [
+    "ACTIVE",
+    "TERMINAL",
+    "Fault",
+    "HeldCall",
+    "Seen",
+    "StandIn",
+    "rfc1123",
+    "rfc3339",
+    "serve",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +161,7 @@ class StandIn:
         account = self._accounts[account_id]
         if call_id in account.calls:
             raise ValueError(f"call {call_id} already exists; advance it instead")
-        when = _millis(at or self.clock())
+        when = millis(at or self.clock())
         if phone_number_id is None:  # stable per call, so repeated runs agree
             digest = hashlib.sha1(call_id.encode(), usedforsecurity=False).hexdigest()
             phone_number_id = "PN" + digest
@@ -248,7 +178,7 @@ class StandIn:
             application_id=application_id,
             phone_number_id=phone_number_id,
         )
-        held._reach(status, when)
+        held.reach(status, when)
         account.calls[call_id] = held
         return held.resource()
 
@@ -266,10 +196,10 @@ class StandIn:
         held = self._accounts[account_id].calls[call_id]
         if held.status in TERMINAL:
             raise ValueError(f"call {call_id} has ended ({held.status}); it does not change")
-        when = _millis(at or self.clock())
+        when = millis(at or self.clock())
         if when < held.updated:
             raise ValueError("a call's updates go forward in time")
-        held._reach(status, when)
+        held.reach(status, when)
         if answered_by is not None:
             held.answered_by = answered_by
         held.updated = when
@@ -364,11 +294,11 @@ class StandIn:
             number = 0
             if cursor is not None:  # the filters of the first request, and a page number
                 try:
-                    number, query = _read_cursor(cursor)
+                    number, query = read_cursor(cursor)
                 except ValueError:
                     return _error(400, "invalid cursor")
             try:
-                keep = _filters(query)
+                keep = filters(query)
             except ValueError as exc:
                 return _error(400, str(exc))
             matching = [held for held in account.calls.values() if keep(held)]
@@ -379,7 +309,7 @@ class StandIn:
             next_uri = None
             if number + 1 < pages:
                 next_uri = f"{path.removeprefix(self.base_path)}?" + urlencode(
-                    {"cursor": _write_cursor(number + 1, query)}
+                    {"cursor": write_cursor(number + 1, query)}
                 )
             return _json(
                 {
@@ -395,65 +325,6 @@ class StandIn:
             )
 
         return await self._answer(request, page)
-
-
-def _filters(query: list[tuple[str, str]]) -> Callable[[HeldCall], bool]:
-    """The predicate of a list request's filters; ValueError names a bad one."""
-    tests = [test for name, value in query if (test := _filter(name, value)) is not None]
-    apps = {value for name, value in query if name == "applicationId"}
-    if apps:  # repeated: a call of any of them
-        tests.append(lambda c: c.application_id in apps)
-    return lambda c: all(test(c) for test in tests)
-
-
-def _second(value: datetime | None) -> datetime | None:
-    # Filters compare what the resource shows: RFC 1123 times have whole seconds.
-    return None if value is None else value.replace(microsecond=0)
-
-
-def _filter(name: str, value: str) -> Callable[[HeldCall], bool] | None:
-    if name == "active":
-        if value not in ("true", "false"):
-            raise ValueError("active is true or false")
-        return (lambda c: c.status in ACTIVE) if value == "true" else None
-    if name == "status":
-        try:
-            status = CallStatus(value)
-        except ValueError:
-            raise ValueError(f"unknown status {value!r}") from None
-        return lambda c: c.status is status
-    if name in ("startTime", "endTime"):
-        try:
-            bound = datetime.strptime(value, _FILTER_TIME).replace(tzinfo=UTC)
-        except ValueError:
-            raise ValueError(f"{name} is YYYY-MM-DD hh:mm:ss") from None
-        if name == "startTime":  # started at or after
-            return lambda c: (t := _second(c.start_time)) is not None and t >= bound
-        return lambda c: (t := _second(c.end_time)) is not None and t <= bound  # ended by
-    if name == "to":
-        return lambda c: c.to == value
-    if name == "from":
-        return lambda c: c.from_ == value
-    if name == "parentCallId":
-        return lambda c: c.parent_call_id == value
-    return None  # applicationId (above), cursor, and what FreeClimb may add
-
-
-def _write_cursor(page: int, query: list[tuple[str, str]]) -> str:
-    filters = [(k, v) for k, v in query if k != "cursor"]
-    raw = json.dumps([page, filters], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _read_cursor(cursor: str) -> tuple[int, list[tuple[str, str]]]:
-    try:
-        page, filters = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        pairs = [(str(k), str(v)) for k, v in filters]
-    except (ValueError, TypeError, binascii.Error):
-        raise ValueError("invalid cursor") from None
-    if not isinstance(page, int) or page < 0:
-        raise ValueError("invalid cursor")
-    return page, pairs
 
 
 def _json(content: object) -> Response:
