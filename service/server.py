@@ -37,6 +37,7 @@ from service.kafka import ensure_topics, retry_at_start
 from service.processor import Processor
 from service.producer import IngestProducer
 from service.publisher import SpoolingPublisher
+from service.reconciler import reconciler_for
 from service.settings import Role, Settings
 from service.spool import Spool
 
@@ -62,6 +63,9 @@ class Node:
         self.settings = settings
         self.publisher = publisher_for(settings) if settings.role.runs_ingest else None
         self.processor = Processor(settings) if settings.role.runs_processor else None
+        # Beside the processor, fetching the calls of its partitions (section 12).
+        self.reconciler = reconciler_for(settings, self.processor, self.publisher)
+        self._reconciling: asyncio.Task[None] | None = None
         # Set on the first SIGTERM: /readyz answers 503 while requests are still served.
         self.draining = False
         # Set when the processor died on its own: the process must then exit non-zero.
@@ -99,6 +103,8 @@ class Node:
         if self.processor is not None:
             self._task = asyncio.create_task(self.processor.run(), name="processor")
             self._task.add_done_callback(self._processor_ended)
+        if self.reconciler is not None:
+            self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
 
     async def _connect(self) -> None:
         """Kafka, in the background, for as long as it takes: the node is doing its job
@@ -137,6 +143,10 @@ class Node:
         await asyncio.gather(self._stop_processor(), self._stop_publisher())
 
     async def _stop_processor(self) -> None:
+        if self.reconciler is not None and self._reconciling is not None:
+            # First: what it publishes goes through the publisher, stopped beside this.
+            await self.reconciler.stop()
+            await asyncio.wait((self._reconciling,))  # its failure is logged by run()
         if self.processor is not None and self._task is not None:
             await self.processor.stop()
             await self._task

@@ -27,6 +27,7 @@ PURE = {
     "service.oracle",
     "service.tally",
     "service.stats",
+    "service.reconcile",
     "schemas.call",
     "schemas.messages",
     "schemas.export",
