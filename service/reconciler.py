@@ -126,6 +126,13 @@ class Reconciler:
     async def run(self) -> None:
         """Rounds until :meth:`stop`; a failing round is logged and the next one tries
         again: the reconciler must never take the processor or ingest down with it."""
+        s = self.settings
+        log.info(
+            "reconciliation on",
+            accounts=len(self.credentials),
+            after_s=s.reconcile_after_seconds,
+            sweep_s=s.reconcile_sweep_seconds,
+        )
         if self._publish is None:
             # A processor-only node has no ingest producer: one of its own. (With ingest
             # in the process, the node's publisher is shared: one producer's metrics.)
@@ -280,25 +287,23 @@ def reconciler_for(
     processor: Processor | None,
     publisher: IngestProducer | SpoolingPublisher | None,
 ) -> Reconciler | None:
-    """The node's reconciler, or None (logged once) when it has no processor or no
-    account has an API key."""
+    """The node's reconciler, or None when it has no processor or no account has an API
+    key (:func:`say_off` logs that, at start: building a node logs nothing)."""
     if processor is None:
         return None
     credentials = api_credentials(settings)
     if not credentials:
-        log.info(
-            "reconciliation off: no FreeClimb API key configured "
-            "(CALLSTATUS_FREECLIMB_API_KEY, or apiKey in the accounts file)"
-        )
         return None
-    log.info(
-        "reconciliation on",
-        accounts=len(credentials),
-        after_s=settings.reconcile_after_seconds,
-        sweep_s=settings.reconcile_sweep_seconds,
-    )
     publish = publisher.publish if publisher is not None else None
     return Reconciler(settings, processor, credentials, publish)
+
+
+def say_off() -> None:
+    """The one line a processor node without an API key logs at start."""
+    log.info(
+        "reconciliation off: no FreeClimb API key configured "
+        "(CALLSTATUS_FREECLIMB_API_KEY, or apiKey in the accounts file)"
+    )
 
 
 # -- callstatus backfill ---------------------------------------------------------------
@@ -397,4 +402,5 @@ __all__ = [
     "api_credentials",
     "backfill",
     "reconciler_for",
+    "say_off",
 ]

@@ -37,7 +37,7 @@ from service.kafka import ensure_topics, retry_at_start
 from service.processor import Processor
 from service.producer import IngestProducer
 from service.publisher import SpoolingPublisher
-from service.reconciler import reconciler_for
+from service.reconciler import reconciler_for, say_off
 from service.settings import Role, Settings
 from service.spool import Spool
 
@@ -105,6 +105,8 @@ class Node:
             self._task.add_done_callback(self._processor_ended)
         if self.reconciler is not None:
             self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
+        elif self.processor is not None:
+            say_off()
 
     async def _connect(self) -> None:
         """Kafka, in the background, for as long as it takes: the node is doing its job

@@ -177,8 +177,10 @@ class Settings(BaseSettings):
     # Every this many seconds, each account's recently ended calls are listed (0 = off).
     reconcile_sweep_seconds: float = Field(default=300.0, ge=0, le=86400)
     # The longest call the sweep finds: it lists calls started within this much (plus
-    # two sweeps) before now and ended by now. Longer ones we know of are trigger 1's.
-    reconcile_sweep_lookback_seconds: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    # two sweeps) before now and ended by now, and never further back than the terminal
+    # retention allows (docs/architecture.md section 12). Longer ones we know of are
+    # trigger 1's. 40 min + 2 sweeps = 50 min, inside the default 1 h retention.
+    reconcile_sweep_lookback_seconds: float = Field(default=2400.0, gt=0, le=7 * 86400)
 
     # On SIGTERM: answer /readyz with 503 for this long while still serving, so the load
     # balancer stops sending before the listener closes (Kubernetes: a few seconds).

@@ -6,6 +6,7 @@ and the FSM on fetched resources (stale, behind a newer callback, identical)."""
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -338,3 +339,29 @@ def test_several_accounts_take_their_api_keys_from_the_accounts_file(tmp_path: A
     )
     credentials = api_credentials(Settings.model_validate({"accounts_file": path}))
     assert {a: k.get_secret_value() for a, k in credentials.items()} == {ACCOUNT: "k1"}
+
+
+# --- callstatus backfill's arguments -------------------------------------------------
+
+
+def test_backfill_refuses_bad_arguments_and_an_account_without_a_key(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service import logs
+    from service.cli import main
+
+    # The command configures logging to the captured stream, which closes after this
+    # test: later tests' log lines would fail on it.
+    monkeypatch.setattr(logs, "configure", lambda *_: None)
+    for key in [k for k in os.environ if k.startswith("CALLSTATUS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)  # no .callstatus.env: the environment alone
+    monkeypatch.setenv("CALLSTATUS_VERIFY_SIGNATURES", "false")
+    window = ["--since", "2026-03-01T00:00:00", "--until", "2026-03-01T06:00:00Z"]
+    assert main(["backfill", "--account", "AC1", *window]) == 2
+    assert "--account is AC followed by 40 hex digits" in capsys.readouterr().err
+    backwards = ["--since", "2026-03-02T00:00:00Z", "--until", "2026-03-01T00:00:00Z"]
+    assert main(["backfill", "--account", ACCOUNT, *backwards]) == 2
+    assert "--until must be after --since" in capsys.readouterr().err
+    assert main(["backfill", "--account", ACCOUNT, *window]) == 2
+    assert f"no API key for account {ACCOUNT}" in capsys.readouterr().err
