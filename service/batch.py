@@ -37,7 +37,7 @@ from schemas.messages import (
     read_ingest,
 )
 from service.fsm import CallState, Decision, Outcome, decide, expired, is_expired
-from service.statecodec import account_bytes, account_of, pack, peek, unpack
+from service.statecodec import NO_ACCOUNT, account_bytes, account_of, pack, peek, unpack
 
 CE_SOURCE = b"urn:callstatus:processor"
 CE_TYPE_CHANGED = b"com.freeclimb.call.status.changed"
@@ -340,7 +340,8 @@ class _Judge:
                 kept = account_bytes(account)
             else:  # no event of this batch named one: keep the state's, if any
                 kept = account_of(packed) if (packed := states.get(cid)) else b""
-            value = out.states[cid] = pack(self.touched[cid], kept)
+            # Always version 3: zeros when no event named an account.
+            value = out.states[cid] = pack(self.touched[cid], kept or NO_ACCOUNT)
             out.outputs.append(
                 Output(target.state, cid.encode(), value, [], target.partition, offset)
             )

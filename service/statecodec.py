@@ -22,9 +22,10 @@ Layout (little-endian), versions 2 and 3 (version 1 was the JSON ``StateMessage`
 
 Version 3 carries the account id for the reconciler (service/reconciler.py), which
 needs it to build the call's URL at FreeClimb's REST API: 20 bytes, not the 42 of the
-text. A call whose events named no account is still written as version 2, and a state
-of version 2 (written before version 3 existed) decodes as before: it has no account,
-so the reconciler does not fetch it. The FSM never reads the account.
+text; zeros when no event of the call named one. The processor writes version 3 only.
+A state of version 2 (written before version 3 existed, or packed without an account)
+decodes as before: it has no account, so the reconciler does not fetch it. The FSM
+never reads the account.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ VERSION = 3
 _V2 = 2  # the layout without an account id, still written for calls without one
 _HEAD = struct.Struct("<BBBqq8s")
 ACCOUNT_BYTES = 20
+# Version 3's account field when no event of the call named an account.
+NO_ACCOUNT = bytes(ACCOUNT_BYTES)
 _NO_DIGEST = bytes(MARK_BYTES)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -67,7 +70,8 @@ def account_bytes(account_id: str | None) -> bytes:
 
 
 def pack(state: CallState, account: bytes = b"") -> bytes:
-    """``state`` as bytes; with ``account`` (see :func:`account_bytes`) as version 3."""
+    """``state`` as bytes: with ``account`` (see :func:`account_bytes`, or NO_ACCOUNT) as
+    version 3, the processor's; without, in version 2's layout."""
     revised = _CODE[state.revised_status] if state.revised_status is not None else 0
     head = _HEAD.pack(
         VERSION if account else _V2,
@@ -117,9 +121,10 @@ def unpack(blob: bytes) -> CallState:
 
 
 def account_of(blob: bytes) -> bytes:
-    """The account bytes a packed state keeps (b"" for version 2: none)."""
+    """The account bytes a packed state keeps; b"" for none (version 2, or zeros)."""
     if blob[0] == VERSION:
-        return blob[_HEAD.size : _HEAD.size + ACCOUNT_BYTES]
+        account = blob[_HEAD.size : _HEAD.size + ACCOUNT_BYTES]
+        return b"" if account == NO_ACCOUNT else account
     return b""
 
 
@@ -148,6 +153,8 @@ def held_since(blob: bytes) -> float | None:
     One struct read, no objects: it runs for each state a batch commits."""
     version, status, micros = _FACTS.unpack_from(blob)
     if version != VERSION or status in _TERMINAL_CODES:
+        return None
+    if blob[_HEAD.size : _HEAD.size + ACCOUNT_BYTES] == NO_ACCOUNT:
         return None
     return float(micros) / 1e6
 
@@ -181,6 +188,7 @@ def load(value: bytes) -> bytes:
 
 __all__ = [
     "ACCOUNT_BYTES",
+    "NO_ACCOUNT",
     "VERSION",
     "BadState",
     "account_bytes",

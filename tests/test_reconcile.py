@@ -27,6 +27,7 @@ from service.reconcile import (
 )
 from service.statecodec import (
     ACCOUNT_BYTES,
+    NO_ACCOUNT,
     BadState,
     account_bytes,
     account_id,
@@ -152,8 +153,10 @@ def test_a_version_2_state_still_decodes_and_has_no_account() -> None:
     assert held_since(old) is None  # not reconcilable: no URL without an account
 
 
-def test_terminal_states_are_not_held() -> None:
+def test_terminal_states_and_states_without_an_account_are_not_held() -> None:
     assert held_since(pack(CallState(S.COMPLETED, 3, T0), account_bytes(ACCOUNT))) is None
+    none = pack(CallState(S.RINGING, 3, T0), NO_ACCOUNT)
+    assert none[0] == 3 and account_of(none) == b"" and held_since(none) is None
 
 
 @pytest.mark.parametrize(
@@ -207,6 +210,22 @@ def test_the_planner_keeps_the_account_and_writes_the_api_source_on_changes() ->
     change = next(o for o in plan.outputs if o.topic == "changes")
     assert change.value is not None
     assert ChangeMessage.model_validate_json(change.value).source is Source.API
+
+
+def test_the_planner_writes_version_3_for_a_call_without_an_account() -> None:
+    _, value = _record({"callId": CALL, "status": "inProgress", "revision": 2})
+    plan = plan_batch(
+        [_consumer_record(0, value)],
+        {},
+        position=0,
+        watermark=None,
+        swept_at=None,
+        target=Target("in", "changes", "rejected", "state", 0),
+        retention=RETENTION,
+        processed_at=T0,
+    )
+    packed = plan.states[CALL]
+    assert packed is not None and packed[0] == 3 and account_of(packed) == b""
 
 
 def test_an_event_without_an_account_keeps_the_states_account() -> None:
