@@ -35,6 +35,9 @@ INGEST_PATH = "/v1/call-status"
 class Source(StrEnum):
     WEBHOOK = "webhook"  # a FreeClimb callback: callStatus, no revision, no dates
     RESOURCE = "resource"  # a Call resource body: status, usually revision and dates
+    # A Call resource the reconciler fetched from FreeClimb's REST API (service/
+    # reconciler.py): judged like ``resource`` (revisioned), told apart for consumers.
+    API = "api"
 
 
 class RejectReason(StrEnum):

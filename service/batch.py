@@ -37,7 +37,7 @@ from schemas.messages import (
     read_ingest,
 )
 from service.fsm import CallState, Decision, Outcome, decide, expired, is_expired
-from service.statecodec import pack, peek, unpack
+from service.statecodec import NO_ACCOUNT, account_bytes, account_of, pack, peek, unpack
 
 CE_SOURCE = b"urn:callstatus:processor"
 CE_TYPE_CHANGED = b"com.freeclimb.call.status.changed"
@@ -200,6 +200,7 @@ class _Judge:
     of their last event, for the one state record per call that ends the batch."""
 
     __slots__ = (
+        "accounts",
         "bound",
         "last_at",
         "out",
@@ -229,6 +230,9 @@ class _Judge:
         self.processed_b = self.processed.encode()
         self.touched: dict[str, CallState] = {}
         self.last_at: dict[str, int] = {}
+        # The account id events of a touched call named: the state keeps it, so the
+        # reconciler can build the call's URL (service/statecodec.py, version 3).
+        self.accounts: dict[str, str] = {}
 
     def record(self, record: Record) -> None:
         """One record: a rejection if it is not an event or Kafka refused its outputs,
@@ -292,6 +296,8 @@ class _Judge:
         # so a replay of this event is recognised after a restore too.
         self.touched[cid] = new
         self.last_at[cid] = record.offset
+        if (account := call.accountId) is not None:
+            self.accounts[cid] = account
 
     def _verdict(
         self, record: Record, event: IngestView, state: CallState | None, decision: Decision
@@ -327,9 +333,15 @@ class _Judge:
         last one counts, and a backlog often holds several steps of a call in one
         batch. It is tagged with the offset of the call's last event, which an
         unwritable search blames."""
-        out, target = self.out, self.target
+        out, target, accounts, states = self.out, self.target, self.accounts, self.states
         for cid, offset in self.last_at.items():
-            value = out.states[cid] = pack(self.touched[cid])
+            account = accounts.get(cid)
+            if account is not None:
+                kept = account_bytes(account)
+            else:  # no event of this batch named one: keep the state's, if any
+                kept = account_of(packed) if (packed := states.get(cid)) else b""
+            # Always version 3: zeros when no event named an account.
+            value = out.states[cid] = pack(self.touched[cid], kept or NO_ACCOUNT)
             out.outputs.append(
                 Output(target.state, cid.encode(), value, [], target.partition, offset)
             )

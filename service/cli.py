@@ -11,6 +11,7 @@ import secrets
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -219,6 +220,33 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
     return 1 if kept else 0
 
 
+def _utc_time(text: str) -> datetime:
+    """A --since/--until value: ISO 8601; without a zone it is UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """List an account's calls from FreeClimb's REST API and publish each to the ingest
+    topic as an ``api`` event (service/reconciler.py): after a known outage."""
+    if ACCOUNT_ID.fullmatch(args.account) is None:
+        return _fail("--account is AC followed by 40 hex digits")
+    if args.until <= args.since:
+        return _fail("--until must be after --since")
+    settings = load_settings()
+    logs.configure(settings.log_level, settings.log_format)
+    from service.reconciler import backfill
+
+    try:
+        asyncio.run(backfill(settings, args.account, args.since, args.until))
+    except LookupError as exc:
+        return _fail(f"{exc.args[0]} (CALLSTATUS_FREECLIMB_API_KEY or the accounts file)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="callstatus", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
@@ -282,6 +310,16 @@ def parser() -> argparse.ArgumentParser:
         "deleting its file once Kafka acknowledged it (stops at the first refusal)",
     )
     dead.set_defaults(func=cmd_dead_letter)
+    back = sub.add_parser(
+        "backfill",
+        help="fetch an account's calls from FreeClimb's REST API into the ingest topic",
+    )
+    back.add_argument("--account", required=True, help="the FreeClimb account id")
+    back.add_argument(
+        "--since", required=True, type=_utc_time, help="calls started at or after (ISO 8601)"
+    )
+    back.add_argument("--until", required=True, type=_utc_time, help="calls ended by (ISO 8601)")
+    back.set_defaults(func=cmd_backfill)
     return root
 
 

@@ -184,3 +184,27 @@ FREECLIMB_API_INVALID_CALLS = Counter(
     "callstatus_freeclimb_api_invalid_calls_total",
     "Call resources from FreeClimb's REST API that the Call model refused",
 )
+
+# --- Reconciliation (service/reconciler.py) ---
+RECONCILE_FETCHES = Counter(
+    "callstatus_reconcile_fetches_total",
+    "Call resources the reconciler asked FreeClimb's REST API for, by trigger (held: a "
+    "call held non-terminal too long; sweep: recently ended calls listed; backfill) and "
+    "outcome (published to ingest; not_found; failed: the API did not answer it; "
+    "unpublished: Kafka did not take it; invalid: the Call model refused it)",
+    ["trigger", "outcome"],
+)
+RECONCILE_GIVEN_UP = Counter(
+    "callstatus_reconcile_given_up_total",
+    "Held calls the reconciler stopped fetching because the API does not know them (404)",
+)
+RECONCILE_SWEEPS = Counter(
+    "callstatus_reconcile_sweeps_total",
+    "Sweeps of an account's recently ended calls, by outcome (ok, failed)",
+    ["outcome"],
+)
+RECONCILE_HELD = Gauge(
+    "callstatus_reconcile_held_calls",
+    "Calls of this node's partitions held non-terminal with an account (what trigger 1 "
+    "watches), as of the last reconcile round",
+)

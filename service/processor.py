@@ -111,6 +111,20 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         """True once joined and every assigned partition is restored."""
         return self._settled
 
+    def owned(self) -> dict[int, PartitionWorker]:
+        """The workers of the partitions this node owns now (none while a rebalance or
+        an opening is under way), for the reconciler: it fetches only their calls, so no
+        call is polled from two nodes. A snapshot: read it before the next await."""
+        return dict(self._workers) if self._settled else {}
+
+    def ingest_partitions(self) -> list[int] | None:
+        """The ingest topic's partitions, as the group member's metadata knows them."""
+        consumer = self._consumer
+        if consumer is None:
+            return None
+        found = consumer.partitions_for_topic(self.settings.topic_ingest)
+        return sorted(found) if found else None
+
     async def stop(self) -> None:
         self._stopping.set()
 

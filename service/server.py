@@ -38,6 +38,7 @@ from service.kafka import ensure_topics, retry_at_start
 from service.processor import Processor
 from service.producer import IngestProducer
 from service.publisher import SpoolingPublisher
+from service.reconciler import reconciler_for, say_off
 from service.settings import Role, Settings
 from service.spool import Spool
 
@@ -69,6 +70,9 @@ class Node:
             open_source(settings) if settings.role.runs_ingest else None
         )
         self._watching: asyncio.Task[None] | None = None
+        # Beside the processor, fetching the calls of its partitions (section 12).
+        self.reconciler = reconciler_for(settings, self.processor, self.publisher)
+        self._reconciling: asyncio.Task[None] | None = None
         # Set on the first SIGTERM: /readyz answers 503 while requests are still served.
         self.draining = False
         # Set when the processor died on its own: the process must then exit non-zero.
@@ -109,6 +113,10 @@ class Node:
         if self.processor is not None:
             self._task = asyncio.create_task(self.processor.run(), name="processor")
             self._task.add_done_callback(self._processor_ended)
+        if self.reconciler is not None:
+            self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
+        elif self.processor is not None:
+            say_off()
 
     async def _connect(self) -> None:
         """Kafka, in the background, for as long as it takes: the node is doing its job
@@ -150,6 +158,10 @@ class Node:
         await asyncio.gather(self._stop_processor(), self._stop_publisher())
 
     async def _stop_processor(self) -> None:
+        if self.reconciler is not None and self._reconciling is not None:
+            # First: what it publishes goes through the publisher, stopped beside this.
+            await self.reconciler.stop()
+            await asyncio.wait((self._reconciling,))  # its failure is logged by run()
         if self.processor is not None and self._task is not None:
             await self.processor.stop()
             await self._task

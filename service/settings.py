@@ -161,6 +161,27 @@ class Settings(BaseSettings):
     # Every Kafka client reads lz4; "none" for consumers that cannot.
     processor_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
 
+    # Reconciliation with FreeClimb's REST API (service/reconciler.py, docs/architecture.md
+    # section 12). Off unless an API key is configured: FREECLIMB_ACCOUNT_ID with
+    # FREECLIMB_API_KEY (or its _FILE) for one account without an accounts file, or the
+    # apiKey of each account in the accounts file.
+    freeclimb_api_url: str = "https://www.freeclimb.com/apiserver"
+    freeclimb_account_id: AccountId | None = None
+    freeclimb_api_key: SecretStr | None = None
+    freeclimb_api_key_file: Path | None = None
+    # A call held non-terminal this long after its last event is fetched from the API.
+    # FreeClimb calls last minutes (the median is well under 5), and a callback lost
+    # leaves its call stuck for good; 15 minutes leaves a call time to end and its
+    # callback time to arrive, and bounds how long a lost end stays unknown.
+    reconcile_after_seconds: float = Field(default=900.0, gt=0, le=7 * 86400)
+    # Every this many seconds, each account's recently ended calls are listed (0 = off).
+    reconcile_sweep_seconds: float = Field(default=300.0, ge=0, le=86400)
+    # The longest call the sweep finds: it lists calls started within this much (plus
+    # two sweeps) before now and ended by now, and never further back than the terminal
+    # retention allows (docs/architecture.md section 12). Longer ones we know of are
+    # trigger 1's. 40 min + 2 sweeps = 50 min, inside the default 1 h retention.
+    reconcile_sweep_lookback_seconds: float = Field(default=2400.0, gt=0, le=7 * 86400)
+
     # On SIGTERM: answer /readyz with 503 for this long while still serving, so the load
     # balancer stops sending before the listener closes (Kubernetes: a few seconds).
     drain_delay_seconds: float = Field(default=0.0, ge=0, le=60)
@@ -177,7 +198,7 @@ class Settings(BaseSettings):
         if not isinstance(data, dict):
             return data
         values = dict(data)
-        for field in ("kafka_sasl_username", "kafka_sasl_password"):
+        for field in ("kafka_sasl_username", "kafka_sasl_password", "freeclimb_api_key"):
             path = values.get(f"{field}_file")
             if path is None:
                 continue
@@ -196,7 +217,7 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
-    @field_validator("accounts_file", "signing_account_id", mode="before")
+    @field_validator("accounts_file", "signing_account_id", "freeclimb_account_id", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # `CALLSTATUS_ACCOUNTS_FILE=` (empty) is unset, not the current directory.
@@ -265,6 +286,14 @@ class Settings(BaseSettings):
                     "CALLSTATUS_SIGNATURE_TOLERANCE_SECONDS "
                     f"({self.signature_tolerance_seconds})"
                 )
+        if (self.freeclimb_account_id is None) != (self.freeclimb_api_key is None):
+            raise ValueError(
+                "CALLSTATUS_FREECLIMB_ACCOUNT_ID and CALLSTATUS_FREECLIMB_API_KEY go together"
+            )
+        if self.freeclimb_api_key is not None and self.accounts_file is not None:
+            raise ValueError(
+                "set CALLSTATUS_FREECLIMB_API_KEY or apiKey in CALLSTATUS_ACCOUNTS_FILE, not both"
+            )
         topics = self.topic_names
         if len(set(topics)) != len(topics):
             raise ValueError("the four CALLSTATUS_TOPIC_* names must be distinct")

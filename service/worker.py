@@ -42,6 +42,7 @@ from service.batch import NO_RECORD, BatchPlan, Output, Record, Retention, Targe
 from service.kafkaerrors import REFUSED_FOR_GOOD, is_refused_for_good, retrieve
 from service.restore import restore
 from service.settings import Settings
+from service.statecodec import held_since
 
 log = structlog.get_logger(logger_name="callstatus.worker")
 
@@ -131,9 +132,19 @@ class PartitionWorker:
     # by each commit that wrote states); None when unknown (after an abort). Another
     # owner's transaction moves it, even one without an offset: see still_current.
     state_end: int | None = None
+    # The reconciler's index (service/reconciler.py): per call held non-terminal with an
+    # account, the time of its last event (Unix seconds). Kept by each commit for the
+    # calls it changed, so the reconciler reads the calls it may fetch without scanning
+    # every state, and the batch path pays one struct read per changed state.
+    held: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         s = self.settings
+        self.held = {
+            cid: since
+            for cid, blob in self.states.items()
+            if (since := held_since(blob)) is not None
+        }
         self.tp = TopicPartition(s.topic_ingest, self.partition)
         self.target = Target(
             s.topic_ingest,
@@ -326,11 +337,17 @@ class PartitionWorker:
 
     def _adopt(self, p: BatchPlan) -> None:
         """Committed: only now does memory follow."""
+        held = self.held
         for call_id, state in p.states.items():
             if state is None:
                 self.states.pop(call_id, None)
+                held.pop(call_id, None)
             else:
                 self.states[call_id] = state
+                if (since := held_since(state)) is None:
+                    held.pop(call_id, None)
+                else:
+                    held[call_id] = since
         if p.next_offset is not None:
             self.next_offset = p.next_offset
         self._take_time(p)

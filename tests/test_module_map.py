@@ -33,6 +33,7 @@ PURE = {
     "service.freeclimbwire",
     "service.standincalls",
     "service.standinquery",
+    "service.reconcile",
     "schemas.call",
     "schemas.messages",
     "schemas.export",

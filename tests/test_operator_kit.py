@@ -215,6 +215,7 @@ def alert_tests() -> dict[str, Any]:
             promtool_test(*drain_alert_tests()),
             promtool_test(*stranded_alert_tests()),
             promtool_test(*accounts_alert_tests()),
+            promtool_test(*reconcile_alert_tests()),
         ],
     }
 
@@ -231,6 +232,29 @@ def promtool_test(series: dict[str, str], checks: list[Check]) -> dict[str, Any]
             for at, name, expected in checks
         ],
     }
+
+
+def reconcile_alert_tests() -> tuple[dict[str, str], list[Check]]:
+    """processor-0's fetches fail from minute 5 on and nothing is published after; on
+    processor-1 some fail but others are published (a few 429s): no alert there."""
+    fetches = 'callstatus_reconcile_fetches_total{{instance="{}", trigger="held", outcome="{}"}}'
+    series = {
+        fetches.format("processor-0", "published"): "0+5x4 20x60",
+        fetches.format("processor-0", "failed"): "0x4 0+3x60",
+        fetches.format("processor-1", "published"): "0+5x65",
+        fetches.format("processor-1", "failed"): "0+1x65",
+    }
+    failing = fired(
+        "CallstatusReconcileFailing",
+        "processor-0: reconciliation keeps failing; nothing fetched has been published for "
+        "30 minutes",
+        "processor-0",
+    )
+    checks: list[Check] = [
+        ("30m", "CallstatusReconcileFailing", []),  # minute 4's publications still count
+        ("50m", "CallstatusReconcileFailing", [failing]),  # only processor-0
+    ]
+    return series, checks
 
 
 def spool_alert_tests() -> tuple[dict[str, str], list[Check]]:

@@ -89,7 +89,7 @@ def test_source_and_call_use_freeclimb_vocabulary(name: str) -> None:
     ]
     assert defs["CallDirection"]["enum"] == ["inbound", "outboundAPI", "outboundDial"]
     if name != "state":
-        assert defs["Source"]["enum"] == ["webhook", "resource"]
+        assert defs["Source"]["enum"] == ["webhook", "resource", "api"]
 
 
 def test_rejected_reasons_are_the_six_of_the_contract() -> None:

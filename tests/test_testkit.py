@@ -26,6 +26,7 @@ def every_field_set(folder: Path, accounts_file: bool = False) -> Settings:
         ("ca.pem", "ca"),
         ("cert.pem", "cert"),
         ("key.pem", "key"),
+        ("api-key", "fc-api-key"),
     ):
         files[name] = folder / name
         files[name].write_text(content + "\n")
@@ -46,8 +47,15 @@ def every_field_set(folder: Path, accounts_file: bool = False) -> Settings:
                 else {
                     "signing_secrets": ("sigsec_" + "1" * 40, "sigsec_" + "2" * 40),
                     "signing_account_id": ACCOUNT,
+                    # One account's API key without an accounts file: from its file.
+                    "freeclimb_account_id": ACCOUNT,
+                    "freeclimb_api_key_file": files["api-key"],
                 }
             ),
+            "freeclimb_api_url": "http://127.0.0.1:1/apiserver",
+            "reconcile_after_seconds": 30.0,
+            "reconcile_sweep_seconds": 0.0,
+            "reconcile_sweep_lookback_seconds": 600.0,
             "accounts_reload_seconds": 2.5,
             "verify_signatures": False,
             "signature_tolerance_seconds": 30,

@@ -1,0 +1,407 @@
+"""The reconciler: fetches Call resources from FreeClimb's REST API and publishes each to
+the ingest topic as an ``api`` event, for the calls of the partitions this node's
+processor owns (held too long non-terminal) and for its accounts' recently ended calls
+(the sweep); and ``callstatus backfill``'s listing (docs/architecture.md, section 12).
+
+It runs beside the processor, in the processor's process, and takes its calls from the
+processor's workers, so a call is fetched only by the node that owns its partition; the
+events it publishes go through the same FSM and exactly-once path as callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, TYPE_CHECKING, Protocol
+
+import httpx
+import structlog
+from pydantic import SecretStr
+
+from service import metrics
+from service.accountbook import canonical_id
+from service.accounts import load
+from service.backoff import Backoff, sleep_or_stop
+from service.freeclimb import (
+    CallNotFound,
+    ClientOptions,
+    FetchedCall,
+    FreeClimbClient,
+    FreeClimbError,
+    InvalidCall,
+)
+from service.partitioner import partition_for
+from service.producer import IngestProducer, Unavailable
+from service.reconcile import Attempt, api_record, due_calls, next_attempt, sweep_window
+from service.settings import Settings
+from service.statecodec import account_id, account_of
+
+if TYPE_CHECKING:
+    from service.processor import Processor
+    from service.publisher import SpoolingPublisher
+
+log = structlog.get_logger(logger_name="callstatus.reconciler")
+
+Headers = list[tuple[str, bytes]]
+Publish = Callable[[bytes, bytes, Headers], Awaitable[None]]
+
+# Fetches started per round at most: the client's per-account gate bounds how many are in
+# flight; this bounds what one round holds in memory after an outage left many due.
+ROUND_LIMIT = 200
+
+
+class Worker(Protocol):
+    """What the reconciler reads of a partition worker (service/worker.py)."""
+
+    @property
+    def held(self) -> Mapping[str, float]: ...
+    @property
+    def states(self) -> Mapping[str, bytes]: ...
+
+
+class Owner(Protocol):
+    """The processor, as the reconciler sees it: the workers it owns now."""
+
+    def owned(self) -> Mapping[int, Worker]: ...
+    def ingest_partitions(self) -> list[int] | None: ...
+
+
+def api_credentials(settings: Settings) -> dict[str, SecretStr]:
+    """The accounts with an API key: FREECLIMB_ACCOUNT_ID and FREECLIMB_API_KEY, or
+    each account of the accounts file that has an ``apiKey`` (read once, at start)."""
+    if settings.freeclimb_account_id is not None and settings.freeclimb_api_key is not None:
+        return {canonical_id(settings.freeclimb_account_id): settings.freeclimb_api_key}
+    if settings.accounts_file is not None:
+        book, _ = load(settings.accounts_file)
+        return {a.id: a.api_key for a in book if a.id is not None and a.api_key is not None}
+    return {}
+
+
+def client_for(
+    settings: Settings,
+    credentials: Mapping[str, SecretStr],
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> FreeClimbClient:
+    return FreeClimbClient(
+        dict(credentials), ClientOptions(base_url=settings.freeclimb_api_url), transport=transport
+    )
+
+
+class Reconciler:
+    """Trigger 1 (held calls) and trigger 2 (the sweep), in one task beside the processor."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        owner: Owner,
+        credentials: Mapping[str, SecretStr],
+        publish: Publish | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.owner = owner
+        self.credentials = dict(credentials)
+        self.clock = clock
+        self.after = settings.reconcile_after_seconds
+        # A scan of the held index is cheap (non-terminal calls only), so a few seconds;
+        # never more than a quarter of RECONCILE_AFTER, so a due call waits little.
+        self.tick = max(0.2, min(5.0, self.after / 4))
+        self._publish = publish
+        self._producer: IngestProducer | None = None
+        self._stopping = asyncio.Event()
+        self._attempts: dict[str, Attempt] = {}
+        self._given_up: set[str] = set()
+        # Calls the sweep published, with the revision, until they leave the window: a
+        # sweep lists each ended call for the whole window, and one record each suffices.
+        self._swept: dict[str, tuple[int | None, float]] = {}
+        self._next_sweep = 0.0
+
+    async def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Rounds until :meth:`stop`; a failing round is logged and the next one tries
+        again: the reconciler must never take the processor or ingest down with it."""
+        s = self.settings
+        log.info(
+            "reconciliation on",
+            accounts=len(self.credentials),
+            after_s=s.reconcile_after_seconds,
+            sweep_s=s.reconcile_sweep_seconds,
+        )
+        if self._publish is None:
+            # A processor-only node has no ingest producer: one of its own. (With ingest
+            # in the process, the node's publisher is shared: one producer's metrics.)
+            producer = self._producer = IngestProducer(self.settings)
+            backoff = Backoff(first=0.5, cap=30.0)
+            while True:
+                try:
+                    await producer.start()
+                    break
+                except Exception as exc:
+                    log.warning("reconciler producer not started", error=repr(exc))
+                    if await sleep_or_stop(backoff.next_delay(), self._stopping):
+                        return
+            self._publish = producer.publish
+        self._next_sweep = self.clock() + self.settings.reconcile_sweep_seconds
+        try:
+            await self._rounds()
+        except Exception:
+            log.exception("reconciler stopped")
+            raise
+        finally:
+            if self._producer is not None:
+                await self._producer.stop()
+
+    async def _rounds(self) -> None:
+        async with client_for(self.settings, self.credentials) as client:
+            while not self._stopping.is_set():
+                try:
+                    await self.round(client)
+                except Exception:
+                    log.exception("reconcile round failed")
+                if await sleep_or_stop(self.tick, self._stopping):
+                    break
+
+    async def round(self, client: FreeClimbClient) -> None:
+        now = self.clock()
+        await self.held_round(client, now)
+        sweep = self.settings.reconcile_sweep_seconds
+        if sweep and now >= self._next_sweep:
+            self._next_sweep = now + sweep
+            await self.sweep_round(client, now)
+
+    # -- trigger 1: calls held non-terminal too long ---------------------------------
+
+    async def held_round(self, client: FreeClimbClient, now: float) -> int:
+        """Fetch and publish the owned calls that are due; returns how many were tried."""
+        workers = self.owner.owned()
+        held: dict[str, float] = {}
+        where: dict[str, Worker] = {}
+        for worker in workers.values():
+            held.update(worker.held)
+            where.update(dict.fromkeys(worker.held, worker))
+        metrics.RECONCILE_HELD.set(len(held))
+        # Forget what is about calls no longer held (ended, retired, not ours any more).
+        self._attempts = {c: a for c, a in self._attempts.items() if c in held}
+        self._given_up &= held.keys()
+        due = due_calls(
+            held, self._attempts, self._given_up, now=now, after=self.after, limit=ROUND_LIMIT
+        )
+        jobs = []
+        for call_id in due:
+            account = account_id(account_of(where[call_id].states[call_id]))
+            self._attempts[call_id] = next_attempt(
+                self._attempts.get(call_id), held[call_id], now=now, after=self.after
+            )
+            if account is None or account not in self.credentials:
+                continue  # an account without an API key: nothing we can ask
+            jobs.append(self._fetch_held(client, account, call_id))
+        if jobs:
+            await asyncio.gather(*jobs)
+        return len(jobs)
+
+    async def _fetch_held(self, client: FreeClimbClient, account: str, call_id: str) -> None:
+        try:
+            fetched = await client.get_call(account, call_id)
+        except CallNotFound:
+            self._given_up.add(call_id)
+            metrics.RECONCILE_FETCHES.labels("held", "not_found").inc()
+            metrics.RECONCILE_GIVEN_UP.inc()
+            log.info("call unknown to the API; not fetched again", callId=call_id)
+            return
+        except FreeClimbError as exc:
+            metrics.RECONCILE_FETCHES.labels("held", "failed").inc()
+            log.warning("call fetch failed", callId=call_id, error=str(exc), status=exc.status)
+            return
+        await self._send("held", fetched)
+
+    async def _send(self, trigger: str, fetched: FetchedCall) -> bool:
+        key, value, headers = api_record(fetched.body, fetched.call, datetime.now(UTC))
+        if len(key) + len(value) > self.settings.max_ingest_value_bytes:
+            metrics.RECONCILE_FETCHES.labels(trigger, "invalid").inc()
+            log.warning("fetched call too large to publish", callId=fetched.call.callId)
+            return False
+        assert self._publish is not None
+        try:
+            await self._publish(key, value, headers)
+        except Unavailable as exc:
+            metrics.RECONCILE_FETCHES.labels(trigger, "unpublished").inc()
+            log.warning("fetched call not published", callId=fetched.call.callId, error=repr(exc))
+            return False
+        metrics.RECONCILE_FETCHES.labels(trigger, "published").inc()
+        return True
+
+    # -- trigger 2: the sweep of recently ended calls --------------------------------
+
+    def _owns_account(self, account: str) -> bool:
+        partitions = self.owner.ingest_partitions()
+        if not partitions:
+            return False
+        owned = self.owner.owned()
+        return partition_for(account.encode(), partitions, partitions) in owned
+
+    async def sweep_round(self, client: FreeClimbClient, now: float) -> int:
+        """List each owned account's calls ended within the window and publish those not
+        published since they entered it; returns how many were published."""
+        s = self.settings
+        start, end = sweep_window(
+            datetime.fromtimestamp(now, UTC),
+            sweep=s.reconcile_sweep_seconds,
+            lookback=s.reconcile_sweep_lookback_seconds,
+            terminal_retention=s.state_terminal_retention_seconds,
+            max_clock_skew=s.max_clock_skew_seconds,
+        )
+        horizon = start.timestamp()
+        self._swept = {c: seen for c, seen in self._swept.items() if seen[1] >= horizon}
+        published = 0
+        for account in sorted(self.credentials):
+            if not self._owns_account(account):
+                continue
+            try:
+                async for item in client.list_calls(account, start_time=start, end_time=end):
+                    if isinstance(item, InvalidCall):
+                        metrics.RECONCILE_FETCHES.labels("sweep", "invalid").inc()
+                        continue
+                    call = item.call
+                    if self._swept.get(call.callId, (None, 0.0))[0] == call.revision:
+                        continue  # published by an earlier sweep, unchanged since
+                    if await self._send("sweep", item):
+                        self._swept[call.callId] = (call.revision, now)
+                        published += 1
+            except FreeClimbError as exc:
+                metrics.RECONCILE_SWEEPS.labels("failed").inc()
+                metrics.RECONCILE_FETCHES.labels("sweep", "failed").inc()
+                log.warning("sweep failed", account=account, error=str(exc), status=exc.status)
+                continue
+            metrics.RECONCILE_SWEEPS.labels("ok").inc()
+        return published
+
+
+def reconciler_for(
+    settings: Settings,
+    processor: Processor | None,
+    publisher: IngestProducer | SpoolingPublisher | None,
+) -> Reconciler | None:
+    """The node's reconciler, or None when it has no processor or no account has an API
+    key (:func:`say_off` logs that, at start: building a node logs nothing)."""
+    if processor is None:
+        return None
+    credentials = api_credentials(settings)
+    if not credentials:
+        return None
+    publish = publisher.publish if publisher is not None else None
+    return Reconciler(settings, processor, credentials, publish)
+
+
+def say_off() -> None:
+    """The one line a processor node without an API key logs at start."""
+    log.info(
+        "reconciliation off: no FreeClimb API key configured "
+        "(CALLSTATUS_FREECLIMB_API_KEY, or apiKey in the accounts file)"
+    )
+
+
+# -- callstatus backfill ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class BackfillSummary:
+    fetched: int = 0
+    published: int = 0
+    pages: int = 0
+    invalid: int = 0
+    unpublished: int = 0
+
+
+class _PageCounter(httpx.AsyncBaseTransport):
+    """Counts the list pages the API answered (the client pages on its own)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.pages = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if response.status_code == 200 and request.url.path.endswith("/Calls"):
+            self.pages += 1
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def backfill(
+    settings: Settings,
+    account: str,
+    since: datetime,
+    until: datetime,
+    *,
+    publish: Publish | None = None,
+    out: IO[str] = sys.stderr,
+) -> BackfillSummary:
+    """List ``account``'s calls that started at or after ``since`` and ended by
+    ``until``, and publish each as an ``api`` event; a progress line per page and the
+    summary. The processor judges them like any event: identical ones are duplicates."""
+    account = canonical_id(account)
+    credentials = api_credentials(settings)
+    if account not in credentials:
+        raise LookupError(f"no API key for account {account}")
+    summary = BackfillSummary()
+    counter = _PageCounter()
+    producer: IngestProducer | None = None
+    if publish is None:
+        producer = IngestProducer(settings)
+        await producer.start()
+        publish = producer.publish
+    try:
+        async with client_for(settings, {account: credentials[account]}, counter) as client:
+            async for item in client.list_calls(account, start_time=since, end_time=until):
+                summary.fetched += 1
+                if isinstance(item, InvalidCall):
+                    summary.invalid += 1
+                    metrics.RECONCILE_FETCHES.labels("backfill", "invalid").inc()
+                else:
+                    key, value, headers = api_record(item.body, item.call, datetime.now(UTC))
+                    try:
+                        await publish(key, value, headers)
+                    except Unavailable:
+                        summary.unpublished += 1
+                        metrics.RECONCILE_FETCHES.labels("backfill", "unpublished").inc()
+                    else:
+                        summary.published += 1
+                        metrics.RECONCILE_FETCHES.labels("backfill", "published").inc()
+                if counter.pages != summary.pages:
+                    summary.pages = counter.pages
+                    print(
+                        f"backfill {account}: page {summary.pages}, {summary.fetched} calls",
+                        file=out,
+                        flush=True,
+                    )
+        summary.pages = counter.pages
+    finally:
+        if producer is not None:
+            await producer.stop()
+    print(
+        f"backfill done: {summary.fetched} fetched, {summary.published} published, "
+        f"{summary.pages} pages, {summary.invalid} invalid, {summary.unpublished} unpublished",
+        file=out,
+        flush=True,
+    )
+    return summary
+
+
+__all__ = [
+    "BackfillSummary",
+    "Owner",
+    "Reconciler",
+    "api_credentials",
+    "backfill",
+    "reconciler_for",
+    "say_off",
+]
