@@ -276,3 +276,27 @@ def test_serve_with_an_unreadable_credential_file_exits_2(
     err = capsys.readouterr().err
     assert "CALLSTATUS_KAFKA_SASL_PASSWORD_FILE" in err and str(tmp_path / "absent") in err
     assert "Traceback" not in err
+
+
+def test_the_readme_lists_every_setting() -> None:
+    """The README's configuration table is how users learn a setting exists: each one
+    is in it, by its name or as a variant sharing a row (`CALLSTATUS_KAFKA_SASL_USERNAME`
+    / `_PASSWORD`: the suffix stands in for the name's last words)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    named: set[str] = set()
+    for row in (line for line in readme.splitlines() if line.startswith("| `CALLSTATUS_")):
+        first = row.split("`")[1]
+        named.add(first)
+        for token in row.split("`")[3::2]:
+            if token.startswith("CALLSTATUS_"):
+                named.add(token)
+            elif token.startswith("_") and token[1:].replace("_", "").isalnum():
+                words = first.split("_")
+                for k in range(1, 4):
+                    named.add("_".join(words[:-k]) + token)
+    missing = [
+        f"CALLSTATUS_{name.upper()}"
+        for name in Settings.model_fields
+        if f"CALLSTATUS_{name.upper()}" not in named
+    ]
+    assert not missing, f"add these to the README's configuration table: {missing}"
