@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +47,21 @@ def count_fuzz_case(name: str) -> None:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for name, count in sorted(FUZZ_CASES.items()):
         terminalreporter.write_line(f"fuzz: {name}: {count} cases tried")
+
+
+def run_cli(
+    args: list[str], cwd: Path, env: dict[str, str], stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    """``callstatus ARGS`` as a child process in ``cwd``, configured by ``env`` alone
+    (the parent's ``CALLSTATUS_*`` variables are dropped)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTATUS_")}
+    clean["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=cwd,
+        env={**clean, **env},
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )

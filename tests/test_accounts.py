@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from service.accountbook import Account, AccountBook, shorthand_book
 from service.accounts import AccountsWatcher, Reload, StaticAccounts, open_source
 from service.accountsfile import AccountsFileError, parse
 from service.settings import Role, SettingsError
-from tests.conftest import SECRET, make_settings
+from tests.conftest import SECRET, make_settings, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 A = "AC" + "a" * 40
@@ -625,23 +624,11 @@ def test_the_account_metric_labels_only_configured_accounts() -> None:
 
 # ----------------------------------------------------------------------------- CLI
 
-CLI = [sys.executable, "-m", "service.cli"]
-
 
 def run(
     args: list[str], cwd: Path, env: dict[str, str], stdin: bytes = b"{}"
 ) -> subprocess.CompletedProcess[bytes]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTATUS_")}
-    clean["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(
-        [*CLI, *args],
-        cwd=cwd,
-        env={**clean, **env},
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(args, cwd, env, stdin)
 
 
 def test_sign_with_an_accounts_current_secret(tmp_path: Path) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,27 +17,14 @@ from service import logs
 from service.accountsfile import parse
 from service.app import create_app
 from service.signature import Verdict, sign, verify
-from tests.conftest import SECRET, make_settings
+from tests.conftest import SECRET, make_settings, run_cli
 from tests.test_http import WEBHOOK, MustNotPublish
-
-CLI = [sys.executable, "-m", "service.cli"]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(
     args: list[str], cwd: Path, env: dict[str, str], stdin: bytes = b""
 ) -> subprocess.CompletedProcess[bytes]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTATUS_")}
-    clean["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(
-        [*CLI, *args],
-        cwd=cwd,
-        env={**clean, **env},
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(args, cwd, env, stdin)
 
 
 @pytest.mark.parametrize(
