@@ -15,7 +15,7 @@ from aiokafka import ConsumerRecord
 
 from schemas.call import Call, CallStatus
 from schemas.messages import ChangeMessage, RejectReason, Source, event_id_for, read_ingest
-from service.batch import Retention, Target, plan_batch
+from service.batch import BatchPlan, Retention, Target, plan_batch
 from service.fsm import CallState, Decision, Outcome, decide
 from service.reconcile import (
     MAX_BACKOFF_SECONDS,
@@ -193,9 +193,9 @@ def _consumer_record(offset: int, value: bytes) -> ConsumerRecord[bytes, bytes]:
 RETENTION = Retention(timedelta(hours=1), timedelta(hours=6), max_clock_skew=timedelta(seconds=300))
 
 
-def test_the_planner_keeps_the_account_and_writes_the_api_source_on_changes() -> None:
-    _, value = _record(_resource("inProgress", 2))
-    plan = plan_batch(
+def _plan_one(value: bytes) -> BatchPlan:
+    """The planner over one ingest record, at offset 0 of partition 0, no states held."""
+    return plan_batch(
         [_consumer_record(0, value)],
         {},
         position=0,
@@ -205,6 +205,11 @@ def test_the_planner_keeps_the_account_and_writes_the_api_source_on_changes() ->
         retention=RETENTION,
         processed_at=T0,
     )
+
+
+def test_the_planner_keeps_the_account_and_writes_the_api_source_on_changes() -> None:
+    _, value = _record(_resource("inProgress", 2))
+    plan = _plan_one(value)
     packed = plan.states[CALL]
     assert packed is not None and account_id(account_of(packed)) == ACCOUNT
     change = next(o for o in plan.outputs if o.topic == "changes")
@@ -214,16 +219,7 @@ def test_the_planner_keeps_the_account_and_writes_the_api_source_on_changes() ->
 
 def test_the_planner_writes_version_3_for_a_call_without_an_account() -> None:
     _, value = _record({"callId": CALL, "status": "inProgress", "revision": 2})
-    plan = plan_batch(
-        [_consumer_record(0, value)],
-        {},
-        position=0,
-        watermark=None,
-        swept_at=None,
-        target=Target("in", "changes", "rejected", "state", 0),
-        retention=RETENTION,
-        processed_at=T0,
-    )
+    plan = _plan_one(value)
     packed = plan.states[CALL]
     assert packed is not None and packed[0] == 3 and account_of(packed) == b""
 
