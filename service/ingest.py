@@ -35,7 +35,7 @@ from schemas.messages import Source, encode_ingest, event_id_for, normalise_body
 from service import metrics, problems, signature, strictjson
 from service.accesslog import LOG_FIELDS
 from service.accountbook import Account, AccountBook, canonical_id
-from service.accounts import AccountSource
+from service.accounts import AccountSource, StaticAccounts
 from service.binding import (
     SCOPE_KEY,
     body_account,
@@ -156,7 +156,7 @@ class Ingest:
         self._publisher = publisher
         self._accounts: AccountSource = accounts
         if not settings.verify_signatures:
-            self._accounts = _Fixed(_UNVERIFIED)
+            self._accounts = StaticAccounts(_UNVERIFIED)
         self._body = BodyReader(settings.max_body_bytes, settings.body_read_timeout_seconds)
         self._max_value = settings.max_ingest_value_bytes
         self._verify = settings.verify_signatures
@@ -351,16 +351,6 @@ class Ingest:
                 outcome=f"{problems.UNAVAILABLE.outcome}_{exc.reason}",
                 headers={"Retry-After": self._retry_after},
             ) from None
-
-
-class _Fixed:
-    """A book that never changes, with nothing to watch (signatures not verified)."""
-
-    def __init__(self, book: AccountBook) -> None:
-        self.book = book
-
-    async def run(self) -> None:
-        """Nothing to watch."""
 
 
 def internal_error(exc: Exception) -> Response:
