@@ -265,9 +265,11 @@ class Ingest:
         # The account the body must name: the one whose secret verified it, or for the
         # unbound shorthand the path's (None: any, as before accounts existed).
         bound = account.id if account.id is not None else path_id and canonical_id(path_id)
-        # Cached answers carry the account they were stored for: the same bytes signed by
-        # another account's secret are judged afresh (and refused), not answered 202.
-        prefix = bound or ""
+        # Cached answers carry the account they were stored for, then "|": the same bytes
+        # signed by another account's secret are judged afresh (and refused), not
+        # answered 202; and an answer stored for no account ("|") is never taken for, or
+        # by, one stored for an account.
+        prefix = (bound or "") + "|"
         event_id = event_id_for(raw)
         cached = self._recent.get(event_id) or self._older.get(event_id)
         if cached is not None and cached.startswith(prefix):

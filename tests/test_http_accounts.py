@@ -50,6 +50,9 @@ def body_for(account: str | None, **extra: Any) -> bytes:
     return json.dumps(fields).encode()
 
 
+JSON = {"content-type": "application/json"}
+
+
 def signed(body: bytes, secret: str) -> dict[str, str]:
     return {
         "content-type": "application/json",
@@ -286,6 +289,22 @@ async def test_a_replay_is_answered_only_for_the_account_it_was_stored_for() -> 
         spoof = await c.post(f"/v1/call-status/{B}", content=body, headers=signed(body, B_SECRET))
     assert assert_problem(spoof, 403)["type"] == PROBLEM + "account-mismatch"
     assert len(capture.records) == 1
+
+
+async def test_a_replay_stored_for_an_account_is_not_answered_for_no_account() -> None:
+    # Signatures off: the account path binds the body to the path's account, the plain
+    # path to none. The same bytes on the plain path after the account path are judged
+    # afresh, and answered with their own callId, not with the first answer's prefix.
+    capture = Capture()
+    async with client_for(capture, AccountBook(), verify_signatures=False) as c:
+        body = body_for(A)
+        first = await c.post(f"/v1/call-status/{A}", content=body, headers=JSON)
+        plain = await c.post("/v1/call-status", content=body, headers=JSON)
+        again = await c.post("/v1/call-status", content=body, headers=JSON)
+    assert first.status_code == plain.status_code == again.status_code == 202
+    assert plain.json() == again.json() == first.json()
+    assert plain.json()["callId"].startswith("CA")
+    assert len(capture.records) == 2  # the plain path's first was stored, its repeat not
 
 
 # ------------------------------------------------------------------- snapshots
