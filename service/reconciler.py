@@ -181,6 +181,11 @@ class Reconciler:
     async def held_round(self, client: FreeClimbClient, now: float) -> int:
         """Fetch and publish the owned calls that are due; returns how many were tried."""
         workers = self.owner.owned()
+        if not workers:
+            # Mid-rebalance (or nothing assigned): the calls are not known now, which is
+            # not the same as not held. Keep the backoffs and the given-up calls, or every
+            # rebalance would fetch them all again from the first attempt.
+            return 0
         held: dict[str, float] = {}
         where: dict[str, Worker] = {}
         for worker in workers.values():
@@ -203,7 +208,13 @@ class Reconciler:
                 continue  # an account without an API key: nothing we can ask
             jobs.append(self._fetch_held(client, account, call_id))
         if jobs:
-            await asyncio.gather(*jobs)
+            # Each fetch answers for its own errors (the expected ones are counted in
+            # _fetch_held); an unexpected one is logged here, and never leaves the
+            # other fetches of the round running unwatched.
+            for result in await asyncio.gather(*jobs, return_exceptions=True):
+                if isinstance(result, Exception):
+                    metrics.RECONCILE_FETCHES.labels("held", "failed").inc()
+                    log.error("reconcile fetch failed", error=repr(result))
         return len(jobs)
 
     async def _fetch_held(self, client: FreeClimbClient, account: str, call_id: str) -> None:
@@ -269,7 +280,8 @@ class Reconciler:
                         metrics.RECONCILE_FETCHES.labels("sweep", "invalid").inc()
                         continue
                     call = item.call
-                    if self._swept.get(call.callId, (None, 0.0))[0] == call.revision:
+                    seen = self._swept.get(call.callId)
+                    if seen is not None and seen[0] == call.revision:
                         continue  # published by an earlier sweep, unchanged since
                     if await self._send("sweep", item):
                         self._swept[call.callId] = (call.revision, now)

@@ -154,14 +154,16 @@ class Node:
         log.info("stopped")
 
     async def _stop_parts(self) -> None:
+        if self._reconciling is not None:
+            # First, and alone: what it publishes goes through the publisher, stopped
+            # next. Cancelled, not waited for: a round may be in a slow API call, and
+            # what it had not published yet is fetched again by the next owner.
+            self._reconciling.cancel()
+            await asyncio.wait((self._reconciling,))  # its failure is logged by run()
         # Side by side: the processor ends its transaction while the spool drains.
         await asyncio.gather(self._stop_processor(), self._stop_publisher())
 
     async def _stop_processor(self) -> None:
-        if self.reconciler is not None and self._reconciling is not None:
-            # First: what it publishes goes through the publisher, stopped beside this.
-            await self.reconciler.stop()
-            await asyncio.wait((self._reconciling,))  # its failure is logged by run()
         if self.processor is not None and self._task is not None:
             await self.processor.stop()
             await self._task

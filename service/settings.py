@@ -10,6 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
@@ -222,6 +223,16 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         # `CALLSTATUS_ACCOUNTS_FILE=` (empty) is unset, not the current directory.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("freeclimb_api_url")
+    @classmethod
+    def _api_url(cls, value: str) -> str:
+        # Checked here, at start: found only when the reconciler builds its client, a
+        # bad URL would end reconciliation while the node stays ready.
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+            raise ValueError("must be an http(s) URL without a query, like the default")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -339,6 +339,9 @@ def test_one_accounts_api_key_comes_with_its_account_and_may_come_from_a_file(
         Settings.model_validate({**base, "freeclimb_account_id": ACCOUNT})
     with pytest.raises(ValidationError, match="not both"):
         Settings.model_validate({**base, "freeclimb_api_key": "k", "freeclimb_api_key_file": key})
+    for url in ("www.freeclimb.com/apiserver", "ftp://x/apiserver", "https://x/a?b=1"):
+        with pytest.raises(ValidationError, match="http\\(s\\) URL without a query"):
+            Settings.model_validate({**base, "freeclimb_api_url": url})
 
 
 def test_several_accounts_take_their_api_keys_from_the_accounts_file(tmp_path: Any) -> None:

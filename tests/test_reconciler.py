@@ -102,6 +102,13 @@ async def test_due_calls_are_fetched_published_once_backed_off_and_404_given_up(
         assert await reconciler.held_round(client, now + 61) == 2
         fetched = sorted(s.path.rsplit("/", 1)[1] for s in standin.seen)
         assert fetched == [cid(1), cid(1), cid(2), cid(3)]
+        # A rebalance: for a while nothing is owned. The backoffs and the given-up call
+        # outlive it: right after, nothing is due again yet, and cid(2) is still given up.
+        owner.workers = {}
+        assert await reconciler.held_round(client, now + 62) == 0
+        owner.workers = {0: worker}
+        assert await reconciler.held_round(client, now + 63) == 0
+        assert len(standin.seen) == 4
 
 
 async def test_the_sweep_lists_only_owned_accounts_and_publishes_each_call_once(
