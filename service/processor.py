@@ -294,7 +294,10 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         task, self._opening = self._opening, None
         if task is None:
             return
-        task.cancel()
+        # Once: a revocation may have cancelled it already, and a second cancellation
+        # would cut short the cleanup that closes the producers it opened.
+        if not task.cancelling():
+            task.cancel()
         await asyncio.wait([task])  # its own cleanup closes what it opened
         if not task.cancelled():
             task.exception()  # the run is ending anyway; only keep asyncio quiet
@@ -386,7 +389,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         # someone else's in a moment.
         self._settled = False
         self._assignment.revoke()
-        if self._opening is not None:
+        if self._opening is not None and not self._opening.cancelling():
             self._opening.cancel()
         async with self._lock:
             pass

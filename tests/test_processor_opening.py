@@ -27,11 +27,16 @@ class FakeWorker:
         self.tp = TopicPartition(TOPIC, partition)
         self.closed = False
         self.current = True
+        self.closing = asyncio.Event()  # set: close() returns at once
+        self.closing.set()
+        self.close_began = asyncio.Event()
 
     async def still_current(self, consumer: object) -> bool:
         return self.current
 
     async def close(self) -> None:
+        self.close_began.set()
+        await self.closing.wait()  # a producer's stop takes a while
         self.closed = True
 
 
@@ -124,6 +129,25 @@ async def test_a_revocation_stops_the_opening_and_closes_what_it_opened(opener: 
     p._tend_opening(consumer)
     await opening_done(p)
     assert sorted(p._workers) == [1] and p.ready()
+
+
+async def test_the_run_ending_after_a_revocation_does_not_cut_the_openings_cleanup(
+    opener: Opener,
+) -> None:
+    p, consumer = processor()
+    await p.on_partitions_assigned(tps(0, 1))
+    opener.slow = {1}
+    opener.gate.set()
+    p._tend_opening(consumer)
+    await opener.opened_one.wait()  # 0 is open, 1 still restoring
+    opener.opened[0].closing.clear()  # closing 0 will take a while
+    revoked = asyncio.create_task(p.on_partitions_revoked(tps(0, 1)))
+    await opener.opened[0].close_began.wait()  # the opening's cleanup is under way
+    stopping = asyncio.create_task(p._stop_opening())  # and the run ends meanwhile
+    await asyncio.wait([stopping], timeout=0.05)  # (a bounded look: it must not finish)
+    opener.opened[0].closing.set()
+    await asyncio.gather(revoked, stopping)
+    assert [(w.partition, w.closed) for w in opener.opened] == [(0, True)]
 
 
 async def test_an_assignment_during_an_opening_keeps_only_partitions_that_stayed_ours(
