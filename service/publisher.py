@@ -214,9 +214,11 @@ class SpoolingPublisher:
         await self.spool.release(records)
         if self._keys_known:
             self._forget([r.key for r in records])
-        elif not self.spool.events:
+        elif not self.spool.bytes:
             # The earlier run's events are all out: from here on the spool holds only
-            # what this process counted.
+            # what this process counted. (Bytes, not events: an append still being
+            # fsync'd is in the bytes already, not yet in the events, and its call's
+            # count must not be cleared with the rest.)
             self._keys_known = True
             self._spooled.clear()
 
