@@ -1,6 +1,6 @@
 """Which kind of Kafka error is which: the one classification every writer uses.
 
-Three questions, each a named predicate, asked by the ingest producer
+Two questions, each a named predicate, asked by the ingest producer
 (:mod:`service.producer`), the spool drainer (:mod:`service.drainer`) and the
 processor's transactional shell (:mod:`service.worker`):
 
