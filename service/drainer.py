@@ -20,8 +20,10 @@ never ends while the publisher runs):
   sent one at a time; the one refused on its own goes to the dead-letter directory
   (:mod:`service.deadletter`) and the drain goes on behind it.
 * *The last run stopped between a batch's ack and its checkpoint* (the spool noted the
-  batch in ``sending``): before the first send, Kafka is asked which of that batch it
-  has, and those are left out, so a call's retired state does not see them twice.
+  batch in ``sending``, with the time of its first attempt): before the first send,
+  Kafka is asked which of that batch it has, and those are left out until the drain
+  has passed them (a refusal or a failed send among them included), so a call's
+  retired state does not see them twice.
 * *Reading the spool, noting the batch, writing a dead letter fail* (a disk fault): the
   step is retried after the backoff; the records stay where they are.
 """
@@ -122,6 +124,7 @@ class Drainer:
         """One turn of the loop. True: go on at once; False: back off first."""
         if self._unreleased:
             await self._release(self._unreleased)
+            self._forget_skipped(self._unreleased)
             self._solo = max(0, self._solo - len(self._unreleased))
             self._unreleased = []
             self.moved()
@@ -146,7 +149,7 @@ class Drainer:
         await self.spool.mark_sending(batch)
         self._stage = "send"
         skip = self._skip
-        # Only the first batch after an unclean stop has anything to leave out.
+        # Only the batches after an unclean stop have anything to leave out.
         sending = [r for r in batch if event_id_of(r.headers) not in skip] if skip else batch
         self.sending = True
         try:
@@ -155,28 +158,32 @@ class Drainer:
             self.sending = False
             self.moved()
         if skip:
-            return await self._settle_checked(batch, len(batch) - len(sending), result)
+            result = self._in_batch_terms(batch, result)
         return await self._settle(batch, result)
 
-    async def _settle_checked(
-        self, batch: list[SpooledRecord], left_out: int, result: BatchResult
-    ) -> bool:
-        """The first batch after a crash mid-drain, with what Kafka had of it left out:
-        released whole once the rest is in, else tried again whole (a second fault may
-        then repeat some: at least once)."""
-        if result.error is None:
-            metrics.SPOOL_RESENDS_AVOIDED.inc(left_out)
-            self._skip = set()  # the whole batch is in Kafka now
-            self._kafka_takes_writes()
-            self._stage = "release"
-            self._unreleased = batch
-            await self._release(batch)
-            self._unreleased = []
-            self._backoff.reset()
-            return True
-        if result.refused_for_good:
-            self._skip = set()  # the usual path below finds and dead-letters it
-        return False
+    def _in_batch_terms(self, batch: list[SpooledRecord], result: BatchResult) -> BatchResult:
+        """``result`` counted over ``batch`` rather than over what was sent of it: the
+        records left out (Kafka has them) count as acknowledged, up to the first sent
+        record Kafka did not acknowledge. So the usual settling releases them with the
+        rest, and a refusal among them is dead-lettered on the usual path, with the skip
+        list kept: the records Kafka had are still not sent again (before, a refusal
+        in the first batch after a crash cleared it, and they were)."""
+        acked_sent, covered = result.acked, 0
+        for record in batch:
+            if event_id_of(record.headers) not in self._skip:
+                if not acked_sent:
+                    break
+                acked_sent -= 1
+            covered += 1
+        return BatchResult(covered, result.error)
+
+    def _forget_skipped(self, released: Sequence[SpooledRecord]) -> None:
+        """Released records leave the skip list: it empties as the drain passes them."""
+        if not self._skip:
+            return
+        passed = {eid for r in released if (eid := event_id_of(r.headers)) in self._skip}
+        metrics.SPOOL_RESENDS_AVOIDED.inc(len(passed))
+        self._skip -= passed
 
     async def _settle(self, batch: list[SpooledRecord], result: BatchResult) -> bool:
         """Release what Kafka acknowledged of ``batch``, and deal with why the rest was
@@ -186,6 +193,7 @@ class Drainer:
             self._stage = "release"
             self._unreleased = batch[: result.acked]
             await self._release(self._unreleased)
+            self._forget_skipped(self._unreleased)
             self._solo = max(0, self._solo - result.acked)
             self._unreleased = []
         if result.error is None:
@@ -196,7 +204,6 @@ class Drainer:
             # The records before it were acknowledged, so a refused last record was
             # alone in its produce batch: it is the one Kafka refuses.
             if len(unsent) == 1:
-                self._stage = "dead_letter"
                 await self._dead_letter(unsent[0], type(result.error).__name__)
                 self._solo = max(0, self._solo - 1)
                 self.moved()
@@ -231,9 +238,12 @@ class Drainer:
 
     async def _dead_letter(self, record: SpooledRecord, reason: str) -> None:
         """Move a record Kafka refused on its own, for good, out of the drain's way:
-        durable in the dead-letter directory first, released from the spool after."""
+        durable in the dead-letter directory first, released from the spool after. Once
+        the letter is written, a failed release is retried as a release (the record is
+        in ``_unreleased``), never by sending the record again: that would cost one
+        more refusal, one more producer rebuild and one more letter of it."""
+        self._stage = "dead_letter"
         path = await asyncio.to_thread(deadletter.write, self.dead_letters, record, reason)
-        await self._release([record])
         metrics.SPOOL_DEAD_LETTERS.labels(reason).inc()
         log.error(
             "kafka refuses a spooled event for good; moved it to the dead-letter directory",
@@ -242,3 +252,7 @@ class Drainer:
             bytes=len(record.value),
             file=str(path),
         )
+        self._stage = "release"
+        self._unreleased = [record]
+        await self._release(self._unreleased)
+        self._unreleased = []

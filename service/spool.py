@@ -89,6 +89,11 @@ class Spool(SegmentFiles):
         # Set by open() when the last run may have died between a drained batch's ack
         # and its checkpoint; the drainer settles it, then sets it back to None.
         self.unconfirmed: Sending | None = None
+        # The note of the batch being sent, kept until the checkpoint passes its end. A
+        # batch sent again (no ack, a refusal, a restart) is noted with the time of the
+        # first note: an earlier attempt may have landed in Kafka too, and the check
+        # after a crash must look back far enough to find it.
+        self._noted: Sending | None = None
         super().__init__(directory, segment_bytes)
         self.events = 0  # records not yet released
         self.bytes = 0  # their size on disk
@@ -116,7 +121,7 @@ class Spool(SegmentFiles):
             os.close(self._lock_fd)
             raise SpoolLocked(f"another process uses the spool in {self.directory}") from None
         self._read = load_checkpoint(self.directory)
-        self.unconfirmed = load_sending(self.directory, self._read)
+        self.unconfirmed = self._noted = load_sending(self.directory, self._read)
         segments = segment_numbers(self.directory)
         for number in segments:
             if number < self._read.segment:
@@ -264,6 +269,8 @@ class Spool(SegmentFiles):
             return
         end, oldest = await asyncio.to_thread(self._release_on_disk, done[-1].end)
         self._read = end
+        if self._noted is not None and _reaches(end, self._noted.end):
+            self._noted = None  # all of it is released: the next batch is a first send
         self.events -= len(done)
         self.bytes -= sum(r.size for r in done)
         if self.events:
@@ -323,9 +330,17 @@ class Spool(SegmentFiles):
         sending them a second time. A failure raises, and the batch is not sent."""
         if not batch:
             return
-        note = Sending(batch[-1].end, int(time.time() * 1000))
+        at_ms = int(time.time() * 1000)
+        if self._noted is not None:
+            at_ms = min(at_ms, self._noted.at_ms)
+        note = Sending(batch[-1].end, at_ms)
         try:
             await asyncio.to_thread(store_sending, self.directory, note)
         except OSError as exc:
             count_disk_error("sending", exc)
             raise
+        self._noted = note
+
+
+def _reaches(pos: Position, end: Position) -> bool:
+    return (pos.segment, pos.offset) >= (end.segment, end.offset)

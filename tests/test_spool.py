@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from service import metrics
 from service.spool import Spool, SpoolFull, SpoolLocked
-from service.spoolfiles import Position
+from service.spoolfiles import Position, Sending, store_sending
 from service.spoolformat import encode
 from tests.diskfault import append_only, fill, fsync_failing_disk, small_tmpfs, use_up_inodes
 
@@ -107,6 +107,34 @@ async def test_a_batch_noted_as_sending_and_not_released_is_unconfirmed_at_the_n
     await again.release(again.read(2))
     again.close()
     assert opened(tmp_path).unconfirmed is None
+
+
+async def test_a_batch_sent_again_keeps_the_time_of_its_first_note(tmp_path: Path) -> None:
+    """A batch noted, then noted again (sent again after no ack, or after a restart that
+    found it unconfirmed) keeps the first note's time: an earlier attempt may be in
+    Kafka, and the check after the next crash must look back to it. Before, a second
+    crash in a row asked Kafka only from the second note, and records the first run
+    delivered were sent again."""
+    spool = opened(tmp_path)
+    for i in range(4):
+        await spool.append(b"k", b"v%d" % i, [])
+    batch = spool.read(2)
+    store_sending(tmp_path, Sending(batch[-1].end, 1_000))  # an old note: run one's
+    spool.close()
+
+    again = opened(tmp_path)  # run two finds it unconfirmed, and sends the batch again
+    await again.mark_sending(again.read(2))
+    again.close()
+    third = opened(tmp_path)  # run two died too
+    assert third.unconfirmed is not None and third.unconfirmed.at_ms == 1_000
+    # Once the checkpoint is past it, the next batch is a first send with its own time.
+    await third.release(third.read(2))
+    await third.mark_sending(third.read(2))
+    third.close()
+    fourth = opened(tmp_path)
+    assert fourth.unconfirmed is not None
+    assert abs(fourth.unconfirmed.at_ms / 1000 - time.time()) < 60
+    fourth.close()
 
 
 async def test_a_torn_tail_is_cut_off_and_reported(tmp_path: Path) -> None:

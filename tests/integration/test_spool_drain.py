@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from prometheus_client import REGISTRY
@@ -294,3 +295,83 @@ async def test_a_checkpoint_the_disk_refuses_is_logged_counted_retried_and_heals
     # The acknowledged batch was released once the disk took the checkpoint, never
     # sent again meanwhile.
     assert [r.value for r in records] == [*values, b'{"n":"later"}']
+
+
+async def test_a_dead_letter_whose_release_fails_is_released_again_not_sent_again(
+    unique: str, tmp_path: Path
+) -> None:
+    """The record Kafka refuses is written as a dead letter, then the checkpoint's write
+    fails. Before, the retried step read the record again and sent it again: one more
+    refusal and one more producer rebuild per retry. Now the release is retried, and
+    the record is refused, rebuilt for and dead-lettered exactly once."""
+    settings = ingest_settings(unique)
+    await create_ingest_topic(settings, SMALL_LIMIT)
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    (directory / "checkpoint.tmp").mkdir()  # every release fails until it is gone
+    big = b'{"big":"' + b"x" * (3 * SMALL_LIMIT) + b'"}'
+    big_id = str(uuid.uuid4())
+    rebuilds = metrics.PRODUCER_REBUILDS.labels("ingest", "refused_MessageSizeTooLargeError")
+    release_failures = metrics.SPOOL_DRAIN_ERRORS.labels("release")
+    before_rebuilds, before_failures = counter(rebuilds), counter(release_failures)
+
+    def fill(spool: Spool) -> list[Awaitable[None]]:
+        return [spool.append(KEY, big, headers(big_id))]
+
+    async with publisher(settings, directory, fill) as pub:
+        await until(
+            lambda: counter(release_failures) >= before_failures + 3,
+            "the dead letter's release was not retried",
+        )
+        assert counter(rebuilds) == before_rebuilds + 1
+        (directory / "checkpoint.tmp").rmdir()  # the disk is back
+        await until(lambda: pub.spool.events == 0, "the release never healed", 60)
+        after = str(uuid.uuid4())
+        await pub.publish(KEY, b'{"n":"after"}', headers(after))
+    assert counter(rebuilds) == before_rebuilds + 1
+    [letter] = deadletter.entries(deadletter.directory_of(directory))
+    assert letter.event_id == big_id
+    [record] = await read_committed(BOOTSTRAP, settings.topic_ingest, 1)
+    assert dict(record.headers)["ce_id"] == after.encode()
+
+
+async def test_records_kafka_had_stay_unsent_when_a_refusal_follows_them_after_a_crash(
+    unique: str, tmp_path: Path
+) -> None:
+    """After a crash between a batch's ack and its checkpoint, the drain leaves out what
+    Kafka has of that batch. When the rest holds a record Kafka refuses for good, the
+    drain goes one record at a time to find it. Before, that cleared the list of what
+    Kafka had, and those records were sent a second time; now each is in Kafka once and
+    the refused one is dead-lettered."""
+    settings = ingest_settings(unique)
+    await create_ingest_topic(settings, SMALL_LIMIT)
+    directory = tmp_path / "spool"
+    big = b'{"big":"' + b"x" * (3 * SMALL_LIMIT) + b'"}'
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    spooled = [b'{"n":0}', big, b'{"n":2}']
+    # The last run: spooled three events, noted the batch, sent it; Kafka took the two
+    # it could, and the process died before the checkpoint moved.
+    spool = Spool(directory, 1 << 24)
+    spool.open()
+    for value, event_id in zip(spooled, ids, strict=True):
+        await spool.append(KEY, value, headers(event_id))
+    await spool.mark_sending(spool.read(3))
+    spool.close()
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all")
+    await producer.start()
+    try:
+        for value, event_id in [(spooled[0], ids[0]), (spooled[2], ids[2])]:
+            await producer.send_and_wait(
+                settings.topic_ingest, value, key=KEY, headers=headers(event_id)
+            )
+    finally:
+        await producer.stop()
+    avoided = counter(metrics.SPOOL_RESENDS_AVOIDED)
+
+    async with publisher(settings, directory) as pub:
+        await until(lambda: pub.spool.events == 0, "the spool never drained", 60)
+    records = await read_committed(BOOTSTRAP, settings.topic_ingest, 2)
+    assert [dict(r.headers)["ce_id"] for r in records] == [ids[0].encode(), ids[2].encode()]
+    assert counter(metrics.SPOOL_RESENDS_AVOIDED) == avoided + 2
+    [letter] = deadletter.entries(deadletter.directory_of(directory))
+    assert letter.event_id == ids[1]
