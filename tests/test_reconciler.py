@@ -7,18 +7,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
 from schemas.call import CallStatus
 from schemas.messages import Source, read_ingest
+from service.accounts import AccountsWatcher, Reload
 from service.fsm import CallState
 from service.partitioner import partition_for
-from service.reconciler import Reconciler, client_for
+from service.reconciler import BookKeys, Reconciler, Sweep, client_for
+from service.server import Node
 from service.settings import Settings
 from service.standin import StandIn, serve
 from service.statecodec import NO_ACCOUNT, account_bytes, held_since, pack
+from tests.test_accounts import SecretVolume
 
 S = CallStatus
 ACCOUNT = "AC" + "7a" * 20
@@ -132,12 +136,97 @@ async def test_the_sweep_lists_only_owned_accounts_and_publishes_each_call_once(
     credentials = {ACCOUNT: SecretStr(KEY)}
     async with client_for(settings, credentials) as client:
         elsewhere = Reconciler(settings, others, credentials, publish)
-        assert await elsewhere.sweep_round(client, NOW.timestamp()) == 0
+        assert await elsewhere.sweep_round(client, NOW.timestamp()) == Sweep("done", 0)
         assert standin.seen == []  # not this node's account: not even listed
         reconciler = Reconciler(settings, owner, credentials, publish)
-        assert await reconciler.sweep_round(client, NOW.timestamp()) == 3
+        assert await reconciler.sweep_round(client, NOW.timestamp()) == Sweep("done", 3)
         assert sorted(published) == sorted(cid(n).encode() for n in range(3))
         assert len(standin.seen) == 2  # two pages of two
         # Listed again by the next sweep, unchanged: not published again.
-        assert await reconciler.sweep_round(client, NOW.timestamp() + 300) == 0
+        assert await reconciler.sweep_round(client, NOW.timestamp() + 300) == Sweep("done", 0)
         assert len(published) == 3
+
+
+# --- the API keys follow the accounts file ---------------------------------------------
+
+OTHER = "AC" + "3c" * 20
+
+
+def accounts_text(keys: Mapping[str, str]) -> str:
+    lines = ["accounts:"]
+    for n, (account, key) in enumerate(keys.items()):
+        lines += [f"  {account}:", f"    signingSecrets: [sigsec_{str(n) * 40}]"]
+        if key:
+            lines.append(f"    apiKey: {key}")
+    return "\n".join(lines) + "\n"
+
+
+async def test_a_reloaded_accounts_file_rotates_adds_and_removes_api_keys(
+    api: tuple[StandIn, str], tmp_path: Path
+) -> None:
+    standin, url = api
+    volume = SecretVolume(tmp_path / "accounts")
+    volume.publish(accounts_text({ACCOUNT: KEY}))
+    watcher = AccountsWatcher.open(volume.path, 60)
+    settings = Settings(
+        verify_signatures=False,
+        freeclimb_api_url=url,
+        accounts_file=volume.path,
+        reconcile_after_seconds=60,
+    )
+    old = NOW - timedelta(minutes=5)
+    standin.put_call(ACCOUNT, cid(1), S.IN_PROGRESS, at=old)
+    worker = FakeWorker({cid(1): held_state(S.IN_PROGRESS, old)})
+    published: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        published.append(key)
+
+    owner = FakeOwner({0: worker}, [0])  # one partition: every account is ours
+    reconciler = Reconciler(settings, owner, BookKeys(watcher), publish)
+    now = NOW.timestamp()
+    async with client_for(settings, reconciler.credentials) as client:
+        assert await reconciler.held_round(client, now) == 1
+        assert [s.status for s in standin.seen] == [200]
+        # FreeClimb rotates the key, and the Secret follows: the old key is refused from
+        # now on, and the next fetch must go with the new one, without a restart.
+        # (add_account replaces the account with its calls: the call is put back.)
+        standin.add_account(ACCOUNT, "rotated-key")
+        standin.put_call(ACCOUNT, cid(1), S.IN_PROGRESS, at=old)
+        volume.publish(accounts_text({ACCOUNT: "rotated-key"}))
+        assert watcher.poll() is Reload.RELOADED
+        assert await reconciler.held_round(client, now + 61) == 1
+        assert [s.status for s in standin.seen] == [200, 200]
+        assert published == [cid(1).encode()] * 2
+        # A new account is swept; the account removed from the file is not even listed.
+        standin.add_account(OTHER, "other-key")
+        standin.put_call(OTHER, cid(7), S.RINGING, at=NOW - timedelta(minutes=10))
+        standin.advance(OTHER, cid(7), S.BUSY, at=NOW - timedelta(minutes=9))
+        volume.publish(accounts_text({OTHER: "other-key", ACCOUNT: ""}))
+        assert watcher.poll() is Reload.RELOADED
+        standin.seen.clear()
+        assert await reconciler.sweep_round(client, now) == Sweep("done", 1)
+        assert {s.path.split("/")[3] for s in standin.seen} == {OTHER}
+        assert all(s.status == 200 for s in standin.seen)
+        # Nor is its held call fetched any more: no key to ask with.
+        assert await reconciler.held_round(client, now + 10_000) == 0
+
+
+def test_the_node_shares_its_accounts_watcher_with_the_reconciler(tmp_path: Path) -> None:
+    volume = SecretVolume(tmp_path / "accounts")
+    for role in ("processor", "all"):
+        volume.publish(accounts_text({ACCOUNT: KEY}))
+        node = Node(Settings(role=role, verify_signatures=False, accounts_file=volume.path))
+        # A processor-only node watches the file too: it holds the API keys.
+        assert isinstance(node.accounts, AccountsWatcher)
+        assert node.reconciler is not None
+        assert {a: k.get_secret_value() for a, k in node.reconciler.credentials.items()} == {
+            ACCOUNT: KEY
+        }
+        volume.publish(accounts_text({ACCOUNT: f"{role}-key", OTHER: "k"}))
+        assert node.accounts.poll() is Reload.RELOADED
+        keys = {a: k.get_secret_value() for a, k in node.reconciler.credentials.items()}
+        assert keys == {ACCOUNT: f"{role}-key", OTHER: "k"}
+    # Without an accounts file or a key, a processor node has no reconciler and no watcher.
+    bare = Node(Settings(role="processor", verify_signatures=False))
+    assert bare.accounts is None and bare.reconciler is None
