@@ -35,8 +35,10 @@ PRODUCE_ERRORS = Counter(
 
 PROCESSOR_EVENTS = Counter(
     "callstatus_processor_events_total",
-    "Events the state machine judged, by outcome and reject reason",
-    ["outcome", "reason"],
+    "Events the state machine judged, by source (webhook, resource, api; empty for a "
+    "record that is no event), outcome and reject reason. For source api, the "
+    "reconciler's fetches: accepted changed the call, duplicate or rejected did not",
+    ["source", "outcome", "reason"],
 )
 PROCESSOR_TRANSITIONS = Counter(
     "callstatus_processor_transitions_total",
