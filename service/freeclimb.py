@@ -40,15 +40,13 @@ import pydantic
 import structlog
 from pydantic import SecretStr
 
-from schemas.call import CallStatus
+from schemas.call import ACCOUNT_ID, CALL_ID, CallStatus
 from service import metrics
 from service.freeclimbretry import backoff_delay, parse_retry_after, retry_delay
 from service.freeclimbsend import Answer as _Answer
 from service.freeclimbsend import Request, authorization, send
 from service.freeclimbsend import Retry as _Retry
 from service.freeclimbtypes import (
-    ACCOUNT_ID,
-    CALL_ID,
     DEFAULT_API_URL,
     CallNotFound,
     ClientOptions,

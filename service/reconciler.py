@@ -23,6 +23,7 @@ import httpx
 import structlog
 from pydantic import SecretStr
 
+from schemas.messages import RecordTooLarge
 from service import metrics
 from service.accountbook import AccountBook, api_keys, canonical_id
 from service.accounts import load
@@ -37,7 +38,7 @@ from service.freeclimb import (
 )
 from service.kafka import retry_at_start
 from service.partitioner import partition_for
-from service.producer import IngestProducer, Unavailable
+from service.producer import IngestProducer, Unavailable, Unwritable
 from service.reconcile import Attempt, api_record, due_calls, next_attempt, sweep_window
 from service.settings import Settings
 from service.statecodec import account_id, account_of
@@ -50,6 +51,9 @@ log = structlog.get_logger(logger_name="callstatus.reconciler")
 
 Headers = list[tuple[str, bytes]]
 Publish = Callable[[bytes, bytes, Headers], Awaitable[None]]
+
+# What became of a fetched resource sent to the ingest topic (publish_fetched).
+Outcome = Literal["published", "too_large", "unpublished", "unwritable"]
 
 # Fetches started per round at most: the client's per-account gate bounds how many are in
 # flight; this bounds what one round holds in memory after an outage left many due.
@@ -304,21 +308,12 @@ class Reconciler:
             return
         await self._send("held", fetched)
 
-    async def _send(self, trigger: str, fetched: FetchedCall) -> bool:
-        key, value, headers = api_record(fetched.body, fetched.call, datetime.now(UTC))
-        if len(key) + len(value) > self.settings.max_ingest_value_bytes:
-            metrics.RECONCILE_FETCHES.labels(trigger, "invalid").inc()
-            log.warning("fetched call too large to publish", callId=fetched.call.callId)
-            return False
+    async def _send(self, trigger: str, fetched: FetchedCall) -> Outcome:
+        """Publish one fetched resource (its failures counted and logged)."""
         assert self._publish is not None
-        try:
-            await self._publish(key, value, headers)
-        except Unavailable as exc:
-            metrics.RECONCILE_FETCHES.labels(trigger, "unpublished").inc()
-            log.warning("fetched call not published", callId=fetched.call.callId, error=repr(exc))
-            return False
-        metrics.RECONCILE_FETCHES.labels(trigger, "published").inc()
-        return True
+        return await publish_fetched(
+            self._publish, trigger, fetched, self.settings.max_ingest_value_bytes
+        )
 
     # -- trigger 2: the sweep of recently ended calls --------------------------------
 
@@ -355,9 +350,15 @@ class Reconciler:
                     seen = self._swept.get(call.callId)
                     if seen is not None and seen[0] == call.revision:
                         continue  # published by an earlier sweep, unchanged since
-                    if await self._send("sweep", item):
+                    sent = await self._send("sweep", item)
+                    if sent == "published":
                         self._swept[call.callId] = (call.revision, now)
                         published += 1
+                    elif sent == "unpublished":
+                        # Kafka cannot take writes now: each further call would wait
+                        # out the produce timeout too. Stop; the sweep is due again soon.
+                        metrics.RECONCILE_SWEEPS.labels("failed").inc()
+                        return Sweep("failed", published)
             except FreeClimbError as exc:
                 # Failure: the listing broke off (the client's retries are spent). The
                 # other accounts are still listed; the sweep is due again soon.
@@ -368,6 +369,42 @@ class Reconciler:
                 continue
             metrics.RECONCILE_SWEEPS.labels("ok").inc()
         return Sweep(outcome, published)
+
+
+async def publish_fetched(
+    publish: Publish, trigger: str, fetched: FetchedCall, max_bytes: int
+) -> Outcome:
+    """One fetched resource to the ingest topic, its outcome counted and returned:
+    ``published``; ``too_large`` (its record would exceed MAX_INGEST_VALUE_BYTES, so no
+    send could take it); ``unwritable`` (Kafka refuses it for good: the topic's
+    max.message.bytes, a policy); ``unpublished`` (Kafka, and the spool if any, could not
+    take it now). Never raises for these: a failed publish must not end the round. What
+    was not published is tried again: a held call at its next fetch (its backoff doubles
+    to an hour while nothing changes), a swept call by the next sweep, which lists it
+    again (it is remembered as published only once it was)."""
+    call_id = fetched.call.callId
+    try:
+        key, value, headers = api_record(fetched.body, fetched.call, datetime.now(UTC), max_bytes)
+    except RecordTooLarge as exc:
+        # Failure, not retried: FreeClimb's resource is larger than ingest accepts.
+        metrics.RECONCILE_FETCHES.labels(trigger, "too_large").inc()
+        log.warning("fetched call too large to publish", callId=call_id, error=str(exc))
+        return "too_large"
+    try:
+        await publish(key, value, headers)
+    except Unwritable as exc:
+        # Failure, not retried: Kafka refuses this record for good; an operator must
+        # fix the topic (the CallstatusReconcileFailing alert counts it).
+        metrics.RECONCILE_FETCHES.labels(trigger, "unwritable").inc()
+        log.error("kafka refuses the fetched call for good", callId=call_id, error=exc.cause)
+        return "unwritable"
+    except Unavailable as exc:
+        # Failure, retried later: Kafka (and the spool, if any) could not take it now.
+        metrics.RECONCILE_FETCHES.labels(trigger, "unpublished").inc()
+        log.warning("fetched call not published", callId=call_id, error=repr(exc))
+        return "unpublished"
+    metrics.RECONCILE_FETCHES.labels(trigger, "published").inc()
+    return "published"
 
 
 def reconciler_for(
@@ -411,6 +448,7 @@ class BackfillSummary:
     pages: int = 0
     invalid: int = 0
     unpublished: int = 0
+    refused: int = 0  # too large for ingest, or refused by Kafka for good
 
 
 class _PageCounter(httpx.AsyncBaseTransport):
@@ -461,15 +499,15 @@ async def backfill(
                     summary.invalid += 1
                     metrics.RECONCILE_FETCHES.labels("backfill", "invalid").inc()
                 else:
-                    key, value, headers = api_record(item.body, item.call, datetime.now(UTC))
-                    try:
-                        await publish(key, value, headers)
-                    except Unavailable:
-                        summary.unpublished += 1
-                        metrics.RECONCILE_FETCHES.labels("backfill", "unpublished").inc()
-                    else:
+                    outcome = await publish_fetched(
+                        publish, "backfill", item, settings.max_ingest_value_bytes
+                    )
+                    if outcome == "published":
                         summary.published += 1
-                        metrics.RECONCILE_FETCHES.labels("backfill", "published").inc()
+                    elif outcome == "unpublished":
+                        summary.unpublished += 1
+                    else:
+                        summary.refused += 1
                 if counter.pages != summary.pages:
                     summary.pages = counter.pages
                     print(
@@ -483,7 +521,8 @@ async def backfill(
             await producer.stop()
     print(
         f"backfill done: {summary.fetched} fetched, {summary.published} published, "
-        f"{summary.pages} pages, {summary.invalid} invalid, {summary.unpublished} unpublished",
+        f"{summary.pages} pages, {summary.invalid} invalid, {summary.unpublished} unpublished, "
+        f"{summary.refused} refused",
         file=out,
         flush=True,
     )
