@@ -193,7 +193,8 @@ RECONCILE_FETCHES = Counter(
     "Call resources the reconciler asked FreeClimb's REST API for, by trigger (held: a "
     "call held non-terminal too long; sweep: recently ended calls listed; backfill) and "
     "outcome (published to ingest; not_found; failed: the API did not answer it; "
-    "unpublished: Kafka did not take it; invalid: the Call model refused it)",
+    "unpublished: Kafka did not take it now; unwritable: Kafka refuses it for good; "
+    "too_large: over MAX_INGEST_VALUE_BYTES; invalid: the Call model refused it)",
     ["trigger", "outcome"],
 )
 RECONCILE_GIVEN_UP = Counter(
