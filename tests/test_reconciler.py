@@ -10,14 +10,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
-from schemas.call import CallStatus
+from schemas.call import Call, CallStatus
 from schemas.messages import Source, read_ingest
 from service.accounts import AccountsWatcher, Reload
+from service.freeclimb import ClientOptions, FetchedCall, FreeClimbClient
 from service.fsm import CallState
 from service.partitioner import partition_for
-from service.reconciler import BookKeys, Reconciler, Sweep, client_for
+from service.producer import Unavailable, Unwritable
+from service.reconciler import BookKeys, Reconciler, Sweep, client_for, publish_fetched
 from service.server import Node
 from service.settings import Settings
 from service.standin import StandIn, serve
@@ -230,3 +233,187 @@ def test_the_node_shares_its_accounts_watcher_with_the_reconciler(tmp_path: Path
     # Without an accounts file or a key, a processor node has no reconciler and no watcher.
     bare = Node(Settings(role="processor", verify_signatures=False))
     assert bare.accounts is None and bare.reconciler is None
+
+
+# --- failures: a sweep that cannot list, a publish that cannot be made ---------------
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def no_sleep(_: float) -> None:
+    return None
+
+
+def quick_client(url: str, credentials: Mapping[str, SecretStr]) -> FreeClimbClient:
+    """The client the node builds, but its backoff between retries not waited out."""
+    return FreeClimbClient(dict(credentials), ClientOptions(base_url=url), sleep=no_sleep)
+
+
+def ended_calls(standin: StandIn, n: int) -> None:
+    for i in range(n):
+        standin.put_call(ACCOUNT, cid(i), S.RINGING, at=NOW - timedelta(minutes=10))
+        standin.advance(ACCOUNT, cid(i), S.NO_ANSWER, at=NOW - timedelta(minutes=9))
+
+
+async def test_a_sweep_skipped_mid_rebalance_is_due_again_at_the_next_round(
+    api: tuple[StandIn, str],
+) -> None:
+    standin, url = api
+    settings = Settings(verify_signatures=False, freeclimb_api_url=url)
+    ended_calls(standin, 1)
+    published: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        published.append(key)
+
+    owner = FakeOwner({}, [0])  # mid-rebalance: nothing owned yet
+    t = [NOW.timestamp()]
+    reconciler = Reconciler(settings, owner, {ACCOUNT: SecretStr(KEY)}, publish, clock=lambda: t[0])
+    async with client_for(settings, reconciler.credentials) as client:
+        await reconciler.round(client)
+        assert standin.seen == [] and published == []
+        # The partition is ours a moment later: the sweep runs at the next round, not a
+        # whole RECONCILE_SWEEP_SECONDS later.
+        owner.workers = {0: FakeWorker()}
+        t[0] += 1
+        await reconciler.round(client)
+        assert published == [cid(0).encode()]
+        # Done now: the next one waits its period.
+        t[0] += 1
+        await reconciler.round(client)
+        assert len(standin.seen) == 1
+        t[0] += settings.reconcile_sweep_seconds
+        await reconciler.round(client)
+        assert len(standin.seen) == 2
+
+
+async def test_a_sweep_the_api_fails_is_counted_and_tried_again_backed_off(
+    api: tuple[StandIn, str],
+) -> None:
+    standin, url = api
+    settings = Settings(verify_signatures=False, freeclimb_api_url=url)
+    ended_calls(standin, 1)
+    published: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        published.append(key)
+
+    credentials = {ACCOUNT: SecretStr(KEY)}
+    t = [NOW.timestamp()]
+    owner = FakeOwner({0: FakeWorker()}, [0])
+    reconciler = Reconciler(settings, owner, credentials, publish, clock=lambda: t[0])
+    sweeps_failed = sample("callstatus_reconcile_sweeps_total", outcome="failed")
+    fetches_failed = sample("callstatus_reconcile_fetches_total", trigger="sweep", outcome="failed")
+    answered_500 = sample(
+        "callstatus_freeclimb_api_requests_total",
+        operation="list_calls",
+        code="500",
+        outcome="failed",
+    )
+    attempts = ClientOptions().max_retries + 1
+    standin.fail_next(500, times=attempts)  # every attempt of the first listing
+    async with quick_client(url, credentials) as client:
+        await reconciler.round(client)  # logged and counted, not raised
+        assert [s.status for s in standin.seen] == [500] * attempts and published == []
+        # What the alert and the dashboard read: the sweep failed, and the API's 500.
+        assert sample("callstatus_reconcile_sweeps_total", outcome="failed") == sweeps_failed + 1
+        assert (
+            sample("callstatus_reconcile_fetches_total", trigger="sweep", outcome="failed")
+            == fetches_failed + 1
+        )
+        assert (
+            sample(
+                "callstatus_freeclimb_api_requests_total",
+                operation="list_calls",
+                code="500",
+                outcome="failed",
+            )
+            == answered_500 + 1
+        )
+        # Not at once (the API is unwell), but well before a whole sweep period.
+        t[0] += 0.1
+        await reconciler.round(client)
+        assert len(standin.seen) == attempts
+        t[0] += 31  # past the sweep backoff's cap
+        await reconciler.round(client)
+        assert standin.seen[-1].status == 200 and published == [cid(0).encode()]
+
+
+async def test_a_publish_kafka_refuses_is_counted_and_the_call_tried_again_later(
+    api: tuple[StandIn, str],
+) -> None:
+    standin, url = api
+    settings = Settings(verify_signatures=False, freeclimb_api_url=url, reconcile_after_seconds=60)
+    old = NOW - timedelta(minutes=5)
+    standin.put_call(ACCOUNT, cid(1), S.IN_PROGRESS, at=old)
+    standin.advance(ACCOUNT, cid(1), S.COMPLETED, at=old)
+    refusals: list[Exception] = [Unwritable("MessageSizeTooLargeError"), Unavailable("timeout")]
+    published: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        if refusals:
+            raise refusals.pop(0)
+        published.append(key)
+
+    def count(outcome: str) -> float:
+        return sample("callstatus_reconcile_fetches_total", trigger="held", outcome=outcome)
+
+    before = {o: count(o) for o in ("unwritable", "unpublished", "published")}
+    owner = FakeOwner({0: FakeWorker({cid(1): held_state(S.IN_PROGRESS, old)})}, [0])
+    reconciler = Reconciler(settings, owner, {ACCOUNT: SecretStr(KEY)}, publish)
+    now = NOW.timestamp()
+    async with client_for(settings, reconciler.credentials) as client:
+        assert await reconciler.held_round(client, now) == 1  # refused for good: no crash
+        assert count("unwritable") == before["unwritable"] + 1
+        assert await reconciler.held_round(client, now + 30) == 0  # backed off
+        assert await reconciler.held_round(client, now + 61) == 1  # Kafka away: not now
+        assert count("unpublished") == before["unpublished"] + 1
+        # Fetched again after the doubled backoff, and published this time.
+        assert await reconciler.held_round(client, now + 61 + 119) == 0
+        assert await reconciler.held_round(client, now + 61 + 121) == 1
+        assert published == [cid(1).encode()]
+        assert count("published") == before["published"] + 1
+
+
+async def test_a_sweep_stops_while_kafka_takes_no_writes_and_publishes_the_rest_later(
+    api: tuple[StandIn, str],
+) -> None:
+    standin, url = api
+    settings = Settings(verify_signatures=False, freeclimb_api_url=url)
+    ended_calls(standin, 5)  # three pages of two
+    down = [True]
+    published: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        if down[0]:
+            raise Unavailable("timeout")
+        published.append(key)
+
+    owner = FakeOwner({0: FakeWorker()}, [0])
+    reconciler = Reconciler(settings, owner, {ACCOUNT: SecretStr(KEY)}, publish)
+    async with client_for(settings, reconciler.credentials) as client:
+        # The first publish fails: the sweep stops there, not one produce timeout per
+        # call; nothing is remembered as published.
+        assert await reconciler.sweep_round(client, NOW.timestamp()) == Sweep("failed", 0)
+        assert len(standin.seen) == 1
+        down[0] = False
+        assert await reconciler.sweep_round(client, NOW.timestamp() + 5) == Sweep("done", 5)
+        assert sorted(published) == sorted(cid(i).encode() for i in range(5))
+
+
+async def test_a_fetched_resource_too_large_for_ingest_is_refused_before_sending() -> None:
+    call = Call.model_validate({"callId": cid(1), "accountId": ACCOUNT, "status": "completed"})
+    fetched = FetchedCall(call.to_json(), {}, call)
+    sent: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        sent.append(key)
+
+    before = sample("callstatus_reconcile_fetches_total", trigger="backfill", outcome="too_large")
+    assert await publish_fetched(publish, "backfill", fetched, 1 << 20) == "published"
+    assert await publish_fetched(publish, "backfill", fetched, 100) == "too_large"
+    assert sent == [cid(1).encode()]
+    after = sample("callstatus_reconcile_fetches_total", trigger="backfill", outcome="too_large")
+    assert after == before + 1
