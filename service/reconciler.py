@@ -203,15 +203,15 @@ class Reconciler:
                 "no account of the accounts file has an apiKey yet; reconciliation "
                 "starts with the first reload that adds one"
             )
-        if self._publish is None:
-            # A processor-only node has no ingest producer: one of its own (with ingest
-            # in the process, the node's publisher is shared: one producer's metrics).
-            # Started for as long as Kafka takes: the processor beside it waits too.
-            producer = self._producer = IngestProducer(self.settings)
-            await retry_at_start(producer.start, "reconciler producer", math.inf)
-            self._publish = producer.publish
-        self._next_sweep = self.clock() + self.settings.reconcile_sweep_seconds
         try:
+            if self._publish is None:
+                # A processor-only node has no ingest producer: one of its own (with
+                # ingest in the process, the node's publisher is shared: one producer's
+                # metrics). Started for as long as Kafka takes: the processor waits too.
+                producer = self._producer = IngestProducer(self.settings)
+                await retry_at_start(producer.start, "reconciler producer", math.inf)
+                self._publish = producer.publish
+            self._next_sweep = self.clock() + self.settings.reconcile_sweep_seconds
             await self._rounds()
         except Exception:
             log.exception("reconciler stopped")
