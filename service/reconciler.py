@@ -191,18 +191,7 @@ class Reconciler:
     async def run(self) -> None:
         """Rounds until cancelled; a failing round is logged and the next one tries
         again: the reconciler must never take the processor or ingest down with it."""
-        s = self.settings
-        log.info(
-            "reconciliation on",
-            accounts=len(self.credentials),
-            after_s=s.reconcile_after_seconds,
-            sweep_s=s.reconcile_sweep_seconds,
-        )
-        if not self.credentials:
-            log.warning(
-                "no account of the accounts file has an apiKey yet; reconciliation "
-                "starts with the first reload that adds one"
-            )
+        self._say(self.credentials)
         try:
             if self._publish is None:
                 # A processor-only node has no ingest producer: one of its own (with
@@ -247,9 +236,25 @@ class Reconciler:
         keys = self._keys()
         given = self._given
         if given is None or given[0] is not client or given[1] is not keys:
+            if given is not None and bool(given[1]) != bool(keys):
+                self._say(keys)  # the first key added, or the last one removed
             client.use(keys)
             self._given = (client, keys)
         return keys
+
+    def _say(self, keys: Mapping[str, SecretStr]) -> None:
+        """Whether reconciliation is on: at start, and when a reload turns it on or off
+        (an accounts file without any apiKey keeps the reconciler waiting for one)."""
+        s = self.settings
+        if keys:
+            log.info(
+                "reconciliation on",
+                accounts=len(keys),
+                after_s=s.reconcile_after_seconds,
+                sweep_s=s.reconcile_sweep_seconds,
+            )
+        else:
+            say_off(waiting=True)
 
     # -- trigger 1: calls held non-terminal too long ---------------------------------
 
@@ -430,11 +435,13 @@ def reconciler_for(
     return Reconciler(settings, processor, keys, publish)
 
 
-def say_off() -> None:
-    """The one line a processor node without an API key logs at start."""
+def say_off(*, waiting: bool = False) -> None:
+    """The one line a processor node without an API key logs at start; ``waiting`` when
+    it follows an accounts file, where a key added later turns reconciliation on."""
     log.info(
         "reconciliation off: no FreeClimb API key configured "
-        "(CALLSTATUS_FREECLIMB_API_KEY, or apiKey in the accounts file)"
+        "(CALLSTATUS_FREECLIMB_API_KEY, or apiKey in the accounts file)",
+        **({"until": "an apiKey is added to the accounts file"} if waiting else {}),
     )
 
 

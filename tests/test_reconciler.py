@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from schemas.call import Call, CallStatus
 from schemas.messages import Source, read_ingest
@@ -417,3 +418,30 @@ async def test_a_fetched_resource_too_large_for_ingest_is_refused_before_sending
     assert sent == [cid(1).encode()]
     after = sample("callstatus_reconcile_fetches_total", trigger="backfill", outcome="too_large")
     assert after == before + 1
+
+
+async def test_an_accounts_file_without_keys_says_off_until_a_reload_adds_one(
+    api: tuple[StandIn, str], tmp_path: Path
+) -> None:
+    standin, url = api
+    volume = SecretVolume(tmp_path / "accounts")
+    volume.publish(accounts_text({ACCOUNT: ""}))  # what `make run` writes: no apiKey
+    watcher = AccountsWatcher.open(volume.path, 60)
+    settings = Settings(verify_signatures=False, freeclimb_api_url=url, accounts_file=volume.path)
+    ended_calls(standin, 1)
+    published: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        published.append(key)
+
+    reconciler = Reconciler(settings, FakeOwner({0: FakeWorker()}, [0]), BookKeys(watcher), publish)
+    with capture_logs() as logs:
+        reconciler._say(reconciler.credentials)  # what run() says first
+        async with client_for(settings, reconciler.credentials) as client:
+            assert await reconciler.sweep_round(client, NOW.timestamp()) == Sweep("done", 0)
+            assert standin.seen == []  # no key: nothing asked
+            volume.publish(accounts_text({ACCOUNT: KEY}))
+            assert watcher.poll() is Reload.RELOADED
+            assert await reconciler.sweep_round(client, NOW.timestamp()) == Sweep("done", 1)
+    said = [e["event"].split(":")[0] for e in logs if e["event"].startswith("reconciliation")]
+    assert said == ["reconciliation off", "reconciliation on"]
