@@ -204,9 +204,14 @@ Rfc3339 = Annotated[
     WithJsonSchema({"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}),
 ]
 
-# Identifier shapes: two-letter prefix + 40 hex digits.
-CallId = Annotated[str, Field(pattern=r"^CA[0-9a-fA-F]{40}$")]
-AccountId = Annotated[str, Field(pattern=r"^AC[0-9a-fA-F]{40}$")]
+# Identifier shapes: two-letter prefix + 40 hex digits, defined here once: the models,
+# the OpenAPI document, the URL paths of ingest and of the REST API client, the CLI.
+CALL_ID_PATTERN = "CA[0-9a-fA-F]{40}"
+ACCOUNT_ID_PATTERN = "AC[0-9a-fA-F]{40}"
+CALL_ID = re.compile(CALL_ID_PATTERN, re.ASCII)
+ACCOUNT_ID = re.compile(ACCOUNT_ID_PATTERN, re.ASCII)
+CallId = Annotated[str, Field(pattern=f"^{CALL_ID_PATTERN}$")]
+AccountId = Annotated[str, Field(pattern=f"^{ACCOUNT_ID_PATTERN}$")]
 PhoneNumberId = Annotated[str, Field(pattern=r"^PN[0-9a-fA-F]{40}$")]
 Direction = Annotated[
     CallDirection,

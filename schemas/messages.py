@@ -244,6 +244,47 @@ def encode_ingest(
     return b"".join((head, b',"call":', call.to_json(), b',"body":', raw_body, b"}"))
 
 
+# An ingest record's headers: what ingest and the reconciler put on each event.
+RecordHeaders = list[tuple[str, bytes]]
+# The longest W3C traceparent header kept (55 bytes today; room for a future version).
+MAX_TRACEPARENT_BYTES = 128
+
+
+class RecordTooLarge(ValueError):
+    """The ingest record of an event would exceed the configured size: the producer would
+    refuse it on every retry, so it is refused before being sent."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"the ingest record would be {size} bytes, over {limit}")
+        self.size = size
+        self.limit = limit
+
+
+def ingest_record(
+    event_id: str,
+    received_at: datetime,
+    source: Source,
+    request_type: str | None,
+    call: Call,
+    raw_body: bytes,
+    max_bytes: int,
+    traceparent: bytes | None = None,
+) -> tuple[bytes, bytes, RecordHeaders]:
+    """(key, value, headers) of an event on the ingest topic, the one way ingest's
+    handler and the reconciler write one: keyed by callId (its partition), the value of
+    :func:`encode_ingest`, headers ``content-type`` and ``ce_id`` (and ``traceparent``
+    when given and not oversized). Raises :class:`RecordTooLarge` when key and value
+    exceed ``max_bytes`` (the setting MAX_INGEST_VALUE_BYTES)."""
+    value = encode_ingest(event_id, received_at, source, request_type, call, raw_body)
+    key = call.callId.encode()
+    if len(value) + len(key) > max_bytes:
+        raise RecordTooLarge(len(value) + len(key), max_bytes)
+    headers = [("content-type", b"application/json"), ("ce_id", event_id.encode())]
+    if traceparent is not None and len(traceparent) <= MAX_TRACEPARENT_BYTES:
+        headers.append(("traceparent", traceparent))
+    return key, value, headers
+
+
 class _Outcome(BaseModel):
     """Fields shared by the changes and rejected messages."""
 

@@ -101,6 +101,12 @@ class AccountBook:
         return f"AccountBook({len(self._accounts)} accounts)"
 
 
+def api_keys(book: AccountBook) -> dict[str, SecretStr]:
+    """The accounts of ``book`` that have a FreeClimb API key: id -> key (what the
+    reconciler may ask the REST API about; the shorthand never has one)."""
+    return {a.id: a.api_key for a in book if a.id is not None and a.api_key is not None}
+
+
 def shorthand_book(secrets: Sequence[SecretStr], account_id: str | None) -> AccountBook:
     """``CALLSTATUS_SIGNING_SECRETS`` as a book of one account (empty without secrets)."""
     if not secrets:

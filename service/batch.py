@@ -105,8 +105,8 @@ class BatchPlan:
     next_offset: int | None = None  # None: no record of this batch was new
     watermark: datetime | None = None
     swept_at: datetime | None = None
-    # (outcome, reason) -> count, and (from, to) -> count, for the metrics.
-    events: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # (source, outcome, reason) -> count, and (from, to) -> count, for the metrics.
+    events: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     transitions: Counter[tuple[str, str]] = field(default_factory=Counter)
     # Events whose receivedAt was past the clock's bound (judged, watermark not moved),
     # and the furthest such receivedAt, for the metric and the log.
@@ -286,7 +286,8 @@ class _Judge:
         ):
             state = None  # forgotten (rule 5): whether or not a sweep got to it yet
         decision = decide(state, call, event.eventId, received)
-        out.events[decision.outcome.value, decision.reason.value if decision.reason else ""] += 1
+        reason = decision.reason.value if decision.reason else ""
+        out.events[event.source.value, decision.outcome.value, reason] += 1
         new = decision.state
         if new is None or new is state:
             return  # rule 0: this very event was judged before; nothing changes
@@ -385,7 +386,7 @@ def _unprocessable(
     out.outputs.append(
         Output(target.rejected, record.key, value, headers, target.output_partition, record.offset)
     )
-    out.events["rejected", reason.value] += 1
+    out.events["" if event is None else event.source.value, "rejected", reason.value] += 1
 
 
 def _sweep(out: BatchPlan, states: Mapping[str, bytes], target: Target, r: Retention) -> None:

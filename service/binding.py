@@ -12,6 +12,7 @@ from typing import Any
 
 from starlette.types import Scope
 
+from schemas.call import ACCOUNT_ID, ACCOUNT_ID_PATTERN
 from schemas.messages import INGEST_PATH
 from service import problems
 from service.accountbook import Account, AccountBook, canonical_id
@@ -20,11 +21,10 @@ from service.problems import Refused
 # The path users put in their statusCallbackUrl: the account is known before the body.
 ACCOUNT_PATH_PREFIX = INGEST_PATH + "/"
 ACCOUNT_PATH = ACCOUNT_PATH_PREFIX + "{accountId}"
-ACCOUNT_ID = re.compile(r"AC[0-9a-fA-F]{40}")
 # The raw-bytes scan for the claimed account (claimed_account).
 _ACCOUNT_KEY = b'"accountId"'
 _JSON_SPACE = b" \t\r\n"
-_ACCOUNT_VALUE = re.compile(rb'"(AC[0-9a-fA-F]{40})"')
+_ACCOUNT_VALUE = re.compile(b'"(' + ACCOUNT_ID_PATTERN.encode() + b')"')
 # Where the handler keeps the account a request is judged for, for its metrics: in the
 # scope, which exists per request anyway.
 SCOPE_KEY = "callstatus.account"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import secrets
 import sys
 import time
@@ -16,13 +15,13 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from schemas.call import ACCOUNT_ID
 from service import logs, signature
 from service.settings import LOCAL_ENV_FILE, SettingsError, load_settings
 
 # The account of a local one-account file unless --account says otherwise: the one of
 # the README's example webhook, so that example is accepted as it stands.
 LOCAL_ACCOUNT_ID = "AC1334ffb694cd8d969f51cddf5f7c9b478546d50c"
-ACCOUNT_ID = re.compile(r"AC[0-9a-fA-F]{40}")
 
 
 def _fail(message: str) -> int:

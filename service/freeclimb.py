@@ -40,15 +40,13 @@ import pydantic
 import structlog
 from pydantic import SecretStr
 
-from schemas.call import CallStatus
+from schemas.call import ACCOUNT_ID, CALL_ID, CallStatus
 from service import metrics
 from service.freeclimbretry import backoff_delay, parse_retry_after, retry_delay
 from service.freeclimbsend import Answer as _Answer
 from service.freeclimbsend import Request, authorization, send
 from service.freeclimbsend import Retry as _Retry
 from service.freeclimbtypes import (
-    ACCOUNT_ID,
-    CALL_ID,
     DEFAULT_API_URL,
     CallNotFound,
     ClientOptions,
@@ -108,6 +106,7 @@ class _Gate:
     before which none of its requests go out (set by a 429's ``Retry-After``)."""
 
     slots: asyncio.Semaphore
+    api_key: SecretStr  # what ``authorization`` was built from, to see a rotation
     authorization: SecretStr
     resume_at: float = 0.0
 
@@ -141,10 +140,7 @@ class FreeClimbClient:
             if isinstance(credentials, Mapping)
             else list(credentials)
         )
-        self._gates = {
-            c.account_id: _Gate(asyncio.Semaphore(self.options.max_concurrency), authorization(c))
-            for c in creds
-        }
+        self._gates = {c.account_id: self._gate(c) for c in creds}
         base = self.options.base_url.rstrip("/")
         parts = urlsplit(base)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
@@ -167,6 +163,29 @@ class FreeClimbClient:
     @property
     def accounts(self) -> list[str]:
         return sorted(self._gates)
+
+    def use(self, credentials: Mapping[str, SecretStr]) -> None:
+        """Ask with these accounts' keys from the next request on (the accounts file
+        reloaded): a rotated key replaces its account's ``Authorization``, a new account
+        gets a gate, a removed one loses it. An account whose key is unchanged keeps its
+        gate, so a 429's pause and the concurrency bound hold across a reload; a request
+        already sent finishes with the key it was sent with."""
+        for account_id in self._gates.keys() - credentials.keys():
+            del self._gates[account_id]
+        for account_id, api_key in credentials.items():
+            new = Credentials(account_id, api_key)
+            gate = self._gates.get(account_id)
+            if gate is None:
+                self._gates[account_id] = self._gate(new)
+            elif gate.api_key != api_key:
+                gate.api_key, gate.authorization = api_key, authorization(new)
+
+    def _gate(self, credentials: Credentials) -> _Gate:
+        return _Gate(
+            asyncio.Semaphore(self.options.max_concurrency),
+            credentials.api_key,
+            authorization(credentials),
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()

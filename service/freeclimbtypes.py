@@ -8,21 +8,19 @@ and never a query (a next-page URI's query holds the filters' phone numbers).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from pydantic import SecretStr
 
-from schemas.call import Call
+from schemas.call import ACCOUNT_ID, Call
 
 DEFAULT_API_URL: Final = "https://www.freeclimb.com/apiserver"
 
 # Identifiers go into the URL path with the account's credentials: anything but the
-# documented shape ("../", "?", "/") could point those credentials somewhere else.
-ACCOUNT_ID: Final = re.compile(r"AC[0-9a-fA-F]{40}", re.ASCII)
-CALL_ID: Final = re.compile(r"CA[0-9a-fA-F]{40}", re.ASCII)
+# documented shape ("../", "?", "/") could point those credentials somewhere else:
+# checked with schemas.call's ACCOUNT_ID and CALL_ID.
 
 
 def path_only(path: str) -> str:

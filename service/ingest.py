@@ -31,7 +31,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from schemas.call import Call
-from schemas.messages import Source, encode_ingest, event_id_for, normalise_body
+from schemas.messages import RecordTooLarge, Source, event_id_for, ingest_record, normalise_body
 from service import metrics, problems, signature, strictjson
 from service.accesslog import LOG_FIELDS
 from service.accountbook import Account, AccountBook, canonical_id
@@ -315,18 +315,24 @@ class Ingest:
         call: Call,
         raw: bytes,
     ) -> None:
-        value = encode_ingest(event_id, datetime.now(UTC), source, request_type, call, raw)
-        key = call.callId.encode()
-        if len(value) + len(key) > self._max_value:
+        try:
+            key, value, headers = ingest_record(
+                event_id,
+                datetime.now(UTC),
+                source,
+                request_type,
+                call,
+                raw,
+                self._max_value,
+                traceparent,
+            )
+        except RecordTooLarge:
             # The producer would refuse it on every retry (a 503 forever): say so now.
             raise Refused(
                 problems.TOO_LARGE,
                 f"stored, this event would exceed {self._max_value} bytes; send fewer or "
                 "shorter fields",
-            )
-        headers = [("content-type", b"application/json"), ("ce_id", event_id.encode())]
-        if traceparent is not None and len(traceparent) <= 128:
-            headers.append(("traceparent", traceparent))
+            ) from None
         try:
             await self._publisher.publish(key, value, headers)
         except Unwritable as exc:

@@ -35,8 +35,10 @@ PRODUCE_ERRORS = Counter(
 
 PROCESSOR_EVENTS = Counter(
     "callstatus_processor_events_total",
-    "Events the state machine judged, by outcome and reject reason",
-    ["outcome", "reason"],
+    "Events the state machine judged, by source (webhook, resource, api; empty for a "
+    "record that is no event), outcome and reject reason. For source api, the "
+    "reconciler's fetches: accepted changed the call, duplicate or rejected did not",
+    ["source", "outcome", "reason"],
 )
 PROCESSOR_TRANSITIONS = Counter(
     "callstatus_processor_transitions_total",
@@ -191,7 +193,8 @@ RECONCILE_FETCHES = Counter(
     "Call resources the reconciler asked FreeClimb's REST API for, by trigger (held: a "
     "call held non-terminal too long; sweep: recently ended calls listed; backfill) and "
     "outcome (published to ingest; not_found; failed: the API did not answer it; "
-    "unpublished: Kafka did not take it; invalid: the Call model refused it)",
+    "unpublished: Kafka did not take it now; unwritable: Kafka refuses it for good; "
+    "too_large: over MAX_INGEST_VALUE_BYTES; invalid: the Call model refused it)",
     ["trigger", "outcome"],
 )
 RECONCILE_GIVEN_UP = Counter(

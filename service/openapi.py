@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from schemas.call import ACCOUNT_ID_PATTERN as ACCOUNT_ID_SHAPE
 from schemas.call import Call
 from schemas.messages import INGEST_PATH, WebhookBody
 from service.binding import ACCOUNT_PATH
@@ -40,7 +41,7 @@ _NAMES_A_WEBHOOK = {"anyOf": [{"required": ["requestType"]}, {"required": ["call
 CROSS_FIELD_RULES = (
     "connectDuration <= duration; startTime <= connectTime <= endTime (when present)"
 )
-ACCOUNT_ID_PATTERN = "^AC[0-9a-fA-F]{40}$"
+ACCOUNT_ID_PATTERN = f"^{ACCOUNT_ID_SHAPE}$"
 # What binds a body to an account, which JSON Schema cannot state either (403).
 ACCOUNT_RULE = (
     "The body's accountId must be the account whose signing secret verified the request "

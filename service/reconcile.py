@@ -10,13 +10,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from schemas.call import Call
-from schemas.messages import Source, encode_ingest, event_id_for
+from schemas.messages import RecordHeaders, Source, event_id_for, ingest_record
 
 # The longest wait between two fetches of one call that stays non-terminal (a call
 # FreeClimb still shows in progress, or that our fetches keep failing for).
 MAX_BACKOFF_SECONDS = 3600.0
-
-Headers = list[tuple[str, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,14 +84,14 @@ def sweep_window(
     return now - timedelta(seconds=max(span, sweep)), now
 
 
-def api_record(body: bytes, call: Call, received_at: datetime) -> tuple[bytes, bytes, Headers]:
-    """(key, value, headers) of a fetched resource on the ingest topic, as ingest writes
-    an event (service/ingest.py): keyed by callId, its eventId derived from the
-    resource's bytes, so the same resource fetched twice is one event (rule 0)."""
-    event_id = event_id_for(body)
-    value = encode_ingest(event_id, received_at, Source.API, None, call, body)
-    headers = [("content-type", b"application/json"), ("ce_id", event_id.encode())]
-    return call.callId.encode(), value, headers
+def api_record(
+    body: bytes, call: Call, received_at: datetime, max_bytes: int
+) -> tuple[bytes, bytes, RecordHeaders]:
+    """(key, value, headers) of a fetched resource on the ingest topic, written as ingest
+    writes an event (:func:`~schemas.messages.ingest_record`, its size check included:
+    :class:`~schemas.messages.RecordTooLarge`), its eventId derived from the resource's
+    bytes, so the same resource fetched twice is one event (rule 0)."""
+    return ingest_record(event_id_for(body), received_at, Source.API, None, call, body, max_bytes)
 
 
 __all__ = [

@@ -11,21 +11,23 @@ events it publishes go through the same FSM and exactly-once path as callbacks.
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Literal, Protocol
 
 import httpx
 import structlog
 from pydantic import SecretStr
 
+from schemas.messages import RecordTooLarge
 from service import metrics
-from service.accountbook import canonical_id
+from service.accountbook import AccountBook, api_keys, canonical_id
 from service.accounts import load
-from service.backoff import Backoff, sleep_or_stop
+from service.backoff import Backoff
 from service.freeclimb import (
     CallNotFound,
     ClientOptions,
@@ -34,8 +36,9 @@ from service.freeclimb import (
     FreeClimbError,
     InvalidCall,
 )
+from service.kafka import retry_at_start
 from service.partitioner import partition_for
-from service.producer import IngestProducer, Unavailable
+from service.producer import IngestProducer, Unavailable, Unwritable
 from service.reconcile import Attempt, api_record, due_calls, next_attempt, sweep_window
 from service.settings import Settings
 from service.statecodec import account_id, account_of
@@ -48,6 +51,9 @@ log = structlog.get_logger(logger_name="callstatus.reconciler")
 
 Headers = list[tuple[str, bytes]]
 Publish = Callable[[bytes, bytes, Headers], Awaitable[None]]
+
+# What became of a fetched resource sent to the ingest topic (publish_fetched).
+Outcome = Literal["published", "too_large", "unpublished", "unwritable"]
 
 # Fetches started per round at most: the client's per-account gate bounds how many are in
 # flight; this bounds what one round holds in memory after an outage left many due.
@@ -70,15 +76,50 @@ class Owner(Protocol):
     def ingest_partitions(self) -> list[int] | None: ...
 
 
-def api_credentials(settings: Settings) -> dict[str, SecretStr]:
-    """The accounts with an API key: FREECLIMB_ACCOUNT_ID and FREECLIMB_API_KEY, or
-    each account of the accounts file that has an ``apiKey`` (read once, at start)."""
+class Books(Protocol):
+    """Where the accounts in use come from: the node's accounts watcher
+    (service/accounts.py), read once per round."""
+
+    @property
+    def book(self) -> AccountBook: ...
+
+
+# The accounts the reconciler may ask about, as of now: account id -> API key.
+Keys = Callable[[], Mapping[str, SecretStr]]
+
+
+class BookKeys:
+    """The API keys of the node's accounts book in use: a reloaded accounts file (a
+    rotated ``apiKey``, an account added or removed) counts from the next round. Derived
+    again only when the watcher swapped the book, so an unchanged round costs a read."""
+
+    def __init__(self, books: Books) -> None:
+        self._books = books
+        self._book: AccountBook | None = None
+        self._keys: Mapping[str, SecretStr] = {}
+
+    def __call__(self) -> Mapping[str, SecretStr]:
+        book = self._books.book
+        if book is not self._book:
+            self._book, self._keys = book, api_keys(book)
+        return self._keys
+
+
+def shorthand_keys(settings: Settings) -> dict[str, SecretStr]:
+    """FREECLIMB_ACCOUNT_ID and FREECLIMB_API_KEY, the one account without a file."""
     if settings.freeclimb_account_id is not None and settings.freeclimb_api_key is not None:
         return {canonical_id(settings.freeclimb_account_id): settings.freeclimb_api_key}
-    if settings.accounts_file is not None:
-        book, _ = load(settings.accounts_file)
-        return {a.id: a.api_key for a in book if a.id is not None and a.api_key is not None}
     return {}
+
+
+def api_credentials(settings: Settings) -> dict[str, SecretStr]:
+    """The accounts with an API key now: the shorthand's, or each account of the
+    accounts file that has an ``apiKey``, read from the file once (for ``callstatus
+    backfill``, a one-off; the node's reconciler follows the watched book instead)."""
+    if (keys := shorthand_keys(settings)) or settings.accounts_file is None:
+        return keys
+    book, _ = load(settings.accounts_file)
+    return api_keys(book)
 
 
 def client_for(
@@ -91,21 +132,39 @@ def client_for(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """What one sweep did: ``done`` (every owned account listed), ``failed`` (an
+    account's listing did not finish) or ``skipped`` (the partitions are not known now:
+    mid-rebalance); and how many calls it published."""
+
+    outcome: Literal["done", "failed", "skipped"]
+    published: int = 0
+
+
 class Reconciler:
-    """Trigger 1 (held calls) and trigger 2 (the sweep), in one task beside the processor."""
+    """Trigger 1 (held calls) and trigger 2 (the sweep), in one task beside the
+    processor; it runs until cancelled (service/server.py cancels it at stop)."""
 
     def __init__(
         self,
         settings: Settings,
         owner: Owner,
-        credentials: Mapping[str, SecretStr],
+        keys: Keys | Mapping[str, SecretStr],
         publish: Publish | None = None,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.owner = owner
-        self.credentials = dict(credentials)
+        if callable(keys):
+            self._keys: Keys = keys
+        else:
+            fixed = dict(keys)
+            self._keys = lambda: fixed
+        # The keys the client was last given, and that client: a round hands the client
+        # new keys only when the book changed.
+        self._given: tuple[FreeClimbClient, Mapping[str, SecretStr]] | None = None
         self.clock = clock
         self.after = settings.reconcile_after_seconds
         # A scan of the held index is cheap (non-terminal calls only), so a few seconds;
@@ -113,43 +172,35 @@ class Reconciler:
         self.tick = max(0.2, min(5.0, self.after / 4))
         self._publish = publish
         self._producer: IngestProducer | None = None
-        self._stopping = asyncio.Event()
         self._attempts: dict[str, Attempt] = {}
         self._given_up: set[str] = set()
         # Calls the sweep published, with the revision, until they leave the window: a
         # sweep lists each ended call for the whole window, and one record each suffices.
         self._swept: dict[str, tuple[int | None, float]] = {}
         self._next_sweep = 0.0
+        # After a failed sweep, the next comes sooner than a whole sweep period (the
+        # calls it missed are still missing), but backed off: an API that is down is
+        # not asked every round.
+        self._sweep_backoff = Backoff(first=min(5.0, self.tick * 2), cap=30.0)
 
-    async def stop(self) -> None:
-        self._stopping.set()
+    @property
+    def credentials(self) -> Mapping[str, SecretStr]:
+        """The accounts asked about now, and their keys."""
+        return self._keys()
 
     async def run(self) -> None:
-        """Rounds until :meth:`stop`; a failing round is logged and the next one tries
+        """Rounds until cancelled; a failing round is logged and the next one tries
         again: the reconciler must never take the processor or ingest down with it."""
-        s = self.settings
-        log.info(
-            "reconciliation on",
-            accounts=len(self.credentials),
-            after_s=s.reconcile_after_seconds,
-            sweep_s=s.reconcile_sweep_seconds,
-        )
-        if self._publish is None:
-            # A processor-only node has no ingest producer: one of its own. (With ingest
-            # in the process, the node's publisher is shared: one producer's metrics.)
-            producer = self._producer = IngestProducer(self.settings)
-            backoff = Backoff(first=0.5, cap=30.0)
-            while True:
-                try:
-                    await producer.start()
-                    break
-                except Exception as exc:
-                    log.warning("reconciler producer not started", error=repr(exc))
-                    if await sleep_or_stop(backoff.next_delay(), self._stopping):
-                        return
-            self._publish = producer.publish
-        self._next_sweep = self.clock() + self.settings.reconcile_sweep_seconds
+        self._say(self.credentials)
         try:
+            if self._publish is None:
+                # A processor-only node has no ingest producer: one of its own (with
+                # ingest in the process, the node's publisher is shared: one producer's
+                # metrics). Started for as long as Kafka takes: the processor waits too.
+                producer = self._producer = IngestProducer(self.settings)
+                await retry_at_start(producer.start, "reconciler producer", math.inf)
+                self._publish = producer.publish
+            self._next_sweep = self.clock() + self.settings.reconcile_sweep_seconds
             await self._rounds()
         except Exception:
             log.exception("reconciler stopped")
@@ -160,26 +211,56 @@ class Reconciler:
 
     async def _rounds(self) -> None:
         async with client_for(self.settings, self.credentials) as client:
-            while not self._stopping.is_set():
+            while True:
                 try:
                     await self.round(client)
                 except Exception:
                     log.exception("reconcile round failed")
-                if await sleep_or_stop(self.tick, self._stopping):
-                    break
+                await asyncio.sleep(self.tick)
 
     async def round(self, client: FreeClimbClient) -> None:
         now = self.clock()
         await self.held_round(client, now)
         sweep = self.settings.reconcile_sweep_seconds
         if sweep and now >= self._next_sweep:
-            self._next_sweep = now + sweep
-            await self.sweep_round(client, now)
+            result = await self.sweep_round(client, now)
+            if result.outcome == "done":
+                self._sweep_backoff.reset()
+                self._next_sweep = now + sweep
+            elif result.outcome == "failed":
+                self._next_sweep = now + min(sweep, self._sweep_backoff.next_delay())
+            # Skipped: nothing is known to be ours now; due again at the next round.
+
+    def _keys_for(self, client: FreeClimbClient) -> Mapping[str, SecretStr]:
+        """The keys in use now, handed to ``client`` when they changed (a reload)."""
+        keys = self._keys()
+        given = self._given
+        if given is None or given[0] is not client or given[1] is not keys:
+            if given is not None and bool(given[1]) != bool(keys):
+                self._say(keys)  # the first key added, or the last one removed
+            client.use(keys)
+            self._given = (client, keys)
+        return keys
+
+    def _say(self, keys: Mapping[str, SecretStr]) -> None:
+        """Whether reconciliation is on: at start, and when a reload turns it on or off
+        (an accounts file without any apiKey keeps the reconciler waiting for one)."""
+        s = self.settings
+        if keys:
+            log.info(
+                "reconciliation on",
+                accounts=len(keys),
+                after_s=s.reconcile_after_seconds,
+                sweep_s=s.reconcile_sweep_seconds,
+            )
+        else:
+            say_off(waiting=True)
 
     # -- trigger 1: calls held non-terminal too long ---------------------------------
 
     async def held_round(self, client: FreeClimbClient, now: float) -> int:
         """Fetch and publish the owned calls that are due; returns how many were tried."""
+        credentials = self._keys_for(client)
         workers = self.owner.owned()
         if not workers:
             # Mid-rebalance (or nothing assigned): the calls are not known now, which is
@@ -204,7 +285,7 @@ class Reconciler:
             self._attempts[call_id] = next_attempt(
                 self._attempts.get(call_id), held[call_id], now=now, after=self.after
             )
-            if account is None or account not in self.credentials:
+            if account is None or account not in credentials:
                 continue  # an account without an API key: nothing we can ask
             jobs.append(self._fetch_held(client, account, call_id))
         if jobs:
@@ -232,34 +313,24 @@ class Reconciler:
             return
         await self._send("held", fetched)
 
-    async def _send(self, trigger: str, fetched: FetchedCall) -> bool:
-        key, value, headers = api_record(fetched.body, fetched.call, datetime.now(UTC))
-        if len(key) + len(value) > self.settings.max_ingest_value_bytes:
-            metrics.RECONCILE_FETCHES.labels(trigger, "invalid").inc()
-            log.warning("fetched call too large to publish", callId=fetched.call.callId)
-            return False
+    async def _send(self, trigger: str, fetched: FetchedCall) -> Outcome:
+        """Publish one fetched resource (its failures counted and logged)."""
         assert self._publish is not None
-        try:
-            await self._publish(key, value, headers)
-        except Unavailable as exc:
-            metrics.RECONCILE_FETCHES.labels(trigger, "unpublished").inc()
-            log.warning("fetched call not published", callId=fetched.call.callId, error=repr(exc))
-            return False
-        metrics.RECONCILE_FETCHES.labels(trigger, "published").inc()
-        return True
+        return await publish_fetched(
+            self._publish, trigger, fetched, self.settings.max_ingest_value_bytes
+        )
 
     # -- trigger 2: the sweep of recently ended calls --------------------------------
 
-    def _owns_account(self, account: str) -> bool:
-        partitions = self.owner.ingest_partitions()
-        if not partitions:
-            return False
-        owned = self.owner.owned()
-        return partition_for(account.encode(), partitions, partitions) in owned
-
-    async def sweep_round(self, client: FreeClimbClient, now: float) -> int:
+    async def sweep_round(self, client: FreeClimbClient, now: float) -> Sweep:
         """List each owned account's calls ended within the window and publish those not
-        published since they entered it; returns how many were published."""
+        published since they entered it. Skipped while the partitions are not known (a
+        rebalance): which accounts are ours cannot be told, and "none" would be wrong."""
+        credentials = self._keys_for(client)
+        partitions = self.owner.ingest_partitions()
+        owned = self.owner.owned()
+        if not partitions or not owned:
+            return Sweep("skipped")
         s = self.settings
         start, end = sweep_window(
             datetime.fromtimestamp(now, UTC),
@@ -271,9 +342,10 @@ class Reconciler:
         horizon = start.timestamp()
         self._swept = {c: seen for c, seen in self._swept.items() if seen[1] >= horizon}
         published = 0
-        for account in sorted(self.credentials):
-            if not self._owns_account(account):
-                continue
+        outcome: Literal["done", "failed"] = "done"
+        for account in sorted(credentials):
+            if partition_for(account.encode(), partitions, partitions) not in owned:
+                continue  # another node's account
             try:
                 async for item in client.list_calls(account, start_time=start, end_time=end):
                     if isinstance(item, InvalidCall):
@@ -283,39 +355,93 @@ class Reconciler:
                     seen = self._swept.get(call.callId)
                     if seen is not None and seen[0] == call.revision:
                         continue  # published by an earlier sweep, unchanged since
-                    if await self._send("sweep", item):
+                    sent = await self._send("sweep", item)
+                    if sent == "published":
                         self._swept[call.callId] = (call.revision, now)
                         published += 1
+                    elif sent == "unpublished":
+                        # Kafka cannot take writes now: each further call would wait
+                        # out the produce timeout too. Stop; the sweep is due again soon.
+                        metrics.RECONCILE_SWEEPS.labels("failed").inc()
+                        return Sweep("failed", published)
             except FreeClimbError as exc:
+                # Failure: the listing broke off (the client's retries are spent). The
+                # other accounts are still listed; the sweep is due again soon.
+                outcome = "failed"
                 metrics.RECONCILE_SWEEPS.labels("failed").inc()
                 metrics.RECONCILE_FETCHES.labels("sweep", "failed").inc()
                 log.warning("sweep failed", account=account, error=str(exc), status=exc.status)
                 continue
             metrics.RECONCILE_SWEEPS.labels("ok").inc()
-        return published
+        return Sweep(outcome, published)
+
+
+async def publish_fetched(
+    publish: Publish, trigger: str, fetched: FetchedCall, max_bytes: int
+) -> Outcome:
+    """One fetched resource to the ingest topic, its outcome counted and returned:
+    ``published``; ``too_large`` (its record would exceed MAX_INGEST_VALUE_BYTES, so no
+    send could take it); ``unwritable`` (Kafka refuses it for good: the topic's
+    max.message.bytes, a policy); ``unpublished`` (Kafka, and the spool if any, could not
+    take it now). Never raises for these: a failed publish must not end the round. What
+    was not published is tried again: a held call at its next fetch (its backoff doubles
+    to an hour while nothing changes), a swept call by the next sweep, which lists it
+    again (it is remembered as published only once it was)."""
+    call_id = fetched.call.callId
+    try:
+        key, value, headers = api_record(fetched.body, fetched.call, datetime.now(UTC), max_bytes)
+    except RecordTooLarge as exc:
+        # Failure, not retried: FreeClimb's resource is larger than ingest accepts.
+        metrics.RECONCILE_FETCHES.labels(trigger, "too_large").inc()
+        log.warning("fetched call too large to publish", callId=call_id, error=str(exc))
+        return "too_large"
+    try:
+        await publish(key, value, headers)
+    except Unwritable as exc:
+        # Failure, not retried: Kafka refuses this record for good; an operator must
+        # fix the topic (the CallstatusReconcileFailing alert counts it).
+        metrics.RECONCILE_FETCHES.labels(trigger, "unwritable").inc()
+        log.error("kafka refuses the fetched call for good", callId=call_id, error=exc.cause)
+        return "unwritable"
+    except Unavailable as exc:
+        # Failure, retried later: Kafka (and the spool, if any) could not take it now.
+        metrics.RECONCILE_FETCHES.labels(trigger, "unpublished").inc()
+        log.warning("fetched call not published", callId=call_id, error=repr(exc))
+        return "unpublished"
+    metrics.RECONCILE_FETCHES.labels(trigger, "published").inc()
+    return "published"
 
 
 def reconciler_for(
     settings: Settings,
     processor: Processor | None,
     publisher: IngestProducer | SpoolingPublisher | None,
+    books: Books | None,
 ) -> Reconciler | None:
-    """The node's reconciler, or None when it has no processor or no account has an API
-    key (:func:`say_off` logs that, at start: building a node logs nothing)."""
+    """The node's reconciler, or None when it has no processor or no API key can be
+    configured: no FREECLIMB_API_KEY and no accounts file (:func:`say_off` logs that, at
+    start: building a node logs nothing). With an accounts file, it follows ``books``
+    (the node's one watcher), so a key added or rotated later is used without a restart."""
     if processor is None:
         return None
-    credentials = api_credentials(settings)
-    if not credentials:
+    keys: Keys | dict[str, SecretStr]
+    if shorthand := shorthand_keys(settings):
+        keys = shorthand
+    elif settings.accounts_file is not None and books is not None:
+        keys = BookKeys(books)
+    else:
         return None
     publish = publisher.publish if publisher is not None else None
-    return Reconciler(settings, processor, credentials, publish)
+    return Reconciler(settings, processor, keys, publish)
 
 
-def say_off() -> None:
-    """The one line a processor node without an API key logs at start."""
+def say_off(*, waiting: bool = False) -> None:
+    """The one line a processor node without an API key logs at start; ``waiting`` when
+    it follows an accounts file, where a key added later turns reconciliation on."""
     log.info(
         "reconciliation off: no FreeClimb API key configured "
-        "(CALLSTATUS_FREECLIMB_API_KEY, or apiKey in the accounts file)"
+        "(CALLSTATUS_FREECLIMB_API_KEY, or apiKey in the accounts file)",
+        **({"until": "an apiKey is added to the accounts file"} if waiting else {}),
     )
 
 
@@ -329,6 +455,7 @@ class BackfillSummary:
     pages: int = 0
     invalid: int = 0
     unpublished: int = 0
+    refused: int = 0  # too large for ingest, or refused by Kafka for good
 
 
 class _PageCounter(httpx.AsyncBaseTransport):
@@ -379,15 +506,15 @@ async def backfill(
                     summary.invalid += 1
                     metrics.RECONCILE_FETCHES.labels("backfill", "invalid").inc()
                 else:
-                    key, value, headers = api_record(item.body, item.call, datetime.now(UTC))
-                    try:
-                        await publish(key, value, headers)
-                    except Unavailable:
-                        summary.unpublished += 1
-                        metrics.RECONCILE_FETCHES.labels("backfill", "unpublished").inc()
-                    else:
+                    outcome = await publish_fetched(
+                        publish, "backfill", item, settings.max_ingest_value_bytes
+                    )
+                    if outcome == "published":
                         summary.published += 1
-                        metrics.RECONCILE_FETCHES.labels("backfill", "published").inc()
+                    elif outcome == "unpublished":
+                        summary.unpublished += 1
+                    else:
+                        summary.refused += 1
                 if counter.pages != summary.pages:
                     summary.pages = counter.pages
                     print(
@@ -401,7 +528,8 @@ async def backfill(
             await producer.stop()
     print(
         f"backfill done: {summary.fetched} fetched, {summary.published} published, "
-        f"{summary.pages} pages, {summary.invalid} invalid, {summary.unpublished} unpublished",
+        f"{summary.pages} pages, {summary.invalid} invalid, {summary.unpublished} unpublished, "
+        f"{summary.refused} refused",
         file=out,
         flush=True,
     )
@@ -410,10 +538,14 @@ async def backfill(
 
 __all__ = [
     "BackfillSummary",
+    "BookKeys",
+    "Books",
     "Owner",
     "Reconciler",
+    "Sweep",
     "api_credentials",
     "backfill",
     "reconciler_for",
     "say_off",
+    "shorthand_keys",
 ]

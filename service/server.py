@@ -65,13 +65,16 @@ class Node:
         self.publisher = publisher_for(settings) if settings.role.runs_ingest else None
         self.processor = Processor(settings) if settings.role.runs_processor else None
         # Loaded now, so a bad accounts file stops the start like a bad setting (exit 2,
-        # one line); a processor-only node judges no signatures and needs none.
+        # one line). Ingest judges signatures by it; the reconciler takes the API keys
+        # from it. One watcher for both (role all): one reload, one book, one metric.
+        # A processor-only node without an accounts file needs none.
+        wants_accounts = settings.role.runs_ingest or settings.accounts_file is not None
         self.accounts: AccountsWatcher | StaticAccounts | None = (
-            open_source(settings) if settings.role.runs_ingest else None
+            open_source(settings) if wants_accounts else None
         )
         self._watching: asyncio.Task[None] | None = None
         # Beside the processor, fetching the calls of its partitions (section 12).
-        self.reconciler = reconciler_for(settings, self.processor, self.publisher)
+        self.reconciler = reconciler_for(settings, self.processor, self.publisher, self.accounts)
         self._reconciling: asyncio.Task[None] | None = None
         # Set on the first SIGTERM: /readyz answers 503 while requests are still served.
         self.draining = False

@@ -305,10 +305,37 @@ class Settings(BaseSettings):
             raise ValueError(
                 "set CALLSTATUS_FREECLIMB_API_KEY or apiKey in CALLSTATUS_ACCOUNTS_FILE, not both"
             )
+        self._check_sweep_window()
         topics = self.topic_names
         if len(set(topics)) != len(topics):
             raise ValueError("the four CALLSTATUS_TOPIC_* names must be distinct")
         return self
+
+    def _check_sweep_window(self) -> None:
+        """The sweep lists calls back over LOOKBACK + 2 sweeps; each must still have its
+        state then (ended less than the terminal retention ago, less the clock skew and
+        a sweep of slack), or listing it again is a first event: a second change on
+        changes (docs/architecture.md section 12). Checked where a reconciler may run:
+        a processor node with a key (or an accounts file, which may gain one)."""
+        sweep = self.reconcile_sweep_seconds
+        may_reconcile = self.freeclimb_api_key is not None or self.accounts_file is not None
+        if not (self.role.runs_processor and sweep > 0 and may_reconcile):
+            return
+        window = self.reconcile_sweep_lookback_seconds + 2 * sweep
+        bound = self.state_terminal_retention_seconds - self.max_clock_skew_seconds - sweep
+        if window > bound:
+            lookback = _n(self.reconcile_sweep_lookback_seconds)
+            retention = self.state_terminal_retention_seconds
+            raise ValueError(
+                "the reconcile sweep reaches past the calls' retention: "
+                f"CALLSTATUS_RECONCILE_SWEEP_LOOKBACK_SECONDS ({lookback}) + 2 x "
+                f"CALLSTATUS_RECONCILE_SWEEP_SECONDS ({_n(sweep)}) = {_n(window)} s must be "
+                f"at most CALLSTATUS_STATE_TERMINAL_RETENTION_SECONDS ({retention}) - "
+                f"CALLSTATUS_MAX_CLOCK_SKEW_SECONDS ({self.max_clock_skew_seconds}) - "
+                f"CALLSTATUS_RECONCILE_SWEEP_SECONDS = {_n(bound)} s; shorten the lookback or "
+                "the sweep, keep ended calls longer, or set CALLSTATUS_RECONCILE_SWEEP_SECONDS=0 "
+                "to turn the sweep off"
+            )
 
     @property
     def producer_max_request_bytes(self) -> int:
@@ -329,6 +356,11 @@ class Settings(BaseSettings):
     @property
     def topic_names(self) -> tuple[str, str, str, str]:
         return (self.topic_ingest, self.topic_changes, self.topic_rejected, self.topic_state)
+
+
+def _n(seconds: float) -> str:
+    """Seconds as a person writes them: 300, not 300.0."""
+    return f"{seconds:g}"
 
 
 def _read_secret_file(path: Path, variable: str) -> str:

@@ -60,8 +60,8 @@ _AHEAD = AheadOfClock()  # one for all partitions: one warning a window
 
 
 @cache
-def _event_counter(outcome: str, reason: str) -> Counter:
-    return metrics.PROCESSOR_EVENTS.labels(outcome, reason)
+def _event_counter(source: str, outcome: str, reason: str) -> Counter:
+    return metrics.PROCESSOR_EVENTS.labels(source, outcome, reason)
 
 
 @cache
@@ -356,8 +356,8 @@ class PartitionWorker:
             _AHEAD.note(
                 self.partition, p.ahead_of_clock, p.furthest_ahead, self.retention.max_clock_skew
             )
-        for (outcome, reason), n in p.events.items():
-            _event_counter(outcome, reason).inc(n)
+        for (source, outcome, reason), n in p.events.items():
+            _event_counter(source, outcome, reason).inc(n)
         for (before, after), n in p.transitions.items():
             _transition_counter(before, after).inc(n)
 

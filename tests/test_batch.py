@@ -99,7 +99,11 @@ def test_accepted_events_write_a_change_and_a_state_rejected_ones_a_rejection() 
     # One state record for the call, after its verdicts: it remembers every eventId.
     assert topics(p) == [("changes", 0), ("rejected", 1), ("state", 2)]
     assert p.next_offset == 3
-    assert p.events == {("accepted", ""): 1, ("rejected", "out_of_order"): 1, ("duplicate", ""): 1}
+    assert p.events == {
+        ("webhook", "accepted", ""): 1,
+        ("webhook", "rejected", "out_of_order"): 1,
+        ("webhook", "duplicate", ""): 1,
+    }
     packed = p.states[cid(1)]
     assert packed is not None and unpack(packed).updated_at == T  # event, not processing, time
     # The state record's value is the packed state itself, and nothing else.
@@ -116,6 +120,22 @@ def test_the_input_states_are_not_touched() -> None:
     states: dict[str, bytes] = {}
     run([event(0, cid(1), S.RINGING, T)], states)
     assert states == {}
+
+
+def test_events_are_counted_by_their_source() -> None:
+    # What the reconciler's metrics read: did an api-sourced resource change the call?
+    call = Call.model_validate({"callId": cid(1), "status": S.COMPLETED, "revision": 4})
+    api = encode_ingest(str(uuid.uuid4()), T, Source.API, None, call, call.to_json())
+    fetched = record(1, api, cid(1).encode())
+    p = run([event(0, cid(1), S.RINGING, T), fetched, record(2, fetched.value, fetched.key)])
+    assert p.events == {
+        ("webhook", "accepted", ""): 1,
+        ("api", "accepted", ""): 1,  # it changed something
+        ("api", "duplicate", ""): 1,  # the same resource fetched again: it did not
+    }
+    # A record that is no event has no source.
+    junk = run([record(0, b"\x00 not json", b"k")])
+    assert junk.events == {("", "rejected", "undecodable"): 1}
 
 
 def test_an_undecodable_record_becomes_a_rejection_with_its_bytes() -> None:
@@ -150,12 +170,12 @@ def test_expiry_follows_the_watermark_not_the_processing_time() -> None:
     done = {cid(1): pack(CallState(S.COMPLETED, None, T))}
     # Processed ten hours later, but only ten minutes later in event time: a duplicate.
     redelivery = run([event(0, cid(1), S.COMPLETED, T + timedelta(minutes=10))], done)
-    assert redelivery.events == {("duplicate", ""): 1}
+    assert redelivery.events == {("webhook", "duplicate", ""): 1}
     # Only the state, remembering the redelivery's eventId; nothing was swept.
     assert topics(redelivery) == [("state", 0)]
     # Past the terminal retention in event time: forgotten, so a new first event.
     late = run([event(0, cid(1), S.COMPLETED, T + 2 * HOUR)], done)
-    assert late.events == {("accepted", ""): 1}
+    assert late.events == {("webhook", "accepted", ""): 1}
 
 
 def test_a_batch_cut_differently_decides_the_same() -> None:
@@ -286,7 +306,7 @@ def test_an_event_judged_before_is_dropped_without_any_output() -> None:
         ]
     )
     assert topics(p) == [("changes", 0), ("changes", 1), ("state", 1)]
-    assert p.events[("duplicate", "")] == 1
+    assert p.events[("webhook", "duplicate", "")] == 1
 
 
 def test_outputs_go_to_the_ingest_partitions_number_only_when_the_counts_match() -> None:
@@ -320,7 +340,7 @@ def test_the_same_revision_with_its_keys_reordered_is_a_duplicate() -> None:
     uris = {"recordings": "/r", "notifications": "/n", "logs": "/l"}
     swapped = dict(reversed(uris.items()))
     p = run([resource(0, S.RINGING, 3, uris), resource(1, S.RINGING, 3, swapped)])
-    assert p.events == {("accepted", ""): 1, ("duplicate", ""): 1}
+    assert p.events == {("resource", "accepted", ""): 1, ("resource", "duplicate", ""): 1}
 
 
 def test_replays_of_one_event_leave_the_earlier_ones_remembered() -> None:
@@ -333,7 +353,7 @@ def test_replays_of_one_event_leave_the_earlier_ones_remembered() -> None:
             event(42, cid(1), S.RINGING, T, event_id="ring"),
         ]
     )
-    assert p.events == {("accepted", ""): 2, ("duplicate", ""): 41}
+    assert p.events == {("webhook", "accepted", ""): 2, ("webhook", "duplicate", ""): 41}
 
 
 FORGED = datetime(9999, 12, 31, tzinfo=UTC)
@@ -345,7 +365,7 @@ def test_a_record_from_the_far_future_does_not_move_the_watermark() -> None:
     p = run([event(0, cid(2), S.QUEUED, FORGED)], done, watermark=NOW)
     # Judged as usual (the first event of its call), counted, but time stands still:
     # nothing swept, the finished call still known.
-    assert p.events == {("accepted", ""): 1} and p.ahead_of_clock == 1
+    assert p.events == {("webhook", "accepted", ""): 1} and p.ahead_of_clock == 1
     assert p.watermark == NOW and cid(1) not in p.states
     assert topics(p) == [("changes", 0), ("state", 0)]
     # Its own state is kept at the bound, not in 9999, so it expires like any other.
@@ -354,7 +374,7 @@ def test_a_record_from_the_far_future_does_not_move_the_watermark() -> None:
     # A replay of the finished call's event afterwards is still dropped by rule 0.
     replay = run([event(1, cid(1), S.COMPLETED, NOW, event_id="done")], done, position=1,
                  watermark=p.watermark, swept_at=p.swept_at)  # fmt: skip
-    assert replay.events == {("duplicate", ""): 1} and replay.outputs == []
+    assert replay.events == {("webhook", "duplicate", ""): 1} and replay.outputs == []
 
 
 def test_a_receivedat_within_the_skew_still_moves_the_watermark() -> None:

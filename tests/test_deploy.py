@@ -10,9 +10,10 @@
   StatefulSet whose spool is a PersistentVolumeClaim; base and dev keep an emptyDir.
   Prod's KafkaUsers are exactly service/acls.py's, and each workload logs in as its own
   user over SASL_SSL with the password file from that user's mounted Secret.
-- Ingest reads its accounts (signing secrets, API keys) from the Secret
-  ``callstatus-accounts`` mounted as a directory (a subPath would never see an update),
-  never from environment variables; the processor gets neither.
+- Every workload reads its accounts (signing secrets for ingest, API keys for the
+  processor's reconciler) from the Secret ``callstatus-accounts`` mounted as a directory
+  (a subPath would never see an update), never from environment variables; the pods
+  that run the processor may reach FreeClimb's REST API (HTTPS out), ingest pods not.
 - Prod's ingest scale-down strands no spool unnoticed: the HPA scales it down slowly
   (one pod at a time, after a long stabilization window), each stop has time to drain
   the spool, claims are retained, and the stranded-spool alert waits out a pod's
@@ -31,6 +32,7 @@ Needs: ``kubectl`` on PATH (or /usr/bin/kubectl), and the dev extras ``pyyaml``,
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import re
 import shutil
@@ -399,11 +401,8 @@ def test_webhook_secrets_come_from_the_mounted_accounts_file(name: str) -> None:
         mounted = [
             v for v in volumes if v.get("secret", {}).get("secretName") == "callstatus-accounts"
         ]
-        if role(docs, workload) == "processor":
-            # The processor verifies no webhook: least privilege, no accounts.
-            assert "CALLSTATUS_ACCOUNTS_FILE" not in env, where
-            assert not mounted, where
-            continue
+        # The processor too: its reconciler takes each account's apiKey from the file.
+        assert mounted, where
         path = env.get("CALLSTATUS_ACCOUNTS_FILE")
         assert path == ACCOUNTS_FILE, f"{where}: CALLSTATUS_ACCOUNTS_FILE is {path!r}"
         assert secret_file(workload, path) == ("callstatus-accounts", "accounts.yaml"), where
@@ -423,6 +422,78 @@ def test_webhook_secrets_come_from_the_mounted_accounts_file(name: str) -> None:
             }
         )
         assert settings.accounts_file == Path(ACCOUNTS_FILE)
+
+
+def policy_selects(policy: Doc, labels: dict[str, str]) -> bool:
+    """Whether a NetworkPolicy's podSelector (matchLabels and matchExpressions) picks a
+    pod with these labels."""
+    selector = policy["spec"]["podSelector"]
+    if not selects(selector.get("matchLabels", {}), labels):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values")
+        present = key in labels
+        ok = {
+            "In": present and labels.get(key) in (values or []),
+            "NotIn": not present or labels.get(key) not in (values or []),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]
+        if not ok:
+            return False
+    return True
+
+
+def egress_allows(docs: tuple[Doc, ...], labels: dict[str, str], address: str, port: int) -> bool:
+    """Whether the NetworkPolicies selecting a pod let it open TCP ``address:port``
+    (policies add up; one rule allowing it is enough)."""
+    ip = ipaddress.ip_address(address)
+    for policy in of_kind(docs, "NetworkPolicy"):
+        if "Egress" not in policy["spec"]["policyTypes"] or not policy_selects(policy, labels):
+            continue
+        for rule in policy["spec"].get("egress", []):
+            ports = rule.get("ports")
+            if ports and not any(
+                p.get("protocol", "TCP") == "TCP" and p["port"] == port for p in ports
+            ):
+                continue
+            for peer in rule.get("to", []):
+                block = peer.get("ipBlock")
+                if block is None:
+                    continue
+                inside = ip in ipaddress.ip_network(block["cidr"])
+                if inside and not any(
+                    ip in ipaddress.ip_network(c) for c in block.get("except", [])
+                ):
+                    return True
+    return False
+
+
+# An address FreeClimb's API could have (public; from TEST-NET-3) and one it cannot.
+PUBLIC_ADDRESS, PRIVATE_ADDRESS = "203.0.113.7", "10.1.2.3"
+
+
+@parametrize_kustomizations
+def test_processor_pods_get_the_api_keys_and_may_reach_the_freeclimb_api(name: str) -> None:
+    # Issue 19: the reconciler runs beside the processor and asks FreeClimb's REST API
+    # with each account's apiKey; without the key mounted or the egress it is silently
+    # off (or failing) in production.
+    docs = render(name)
+    for workload in all_workloads(docs):
+        where, runs = workload["metadata"]["name"], role(docs, workload)
+        labels = pod_labels(workload)
+        reaches_api = egress_allows(docs, labels, PUBLIC_ADDRESS, 443)
+        if runs == "ingest":
+            assert not reaches_api, f"{where}: ingest never calls the API (least privilege)"
+            continue
+        env = environment(docs, workload)
+        assert env.get("CALLSTATUS_ACCOUNTS_FILE") == ACCOUNTS_FILE, where
+        assert secret_file(workload, ACCOUNTS_FILE) == ("callstatus-accounts", "accounts.yaml")
+        settings = Settings.model_validate({"role": runs, "accounts_file": ACCOUNTS_FILE})
+        assert settings.role.runs_processor and settings.accounts_file is not None, where
+        assert reaches_api, f"{where}: no egress to FreeClimb's API on 443"
+        assert not egress_allows(docs, labels, PRIVATE_ADDRESS, 443), where
+        assert not egress_allows(docs, labels, "169.254.169.254", 443), where
 
 
 # ------------------------------------------------------------------------- hardening
@@ -577,16 +648,13 @@ IN_STEP = (
 # cluster CA, mounted; test_prod_workloads_log_in_as_their_own_user_from_a_mounted_secret).
 PROD_LOGIN_ENV = {"CALLSTATUS_KAFKA_SASL_USERNAME", "CALLSTATUS_KAFKA_SASL_PASSWORD_FILE"}
 PROD_LOGIN_MOUNTS = {"kafka-user", "kafka-ca"}
-# What the prod processor leaves out of the base (it verifies no webhook): the accounts
-# Secret's mount (test_webhook_secrets_come_from_the_mounted_accounts_file).
-PROCESSOR_DROPPED_MOUNTS = {"accounts"}
 
 
 def test_prod_workloads_stay_in_step_with_the_base() -> None:
     [base] = all_workloads(render("base"))
     base_container = app_container(base)
     base_env = {v["name"] for v in base_container["env"]}
-    for docs, workload in workloads("overlays/prod"):
+    for _docs, workload in workloads("overlays/prod"):
         where = workload["metadata"]["name"]
         container = app_container(workload)
         for key in IN_STEP:
@@ -601,13 +669,10 @@ def test_prod_workloads_stay_in_step_with_the_base() -> None:
                 assert container[key].split(":")[0] == base_container[key].split(":")[0], where
             elif key == "volumeMounts":
                 mounts = [m for m in container[key] if m["name"] not in PROD_LOGIN_MOUNTS]
-                expected = base_container[key]
-                if role(docs, workload) == "processor":
-                    expected = [m for m in expected if m["name"] not in PROCESSOR_DROPPED_MOUNTS]
-                assert mounts == expected, f"{where}: {key}"
+                assert mounts == base_container[key], f"{where}: {key}"
             else:
                 assert container.get(key) == base_container.get(key), f"{where}: {key}"
-        # Only the role, the Kafka login and the processor's missing secret differ.
+        # Only the role and the Kafka login differ.
         env = {v["name"] for v in container["env"]} - PROD_LOGIN_ENV
         assert env <= base_env, f"{where}: env not in the base {env - base_env}"
         assert "CALLSTATUS_ROLE" in env, where
@@ -776,8 +841,8 @@ def test_spool_drain_pod_drains_the_named_claim_and_gets_no_webhooks(version: st
     # Reaches Kafka (the NetworkPolicy selects it) but takes no webhooks: no Service, and
     # no PDB or HPA, counts it among the ingest pods.
     labels = pod["metadata"]["labels"]
-    [policy] = of_kind(docs, "NetworkPolicy")
-    assert selects(policy["spec"]["podSelector"]["matchLabels"], labels)
+    assert policy_selects(one(docs, "NetworkPolicy", "callstatus"), labels)
+    assert not egress_allows(docs, labels, PUBLIC_ADDRESS, 443)  # an ingest pod's rules
     for kind in ("Service", "PodDisruptionBudget"):
         for doc in of_kind(docs, kind):
             selector = doc["spec"]["selector"]
@@ -998,7 +1063,11 @@ def test_kafka_topics(name: str) -> None:
 @parametrize_kustomizations
 def test_network_policy(name: str) -> None:
     docs = render(name)
-    [policy] = of_kind(docs, "NetworkPolicy")
+    policy = one(docs, "NetworkPolicy", "callstatus")
+    # The other one: HTTPS out to FreeClimb's API, for the processor's pods
+    # (test_processor_pods_get_the_api_keys_and_may_reach_the_freeclimb_api).
+    names = {p["metadata"]["name"] for p in of_kind(docs, "NetworkPolicy")}
+    assert names == {"callstatus", "callstatus-freeclimb-api"}
     spec = policy["spec"]
     assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
     for workload in all_workloads(docs):

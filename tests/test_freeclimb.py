@@ -22,6 +22,7 @@ from service.freeclimb import (
     Forbidden,
     FreeClimbClient,
     InvalidCall,
+    NoCredentials,
     RetriesExhausted,
     UnexpectedResponse,
     backoff_delay,
@@ -183,6 +184,33 @@ async def test_the_request_carries_basic_auth_and_no_credential_in_the_url() -> 
     expected = "Basic " + base64.b64encode(f"{ACCOUNT}:{KEY}".encode()).decode()
     assert request.headers["authorization"] == expected
     assert KEY not in repr(request.headers)  # httpx masks it too
+
+
+async def test_new_keys_count_from_the_next_request_and_an_unchanged_one_keeps_its_gate() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=json.dumps(_resource()).encode())
+
+    def basic(key: str) -> str:
+        return "Basic " + base64.b64encode(f"{ACCOUNT}:{key}".encode()).decode()
+
+    client = _client(handler)
+    gate = client._gates[ACCOUNT]
+    gate.resume_at = 1.0  # as a 429 leaves it: a reload must not forget the pause
+    client.use({ACCOUNT: SecretStr(KEY)})  # the same key (a re-synced Secret)
+    assert client._gates[ACCOUNT] is gate and gate.resume_at == 1.0
+    client.use({ACCOUNT: SecretStr("rotated")})
+    assert client._gates[ACCOUNT] is gate and gate.resume_at == 1.0
+    await client.get_call(ACCOUNT, CALL)
+    assert seen[-1].headers["authorization"] == basic("rotated")
+    other = "AC" + "c" * 40
+    client.use({other: SecretStr("other")})  # ACCOUNT removed, another added
+    assert client.accounts == [other]
+    with pytest.raises(NoCredentials):
+        await client.get_call(ACCOUNT, CALL)
+    assert len(seen) == 1  # nothing sent for an account without a key
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,31 @@ def test_dashboard_covers_what_operators_watch() -> None:
         assert metric in used, f"the dashboard lacks {metric}"
 
 
+EVENTS_SELECTOR = re.compile(r"callstatus_processor_events_total\{([^}]*)\}")
+MATCHER = re.compile(r'(\w+)\s*(=~|!=|=)\s*"([^"]*)"')
+
+
+def test_the_events_counters_label_values_in_the_kit_exist() -> None:
+    # A selector on a value the processor never writes matches nothing, silently: an
+    # alert on outcome="undecodable" (a reason, not an outcome) never fired.
+    from schemas.messages import RejectReason, Source
+    from service.fsm import Outcome
+
+    values = {
+        "source": {s.value for s in Source} | {""},
+        "outcome": {o.value for o in Outcome},
+        "reason": {r.value for r in RejectReason} | {""},
+    }
+    exprs = dashboard_exprs() + [a["expr"] for a in alerts()]
+    selectors = [m for expr in exprs for m in EVENTS_SELECTOR.findall(expr)]
+    assert any("source" in s for s in selectors), "the reconciler's api events are shown"
+    for selector in selectors:
+        for label, op, value in MATCHER.findall(selector):
+            assert label in values, f"no label {label} on the events counter"
+            wanted = value.split("|") if op == "=~" else [value]
+            assert set(wanted) <= values[label], f"{label}{op}{value!r} matches nothing"
+
+
 def test_spool_cap_written_in_the_kit_is_the_configured_one() -> None:
     # The service exports no cap metric, so the filling alert and the dashboard's cap
     # line carry the number: it must follow CALLSTATUS_SPOOL_MAX_BYTES.

@@ -113,7 +113,7 @@ def _resource(status: str = "inProgress", revision: int = 2, **extra: Any) -> di
 
 def _record(data: dict[str, Any], at: datetime = T0, **dumps: Any) -> tuple[bytes, bytes]:
     body = json.dumps(data, **dumps).encode()
-    key, value, headers = api_record(body, Call.model_validate(data), at)
+    key, value, headers = api_record(body, Call.model_validate(data), at, 1 << 20)
     assert key == CALL.encode()
     assert dict(headers)["ce_id"] == event_id_for(body).encode()
     assert dict(headers)["content-type"] == b"application/json"

@@ -7,18 +7,26 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
-from schemas.call import CallStatus
+from schemas.call import Call, CallStatus
 from schemas.messages import Source, read_ingest
+from service.accounts import AccountsWatcher, Reload
+from service.freeclimb import ClientOptions, FetchedCall, FreeClimbClient
 from service.fsm import CallState
 from service.partitioner import partition_for
-from service.reconciler import Reconciler, client_for
+from service.producer import Unavailable, Unwritable
+from service.reconciler import BookKeys, Reconciler, Sweep, client_for, publish_fetched
+from service.server import Node
 from service.settings import Settings
 from service.standin import StandIn, serve
 from service.statecodec import NO_ACCOUNT, account_bytes, held_since, pack
+from tests.test_accounts import SecretVolume
 
 S = CallStatus
 ACCOUNT = "AC" + "7a" * 20
@@ -132,12 +140,308 @@ async def test_the_sweep_lists_only_owned_accounts_and_publishes_each_call_once(
     credentials = {ACCOUNT: SecretStr(KEY)}
     async with client_for(settings, credentials) as client:
         elsewhere = Reconciler(settings, others, credentials, publish)
-        assert await elsewhere.sweep_round(client, NOW.timestamp()) == 0
+        assert await elsewhere.sweep_round(client, NOW.timestamp()) == Sweep("done", 0)
         assert standin.seen == []  # not this node's account: not even listed
         reconciler = Reconciler(settings, owner, credentials, publish)
-        assert await reconciler.sweep_round(client, NOW.timestamp()) == 3
+        assert await reconciler.sweep_round(client, NOW.timestamp()) == Sweep("done", 3)
         assert sorted(published) == sorted(cid(n).encode() for n in range(3))
         assert len(standin.seen) == 2  # two pages of two
         # Listed again by the next sweep, unchanged: not published again.
-        assert await reconciler.sweep_round(client, NOW.timestamp() + 300) == 0
+        assert await reconciler.sweep_round(client, NOW.timestamp() + 300) == Sweep("done", 0)
         assert len(published) == 3
+
+
+# --- the API keys follow the accounts file ---------------------------------------------
+
+OTHER = "AC" + "3c" * 20
+
+
+def accounts_text(keys: Mapping[str, str]) -> str:
+    lines = ["accounts:"]
+    for n, (account, key) in enumerate(keys.items()):
+        lines += [f"  {account}:", f"    signingSecrets: [sigsec_{str(n) * 40}]"]
+        if key:
+            lines.append(f"    apiKey: {key}")
+    return "\n".join(lines) + "\n"
+
+
+async def test_a_reloaded_accounts_file_rotates_adds_and_removes_api_keys(
+    api: tuple[StandIn, str], tmp_path: Path
+) -> None:
+    standin, url = api
+    volume = SecretVolume(tmp_path / "accounts")
+    volume.publish(accounts_text({ACCOUNT: KEY}))
+    watcher = AccountsWatcher.open(volume.path, 60)
+    settings = Settings(
+        verify_signatures=False,
+        freeclimb_api_url=url,
+        accounts_file=volume.path,
+        reconcile_after_seconds=60,
+    )
+    old = NOW - timedelta(minutes=5)
+    standin.put_call(ACCOUNT, cid(1), S.IN_PROGRESS, at=old)
+    worker = FakeWorker({cid(1): held_state(S.IN_PROGRESS, old)})
+    published: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        published.append(key)
+
+    owner = FakeOwner({0: worker}, [0])  # one partition: every account is ours
+    reconciler = Reconciler(settings, owner, BookKeys(watcher), publish)
+    now = NOW.timestamp()
+    async with client_for(settings, reconciler.credentials) as client:
+        assert await reconciler.held_round(client, now) == 1
+        assert [s.status for s in standin.seen] == [200]
+        # FreeClimb rotates the key, and the Secret follows: the old key is refused from
+        # now on, and the next fetch must go with the new one, without a restart.
+        # (add_account replaces the account with its calls: the call is put back.)
+        standin.add_account(ACCOUNT, "rotated-key")
+        standin.put_call(ACCOUNT, cid(1), S.IN_PROGRESS, at=old)
+        volume.publish(accounts_text({ACCOUNT: "rotated-key"}))
+        assert watcher.poll() is Reload.RELOADED
+        assert await reconciler.held_round(client, now + 61) == 1
+        assert [s.status for s in standin.seen] == [200, 200]
+        assert published == [cid(1).encode()] * 2
+        # A new account is swept; the account removed from the file is not even listed.
+        standin.add_account(OTHER, "other-key")
+        standin.put_call(OTHER, cid(7), S.RINGING, at=NOW - timedelta(minutes=10))
+        standin.advance(OTHER, cid(7), S.BUSY, at=NOW - timedelta(minutes=9))
+        volume.publish(accounts_text({OTHER: "other-key", ACCOUNT: ""}))
+        assert watcher.poll() is Reload.RELOADED
+        standin.seen.clear()
+        assert await reconciler.sweep_round(client, now) == Sweep("done", 1)
+        assert {s.path.split("/")[3] for s in standin.seen} == {OTHER}
+        assert all(s.status == 200 for s in standin.seen)
+        # Nor is its held call fetched any more: no key to ask with.
+        assert await reconciler.held_round(client, now + 10_000) == 0
+
+
+def test_the_node_shares_its_accounts_watcher_with_the_reconciler(tmp_path: Path) -> None:
+    volume = SecretVolume(tmp_path / "accounts")
+    for role in ("processor", "all"):
+        volume.publish(accounts_text({ACCOUNT: KEY}))
+        node = Node(Settings(role=role, verify_signatures=False, accounts_file=volume.path))
+        # A processor-only node watches the file too: it holds the API keys.
+        assert isinstance(node.accounts, AccountsWatcher)
+        assert node.reconciler is not None
+        assert {a: k.get_secret_value() for a, k in node.reconciler.credentials.items()} == {
+            ACCOUNT: KEY
+        }
+        volume.publish(accounts_text({ACCOUNT: f"{role}-key", OTHER: "k"}))
+        assert node.accounts.poll() is Reload.RELOADED
+        keys = {a: k.get_secret_value() for a, k in node.reconciler.credentials.items()}
+        assert keys == {ACCOUNT: f"{role}-key", OTHER: "k"}
+    # Without an accounts file or a key, a processor node has no reconciler and no watcher.
+    bare = Node(Settings(role="processor", verify_signatures=False))
+    assert bare.accounts is None and bare.reconciler is None
+
+
+# --- failures: a sweep that cannot list, a publish that cannot be made ---------------
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def no_sleep(_: float) -> None:
+    return None
+
+
+def quick_client(url: str, credentials: Mapping[str, SecretStr]) -> FreeClimbClient:
+    """The client the node builds, but its backoff between retries not waited out."""
+    return FreeClimbClient(dict(credentials), ClientOptions(base_url=url), sleep=no_sleep)
+
+
+def ended_calls(standin: StandIn, n: int) -> None:
+    for i in range(n):
+        standin.put_call(ACCOUNT, cid(i), S.RINGING, at=NOW - timedelta(minutes=10))
+        standin.advance(ACCOUNT, cid(i), S.NO_ANSWER, at=NOW - timedelta(minutes=9))
+
+
+async def test_a_sweep_skipped_mid_rebalance_is_due_again_at_the_next_round(
+    api: tuple[StandIn, str],
+) -> None:
+    standin, url = api
+    settings = Settings(verify_signatures=False, freeclimb_api_url=url)
+    ended_calls(standin, 1)
+    published: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        published.append(key)
+
+    owner = FakeOwner({}, [0])  # mid-rebalance: nothing owned yet
+    t = [NOW.timestamp()]
+    reconciler = Reconciler(settings, owner, {ACCOUNT: SecretStr(KEY)}, publish, clock=lambda: t[0])
+    async with client_for(settings, reconciler.credentials) as client:
+        await reconciler.round(client)
+        assert standin.seen == [] and published == []
+        # The partition is ours a moment later: the sweep runs at the next round, not a
+        # whole RECONCILE_SWEEP_SECONDS later.
+        owner.workers = {0: FakeWorker()}
+        t[0] += 1
+        await reconciler.round(client)
+        assert published == [cid(0).encode()]
+        # Done now: the next one waits its period.
+        t[0] += 1
+        await reconciler.round(client)
+        assert len(standin.seen) == 1
+        t[0] += settings.reconcile_sweep_seconds
+        await reconciler.round(client)
+        assert len(standin.seen) == 2
+
+
+async def test_a_sweep_the_api_fails_is_counted_and_tried_again_backed_off(
+    api: tuple[StandIn, str],
+) -> None:
+    standin, url = api
+    settings = Settings(verify_signatures=False, freeclimb_api_url=url)
+    ended_calls(standin, 1)
+    published: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        published.append(key)
+
+    credentials = {ACCOUNT: SecretStr(KEY)}
+    t = [NOW.timestamp()]
+    owner = FakeOwner({0: FakeWorker()}, [0])
+    reconciler = Reconciler(settings, owner, credentials, publish, clock=lambda: t[0])
+    sweeps_failed = sample("callstatus_reconcile_sweeps_total", outcome="failed")
+    fetches_failed = sample("callstatus_reconcile_fetches_total", trigger="sweep", outcome="failed")
+    answered_500 = sample(
+        "callstatus_freeclimb_api_requests_total",
+        operation="list_calls",
+        code="500",
+        outcome="failed",
+    )
+    attempts = ClientOptions().max_retries + 1
+    standin.fail_next(500, times=attempts)  # every attempt of the first listing
+    async with quick_client(url, credentials) as client:
+        await reconciler.round(client)  # logged and counted, not raised
+        assert [s.status for s in standin.seen] == [500] * attempts and published == []
+        # What the alert and the dashboard read: the sweep failed, and the API's 500.
+        assert sample("callstatus_reconcile_sweeps_total", outcome="failed") == sweeps_failed + 1
+        assert (
+            sample("callstatus_reconcile_fetches_total", trigger="sweep", outcome="failed")
+            == fetches_failed + 1
+        )
+        assert (
+            sample(
+                "callstatus_freeclimb_api_requests_total",
+                operation="list_calls",
+                code="500",
+                outcome="failed",
+            )
+            == answered_500 + 1
+        )
+        # Not at once (the API is unwell), but well before a whole sweep period.
+        t[0] += 0.1
+        await reconciler.round(client)
+        assert len(standin.seen) == attempts
+        t[0] += 31  # past the sweep backoff's cap
+        await reconciler.round(client)
+        assert standin.seen[-1].status == 200 and published == [cid(0).encode()]
+
+
+async def test_a_publish_kafka_refuses_is_counted_and_the_call_tried_again_later(
+    api: tuple[StandIn, str],
+) -> None:
+    standin, url = api
+    settings = Settings(verify_signatures=False, freeclimb_api_url=url, reconcile_after_seconds=60)
+    old = NOW - timedelta(minutes=5)
+    standin.put_call(ACCOUNT, cid(1), S.IN_PROGRESS, at=old)
+    standin.advance(ACCOUNT, cid(1), S.COMPLETED, at=old)
+    refusals: list[Exception] = [Unwritable("MessageSizeTooLargeError"), Unavailable("timeout")]
+    published: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        if refusals:
+            raise refusals.pop(0)
+        published.append(key)
+
+    def count(outcome: str) -> float:
+        return sample("callstatus_reconcile_fetches_total", trigger="held", outcome=outcome)
+
+    before = {o: count(o) for o in ("unwritable", "unpublished", "published")}
+    owner = FakeOwner({0: FakeWorker({cid(1): held_state(S.IN_PROGRESS, old)})}, [0])
+    reconciler = Reconciler(settings, owner, {ACCOUNT: SecretStr(KEY)}, publish)
+    now = NOW.timestamp()
+    async with client_for(settings, reconciler.credentials) as client:
+        assert await reconciler.held_round(client, now) == 1  # refused for good: no crash
+        assert count("unwritable") == before["unwritable"] + 1
+        assert await reconciler.held_round(client, now + 30) == 0  # backed off
+        assert await reconciler.held_round(client, now + 61) == 1  # Kafka away: not now
+        assert count("unpublished") == before["unpublished"] + 1
+        # Fetched again after the doubled backoff, and published this time.
+        assert await reconciler.held_round(client, now + 61 + 119) == 0
+        assert await reconciler.held_round(client, now + 61 + 121) == 1
+        assert published == [cid(1).encode()]
+        assert count("published") == before["published"] + 1
+
+
+async def test_a_sweep_stops_while_kafka_takes_no_writes_and_publishes_the_rest_later(
+    api: tuple[StandIn, str],
+) -> None:
+    standin, url = api
+    settings = Settings(verify_signatures=False, freeclimb_api_url=url)
+    ended_calls(standin, 5)  # three pages of two
+    down = [True]
+    published: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        if down[0]:
+            raise Unavailable("timeout")
+        published.append(key)
+
+    owner = FakeOwner({0: FakeWorker()}, [0])
+    reconciler = Reconciler(settings, owner, {ACCOUNT: SecretStr(KEY)}, publish)
+    async with client_for(settings, reconciler.credentials) as client:
+        # The first publish fails: the sweep stops there, not one produce timeout per
+        # call; nothing is remembered as published.
+        assert await reconciler.sweep_round(client, NOW.timestamp()) == Sweep("failed", 0)
+        assert len(standin.seen) == 1
+        down[0] = False
+        assert await reconciler.sweep_round(client, NOW.timestamp() + 5) == Sweep("done", 5)
+        assert sorted(published) == sorted(cid(i).encode() for i in range(5))
+
+
+async def test_a_fetched_resource_too_large_for_ingest_is_refused_before_sending() -> None:
+    call = Call.model_validate({"callId": cid(1), "accountId": ACCOUNT, "status": "completed"})
+    fetched = FetchedCall(call.to_json(), {}, call)
+    sent: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        sent.append(key)
+
+    before = sample("callstatus_reconcile_fetches_total", trigger="backfill", outcome="too_large")
+    assert await publish_fetched(publish, "backfill", fetched, 1 << 20) == "published"
+    assert await publish_fetched(publish, "backfill", fetched, 100) == "too_large"
+    assert sent == [cid(1).encode()]
+    after = sample("callstatus_reconcile_fetches_total", trigger="backfill", outcome="too_large")
+    assert after == before + 1
+
+
+async def test_an_accounts_file_without_keys_says_off_until_a_reload_adds_one(
+    api: tuple[StandIn, str], tmp_path: Path
+) -> None:
+    standin, url = api
+    volume = SecretVolume(tmp_path / "accounts")
+    volume.publish(accounts_text({ACCOUNT: ""}))  # what `make run` writes: no apiKey
+    watcher = AccountsWatcher.open(volume.path, 60)
+    settings = Settings(verify_signatures=False, freeclimb_api_url=url, accounts_file=volume.path)
+    ended_calls(standin, 1)
+    published: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        published.append(key)
+
+    reconciler = Reconciler(settings, FakeOwner({0: FakeWorker()}, [0]), BookKeys(watcher), publish)
+    with capture_logs() as logs:
+        reconciler._say(reconciler.credentials)  # what run() says first
+        async with client_for(settings, reconciler.credentials) as client:
+            assert await reconciler.sweep_round(client, NOW.timestamp()) == Sweep("done", 0)
+            assert standin.seen == []  # no key: nothing asked
+            volume.publish(accounts_text({ACCOUNT: KEY}))
+            assert watcher.poll() is Reload.RELOADED
+            assert await reconciler.sweep_round(client, NOW.timestamp()) == Sweep("done", 1)
+    said = [e["event"].split(":")[0] for e in logs if e["event"].startswith("reconciliation")]
+    assert said == ["reconciliation off", "reconciliation on"]

@@ -106,3 +106,31 @@ def test_rejected_reasons_are_the_six_of_the_contract() -> None:
                 "unwritable",
             ]
         )
+
+
+def test_an_ingest_record_is_built_once_for_ingest_and_the_reconciler() -> None:
+    from datetime import UTC, datetime
+
+    from schemas.call import Call
+    from schemas.messages import RecordTooLarge, Source, ingest_record, read_ingest
+
+    call = Call.model_validate({"callId": "CA" + "1" * 40, "status": "ringing"})
+    body = call.to_json()
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+    trace = b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"
+    key, value, headers = ingest_record("e1", at, Source.API, None, call, body, 1 << 20, trace)
+    assert key == call.callId.encode() and read_ingest(value).eventId == "e1"
+    assert headers == [
+        ("content-type", b"application/json"),
+        ("ce_id", b"e1"),
+        ("traceparent", trace),
+    ]
+    # An oversized traceparent is dropped, not sent.
+    _, _, headers = ingest_record("e1", at, Source.API, None, call, body, 1 << 20, b"x" * 129)
+    assert [name for name, _ in headers] == ["content-type", "ce_id"]
+    # The size check counts key and value, to the byte.
+    size = len(key) + len(value)
+    ingest_record("e1", at, Source.API, None, call, body, size)
+    with pytest.raises(RecordTooLarge) as raised:
+        ingest_record("e1", at, Source.API, None, call, body, size - 1)
+    assert (raised.value.size, raised.value.limit) == (size, size - 1)

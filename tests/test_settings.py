@@ -300,3 +300,25 @@ def test_the_readme_lists_every_setting() -> None:
         if f"CALLSTATUS_{name.upper()}" not in named
     ]
     assert not missing, f"add these to the README's configuration table: {missing}"
+
+
+def test_the_reconcile_sweep_window_must_stay_within_the_terminal_retention() -> None:
+    # A call the sweep lists whose state was already retired is a first event again: a
+    # second change on changes for a call that ended long ago.
+    key = {"freeclimb_account_id": "AC" + "1" * 40, "freeclimb_api_key": "k"}
+    # The defaults fit exactly: 2400 + 2 x 300 = 3000 = 3600 - 300 - 300.
+    assert make_settings(**key).reconcile_sweep_lookback_seconds == 2400
+    with pytest.raises(ValidationError) as raised:
+        make_settings(**key, reconcile_sweep_lookback_seconds=2401)
+    text = str(raised.value)
+    assert "CALLSTATUS_RECONCILE_SWEEP_LOOKBACK_SECONDS (2401)" in text
+    assert "= 3001 s must be at most" in text and "= 3000 s" in text
+    with pytest.raises(ValidationError, match="reaches past the calls' retention"):
+        make_settings(**key, state_terminal_retention_seconds=3000)
+    with pytest.raises(ValidationError, match="reaches past the calls' retention"):
+        make_settings(**key, reconcile_sweep_seconds=400)
+    # The sweep off, or no reconciler possible (ingest only, no key or accounts file):
+    # nothing to check.
+    make_settings(**key, reconcile_sweep_seconds=0, state_terminal_retention_seconds=900)
+    make_settings(state_terminal_retention_seconds=900)
+    make_settings(**key, role="ingest", state_terminal_retention_seconds=900)

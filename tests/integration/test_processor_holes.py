@@ -133,7 +133,7 @@ async def test_an_undecodable_record_goes_to_rejected_in_the_same_transaction(
 ) -> None:
     settings = settings_for(BOOTSTRAP, unique, topic_partitions=1)
     await ensure_topics(settings)
-    counted = metrics.PROCESSOR_EVENTS.labels("rejected", "undecodable")
+    counted = metrics.PROCESSOR_EVENTS.labels("", "rejected", "undecodable")
     before = counted._value.get()
     call = cid(7)
     async with processor(settings):

@@ -1,10 +1,12 @@
 """The reconciler for real: a ``callstatus serve`` process (role processor) against the
 shared broker and a FreeClimb API stand-in on loopback. A call whose ``completed``
 callback was never sent reaches ``completed`` on changes exactly once through trigger 1;
-a call we never heard of is found by the sweep; ``backfill`` pages through the listing."""
+a call we never heard of is found by the sweep; ``backfill`` pages through the listing;
+a processor-only node follows its accounts file, so a rotated API key needs no restart."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import uuid
@@ -25,6 +27,7 @@ from service.settings import Settings
 from service.standin import StandIn, serve
 from testkit import Event, ServiceProcess, make_call, produce, read_committed, settings_for
 from tests.conftest import BOOTSTRAP
+from tests.test_accounts import SecretVolume
 
 S = CallStatus
 ACCOUNT = "AC" + "5e" * 20
@@ -174,3 +177,69 @@ async def test_reconciliation_is_off_without_an_api_key(unique: str, tmp_path: P
         )
     finally:
         assert node.terminate()
+
+
+async def test_a_rotated_api_key_is_used_from_the_next_fetch_without_a_restart(
+    api: tuple[StandIn, str], unique: str, tmp_path: Path
+) -> None:
+    standin, url = api
+    # A processor-only node: it watches the accounts file for the API keys alone.
+    volume = SecretVolume(tmp_path / "secret")
+    volume.publish(accounts_with_key(API_KEY))
+    settings = settings_for(
+        BOOTSTRAP,
+        unique,
+        role="processor",
+        topic_partitions=2,
+        freeclimb_api_url=url,
+        accounts_file=volume.path,
+        accounts_reload_seconds=0.1,
+        reconcile_after_seconds=1,
+        reconcile_sweep_seconds=0,
+    )
+    await ensure_topics(settings)
+    cid = call_id()
+    standin.put_call(ACCOUNT, cid, S.QUEUED)
+    standin.advance(ACCOUNT, cid, S.IN_PROGRESS)
+    standin.advance(ACCOUNT, cid, S.COMPLETED)
+    events = [
+        Event(str(uuid.uuid4()), make_call(cid, status, accountId=ACCOUNT), Source.WEBHOOK)
+        for status in (S.QUEUED, S.IN_PROGRESS)
+    ]
+    await produce(BOOTSTRAP, settings.topic_ingest, events)
+    # FreeClimb has the new key already; the Secret does not yet: refused.
+    standin.add_account(ACCOUNT, "rotated-api-key")
+    standin.put_call(ACCOUNT, cid, S.QUEUED)  # (add_account starts the account afresh)
+    standin.advance(ACCOUNT, cid, S.IN_PROGRESS)
+    standin.advance(ACCOUNT, cid, S.COMPLETED)
+    node = ServiceProcess(settings, tmp_path, "rotation")
+    try:
+        await node.wait_ready()
+
+        def fetches() -> list[int]:
+            return [s.status for s in standin.seen if s.path.endswith(f"/Calls/{cid}")]
+
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 60
+        while 401 not in fetches():
+            assert node.alive() and loop.time() < give_up, "never fetched with the old key"
+            await asyncio.sleep(0.05)  # polling interval
+        volume.publish(accounts_with_key("rotated-api-key"))
+
+        def completed(out: list[ConsumerRecord[bytes, bytes]]) -> bool:
+            return any(m.call.status is S.COMPLETED for m in changes_of(out, cid))
+
+        records = await read_committed(BOOTSTRAP, settings.topic_changes, completed, deadline_s=60)
+        [done] = [m for m in changes_of(records, cid) if m.call.status is S.COMPLETED]
+        assert done.source is Source.API
+        statuses = fetches()
+        assert statuses[-1] == 200 and set(statuses) == {401, 200}
+        assert node.logged("accounts reloaded")
+    finally:
+        assert node.terminate()
+
+
+def accounts_with_key(api_key: str) -> str:
+    return (
+        f"accounts:\n  {ACCOUNT}:\n    signingSecrets: [sigsec_{'4' * 40}]\n    apiKey: {api_key}\n"
+    )
