@@ -102,8 +102,10 @@ async def attack(
     ``prefix``. Raises PoolExhausted when the files ran out."""
     base = server.url.removesuffix("/v1/call-status")
     out = prefix.with_name(prefix.name + ".out")
+    # wrk takes whole seconds only ("2.0s" is a usage error).
+    length = f"{max(1, round(seconds))}s"
     args = [
-        str(wrk), f"-t{threads}", f"-c{CONNECTIONS}", f"-d{seconds}s", "--timeout", "30s",
+        str(wrk), f"-t{threads}", f"-c{CONNECTIONS}", f"-d{length}", "--timeout", "30s",
         "-s", str(SCRIPT), base, "--", str(prefix),
     ]  # fmt: skip
     cpu_before = server.cpu_seconds()
