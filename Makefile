@@ -55,9 +55,10 @@ test: lint kafka-up
 image-test: venv
 	$(BIN)/python -m tests.image.check_image
 
-# The benchmark of issue 10 (several minutes; needs Go and Java): a private broker on
-# BENCH_KAFKA_PORT, the service, the Go peer and the baselines under load; the table is
-# printed and bench/results/ gets results.json, table.md and latency.png.
+# The benchmark of issues 10 and 21 (about seven minutes; needs wrk, Go and Java): a
+# private broker on BENCH_KAFKA_PORT, the service, the Go peer and the baselines under
+# load; the table is printed and bench/results/ gets results.json, table.md and
+# latency.png. Then `$(BIN)/python -m bench.report --readme` puts the run in the README.
 BENCH_KAFKA_PORT ?= 20400
 $(BIN)/.bench-installed: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

@@ -2,9 +2,10 @@
 
 Starts a private broker (the project's launcher, on --kafka-port and the port after it),
 builds vegeta and the Go peer, runs each server under test as its own process, and
-measures: ingest max throughput (closed loop) and latency at fixed offered rates (open
-loop) for the service with ROLE=ingest and ROLE=all, the Go peer and a bare Starlette
-endpoint; a bare aiokafka send loop; the ingest handler in process; the processor over a
+measures: ingest max throughput (closed loop, wrk, rounds interleaved across the
+servers, with both the server's and wrk's CPU) and latency at fixed offered rates (open
+loop, vegeta) for the service with ROLE=ingest and ROLE=all, the Go peer and a bare
+Starlette endpoint; a bare aiokafka send loop; the ingest handler in process; the processor over a
 preloaded topic of realistic lifecycles; end-to-end latency to a read_committed consumer;
 state bytes per call in memory and on the state topic. Prints progress and one table;
 writes results.json, table.md and latency.png to --out.
@@ -33,16 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import e2e, load, processor_run, report, restore_run, servers
-from bench.data import write_targets
+import httpx
+
+from bench import e2e, load, processor_run, report, restore_run, servers, wrk
+from bench.data import write_targets, write_wrk_requests
 from bench.kafka_loop import send_loop
 from bench.profile import Recording
 from service.settings import Role
 from testkit import create_topics, private_broker
 
 ROOT = Path(__file__).resolve().parents[1]
-# Above the fastest server's closed-loop rate, so no target is ever sent twice.
-CLOSED_LOOP_CEILING = 30_000
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Plan:
     kafka_loop_s: float
     handler_requests: int
     processor_calls: int
+    processor_rounds: int
     e2e_rates: tuple[float, ...]
     e2e_s: float
     memory_calls: tuple[int, ...]
@@ -62,12 +64,13 @@ class Plan:
 
 FULL = Plan(
     closed_s=8,
-    closed_rounds=2,
+    closed_rounds=3,
     open_s=5,
-    fractions=(0.25, 0.5, 0.75, 1.0),
-    kafka_loop_s=10,
+    fractions=(0.25, 0.5, 0.75),
+    kafka_loop_s=8,
     handler_requests=20_000,
     processor_calls=25_000,
+    processor_rounds=3,
     e2e_rates=(2000.0,),
     e2e_s=10,
     memory_calls=(100_000, 1_000_000),
@@ -75,17 +78,26 @@ FULL = Plan(
 )
 SMOKE = Plan(
     closed_s=1,
-    closed_rounds=1,
+    closed_rounds=2,  # two, so the interleaving and the spread are exercised
     open_s=1,
     fractions=(0.5,),
     kafka_loop_s=1,
     handler_requests=300,
     processor_calls=1000,  # enough events for /proc's 10 ms CPU ticks to see
+    processor_rounds=2,
     e2e_rates=(20.0,),
     e2e_s=1,
     memory_calls=(1000,),
     restore_calls=2000,
 )
+# Pools of pre-signed requests for a closed-loop round: the first one against a server
+# (its warm-up) has no rate to go by, and WARM_UP_RATE per second covers the fastest
+# server here. Later rounds get 1.5x the best rate seen so far, at least POOL_FLOOR_RATE
+# per second: a cold warm-up understates a server (the Go peer's was half its later
+# rate), and a round that runs out is void and run again with twice the pool.
+WARM_UP_RATE = 40_000
+POOL_FLOOR_RATE = 15_000
+WARM_UP_S = 2.0
 
 _started = time.monotonic()
 
@@ -93,6 +105,11 @@ _started = time.monotonic()
 def progress(message: str) -> None:
     elapsed = int(time.monotonic() - _started)
     print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {message}", file=sys.stderr, flush=True)
+
+
+def _git(*args: str) -> str:
+    run = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    return run.stdout.strip() if run.returncode == 0 else "unknown"
 
 
 def machine() -> dict[str, Any]:
@@ -107,6 +124,10 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg(),
         "load_average_at_end": None,
+        # Which code was measured: the README's figures come from a run on main.
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
+        "dirty": _git("status", "--porcelain", "--untracked-files=no") not in ("", "unknown"),
         "note": "shared machine: other work may have run during the measurement",
     }
 
@@ -122,23 +143,28 @@ async def _python_json(*args: str) -> Any:
 
 
 class Bench:
-    def __init__(self, plan: Plan, bootstrap: str, work: Path, out: Path, profile: bool) -> None:
+    def __init__(
+        self, plan: Plan, bootstrap: str, work: Path, out: Path, profile: bool, wrk_threads: int
+    ) -> None:
         self.plan = plan
         self.bootstrap = bootstrap
         self.work = work
         self.out = out
         self.profile = profile
         self.vegeta, self.peer = load.build_tools()
+        self.wrk = wrk.find()
+        self.wrk_threads = wrk_threads
+        # Per server, the best closed-loop rate seen so far: what its next pool is sized by.
+        self.best_rate: dict[str, float] = {}
 
     def targets(self, url: str, count: int) -> Path:
         """Fresh targets for one attack: new calls, signed now (inside the tolerance)."""
         path = self.work / "targets.json"
         return write_targets(path, url, count, uuid.uuid4().hex, int(time.time()))
 
-    async def attack(
-        self, server: servers.Server, seconds: float, rate: float | None
-    ) -> load.Report:
-        count = int((rate or CLOSED_LOOP_CEILING) * seconds * 1.05) + 10
+    async def attack(self, server: servers.Server, seconds: float, rate: float) -> load.Report:
+        """One open-loop attack (vegeta) with the server's CPU per request."""
+        count = int(rate * seconds * 1.05) + 10
         targets = self.targets(server.url, count)
         cpu = server.cpu_seconds()
         rep = await load.attack(self.vegeta, targets, self.work / "results.bin", seconds, rate)
@@ -147,6 +173,12 @@ class Bench:
         rep = dataclasses.replace(rep, load_average=os.getloadavg()[0], cpu_us_per_request=cpu_us)
         if rep.requests > count:
             progress(f"  note: {rep.requests} requests > {count} targets: some were repeated")
+        # "0" is vegeta's code for no answer (a timeout, a refused connection): the server
+        # fell behind, which the success share shows. Any other answer than 202 to a
+        # valid, signed, new call is a harness or server bug, and no figure at all.
+        wrong = {code: n for code, n in rep.codes.items() if code not in ("202", "0")}
+        if wrong:
+            raise RuntimeError(f"{server.name}: open loop answered {wrong}; see {server.log_path}")
         return rep
 
     async def settle(self, server: servers.Server) -> None:
@@ -155,19 +187,58 @@ class Bench:
         if server.group is not None and server.topic is not None:
             await processor_run.wait_caught_up(self.bootstrap, server.group, server.topic, 300)
 
-    async def closed_loop(self, server: servers.Server, round_: int) -> load.Report:
+    async def wrk_round(self, server: servers.Server, seconds: float) -> wrk.Round:
+        """One closed-loop round with wrk, from a pool of new calls signed now. A pool
+        that ran out voids the round (the rest would have been repeats): it is run again
+        with twice the pool. Any answer but 202, or any socket error, stops the bench:
+        a 401 counted as throughput would be a lie."""
+        best = self.best_rate.get(server.name)
+        rate = WARM_UP_RATE if best is None else max(POOL_FLOOR_RATE, 1.5 * best)
+        pool = int(rate * seconds) + 2000
+        for _ in range(4):
+            prefix = self.work / "wrk-requests"
+            url = httpx.URL(server.url)
+            await asyncio.to_thread(
+                write_wrk_requests,
+                prefix,
+                f"{url.host}:{url.port}",
+                url.path,
+                pool,
+                self.wrk_threads,
+                uuid.uuid4().hex,
+                int(time.time()),
+            )
+            try:
+                rep = await wrk.attack(self.wrk, server, prefix, pool, self.wrk_threads, seconds)
+            except wrk.PoolExhausted as exc:
+                progress(f"  {exc}; again with {2 * pool:,}")
+                await self.settle(server)
+                pool *= 2
+                continue
+            if not rep.all_accepted:
+                raise RuntimeError(
+                    f"{server.name}: closed loop answered {rep.codes} with socket errors "
+                    f"{rep.errors} (every request was valid, signed and new: only 202 is "
+                    f"right; see {server.log_path})"
+                )
+            self.best_rate[server.name] = max(self.best_rate.get(server.name, 0), rep.throughput)
+            return rep
+        raise RuntimeError(f"{server.name}: the pool of requests kept running out")
+
+    async def closed_loop(self, server: servers.Server, round_: int) -> wrk.Round:
         recording = None
         if self.profile and server.service is not None and round_ == 0:
             slug = server.name.split("=")[-1]
             recording = Recording(server.pid, self.out / f"profile-ingest-{slug}.txt")
-        rep = await self.attack(server, self.plan.closed_s, None)
+        rep = await self.wrk_round(server, self.plan.closed_s)
         if recording is not None:
             summary = recording.stop()
             recording.path.with_suffix(".summary.txt").write_text("\n".join(summary))
         await self.settle(server)
         progress(
             f"{server.name}: closed loop round {round_ + 1}: {rep.throughput:,.0f} req/s, "
-            f"p99 {rep.p99_ms:.1f} ms"
+            f"{rep.cpu_us_per_request:.1f} µs CPU/request (server {rep.server_cores:.2f} "
+            f"cores, wrk {rep.generator_cores:.2f}), load {rep.load_average:.1f}"
         )
         return rep
 
@@ -175,29 +246,27 @@ class Bench:
         self, starts: list[Callable[[], Awaitable[servers.Server]]], results: dict[str, Any]
     ) -> None:
         """All servers run at once (idle ones cost nothing) and are measured in turns,
-        round after round, so a busy minute on the shared machine hits all of them rather
-        than whichever happened to run then; each keeps its best closed-loop round."""
+        round after round (A, B, C, D, A, B, ...), so a busy minute on the shared machine
+        hits all of them rather than whichever happened to run then. Each server's
+        figure is the median of its rounds, with the spread beside it."""
         running: list[servers.Server] = []
         try:
             for start in starts:
                 running.append(await start())
             for server in running:
-                progress(f"{server.name}: warming up")
-                await self.attack(server, min(2.0, self.plan.closed_s), 50)
+                progress(f"{server.name}: warming up (closed loop, {WARM_UP_S:g} s)")
+                warm = await self.wrk_round(server, min(WARM_UP_S, self.plan.closed_s))
                 await self.settle(server)
-            rounds: dict[str, list[load.Report]] = {s.name: [] for s in running}
+                progress(f"{server.name}: warm-up {warm.throughput:,.0f} req/s")
+            rounds: dict[str, list[wrk.Round]] = {s.name: [] for s in running}
             for round_ in range(self.plan.closed_rounds):
                 for server in running:
                     rounds[server.name].append(await self.closed_loop(server, round_))
-            best = {n: max(reps, key=lambda r: r.throughput) for n, reps in rounds.items()}
-            results["closed_loop"] = {n: rep.as_json() for n, rep in best.items()}
-            results["closed_loop_rounds"] = {
-                n: [rep.as_json() for rep in reps] for n, reps in rounds.items()
-            }
+            results["closed_loop"] = {n: wrk.summarise(reps) for n, reps in rounds.items()}
             results["open_loop"] = {s.name: [] for s in running}
             for fraction in self.plan.fractions:
                 for server in running:
-                    rate = max(1.0, best[server.name].throughput * fraction)
+                    rate = max(1.0, results["closed_loop"][server.name]["throughput"] * fraction)
                     rep = await self.attack(server, self.plan.open_s, rate)
                     await self.settle(server)
                     progress(
@@ -215,7 +284,11 @@ class Bench:
             "machine": machine(),
             "config": {
                 **plan.__dict__,
-                "closed_workers": load.CLOSED_LOOP_WORKERS,
+                "closed_workers": wrk.CONNECTIONS,
+                "closed_generator": wrk.version(self.wrk),
+                "closed_generator_threads": self.wrk_threads,
+                "open_generator": f"vegeta {load.VEGETA_MODULE.rpartition('@')[2]}",
+                "open_loop_connections": load.OPEN_LOOP_CONNECTIONS,
                 "kafka": "private single-node broker (deploy/local/kafka), same machine",
             },
             "closed_loop": {},
@@ -246,15 +319,27 @@ class Bench:
             [service(Role.INGEST), service(Role.ALL), go_peer, bare], results
         )
 
-        progress(f"processor over {plan.processor_calls:,} preloaded lifecycles")
-        results["processor"] = await processor_run.run(
-            bootstrap,
-            work,
-            plan.processor_calls,
-            progress,
-            self.out / "profile-processor.txt" if self.profile else None,
-        )
-        progress(f"processor: {results['processor']['events_per_s']:,.0f} events/s")
+        rounds = []
+        for n in range(plan.processor_rounds):
+            progress(
+                f"processor round {n + 1} of {plan.processor_rounds}: "
+                f"{plan.processor_calls:,} preloaded lifecycles"
+            )
+            one = await processor_run.run(
+                bootstrap,
+                work,
+                plan.processor_calls,
+                progress,
+                self.out / "profile-processor.txt" if self.profile and n == 0 else None,
+                # Once is enough: the restore is its own figure, not the processor's rate.
+                restore=n == plan.processor_rounds - 1,
+            )
+            progress(
+                f"processor round {n + 1}: {one['events_per_s']:,.0f} events/s, "
+                f"{one['cpu_us_per_event']:.1f} µs CPU/event, load {one['load_average']:.1f}"
+            )
+            rounds.append(one)
+        results["processor"] = processor_run.summarise(rounds)
 
         results["end_to_end"] = []
         for rate in plan.e2e_rates:
@@ -296,12 +381,14 @@ async def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     progress("building vegeta and the Go peer")
     await asyncio.to_thread(load.build_tools)
+    wrk.find()  # before the broker starts: a missing wrk is known at once
     progress(f"starting a private broker on 127.0.0.1:{args.kafka_port}")
     with tempfile.TemporaryDirectory(prefix="callstatus-bench-") as tmp:
         async with private_broker(args.kafka_port) as broker:
-            bench = Bench(plan, broker["address"], Path(tmp), out, args.profile)
+            bench = Bench(plan, broker["address"], Path(tmp), out, args.profile, args.wrk_threads)
             results = await bench.run()
         results["smoke"] = args.smoke
+        results["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         written = report.write(results, out)
     print(report.table(results))
     progress("wrote " + ", ".join(str(p) for p in written))
@@ -315,6 +402,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     p.add_argument(
         "--kafka-port", type=int, default=20400, help="private broker port (and the next one)"
+    )
+    p.add_argument(
+        "--wrk-threads",
+        type=int,
+        default=1,
+        help="wrk threads of the closed loop (1, as in issue 21; 2 if wrk is the limit)",
     )
     return p.parse_args(argv)
 

@@ -1,5 +1,6 @@
-"""What the benchmark sends: signed, unique webhook bodies as vegeta targets, and
-realistic call lifecycles for the processor (duplicates, late steps, reordering).
+"""What the benchmark sends: signed, unique webhook bodies as vegeta targets and as raw
+requests for wrk, and realistic call lifecycles for the processor (duplicates, late
+steps, reordering).
 
 The bodies are service/traffic.py's FreeClimb callbacks; the lifecycles' mix of faults
 is the benchmark's own and stays fixed, because the processor figures of bench/README
@@ -23,6 +24,8 @@ from testkit import Event, make_call
 
 # The signing secret every server under test holds; the benchmark's only secret.
 SECRET = "sigsec_bench_" + "0" * 32
+# The one account every body is for (the servers' accounts file holds it with SECRET).
+ACCOUNT_ID = "AC" + "5" * 40
 S = CallStatus
 
 # Final steps of real calls, with their rough shares of traffic.
@@ -45,7 +48,7 @@ def webhook_body(cid: str, status: CallStatus, n: int) -> bytes:
     return callback_body(
         "callStatus",
         cid,
-        "AC" + "5" * 40,
+        ACCOUNT_ID,
         status,
         "outboundAPI",
         (f"+1312{n % 10_000_000:07d}", "+13125550100"),
@@ -83,6 +86,46 @@ def write_targets(path: Path, url: str, count: int, salt: str, timestamp: int) -
     return path
 
 
+def write_wrk_requests(
+    prefix: Path, host: str, path: str, count: int, files: int, salt: str, timestamp: int
+) -> list[Path]:
+    """``count`` raw HTTP requests for bench/wrk_post.lua, dealt round-robin over
+    ``files`` files (``<prefix>.0``, ``<prefix>.1``: one per wrk thread, so no two
+    threads send the same one). Each is a new call (a first event, never a duplicate)
+    signed at ``timestamp``. Record format: ``<length>\n<request bytes>``.
+
+    The body of each status is built once with a placeholder callId and the id spliced
+    in: a closed loop against the Go peer needs ~300,000 requests per round, and building
+    each body afresh (~12 µs) would make generating them a phase of its own."""
+    statuses = list(CallStatus)
+    placeholder = "CA" + "f" * 40
+    templates = [webhook_body(placeholder, status, n) for n, status in enumerate(statuses)]
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n").encode()
+    outs = [prefix.with_name(f"{prefix.name}.{k}").open("wb") for k in range(files)]
+    try:
+        for n in range(count):
+            template = templates[n % len(templates)]
+            body = template.replace(placeholder.encode(), call_id(salt, n).encode(), 1)
+            request = b"".join(
+                (
+                    head,
+                    b"FreeClimb-Signature: ",
+                    signature_header(timestamp, body).encode(),
+                    b"\r\nContent-Length: ",
+                    str(len(body)).encode(),
+                    b"\r\n\r\n",
+                    body,
+                )
+            )
+            out = outs[n % files]
+            out.write(b"%d\n" % len(request))
+            out.write(request)
+    finally:
+        for out in outs:
+            out.close()
+    return [prefix.with_name(f"{prefix.name}.{k}") for k in range(files)]
+
+
 def _lifecycle(rng: random.Random) -> list[CallStatus]:
     steps = rng.choices([e for e, _ in _ENDINGS], weights=[w for _, w in _ENDINGS])[0]
     steps = list(steps)
@@ -108,7 +151,7 @@ def lifecycles(calls: int, seed: int = 10) -> list[Event]:
     live = list(range(calls))
     events: list[Event] = []
     fields: dict[str, object] = {
-        "accountId": "AC" + "5" * 40,
+        "accountId": ACCOUNT_ID,
         "to": "+13125550100",
         "direction": "outboundAPI",
     }

@@ -1,10 +1,10 @@
-"""The load generator: vegeta (built from the Go module proxy into bench/.cache) and the
-Go peer, and runs of closed-loop and open-loop attacks with their results.
+"""The open loop's load generator: vegeta (built from the Go module proxy into
+bench/.cache) and the Go peer, and runs of open-loop attacks with their results.
 
-Closed loop: a fixed number of workers, each sending its next request when the last one
-answered; that finds the maximum throughput. Open loop: requests leave at the offered
-rate whether or not earlier ones have answered, so a slow server cannot hide its
-queueing delay (no coordinated omission); that gives honest latency at a rate.
+Open loop: requests leave at the offered rate whether or not earlier ones have
+answered, so a slow server cannot hide its queueing delay (no coordinated omission);
+that gives honest latency at a rate. The closed loop (the maximum) is wrk's:
+bench/wrk.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ BENCH = Path(__file__).resolve().parent
 CACHE = BENCH / ".cache"
 BIN = CACHE / "bin"
 VEGETA_MODULE = "github.com/tsenart/vegeta/v12@v12.13.0"
-CLOSED_LOOP_WORKERS = 64  # as wrk -c 64 in the issue's first measurements
 # Open loop: vegeta starts a worker, and so a TCP connection, for every request that finds
 # no idle one. Uncapped, one hiccup (a GC pause, a busy neighbour) makes it open
 # thousands, the listen queue overflows (SYN retried after 1 s, then 3 s) and the run
@@ -54,7 +53,7 @@ def build_tools() -> tuple[Path, Path]:
 class Report:
     """One attack, as vegeta's own report sums it up (latencies in milliseconds)."""
 
-    offered: float | None  # requests/s; None for closed loop
+    offered: float  # requests/s
     requests: int
     throughput: float  # successful requests per second
     success: float  # share of 2xx answers
@@ -87,23 +86,14 @@ async def attack(
     targets: Path,
     results: Path,
     seconds: float,
-    rate: float | None,
+    rate: float,
 ) -> Report:
-    """One attack. ``rate=None`` is the closed loop with CLOSED_LOOP_WORKERS workers;
-    a rate is open loop with as many workers as it takes."""
+    """One open-loop attack at ``rate`` requests/s, with as many workers as it takes."""
     args = [
         str(vegeta), "attack", f"-targets={targets}", "-format=json", "-lazy",
         f"-duration={seconds}s", "-timeout=30s", f"-output={results}",
     ]  # fmt: skip
-    if rate is None:
-        workers = str(CLOSED_LOOP_WORKERS)
-        args += ["-rate=0", f"-workers={workers}", f"-max-workers={workers}"]
-    else:
-        args += [
-            f"-rate={round(rate)}/1s",
-            "-workers=64",
-            f"-max-connections={OPEN_LOOP_CONNECTIONS}",
-        ]
+    args += [f"-rate={round(rate)}/1s", "-workers=64", f"-max-connections={OPEN_LOOP_CONNECTIONS}"]
     await _run(*args)
     summary = json.loads(await _run(str(vegeta), "report", "-type=json", str(results)))
     lat = summary["latencies"]

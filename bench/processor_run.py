@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import statistics
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.data import chunks, lifecycles
 from bench.profile import Recording
-from bench.servers import cpu_seconds
+from bench.servers import tree_cpu_seconds
 from service.settings import Role, Settings
 from testkit import (
     ServiceProcess,
@@ -78,7 +81,10 @@ async def run(
     calls: int,
     progress: Callable[[str], None],
     profile_to: Path | None = None,
-) -> dict[str, object]:
+    restore: bool = True,
+) -> dict[str, Any]:
+    """One round over a topic of its own, preloaded with ``calls`` lifecycles; with
+    ``restore``, a second processor then restores the state this one left."""
     unique = f"bench-proc-{uuid.uuid4().hex[:8]}"
     settings = settings_for(bootstrap, unique, role=Role.PROCESSOR)
     partitions = settings.topic_partitions
@@ -100,7 +106,7 @@ async def run(
     try:
         await proc.wait_ready(deadline_s=120)
         ready = time.perf_counter()
-        cpu = cpu_seconds(proc.proc.pid)
+        cpu = tree_cpu_seconds(proc.proc.pid)
         if profile_to is not None:
             recording = Recording(proc.proc.pid, profile_to)
         progress("processor ready; waiting for its committed offsets to reach the end")
@@ -116,7 +122,8 @@ async def run(
                 raise RuntimeError(f"processor exited: {proc.log_path.read_text()[-3000:]}")
             await asyncio.sleep(0.1)  # polling interval
         elapsed = time.perf_counter() - ready
-        cpu = cpu_seconds(proc.proc.pid) - cpu
+        cpu = tree_cpu_seconds(proc.proc.pid) - cpu
+        load_average = os.getloadavg()[0]
         rss = _rss_bytes(proc.proc.pid)
     finally:
         if recording is not None:
@@ -134,7 +141,7 @@ async def run(
         size += sum(len(k) + len(v) for k, v in r.headers)
         latest[r.key or b""] = size if r.value is not None else 0
     live = [n for n in latest.values() if n]
-    restore = await _restore(settings, log_dir, progress)
+    restored = await _restore(settings, log_dir, progress) if restore else {}
     return {
         "events": len(events),
         "calls": calls,
@@ -144,10 +151,35 @@ async def run(
         "seconds": elapsed,
         "events_per_s": len(events) / elapsed,
         "cpu_us_per_event": cpu / len(events) * 1e6,
+        "load_average": load_average,
         "rss_bytes": rss,
         "state_calls": len(live),
         "state_bytes_per_call": sum(live) / len(live) if live else 0.0,
-        **restore,
+        **restored,
+    }
+
+
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The processor's rounds as the table reads them: the median events/s and CPU per
+    event with their spread (min-max); changes counted over all rounds (each must have
+    written exactly the changes its events call for); the state and restore figures of
+    the last round, which ran the restore."""
+    med = statistics.median
+    rate = [float(r["events_per_s"]) for r in rounds]
+    cpu = [float(r["cpu_us_per_event"]) for r in rounds]
+    keep = ("events_per_s", "cpu_us_per_event", "seconds", "changes", "expected_changes")
+    return {
+        **rounds[-1],
+        "rounds": [{k: r[k] for k in (*keep, "load_average")} for r in rounds],
+        "events_per_s": med(rate),
+        "events_per_s_min": min(rate),
+        "events_per_s_max": max(rate),
+        "cpu_us_per_event": med(cpu),
+        "cpu_us_per_event_min": min(cpu),
+        "cpu_us_per_event_max": max(cpu),
+        "load_average": med(float(r["load_average"]) for r in rounds),
+        "changes": sum(int(r["changes"]) for r in rounds),
+        "expected_changes": sum(int(r["expected_changes"]) for r in rounds),
     }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.data import SECRET
+from bench.data import ACCOUNT_ID, SECRET
 from service.settings import Role
 from testkit import ServiceProcess, free_port, settings_for
 
@@ -20,10 +20,43 @@ INGEST = "/v1/call-status"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _stat(pid: int) -> list[str]:
+    # The fields after "(comm)": comm may hold spaces and parentheses itself.
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    """User + system CPU time a process has used so far, all its threads (Linux /proc:
+    utime and stime, fields 14 and 15 of proc(5))."""
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its descendants so far: the live ones
+    (found by their parent pid in /proc) and the ended ones their parents waited for
+    (cutime and cstime). A server that forks a helper is charged for it."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int(_stat(int(entry.name))[1])
+            except (OSError, IndexError, ValueError):
+                continue  # ended while we looked: its time is in its parent's cutime
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent]
+        tree.update(children)
+        frontier.extend(children)
+    ticks = 0
+    for member in tree:
+        try:
+            fields = _stat(member)
+        except OSError:
+            continue  # ended since the scan
+        ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _spawn(args: list[str], log_path: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
@@ -49,7 +82,7 @@ class Server:
         return self.proc.pid
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
+        return tree_cpu_seconds(self.pid)
 
     async def stop(self) -> None:
         if self.service is not None:
@@ -84,16 +117,23 @@ async def _wait_ready(server: Server, deadline_s: float = 90) -> None:
 async def service(
     name: str, bootstrap: str, unique: str, role: Role, log_dir: Path, **overrides: object
 ) -> Server:
-    """``callstatus serve`` as installed, JSON logs on, signatures checked."""
-    settings = settings_for(
-        bootstrap,
-        unique,
-        role=role,
-        verify_signatures=True,
-        signing_secrets=(SECRET,),
-        # One spool per process: two nodes started from one folder must not share it.
-        **{"spool_dir": log_dir / f"{name}-spool", **overrides},
+    """``callstatus serve`` as installed and as ``make run`` configures it: a
+    one-account accounts file (``callstatus local-secret``'s, bound to the bodies'
+    account), signatures checked, console logs (its CALLSTATUS_LOG_FORMAT default) with
+    the access line of every request, the spool on in a folder of its own (two nodes
+    started from one folder must not share it)."""
+    accounts = log_dir / f"{name}-accounts.yaml".replace(" ", "-").replace("=", "-")
+    accounts.write_text(
+        f"accounts:\n  {ACCOUNT_ID}:\n    name: bench\n    signingSecrets: [{SECRET!r}]\n"
     )
+    config: dict[str, object] = {
+        "verify_signatures": True,
+        "accounts_file": accounts,
+        "log_format": "console",
+        "spool_enabled": True,
+        "spool_dir": log_dir / f"{name}-spool",
+    }
+    settings = settings_for(bootstrap, unique, role=role, **{**config, **overrides})
     proc = ServiceProcess(settings, log_dir, name)
     server = Server(
         name,

@@ -42,12 +42,20 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
     servers = {"service ROLE=ingest", "service ROLE=all", "Go peer", "bare Starlette"}
     assert set(r["closed_loop"]) == servers
     assert set(r["open_loop"]) == servers
+    assert r["config"]["closed_generator"].startswith("wrk")
     for name in servers:
         closed = r["closed_loop"][name]
         assert closed["requests"] > 0 and closed["throughput"] > 0, name
         # Valid, signed, unique requests: anything but 202 is a harness or server bug.
         assert closed["codes"] == {"202": closed["requests"]}, (name, closed["codes"])
         assert closed["cpu_us_per_request"] > 0, name
+        # Every round measured, interleaved, with both sides' CPU: the server's and wrk's.
+        assert len(closed["rounds"]) == 2, name
+        for one in closed["rounds"]:
+            assert one["codes"] == {"202": one["requests"]} and not any(one["errors"].values())
+            assert one["server_cpu_s"] > 0 and one["generator_cpu_s"] > 0, name
+        low, mid, high = (closed[f"throughput{k}"] for k in ("_min", "", "_max"))
+        assert 0 < low <= mid <= high, name
         for rep in r["open_loop"][name]:
             assert rep["offered"] > 0 and rep["codes"] == {"202": rep["requests"]}, name
             assert 0 < rep["p50_ms"] <= rep["p99_ms"], name
@@ -62,6 +70,8 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
     p = r["processor"]
     assert p["events"] > p["calls"] > 0 and p["events_per_s"] > 0
     assert p["cpu_us_per_event"] > 0
+    assert len(p["rounds"]) == 2
+    assert 0 < p["events_per_s_min"] <= p["events_per_s"] <= p["events_per_s_max"]
     # The lifecycles carry late steps: some events must have been rejected.
     assert p["expected_rejections"] > 0
     assert p["changes"] == p["expected_changes"], "exactly-once: one change per accepted event"
@@ -79,8 +89,9 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
 
     table = (out / "table.md").read_text()
     assert table in run.stdout
-    # header, 4 closed-loop, 4 open-loop, handler, 2 account-cost rows, then 7 more
-    assert len(table.splitlines()) == 2 + 4 + 4 + 1 + 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1
+    # header, machine and generators, 4 closed-loop, 4 open-loop, handler, 2 account-cost
+    # rows, then 7 more
+    assert len(table.splitlines()) == 2 + 2 + 4 + 4 + 1 + 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1
     # The chart needs the bench extra (matplotlib); without it the run still passes and
     # simply writes no chart, which is what `make test` (dev extras only) sees.
     if importlib.util.find_spec("matplotlib") is not None:
