@@ -61,13 +61,25 @@ from schemas.call import CallDirection, CallStatus
 from service.standincalls import ACTIVE, TERMINAL, HeldCall, millis, rfc1123, rfc3339
 from service.standinquery import filters, read_cursor, write_cursor
 
+# Where ``callstatus simulate`` serves the stand-in by default (on 127.0.0.1), and where
+# `make run` (``callstatus local-secret``) points CALLSTATUS_FREECLIMB_API_URL.
+LOCAL_PORT = 8082
+
+
+def local_url(port: int = LOCAL_PORT) -> str:
+    """The API base URL of a stand-in served on 127.0.0.1:``port``."""
+    return f"http://127.0.0.1:{port}/apiserver"
+
+
 __all__ = [
     "ACTIVE",
+    "LOCAL_PORT",
     "TERMINAL",
     "Fault",
     "HeldCall",
     "Seen",
     "StandIn",
+    "local_url",
     "rfc1123",
     "rfc3339",
     "serve",
