@@ -201,6 +201,28 @@ class Player:
             self.standin.advance(plan.account_id, plan.call_id, plan.truth[at])
         self._at[plan.call_id] = at
 
+    def unsent(self, plan: Plan, delivery: Delivery, run: Run) -> bool:
+        """Whether FreeClimb never sends this callback (counted in ``run``): withheld by
+        ``--lost``, or an illegal step after an end that was never accepted."""
+        if delivery.body in self.lost:
+            run.withheld += 1
+            return True
+        if delivery.kind is Kind.ILLEGAL and plan.call_id not in self.ended:
+            # A second end "after the end" only tests the state machine when the end
+            # got through; in its place it would be a first end, rightly accepted, and
+            # the call would end at a status FreeClimb never gave it.
+            run.skipped_illegal += 1
+            return True
+        return False
+
+    def answered(self, plan: Plan, delivery: Delivery, code: int | None, run: Run) -> None:
+        """A callback's last answer: not a 202 after every attempt, it is lost at the
+        source (FreeClimb gives up as we did); a 202 for the end lets its illegal step go."""
+        if code != 202:
+            run.unaccepted += 1
+        elif delivery.status is plan.final and delivery.kind is not Kind.ILLEGAL:
+            self.ended.add(plan.call_id)
+
 
 async def send_call(
     calls: asyncio.Queue[Plan],
@@ -220,15 +242,7 @@ async def send_call(
             return
         for delivery in plan.deliveries:
             player.play(plan, delivery)
-            if delivery.body in player.lost:
-                run.withheld += 1
-                progress.step()
-                continue
-            if delivery.kind is Kind.ILLEGAL and plan.call_id not in player.ended:
-                # A second end "after the end" only tests the state machine when the
-                # end got through; in its place it would be a first end, accepted, and
-                # the call would end at a status FreeClimb never gave it.
-                run.skipped_illegal += 1
+            if player.unsent(plan, delivery, run):
                 progress.step()
                 continue
             sent = Sent(delivery)
@@ -261,10 +275,7 @@ async def send_call(
                 # A 503 is "maybe stored" (README): this attempt may still reach the
                 # processor, so the call's predictions are no longer certain.
                 run.uncertain_calls.add(delivery.call_id)
-            if sent.code != 202:
-                run.unaccepted += 1  # FreeClimb gives up as we did: lost at the source
-            elif delivery.status is plan.final and delivery.kind is not Kind.ILLEGAL:
-                player.ended.add(plan.call_id)
+            player.answered(plan, delivery, sent.code, run)
             progress.step()
 
 

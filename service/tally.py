@@ -238,6 +238,8 @@ def _calls_section(run: Run, tally: Tally) -> list[str]:
         lines.append(row("illegal steps not sent", run.skipped_illegal, "(their end was lost)"))
     lines.append(row("reached their true final status", tally.reached, f"of {tally.calls}"))
     lines.append(row("  of those through reconciliation", tally.through_api, "(source api)"))
+    if not tally.not_reached:
+        lines.append(row("did not reach it", 0))
     for label, ids in (
         ("DID NOT REACH IT", tally.not_reached),
         ("A CHANGE TWICE", tally.repeated),

@@ -398,3 +398,24 @@ def test_the_player_shows_each_call_s_true_lifecycle_in_the_standin() -> None:
         # Every true step once, gaps and swaps notwithstanding; the illegal step nowhere.
         assert (resource["status"], resource["revision"]) == (plan.final, len(plan.truth))
         assert resource["startTime"] != "" and resource["endTime"] != ""
+
+
+def test_what_freeclimb_never_sends_is_counted_and_an_illegal_end_waits_for_the_real_one() -> None:
+    plan = next(
+        p
+        for p in generate_plans(200, Shares(0, 0, 0, 0, 0.999), seed=14)
+        if p.deliveries[-1].kind is Kind.ILLEGAL
+    )
+    *steps, illegal = plan.deliveries
+    end = steps[-1]
+    run = Run()
+    player = Player(None, frozenset({steps[0].body}))
+    assert player.unsent(plan, steps[0], run) and run.withheld == 1
+    assert not player.unsent(plan, end, run)
+    player.answered(plan, end, None, run)  # no answer after every attempt: lost
+    assert run.unaccepted == 1
+    # Its end never got through: the "second" end would be a first one, so it stays.
+    assert player.unsent(plan, illegal, run) and run.skipped_illegal == 1
+    player.answered(plan, end, 202, run)
+    assert not player.unsent(plan, illegal, run)  # after a real end: sent, and rejected
+    assert (run.withheld, run.unaccepted, run.skipped_illegal) == (1, 1, 1)
