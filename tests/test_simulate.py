@@ -419,3 +419,33 @@ def test_what_freeclimb_never_sends_is_counted_and_an_illegal_end_waits_for_the_
     player.answered(plan, end, 202, run)
     assert not player.unsent(plan, illegal, run)  # after a real end: sent, and rejected
     assert (run.withheld, run.unaccepted, run.skipped_illegal) == (1, 1, 1)
+
+
+def test_the_standin_takes_the_api_key_the_service_uses(tmp_path: Path) -> None:
+    from service.simulate import target_of
+    from tests.conftest import make_settings
+
+    account = "AC" + "2b" * 20
+    path = tmp_path / "accounts.yaml"
+    path.write_text(f'accounts:\n  {account}:\n    signingSecrets: ["s1"]\n    apiKey: "k1"\n')
+    target = target_of(make_settings(signing_secrets=(), accounts_file=path), None)
+    assert not isinstance(target, str) and target.account_id == account
+    assert target.api_key is not None and target.api_key.get_secret_value() == "k1"
+
+    single = make_settings(
+        signing_account_id=account, freeclimb_account_id=account, freeclimb_api_key="k2"
+    )
+    target = target_of(single, None)
+    assert not isinstance(target, str) and target.api_key is not None
+    assert target.api_key.get_secret_value() == "k2"
+    unbound = target_of(make_settings(), None)  # the shorthand for any account: no key
+    assert not isinstance(unbound, str) and unbound.api_key is None
+
+
+def test_lost_without_an_api_key_exits_2_with_one_line(tmp_path: Path) -> None:
+    result = _cli(tmp_path, "--calls", "1", "--lost", "0.1")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--lost needs the FreeClimb API stand-in" in result.stderr
+    assert "Traceback" not in result.stderr
+    bad = _cli(tmp_path, "--calls", "1", "--lost", "2")
+    assert bad.returncode == 2 and "--lost must be between 0 and 1" in bad.stderr
