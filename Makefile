@@ -31,6 +31,9 @@ kafka-reset:
 # one-account accounts file (.callstatus-accounts.yaml, bound to the README example's
 # account, reloaded while the service runs as the manifests' Secret is), made once and
 # named in .callstatus.env, where `callstatus sign` and `callstatus simulate` find it too.
+# The file's account has an API key, and .callstatus.env points reconciliation at the
+# FreeClimb API stand-in `callstatus simulate` runs on 127.0.0.1:8082 (after 20 s, a
+# sweep every 15 s), so `callstatus simulate --lost 0.1` shows lost callbacks recovered.
 # A .callstatus.env from before (the SIGNING_SECRETS shorthand) is kept and still works.
 run: venv kafka-up
 	$(BIN)/callstatus local-secret

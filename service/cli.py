@@ -107,6 +107,25 @@ def _account_secret(account_id: str | None, path: Path | None) -> SecretStr | in
 # The one-account accounts file `make run` creates for local play (git-ignored), and
 # what .callstatus.env then holds: its path, so serve, sign and simulate all use it.
 LOCAL_ACCOUNTS_FILE = Path(".callstatus-accounts.yaml")
+# Local play's reconciliation (issue 19): against the FreeClimb API stand-in that
+# `callstatus simulate` runs (service/standin.py's LOCAL_PORT), after seconds rather
+# than production's quarter of an hour, so `simulate --lost 0.1` sees lost callbacks
+# recovered within a minute (its default wait is these two plus a margin).
+LOCAL_RECONCILE_AFTER_SECONDS = 20
+LOCAL_RECONCILE_SWEEP_SECONDS = 15
+
+
+def _local_env() -> str:
+    """What .callstatus.env holds for local play."""
+    from service.standin import local_url
+
+    return (
+        f"CALLSTATUS_ACCOUNTS_FILE={LOCAL_ACCOUNTS_FILE}\n"
+        "# Reconciliation against the FreeClimb API stand-in of `callstatus simulate`\n"
+        f"CALLSTATUS_FREECLIMB_API_URL={local_url()}\n"
+        f"CALLSTATUS_RECONCILE_AFTER_SECONDS={LOCAL_RECONCILE_AFTER_SECONDS}\n"
+        f"CALLSTATUS_RECONCILE_SWEEP_SECONDS={LOCAL_RECONCILE_SWEEP_SECONDS}\n"
+    )
 
 
 def cmd_local_secret(args: argparse.Namespace) -> int:
@@ -126,7 +145,7 @@ def cmd_local_secret(args: argparse.Namespace) -> int:
     code = _local_accounts_file(LOCAL_ACCOUNTS_FILE, args.account)
     if code:
         return code
-    LOCAL_ENV_FILE.write_text(f"CALLSTATUS_ACCOUNTS_FILE={LOCAL_ACCOUNTS_FILE}\n", encoding="utf-8")
+    LOCAL_ENV_FILE.write_text(_local_env(), encoding="utf-8")
     LOCAL_ENV_FILE.chmod(0o600)
     print(
         f"callstatus: {LOCAL_ENV_FILE} (git-ignored) points serve, sign and simulate at it; "
@@ -138,6 +157,10 @@ def cmd_local_secret(args: argparse.Namespace) -> int:
 
 def _new_secret() -> str:
     return "sigsec_" + secrets.token_hex(20)
+
+
+def _new_api_key() -> str:
+    return "local-" + secrets.token_hex(20)
 
 
 def _local_accounts_file(path: Path, account_id: str) -> int:
@@ -152,6 +175,9 @@ def _local_accounts_file(path: Path, account_id: str) -> int:
         f"  {account_id}:\n"
         "    name: local\n"
         f'    signingSecrets: ["{_new_secret()}"]\n'
+        "    # For reconciliation: the key the FreeClimb API stand-in of `callstatus\n"
+        "    # simulate` accepts for this account (a real account's comes from FreeClimb).\n"
+        f'    apiKey: "{_new_api_key()}"\n'
     )
     try:
         # O_EXCL: an existing file, whoever made it, is never overwritten.

@@ -216,6 +216,12 @@ def _decide(state: CallState | None, call: CallLike, at: datetime, judged: bytes
                 RejectReason.CONFLICTING_REVISION,
                 f"revision {call.revision} was already seen with different content",
             )
+        if new == current and last_status != current:
+            # A callback brought this status after the last revisioned event: the
+            # resource (the reconciler's fetch, the sweep) confirms a change already
+            # published. Accepting it would publish the same change twice (each change
+            # exactly once, as rule 3 keeps it when neither side has a revision yet).
+            return Decision(Outcome.DUPLICATE, state)
         if new == current or new in REACHABLE[current]:
             return _accept(state, call, at, judged)
         after_last = new == last_status or new in REACHABLE[last_status]

@@ -10,10 +10,26 @@ several; the local one-account file of ``make run``), sent to that account's
 call's callbacks one after the other and many calls at once. Meanwhile the changes and
 rejected topics are read from their current end with read_committed. At the end a
 summary is printed: requests by status code, changes, rejections by reason, duplicates
-dropped, and latencies. Exit status 1 when an answer was a 5xx other than 503, or an
-accepted request's outcome never appeared (or appeared twice, or not as the state
-machine predicts), and also when an answer was a 4xx or nothing was accepted at all (the
-traffic is valid: a wrong secret or URL); else 0.
+dropped, and latencies.
+
+It also plays FreeClimb's side of each call: with an API key for the account (its
+``apiKey`` in the accounts file, or ``FREECLIMB_ACCOUNT_ID``/``FREECLIMB_API_KEY``), it
+runs the FreeClimb Calls API stand-in (service/standin.py) on ``--standin-port``
+(127.0.0.1:8082, where ``make run`` points ``FREECLIMB_API_URL``) and moves each call
+there along its true lifecycle before each callback goes (a callback lost, reordered or
+skipped by a gap changes nothing there), so the service's reconciler finds what FreeClimb
+would show. ``--lost F`` withholds that share of the callbacks at the source, never sent
+(FreeClimb sends once); a callback not accepted after every attempt is lost at the source
+too. The run then waits (``--wait``, by default RECONCILE_AFTER_SECONDS + one sweep + a
+margin) until every call's last change is its true final status, and reports how many
+calls got there, how many only through reconciliation (a last change of source ``api``),
+and how many did not.
+
+Exit status 1 when an answer was a 5xx other than 503, or an accepted request's outcome
+never appeared (or appeared twice, or not as the state machine predicts, which is
+judged only for calls no ``api`` change moved: service/tally.py), or a call did not end
+at its true final status or has a change twice, and also when an answer was a 4xx or
+nothing was accepted at all (the traffic is valid: a wrong secret or URL); else 0.
 
 This module sends and reads; the run's books, the prediction and the summary are
 service/tally.py's, and the HTTP client is service/httpclient.py (a few lines over
@@ -37,13 +53,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
-from schemas.messages import INGEST_PATH, RejectReason
+from schemas.call import CallDirection, CallStatus
+from schemas.messages import INGEST_PATH, RejectReason, Source
 from service import accountbook, accounts, signature
 from service.httpclient import Connection, HttpError
 from service.kafka import client_options, partition_counts
 from service.settings import Settings, load_settings
+from service.standin import LOCAL_PORT, StandIn, serve
 from service.tally import Run, Seen, Sent, judge, outstanding, predict, summary
-from service.traffic import Delivery, Shares, generate_calls
+from service.traffic import Delivery, Kind, Plan, Shares, generate_plans, withheld
 
 # Answers FreeClimb would retry (503: the service is draining or Kafka is unavailable),
 # how often and how soon; a transport error (no answer at all) is retried the same way.
@@ -51,6 +69,14 @@ RETRY_ON = frozenset({503})
 ATTEMPTS = 4
 BACKOFF_S = 0.25
 SETTLE_S = 1.0  # reading on after the last expected outcome arrived
+# With --lost, the default wait past RECONCILE_AFTER_SECONDS + one sweep: a round's
+# tick, the fetch, the processor's batch and the read back; and the default reading on,
+# at most, after everything is in: one sweep, which may publish a call again.
+WAIT_MARGIN_S = 30.0
+MAX_SETTLE_S = 30.0
+# Every Nth request to the stand-in is answered 429 with Retry-After: 1 (FreeClimb's
+# occasional throttling), so a run exercises the client's etiquette too.
+THROTTLE_EVERY = 50
 
 
 class Progress:
@@ -93,6 +119,7 @@ class Target:
     secret: SecretStr
     path: str
     account_id: str | None
+    api_key: SecretStr | None = None  # the account's FreeClimb API key, for the stand-in
 
 
 def target_of(settings: Settings, account_id: str | None) -> Target | str:
@@ -120,7 +147,11 @@ def target_of(settings: Settings, account_id: str | None) -> Target | str:
         return f"{where} has {len(book)} accounts: pass --account"
     if account.id is None:  # the shorthand bound to no account: as before accounts
         return Target(account.current_secret, INGEST_PATH, account_id)
-    return Target(account.current_secret, f"{INGEST_PATH}/{account.id}", account.id)
+    api_key = account.api_key
+    single = settings.freeclimb_account_id
+    if api_key is None and single is not None and accountbook.canonical_id(single) == account.id:
+        api_key = settings.freeclimb_api_key
+    return Target(account.current_secret, f"{INGEST_PATH}/{account.id}", account.id, api_key)
 
 
 class Pacer:
@@ -137,22 +168,83 @@ class Pacer:
             await asyncio.sleep(delay)
 
 
+class Player:
+    """FreeClimb's side of the calls: each moved on in the stand-in (when one runs) along
+    its true lifecycle, and which callbacks are never sent."""
+
+    def __init__(self, standin: StandIn | None, lost: frozenset[bytes]) -> None:
+        self.standin = standin
+        self.lost = lost
+        self._at: dict[str, int] = {}  # callId -> index in its truth the stand-in shows
+        self.ended: set[str] = set()  # calls whose end callback was accepted
+
+    def play(self, plan: Plan, delivery: Delivery) -> None:
+        """FreeClimb updates the call, then sends the callback: the stand-in shows at
+        least the status of every callback sent (a late one, the step it swapped with
+        too; a gap's skipped step too, since only its callback is missing)."""
+        if self.standin is None or delivery.kind not in (Kind.STEP, Kind.LATE):
+            return  # a copy's status is shown already; an illegal step is not FreeClimb's
+        target = plan.truth.index(delivery.status)
+        at = self._at.get(plan.call_id)
+        if at is None:
+            self.standin.put_call(
+                plan.account_id,
+                plan.call_id,
+                plan.truth[0],
+                direction=CallDirection(plan.direction),
+                from_=plan.ends[0],
+                to=plan.ends[1],
+            )
+            at = 0
+        while at < target:
+            at += 1
+            self.standin.advance(plan.account_id, plan.call_id, plan.truth[at])
+        self._at[plan.call_id] = at
+
+    def unsent(self, plan: Plan, delivery: Delivery, run: Run) -> bool:
+        """Whether FreeClimb never sends this callback (counted in ``run``): withheld by
+        ``--lost``, or an illegal step after an end that was never accepted."""
+        if delivery.body in self.lost:
+            run.withheld += 1
+            return True
+        if delivery.kind is Kind.ILLEGAL and plan.call_id not in self.ended:
+            # A second end "after the end" only tests the state machine when the end
+            # got through; in its place it would be a first end, rightly accepted, and
+            # the call would end at a status FreeClimb never gave it.
+            run.skipped_illegal += 1
+            return True
+        return False
+
+    def answered(self, plan: Plan, delivery: Delivery, code: int | None, run: Run) -> None:
+        """A callback's last answer: not a 202 after every attempt, it is lost at the
+        source (FreeClimb gives up as we did); a 202 for the end lets its illegal step go."""
+        if code != 202:
+            run.unaccepted += 1
+        elif delivery.status is plan.final and delivery.kind is not Kind.ILLEGAL:
+            self.ended.add(plan.call_id)
+
+
 async def send_call(
-    calls: asyncio.Queue[list[Delivery]],
+    calls: asyncio.Queue[Plan],
     conn: Connection,
     target: Target,
     pacer: Pacer,
     run: Run,
     progress: Progress,
+    player: Player,
 ) -> None:
     """Take calls off the queue and send each one's callbacks in order."""
     secret, path = target.secret, target.path
     while True:
         try:
-            deliveries = calls.get_nowait()
+            plan = calls.get_nowait()
         except asyncio.QueueEmpty:
             return
-        for delivery in deliveries:
+        for delivery in plan.deliveries:
+            player.play(plan, delivery)
+            if player.unsent(plan, delivery, run):
+                progress.step()
+                continue
             sent = Sent(delivery)
             run.sent.append(sent)
             for attempt in range(ATTEMPTS):
@@ -183,28 +275,32 @@ async def send_call(
                 # A 503 is "maybe stored" (README): this attempt may still reach the
                 # processor, so the call's predictions are no longer certain.
                 run.uncertain_calls.add(delivery.call_id)
+            player.answered(plan, delivery, sent.code, run)
             progress.step()
 
 
 async def send_all(
     target: Target,
     url: str,
-    traffic: list[list[Delivery]],
+    traffic: list[Plan],
     rate: float,
     concurrency: int,
     run: Run,
+    player: Player,
 ) -> None:
     parts = urlsplit(url)  # checked by main()
     assert parts.hostname is not None
-    calls: asyncio.Queue[list[Delivery]] = asyncio.Queue()
-    for deliveries in traffic:
-        calls.put_nowait(deliveries)
-    progress = Progress(sum(len(d) for d in traffic))
+    calls: asyncio.Queue[Plan] = asyncio.Queue()
+    for plan in traffic:
+        calls.put_nowait(plan)
+    progress = Progress(sum(len(plan.deliveries) for plan in traffic))
     pacer = Pacer(rate)
     conns = [Connection(parts.hostname, parts.port or 80) for _ in range(concurrency)]
     started = time.monotonic()
     try:
-        await asyncio.gather(*(send_call(calls, c, target, pacer, run, progress) for c in conns))
+        await asyncio.gather(
+            *(send_call(calls, c, target, pacer, run, progress, player) for c in conns)
+        )
     finally:
         for conn in conns:
             await conn.close()
@@ -251,47 +347,101 @@ class Reader:
                     value = json.loads(record.value or b"{}")
                     reason = RejectReason(value["reason"]) if rejected else None
                     seen = Seen(
-                        "rejected" if rejected else "changes", reason, _epoch(value["processedAt"])
+                        "rejected" if rejected else "changes",
+                        reason,
+                        _epoch(value["processedAt"]),
+                        value.get("callId"),
+                        CallStatus(value["status"]) if "status" in value else None,
+                        Source(value["source"]) if "source" in value else None,
                     )
-                    run.seen.setdefault(value["eventId"], []).append(seen)
+                    run.record(value["eventId"], seen)
 
     async def stop(self) -> None:
         await self.consumer.stop()
 
 
+def wait_of(settings: Settings, args: argparse.Namespace) -> float:
+    """How long to wait for the outcomes after the traffic: ``--wait``, else 60 s, or
+    with ``--lost`` as long as reconciliation takes: RECONCILE_AFTER_SECONDS after a
+    call's last event, one sweep for a call we never heard of, and a margin."""
+    if args.wait is not None:
+        return float(args.wait)
+    if not args.lost:
+        return 60.0
+    return settings.reconcile_after_seconds + settings.reconcile_sweep_seconds + WAIT_MARGIN_S
+
+
+def settle_of(settings: Settings, args: argparse.Namespace) -> float:
+    """How long to read on once all is in (``--settle``): a moment, or with ``--lost``
+    one sweep (at most MAX_SETTLE_S), which would show a change a sweep published twice."""
+    if args.settle is not None:
+        return float(args.settle)
+    if not args.lost:
+        return SETTLE_S
+    return min(MAX_SETTLE_S, max(SETTLE_S, settings.reconcile_sweep_seconds))
+
+
 async def simulate(settings: Settings, target: Target, args: argparse.Namespace) -> Run:
     shares = Shares(args.gaps, args.reorder, args.duplicates, args.retries, args.illegal)
-    traffic = generate_calls(args.calls, shares, args.seed, target.account_id)
+    traffic = generate_plans(args.calls, shares, args.seed, target.account_id)
     url = args.url or f"http://{_client_host(settings.host)}:{settings.port}"
-    run = Run()
+    run = Run(truth={plan.call_id: plan.final for plan in traffic})
+    wait, settle = wait_of(settings, args), settle_of(settings, args)
     reader = Reader(settings)
     done = asyncio.Event()
     caught_up = asyncio.Event()
     reading: asyncio.Task[None] | None = None
-    try:
-        await reader.start()
-        reading = asyncio.create_task(reader.read(run, done, caught_up))
-        print(
-            f"simulating {args.calls} calls at {args.rate:g} requests/s against {url}",
-            file=sys.stderr,
-        )
-        await send_all(target, url, traffic, args.rate, args.concurrency, run)
-        predict(run)
-        run.predicted = True
-        print(
-            f"waiting up to {args.wait:g}s for {outstanding(run)} outcomes ...",
-            file=sys.stderr,
-            flush=True,
-        )
-        with contextlib.suppress(TimeoutError):  # the summary says what never came
-            await asyncio.wait_for(caught_up.wait(), args.wait)
-        # Read a moment longer, so a message published twice would show.
-        await asyncio.sleep(SETTLE_S)
-    finally:
-        done.set()
-        if reading is not None:
-            await reading
-        await reader.stop()  # also after a failed start: no consumer left open
+    async with contextlib.AsyncExitStack() as stack:
+        standin: StandIn | None = None
+        if target.account_id is not None and target.api_key is not None and not args.no_standin:
+            standin = StandIn({target.account_id: target.api_key.get_secret_value()})
+            standin.throttle_every = args.standin_throttle
+            try:
+                api = await stack.enter_async_context(
+                    serve(standin, "127.0.0.1", args.standin_port)
+                )
+            except OSError as exc:  # the port taken: another simulate runs
+                raise RuntimeError(
+                    f"the FreeClimb API stand-in cannot listen on 127.0.0.1:"
+                    f"{args.standin_port}: {exc.strerror} (another simulate running? "
+                    "--standin-port)"
+                ) from exc
+            print(f"FreeClimb API stand-in on {api}", file=sys.stderr)
+            if settings.freeclimb_api_url.rstrip("/") != api:
+                print(
+                    f"callstatus: note: CALLSTATUS_FREECLIMB_API_URL is "
+                    f"{settings.freeclimb_api_url}, not the stand-in: if the service uses "
+                    "it too, it cannot recover what is lost",
+                    file=sys.stderr,
+                )
+        player = Player(standin, withheld(traffic, args.lost, args.seed))
+        try:
+            await reader.start()
+            reading = asyncio.create_task(reader.read(run, done, caught_up))
+            print(
+                f"simulating {args.calls} calls at {args.rate:g} requests/s against {url}"
+                + (f", {args.lost:.0%} of the callbacks withheld" if args.lost else ""),
+                file=sys.stderr,
+            )
+            await send_all(target, url, traffic, args.rate, args.concurrency, run, player)
+            ended = time.monotonic()
+            predict(run)
+            run.predicted = True
+            print(
+                f"waiting up to {wait:g}s for {outstanding(run)} outcomes ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            with contextlib.suppress(TimeoutError):  # the summary says what never came
+                await asyncio.wait_for(caught_up.wait(), wait)
+                run.settled_s = time.monotonic() - ended
+            # Read a while longer, so a message published twice would show.
+            await asyncio.sleep(settle)
+        finally:
+            done.set()
+            if reading is not None:
+                await reading
+            await reader.stop()  # also after a failed start: no consumer left open
     return run
 
 
@@ -305,7 +455,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="the service's base URL (default: from CALLSTATUS_HOST/PORT)")
     parser.add_argument("--concurrency", type=int, default=16, help="calls in flight at once (16)")
     parser.add_argument(
-        "--wait", type=float, default=60.0, help="seconds to wait for outcomes (60)"
+        "--wait",
+        type=float,
+        help="seconds to wait for outcomes after the traffic (60; with --lost, "
+        "RECONCILE_AFTER_SECONDS + RECONCILE_SWEEP_SECONDS + 30)",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        help="seconds to read on once everything is in, to see a message published twice "
+        "(1; with --lost, one sweep, at most 30)",
+    )
+    parser.add_argument(
+        "--lost",
+        type=float,
+        default=0.0,
+        help="share of callbacks never sent, as lost before they reach the service: "
+        "recovered only by reconciliation (0)",
+    )
+    parser.add_argument(
+        "--standin-port",
+        type=int,
+        default=LOCAL_PORT,
+        help=f"port of the FreeClimb API stand-in on 127.0.0.1 ({LOCAL_PORT}, where "
+        "`make run` points CALLSTATUS_FREECLIMB_API_URL); it runs when the account has "
+        "an API key",
+    )
+    parser.add_argument(
+        "--no-standin", action="store_true", help="do not run the FreeClimb API stand-in"
+    )
+    parser.add_argument(
+        "--standin-throttle",
+        type=int,
+        default=THROTTLE_EVERY,
+        help=f"the stand-in answers every Nth request 429 with Retry-After: 1 "
+        f"({THROTTLE_EVERY}; 0: never)",
     )
     parser.add_argument("--seed", type=int, help="random seed, to repeat a run's traffic")
     parser.add_argument(
@@ -332,8 +516,14 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             print(f"callstatus: --{name} must be at least 1", file=sys.stderr)
             return 2
-    if args.rate <= 0 or args.wait < 0:
+    if args.rate <= 0 or (args.wait is not None and args.wait < 0):
         print("callstatus: --rate must be above 0 and --wait at least 0", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.lost <= 1.0 or (args.settle is not None and args.settle < 0):
+        print("callstatus: --lost must be between 0 and 1, --settle at least 0", file=sys.stderr)
+        return 2
+    if not 0 <= args.standin_port <= 65535 or args.standin_throttle < 0:
+        print("callstatus: bad --standin-port or --standin-throttle", file=sys.stderr)
         return 2
     settings = load_settings()
     target = target_of(settings, args.account)  # a bad accounts file: SettingsError, exit 2
@@ -344,6 +534,14 @@ def main(args: argparse.Namespace) -> int:
         Shares(args.gaps, args.reorder, args.duplicates, args.retries, args.illegal)
     except ValueError as exc:
         print(f"callstatus: {exc}", file=sys.stderr)
+        return 2
+    if args.lost and (target.account_id is None or target.api_key is None or args.no_standin):
+        print(
+            "callstatus: --lost needs the FreeClimb API stand-in, and so an API key for the "
+            "account: apiKey in the accounts file, or CALLSTATUS_FREECLIMB_ACCOUNT_ID and "
+            "CALLSTATUS_FREECLIMB_API_KEY (`make run` writes one)",
+            file=sys.stderr,
+        )
         return 2
     url = args.url or f"http://{_client_host(settings.host)}:{settings.port}"
     parts = urlsplit(url)

@@ -18,7 +18,10 @@ in-memory set of calls per account, served the way docs/freeclimb.md
 
 What FreeClimb does not document, the stand-in decides, and says so here: pages hold
 calls in creation order; ``page`` and ``start``/``end`` (inclusive) count from 0; an
-empty list has ``numPages`` 0; an unparseable filter is a 400.
+empty list has ``numPages`` 0; an unparseable filter is a 400; a call has a
+``startTime`` from its first status that says it was dialled, so one that failed (or
+was busy) straight from queued has one, and one canceled while queued has none
+(service/standincalls.py's ``DIALLED``).
 
 Faults on demand: ``throttle_every = N`` answers every Nth request 429 with
 ``Retry-After: retry_after``; :meth:`StandIn.fail_next` queues any answers (a 503, a 429
@@ -61,13 +64,25 @@ from schemas.call import CallDirection, CallStatus
 from service.standincalls import ACTIVE, TERMINAL, HeldCall, millis, rfc1123, rfc3339
 from service.standinquery import filters, read_cursor, write_cursor
 
+# Where ``callstatus simulate`` serves the stand-in by default (on 127.0.0.1), and where
+# `make run` (``callstatus local-secret``) points CALLSTATUS_FREECLIMB_API_URL.
+LOCAL_PORT = 8082
+
+
+def local_url(port: int = LOCAL_PORT) -> str:
+    """The API base URL of a stand-in served on 127.0.0.1:``port``."""
+    return f"http://127.0.0.1:{port}/apiserver"
+
+
 __all__ = [
     "ACTIVE",
+    "LOCAL_PORT",
     "TERMINAL",
     "Fault",
     "HeldCall",
     "Seen",
     "StandIn",
+    "local_url",
     "rfc1123",
     "rfc3339",
     "serve",

@@ -13,6 +13,12 @@ from schemas.call import CallDirection, CallStatus
 
 ACTIVE = frozenset({CallStatus.QUEUED, CallStatus.RINGING, CallStatus.IN_PROGRESS})
 TERMINAL = frozenset(CallStatus) - ACTIVE
+# The statuses that say the call was dialled, so it has a startTime ("empty while not yet
+# reached"): all but queued and canceled (a call canceled while queued never rang). Not
+# documented per status; the stand-in's reading: busy, noAnswer and failed ("could not be
+# completed as dialed", docs/freeclimb.md) were dialled, even straight from queued. It
+# matters to the sweep, which lists by startTime: a call never dialled is not listed.
+DIALLED = frozenset(CallStatus) - {CallStatus.QUEUED, CallStatus.CANCELED}
 
 
 def rfc1123(value: datetime) -> str:
@@ -92,8 +98,8 @@ class HeldCall:
 
     def reach(self, status: CallStatus, at: datetime) -> None:
         """Move to ``status`` at ``at``, with the times it implies; no revision change."""
-        # The times a status implies: dialled (ringing), answered (inProgress), ended.
-        if status in (CallStatus.RINGING, CallStatus.IN_PROGRESS) and self.start_time is None:
+        # The times a status implies: dialled (startTime), answered (inProgress), ended.
+        if status in DIALLED and self.start_time is None:
             self.start_time = at
         if status is CallStatus.IN_PROGRESS:
             self.connect_time = at

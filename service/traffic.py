@@ -13,6 +13,10 @@ receiver must plan for, each at a configurable share of calls or deliveries:
 - retries: the same callback again because its answer was lost;
 - illegal steps: a second, different end status after the call ended.
 
+Each call's :class:`Plan` also keeps its true lifecycle (what FreeClimb's REST API shows,
+the FreeClimb API stand-in serves it during ``callstatus simulate``), and
+:func:`withheld` picks the callbacks ``--lost`` never sends.
+
 What becomes of the callbacks is predicted by service/oracle.py, over each call's
 callbacks in sending order: the order the processor sees them in, since one call's
 callbacks are sent one after the other.
@@ -186,11 +190,26 @@ def _body(
     )
 
 
-def generate_call(
-    rng: random.Random, shares: Shares, account_id: str | None = None
-) -> list[Delivery]:
-    """The callbacks of one new call, in the order they will be sent; for
-    ``account_id``, else for a random account."""
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One call as it truly goes (``truth``: its statuses in FreeClimb's order, what
+    FreeClimb's REST API shows as time goes, the last one its final status) and the
+    callbacks planned for it, faults included, in sending order."""
+
+    call_id: str
+    account_id: str
+    direction: str
+    ends: tuple[str, str]  # (from, to)
+    truth: tuple[CallStatus, ...]
+    deliveries: list[Delivery]
+
+    @property
+    def final(self) -> CallStatus:
+        return self.truth[-1]
+
+
+def plan_call(rng: random.Random, shares: Shares, account_id: str | None = None) -> Plan:
+    """One new call's :class:`Plan`, for ``account_id``, else for a random account."""
     lifecycle = rng.choices(LIFECYCLES, weights=[lc.weight for lc in LIFECYCLES])[0]
     # The random account is drawn either way: a seed plans the same calls for any account.
     call_id, drawn = "CA" + _hex(rng, 40), "AC" + _hex(rng, 40)
@@ -217,7 +236,40 @@ def generate_call(
             out.append(Delivery(call_id, step.status, Kind.DUPLICATE, body))
         if rng.random() < shares.retries:
             out.append(Delivery(call_id, step.status, Kind.RETRY, body))
-    return out
+    truth = tuple(step.status for step in lifecycle.steps)
+    return Plan(call_id, account_id, lifecycle.direction, ends, truth, out)
+
+
+def generate_call(
+    rng: random.Random, shares: Shares, account_id: str | None = None
+) -> list[Delivery]:
+    """The callbacks of one new call, in the order they will be sent; for
+    ``account_id``, else for a random account."""
+    return plan_call(rng, shares, account_id).deliveries
+
+
+def generate_plans(
+    calls: int, shares: Shares, seed: int | None = None, account_id: str | None = None
+) -> list[Plan]:
+    """The :class:`Plan` of ``calls`` calls (as :func:`generate_calls` draws them)."""
+    rng = random.Random(seed)  # noqa: S311 - traffic shapes, not secrets
+    return [plan_call(rng, shares, account_id) for _ in range(calls)]
+
+
+def withheld(plans: list[Plan], lost: float, seed: int | None = None) -> frozenset[bytes]:
+    """The callbacks ``--lost`` withholds at the source: each callback of a call's true
+    lifecycle (a step, late or not) with probability ``lost``, with all its copies (a
+    duplicate, a retry: FreeClimb never sent it at all). Drawn from a generator of its
+    own, so the same seed plans the same traffic whatever ``lost`` is."""
+    if not 0.0 <= lost <= 1.0:
+        raise ValueError("lost must be between 0 and 1")
+    rng = random.Random(None if seed is None else f"lost-{seed}")  # noqa: S311
+    out: set[bytes] = set()
+    for plan in plans:
+        for delivery in plan.deliveries:
+            if delivery.kind in (Kind.STEP, Kind.LATE) and rng.random() < lost:
+                out.add(delivery.body)
+    return frozenset(out)
 
 
 def generate_calls(
@@ -226,5 +278,4 @@ def generate_calls(
     """The deliveries of ``calls`` calls, one list per call, all for ``account_id`` when
     given (an accounts file binds each request to its account), else each call for a
     random account."""
-    rng = random.Random(seed)  # noqa: S311 - traffic shapes, not secrets
-    return [generate_call(rng, shares, account_id) for _ in range(calls)]
+    return [plan.deliveries for plan in generate_plans(calls, shares, seed, account_id)]

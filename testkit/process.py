@@ -107,8 +107,11 @@ def settings_env(settings: Settings, port: int) -> dict[str, str]:
 class ServiceProcess:
     """``callstatus serve`` as a real child process, as it runs in production."""
 
-    def __init__(self, settings: Settings, log_dir: Path, name: str) -> None:
-        self.port = free_port()
+    def __init__(
+        self, settings: Settings, log_dir: Path, name: str, port: int | None = None
+    ) -> None:
+        # A given port: a node started again where its clients already send.
+        self.port = port if port is not None else free_port()
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(

@@ -73,7 +73,14 @@ def test_local_secret_is_made_once_and_sign_uses_it(tmp_path: Path) -> None:
     assert first.returncode == 0
     assert b"created a one-account accounts file .callstatus-accounts.yaml" in first.stderr
     env_file = tmp_path / ".callstatus.env"
-    assert env_file.read_text() == "CALLSTATUS_ACCOUNTS_FILE=.callstatus-accounts.yaml\n"
+    # The file, and reconciliation against the stand-in `callstatus simulate` runs.
+    assert env_file.read_text().splitlines() == [
+        "CALLSTATUS_ACCOUNTS_FILE=.callstatus-accounts.yaml",
+        "# Reconciliation against the FreeClimb API stand-in of `callstatus simulate`",
+        "CALLSTATUS_FREECLIMB_API_URL=http://127.0.0.1:8082/apiserver",
+        "CALLSTATUS_RECONCILE_AFTER_SECONDS=20",
+        "CALLSTATUS_RECONCILE_SWEEP_SECONDS=15",
+    ]
     assert env_file.stat().st_mode & 0o077 == 0  # not readable by others
     accounts_file = tmp_path / ".callstatus-accounts.yaml"
     assert accounts_file.stat().st_mode & 0o077 == 0
@@ -81,6 +88,7 @@ def test_local_secret_is_made_once_and_sign_uses_it(tmp_path: Path) -> None:
     assert account.id == "AC1334ffb694cd8d969f51cddf5f7c9b478546d50c"  # the README's
     secret = account.current_secret.get_secret_value()
     assert secret.startswith("sigsec_") and len(secret) == 47
+    assert account.api_key is not None  # what the stand-in and the reconciler share
     made = accounts_file.read_text()
 
     again = run(["local-secret"], tmp_path, {})

@@ -201,6 +201,19 @@ class TestRevisionsAfterACallback:
         d = decide(self.after_callback(), call(S.QUEUED, 6), "e2", T0)
         assert (d.outcome, d.reason) == (Outcome.REJECTED, RejectReason.ILLEGAL_TRANSITION)
 
+    def test_a_newer_revision_of_the_status_a_callback_brought_is_a_duplicate(self) -> None:
+        # The reconciler's case: a resource moved the call (revision 5, ringing), a
+        # callback then brought inProgress, and a later fetch or sweep shows inProgress
+        # at revision 6. That change is on `changes` already: publishing it again would
+        # give the call two inProgress changes (issue 19: each change exactly once).
+        state = self.after_callback()
+        d = decide(state, call(S.IN_PROGRESS, 6), "e2", T0)
+        assert d.outcome is Outcome.DUPLICATE
+        assert d.state == judged(state, "e2")
+        # Onwards from there is still a change.
+        d = decide(d.state, call(S.COMPLETED, 7), "e3", T0)
+        assert d.outcome is Outcome.ACCEPTED
+
     def test_a_newer_revision_onwards_is_accepted_and_becomes_the_revised_call(self) -> None:
         newer = call(S.COMPLETED, 6)
         d = decide(self.after_callback(), newer, "e2", T0)

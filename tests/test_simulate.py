@@ -17,13 +17,23 @@ from pathlib import Path
 import pytest
 
 from schemas.call import CallStatus
-from schemas.messages import RejectReason, WebhookBody
+from schemas.messages import RejectReason, Source, WebhookBody
 from service.fsm import Outcome
 from service.oracle import expected_outcomes
-from service.simulate import Progress
+from service.simulate import Player, Progress
+from service.standin import StandIn
 from service.stats import percentile
-from service.tally import Run, Seen, Sent, judge, predict, summary
-from service.traffic import LIFECYCLES, Delivery, Kind, Shares, generate_calls
+from service.tally import Run, Seen, Sent, judge, outstanding, predict, summary
+from service.traffic import (
+    LIFECYCLES,
+    Delivery,
+    Kind,
+    Plan,
+    Shares,
+    generate_calls,
+    generate_plans,
+    withheld,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NONE = Shares(gaps=0, reorder=0, duplicates=0, retries=0, illegal=0)
@@ -253,3 +263,189 @@ def test_bad_options_and_no_broker_exit_2_with_one_line(
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- --lost: every call judged by its true lifecycle ---------------------------------
+
+
+def _lifecycle_call(*truth: CallStatus) -> Plan:
+    plans = generate_plans(200, NONE, seed=11, account_id="AC" + "1a" * 20)
+    return next(p for p in plans if p.truth == truth)
+
+
+def _played(plan: Plan, accepted: list[int]) -> Run:
+    """A run in which the callbacks at ``accepted`` (indexes into the plan) got a 202."""
+    run = Run(truth={plan.call_id: plan.final})
+    for n in accepted:
+        delivery = plan.deliveries[n]
+        run.sent.append(Sent(delivery, code=202, event_id=f"e{n}", sent_at=100.0, attempts=1))
+        run.answers["202"] += 1
+    predict(run)
+    return run
+
+
+def _change(run: Run, plan: Plan, event_id: str, status: CallStatus, source: Source) -> None:
+    run.record(event_id, Seen("changes", None, 100.5, plan.call_id, status, source))
+
+
+OUTBOUND = (S.QUEUED, S.RINGING, S.IN_PROGRESS, S.COMPLETED)
+
+
+def test_a_call_whose_lost_end_came_through_the_api_reached_its_final_status() -> None:
+    plan = _lifecycle_call(*OUTBOUND)
+    run = _played(plan, [0, 1, 2])  # the completed callback was lost
+    for n, status in enumerate(OUTBOUND[:3]):
+        _change(run, plan, f"e{n}", status, Source.WEBHOOK)
+    assert outstanding(run) == 1  # the call is not at its final status yet
+    _change(run, plan, "api-1", S.COMPLETED, Source.API)
+    assert outstanding(run) == 0
+    verdict = judge(run)
+    assert verdict.ok
+    assert (verdict.calls, verdict.reached, verdict.through_api) == (1, 1, 1)
+    text = summary(run, verdict, 1, "u")
+    assert re.search(r"reached their true final status +1  of 1\n", text)
+    assert re.search(r"of those through reconciliation +1  \(source api\)", text)
+
+
+def test_a_call_short_of_its_final_status_fails_the_run() -> None:
+    plan = _lifecycle_call(*OUTBOUND)
+    run = _played(plan, [0, 1, 2])
+    for n, status in enumerate(OUTBOUND[:3]):
+        _change(run, plan, f"e{n}", status, Source.WEBHOOK)
+    verdict = judge(run)  # every accepted callback is accounted for, but the end is not
+    assert not verdict.missing
+    assert not verdict.ok
+    assert verdict.not_reached == [plan.call_id]
+    text = summary(run, verdict, 1, "u")
+    assert "DID NOT REACH IT" in text
+    assert "queued > ringing > inProgress; truly completed" in text
+
+    run = _played(plan, [])  # never heard of, and nothing recovered it
+    assert not judge(run).ok
+    assert judge(run).not_reached == [plan.call_id]
+
+
+def test_a_change_published_twice_fails_the_run_even_from_two_sources() -> None:
+    plan = _lifecycle_call(*OUTBOUND)
+    run = _played(plan, [0, 1, 2, 3])
+    _change(run, plan, "api-1", S.RINGING, Source.API)  # the API moved it first
+    for n, status in enumerate(OUTBOUND):
+        if status is not S.RINGING:
+            _change(run, plan, f"e{n}", status, Source.WEBHOOK)
+    assert judge(run).ok  # the ringing callback repeated the API's change: dropped
+    _change(run, plan, "api-2", S.COMPLETED, Source.API)  # the sweep, a second change
+    verdict = judge(run)
+    assert verdict.repeated == [plan.call_id]
+    assert not verdict.ok
+    assert "A CHANGE TWICE" in summary(run, verdict, 1, "u")
+
+
+def test_a_reconciled_call_still_accounts_for_every_accepted_callback() -> None:
+    plan = _lifecycle_call(*OUTBOUND)
+    run = _played(plan, [0, 2, 3])
+    _change(run, plan, "e0", S.QUEUED, Source.WEBHOOK)
+    _change(run, plan, "api-1", S.IN_PROGRESS, Source.API)
+    _change(run, plan, "e3", S.COMPLETED, Source.WEBHOOK)
+    verdict = judge(run)  # e2 (inProgress) was dropped: the API had brought inProgress
+    assert verdict.ok and verdict.duplicates_dropped == 1
+    assert verdict.through_api == 0  # its end came by callback
+
+    run = _played(plan, [0, 2, 3])
+    _change(run, plan, "e0", S.QUEUED, Source.WEBHOOK)
+    _change(run, plan, "api-1", S.COMPLETED, Source.API)
+    verdict = judge(run)  # e2 and e3 repeat nothing on changes, and were never seen:
+    assert verdict.missing == ["e2"]  # inProgress accepted and lost (completed repeats)
+    assert not verdict.ok
+    assert outstanding(run) == 1
+
+    run = _played(plan, [0, 2, 3])
+    _change(run, plan, "e0", S.QUEUED, Source.WEBHOOK)
+    _change(run, plan, "api-1", S.IN_PROGRESS, Source.API)
+    _change(run, plan, "e3", S.COMPLETED, Source.WEBHOOK)
+    run.seen["e3"].append(Seen("changes", None, 101.0))  # read twice
+    assert judge(run).twice == ["e3"]
+
+
+def test_lost_withholds_a_share_of_the_true_callbacks_with_their_copies() -> None:
+    plans = generate_plans(400, Shares(), seed=12)
+    assert generate_plans(400, Shares(), seed=12) == plans  # --lost changes no traffic
+    lost = withheld(plans, 0.1, seed=12)
+    assert lost == withheld(plans, 0.1, seed=12)
+    steps = [d for p in plans for d in p.deliveries if d.kind in (Kind.STEP, Kind.LATE)]
+    assert 0.07 < len(lost) / len(steps) < 0.13
+    for plan in plans:
+        for delivery in plan.deliveries:
+            if delivery.kind is Kind.ILLEGAL:
+                assert delivery.body not in lost  # not part of the true lifecycle
+    assert withheld(plans, 0.0, seed=12) == frozenset()
+    with pytest.raises(ValueError, match="lost"):
+        withheld(plans, 1.5)
+
+
+def test_the_player_shows_each_call_s_true_lifecycle_in_the_standin() -> None:
+    account = "AC" + "1a" * 20
+    plans = generate_plans(300, Shares(0.5, 0.5, 0.2, 0.2, 0.5), seed=13, account_id=account)
+    standin = StandIn({account: "k"})
+    player = Player(standin, frozenset())
+    for plan in plans:
+        for delivery in plan.deliveries:
+            player.play(plan, delivery)
+            shown = standin.call(account, plan.call_id)
+            # FreeClimb moved the call on before it sent the callback: never behind it.
+            if delivery.kind in (Kind.STEP, Kind.LATE):
+                assert plan.truth.index(S(shown["status"])) >= plan.truth.index(delivery.status)
+        resource = standin.call(account, plan.call_id)
+        # Every true step once, gaps and swaps notwithstanding; the illegal step nowhere.
+        assert (resource["status"], resource["revision"]) == (plan.final, len(plan.truth))
+        assert resource["startTime"] != "" and resource["endTime"] != ""
+
+
+def test_what_freeclimb_never_sends_is_counted_and_an_illegal_end_waits_for_the_real_one() -> None:
+    plan = next(
+        p
+        for p in generate_plans(200, Shares(0, 0, 0, 0, 0.999), seed=14)
+        if p.deliveries[-1].kind is Kind.ILLEGAL
+    )
+    *steps, illegal = plan.deliveries
+    end = steps[-1]
+    run = Run()
+    player = Player(None, frozenset({steps[0].body}))
+    assert player.unsent(plan, steps[0], run) and run.withheld == 1
+    assert not player.unsent(plan, end, run)
+    player.answered(plan, end, None, run)  # no answer after every attempt: lost
+    assert run.unaccepted == 1
+    # Its end never got through: the "second" end would be a first one, so it stays.
+    assert player.unsent(plan, illegal, run) and run.skipped_illegal == 1
+    player.answered(plan, end, 202, run)
+    assert not player.unsent(plan, illegal, run)  # after a real end: sent, and rejected
+    assert (run.withheld, run.unaccepted, run.skipped_illegal) == (1, 1, 1)
+
+
+def test_the_standin_takes_the_api_key_the_service_uses(tmp_path: Path) -> None:
+    from service.simulate import target_of
+    from tests.conftest import make_settings
+
+    account = "AC" + "2b" * 20
+    path = tmp_path / "accounts.yaml"
+    path.write_text(f'accounts:\n  {account}:\n    signingSecrets: ["s1"]\n    apiKey: "k1"\n')
+    target = target_of(make_settings(signing_secrets=(), accounts_file=path), None)
+    assert not isinstance(target, str) and target.account_id == account
+    assert target.api_key is not None and target.api_key.get_secret_value() == "k1"
+
+    single = make_settings(
+        signing_account_id=account, freeclimb_account_id=account, freeclimb_api_key="k2"
+    )
+    target = target_of(single, None)
+    assert not isinstance(target, str) and target.api_key is not None
+    assert target.api_key.get_secret_value() == "k2"
+    unbound = target_of(make_settings(), None)  # the shorthand for any account: no key
+    assert not isinstance(unbound, str) and unbound.api_key is None
+
+
+def test_lost_without_an_api_key_exits_2_with_one_line(tmp_path: Path) -> None:
+    result = _cli(tmp_path, "--calls", "1", "--lost", "0.1")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--lost needs the FreeClimb API stand-in" in result.stderr
+    assert "Traceback" not in result.stderr
+    bad = _cli(tmp_path, "--calls", "1", "--lost", "2")
+    assert bad.returncode == 2 and "--lost must be between 0 and 1" in bad.stderr

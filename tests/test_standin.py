@@ -88,6 +88,20 @@ def test_unanswered_endings_have_no_durations() -> None:
         assert Call.model_validate(ended).duration is None
 
 
+def test_a_call_dialled_has_a_start_time_even_when_it_failed_from_queued() -> None:
+    # The sweep lists by startTime: an outbound call that failed straight from queued
+    # was dialled ("could not be completed as dialed") and must be listed; one canceled
+    # while queued never rang and has none (a broken rule here hid the failed calls of
+    # `simulate --lost` from every sweep).
+    standin = StandIn({ACCOUNT: KEY}, clock=lambda: T0)
+    standin.put_call(ACCOUNT, call_id(1), CallStatus.QUEUED)
+    failed = standin.advance(ACCOUNT, call_id(1), CallStatus.FAILED)
+    assert failed["startTime"] == failed["endTime"] == "Mon, 09 Mar 2026 12:00:00 GMT"
+    standin.put_call(ACCOUNT, call_id(2), CallStatus.QUEUED)
+    canceled = standin.advance(ACCOUNT, call_id(2), CallStatus.CANCELED)
+    assert canceled["startTime"] == "" and canceled["endTime"] != ""
+
+
 @pytest.fixture
 async def api() -> AsyncIterator[tuple[StandIn, httpx.AsyncClient]]:
     standin = StandIn({ACCOUNT: KEY, OTHER: "other-key"}, page_size=2)
