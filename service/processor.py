@@ -23,8 +23,10 @@ The reasoning is in docs/architecture.md, sections 5 and 8:
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 import structlog
@@ -49,6 +51,16 @@ Clock = Callable[[], datetime]
 # for a coordinator that does not answer; past aiokafka's transaction timeout (60 s) the
 # broker aborts the transaction anyway, so waiting longer only hides a stuck producer.
 BATCH_DEADLINE_SECONDS = 90.0
+
+
+@cache  # once per process, however many processors start and rebalance in it
+def _freeze_heap() -> None:
+    """When the first workers are open: what the process holds by then (modules,
+    pydantic's validators, the clients) lives as long as the process, so the
+    collector's full passes need not walk it again. Each batch's records and outputs
+    survive the young passes and keep triggering full ones: walking the whole heap
+    each time was ~8% of the processor's CPU (about 3 µs per event)."""
+    gc.freeze()
 
 
 def utc_now() -> datetime:
@@ -87,6 +99,12 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._producer_options = {
             **self._options,
             "max_request_size": settings.producer_max_request_bytes,
+            # A record batch (per topic partition, per produce request) of up to half
+            # the largest record, instead of aiokafka's 16 KiB: a partition batch's
+            # outputs go in a few produce requests rather than tens, which took ~10 of
+            # ~51 µs CPU per event off. Half, so a batch of several records stays
+            # under the topics' max.message.bytes even if it did not compress.
+            "max_batch_size": settings.producer_max_request_bytes // 2,
             "compression_type": (
                 None if settings.processor_compression == "none" else settings.processor_compression
             ),
@@ -350,6 +368,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
                     # assignment cannot have changed under us.
                     consumer.resume(*(w.tp for w in stayed.values()))
                     self._settled = True
+                    _freeze_heap()
                     kept = sorted(p for p, w in stayed.items() if held.get(p) is w)
                     log.info("partitions assigned", partitions=sorted(stayed), kept=kept)
         except BaseException:

@@ -241,6 +241,26 @@ async def test_another_owners_offsetless_transaction_means_the_worker_is_not_cur
             assert not await worker.still_current(consumer)
 
 
+async def test_a_batch_of_several_states_leaves_the_worker_current(unique: str) -> None:
+    """The worker writes a batch's states as one record batch, whose delivery names only
+    its first offset: the state end it keeps must still be the partition's real end,
+    else a rebalance that gave the partition back would needlessly restore it."""
+    settings = settings_for(BOOTSTRAP, unique, topic_partitions=1)
+    await ensure_topics(settings)
+    # Written before the processor starts, so one fetch (one transaction) holds them all.
+    await produce(BOOTSTRAP, settings.topic_ingest, [hook(cid(60 + n), S.QUEUED) for n in range(5)])
+    async with processor(settings) as p:
+        await read_committed(BOOTSTRAP, settings.topic_state, 5, settle_s=0)
+        consumer = p._consumer
+        assert consumer is not None
+        async with p._lock:
+            worker = p._workers[0]
+            state_tp = TopicPartition(settings.topic_state, 0)
+            end = (await consumer.end_offsets([state_tp]))[state_tp]
+            assert worker.state_end == end
+            assert await worker.still_current(consumer)
+
+
 async def test_a_batch_in_a_codec_the_node_cannot_read_stalls_loudly_not_silently(
     unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
