@@ -245,6 +245,10 @@ def build(settings: Settings) -> DrainingServer:
         lifespan="on",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         server_header=False,
+        # Nothing here reads the client address or scheme that X-Forwarded-* would
+        # rewrite, so uvicorn's proxy-headers middleware would only cost a layer and a
+        # pass over the headers per request (and an IP parse behind a load balancer).
+        proxy_headers=False,
         **door.uvicorn_options(),
     )
     server = DrainingServer(config, node, settings.drain_delay_seconds, door)
