@@ -57,6 +57,9 @@ log = structlog.get_logger(logger_name="callstatus.producer")
 WATCHDOG_TICK_SECONDS = 0.5
 # Bound on closing a retired producer (its in-flight requests end with their timeout).
 CLOSE_SECONDS = 10.0
+# More than a record batch's and a record's framing (61 bytes and a few varints): a
+# record within max_request_size minus this fits whatever aiokafka adds to it.
+_FRAMING_BYTES = 1024
 
 
 class Unavailable(Exception):
@@ -231,9 +234,13 @@ class IngestProducer:
         started = time.monotonic()
         future: asyncio.Future[Any] | None = None
         try:
-            # send() enqueues and returns the delivery future (it waits only while the
-            # partition's buffer is full, bounded by the producer's request timeout).
-            future = await producer.send(self._topic, value=value, key=key, headers=list(headers))
+            # Straight into the buffer when send() would not wait (its coroutines cost
+            # ~3 us a record); otherwise send(), which enqueues and returns the delivery
+            # future (waiting only while the partition's buffer is full, bounded by the
+            # producer's request timeout).
+            future = self._append_now(producer, key, value, headers) or await producer.send(
+                self._topic, value=value, key=key, headers=list(headers)
+            )
             # We wait on a waiter of our own, woken by the ack or by its deadline: never
             # on the delivery future itself, since a cancelled request (or
             # asyncio.timeout) would cancel it, and the watchdog must see whether a late
@@ -259,6 +266,19 @@ class IngestProducer:
         finally:
             self._inflight -= 1
         self._last_ack = time.monotonic()
+
+    def _append_now(
+        self, producer: AIOKafkaProducer, key: bytes, value: bytes, headers: Headers
+    ) -> asyncio.Future[Any] | None:
+        # Records that may be near max_request_size go through send(), which measures
+        # them exactly and refuses one too large; the bound leaves room for the batch
+        # and record framing, and an accepted event is far below it anyway.
+        size = len(key) + len(value) + sum(len(n) + len(v) for n, v in headers)
+        if size + _FRAMING_BYTES > self._max_request_size:
+            return None
+        return aiokafka_internals.append_now(
+            producer, self._topic, key, value, headers, partition_for
+        )
 
     def _failed(
         self, exc: KafkaError, producer: AIOKafkaProducer, headers: Headers, sent: bool
