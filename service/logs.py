@@ -92,7 +92,9 @@ class LineWriter:
         self.stream = stream
         self.batching = False
         self._queued: list[str] = []
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler that logs (uvicorn's shutdown) runs on this same
+        # thread, possibly while it is inside write().
+        self._lock = threading.RLock()
 
     def queue(self, line: str) -> None:
         """``line`` (ending in a newline), now or with the loop pass's others."""
