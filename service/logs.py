@@ -99,13 +99,16 @@ class LineWriter:
     def queue(self, line: str) -> None:
         """``line`` (ending in a newline), now or with the loop pass's others."""
         if self.batching:
-            with contextlib.suppress(RuntimeError):  # no running loop: write it now
+            try:
                 loop = asyncio.get_running_loop()
-                with self._lock:
-                    if not self._queued:
-                        loop.call_soon(self.flush)
-                    self._queued.append(line)
+            except RuntimeError:  # no running loop to flush it later: write it now
+                self.write(line)
                 return
+            with self._lock:
+                if not self._queued:
+                    loop.call_soon(self.flush)
+                self._queued.append(line)
+            return
         self.write(line)
 
     def write(self, text: str) -> int:
