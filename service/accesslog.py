@@ -100,10 +100,10 @@ class AccessLog:
                 "request_id": request_id,
                 **fields,
             }
-            json_lines = logs.json_lines()
-            if json_lines is not None:
+            fast_lines = logs.fast_lines()
+            if fast_lines is not None:
                 # The same line as the call below, a few microseconds cheaper (logs.py).
-                json_lines.info(LOGGER_NAME, "request", line)
+                fast_lines.info(LOGGER_NAME, "request", line)
             else:
                 self.log.info("request", **line)
 

@@ -6,10 +6,11 @@ machinery keeps them lean. Each module names itself with
 ``structlog.get_logger(logger_name="callstatus.<module>")``.
 
 The access log writes one line per request, so it has a faster way still
-(:func:`json_lines`): the same JSON line, rendered in one call instead of structlog's
-processor chain, which cost about a tenth of a request's CPU. And every line goes through
-one :class:`LineWriter`, which a running server lets write a pass of the event loop's
-lines at once (:func:`batch_lines`) instead of one write(2) per request.
+(:func:`fast_lines`): the same line, handed to the configured renderer at once instead
+of through structlog's processor chain, which cost about a tenth of a request's CPU.
+And every line goes through one :class:`LineWriter`, which a running server lets write
+a pass of the event loop's lines at once (:func:`batch_lines`) instead of one write(2)
+per request.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, cast
 
 import pydantic_core
 import structlog
@@ -131,11 +132,12 @@ class LineWriter:
         self.stream.write(text)
 
 
-class JsonLines:
-    """The JSON lines of :func:`configure`, one written without structlog's processor
-    chain: the same keys in the same order (the logger's bound ``logger_name``, the
-    call's fields, ``event``, structlog's context variables, ``level``, ``timestamp``)
-    and the same encoder, so a reader cannot tell the two apart."""
+class FastLines:
+    """The lines of :func:`configure`, one written without structlog's processor chain:
+    the event dict the chain would have built (the logger's bound ``logger_name``, the
+    call's fields, ``event``, structlog's context variables, ``level``, ``timestamp``,
+    in that order), rendered by the same renderer (JSON, or the console's), so a reader
+    cannot tell the two apart."""
 
     def __init__(
         self, writer: LineWriter, processors: list[Processor], renderer: Processor
@@ -153,7 +155,8 @@ class JsonLines:
         structlog.contextvars.merge_contextvars(None, "info", line)
         line["level"] = "info"
         line["timestamp"] = self._timestamp()
-        self.writer.queue(_dumps(line) + "\n")
+        # Both renderers configure() builds return text.
+        self.writer.queue(cast(str, self.renderer(None, "info", line)) + "\n")
 
     def _timestamp(self) -> str:
         """What TimeStamper(fmt="iso", utc=True) writes, with the date and time of day
@@ -167,16 +170,16 @@ class JsonLines:
         return f"{self._prefix}.{fraction:06d}Z" if fraction else f"{self._prefix}Z"
 
 
-# Set by configure() for the JSON format at INFO or below.
-_json_lines: JsonLines | None = None
+# Set by configure() for a level of INFO or below.
+_fast_lines: FastLines | None = None
 _writer: LineWriter | None = None
 
 
-def json_lines() -> JsonLines | None:
-    """The fast JSON lines, while structlog is configured as :func:`configure` left it
-    (None for the console format, above INFO, or while a test captures the logs):
-    callers then log through structlog as usual."""
-    lines = _json_lines
+def fast_lines() -> FastLines | None:
+    """The fast lines, while structlog is configured as :func:`configure` left it (None
+    above INFO, or while a test captures the logs): callers then log through structlog
+    as usual."""
+    lines = _fast_lines
     if lines is None:
         return None
     processors = structlog.get_config()["processors"]
@@ -201,7 +204,7 @@ atexit.register(_flush_at_exit)
 
 
 def configure(level: str, fmt: Literal["json", "console"]) -> None:
-    global _json_lines, _writer
+    global _fast_lines, _writer
     if _writer is not None:
         with contextlib.suppress(ValueError, OSError):
             _writer.flush()
@@ -224,11 +227,7 @@ def configure(level: str, fmt: Literal["json", "console"]) -> None:
         cache_logger_on_first_use=False,
     )
     level_number = logging.getLevelNamesMapping()[level]
-    _json_lines = (
-        JsonLines(writer, processors, renderer)
-        if fmt == "json" and level_number <= logging.INFO
-        else None
-    )
+    _fast_lines = FastLines(writer, processors, renderer) if level_number <= logging.INFO else None
     handler = logging.StreamHandler(writer)
     # On the handler, not the logger: a logger's filters miss its children's records.
     handler.addFilter(Repeats("aiokafka"))

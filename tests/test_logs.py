@@ -90,17 +90,39 @@ def test_the_fast_access_line_is_the_line_structlog_writes(
     try:
         fields = {"method": "POST", "status": 202, "latency_ms": 0.5, "errors": [{"f": "x"}]}
         structlog.get_logger(logger_name="callstatus.http").bind().info("request", **fields)
-        lines = logs.json_lines()
+        lines = logs.fast_lines()
         assert lines is not None
         lines.info("callstatus.http", "request", fields)
         with structlog.testing.capture_logs():
-            assert logs.json_lines() is None  # a test capturing: through structlog
+            assert logs.fast_lines() is None  # a test capturing: through structlog
     finally:
         structlog.reset_defaults()
         logging.getLogger().handlers.clear()
-    assert logs.json_lines() is None  # configured otherwise now
+    assert logs.fast_lines() is None  # configured otherwise now
     slow, fast = (json.loads(line) for line in stream.getvalue().splitlines())
     assert list(slow) == list(fast)  # same keys, same order
     for line in (slow, fast):  # TimeStamper(fmt="iso", utc=True)'s form
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", line.pop("timestamp"))
     assert slow == fast
+
+
+def test_the_fast_access_line_is_the_console_line_structlog_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = io.StringIO()  # not a terminal: no colours
+    monkeypatch.setattr(sys, "stderr", stream)
+    logs.configure("INFO", "console")
+    try:
+        fields = {"method": "POST", "status": 202, "callId": "CA1", "outcome": "accepted"}
+        structlog.get_logger(logger_name="callstatus.http").bind().info("request", **fields)
+        lines = logs.fast_lines()
+        assert lines is not None
+        lines.info("callstatus.http", "request", fields)
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    slow, fast = stream.getvalue().splitlines()
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z "
+    assert re.match(stamp, slow) and re.match(stamp, fast)
+    assert slow.split(" ", 1)[1] == fast.split(" ", 1)[1]
+    assert "callId=CA1" in fast and "[callstatus.http]" in fast
