@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import random
 import time
 from typing import Any
 
@@ -17,11 +17,12 @@ import structlog
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics, problems
+from service import logs, metrics, problems
 
 # One logger name for the whole HTTP shell (app, handler, access log): log queries
 # select on it.
-log = structlog.get_logger(logger_name="callstatus.http")
+LOGGER_NAME = "callstatus.http"
+log = structlog.get_logger(logger_name=LOGGER_NAME)
 
 # Where the access log finds what a handler learned about the request (callId, ...).
 LOG_FIELDS = "callstatus.log"
@@ -88,17 +89,23 @@ class AccessLog:
                 self.counters[route, status] = counter
             counter.inc()
             self.latencies[route].observe(elapsed)
-            # A random id (a uuid4's 128 bits without building a UUID object per request).
-            request_id = _header(scope, b"x-request-id") or os.urandom(16).hex()
-            self.log.info(
-                "request",
-                method=scope["method"],
-                path=path,
-                status=status,
-                latency_ms=round(elapsed * 1000, 3),
-                request_id=request_id,
+            # A random id of a uuid4's 128 bits, without a UUID object or a getrandom(2)
+            # per request: it tells requests apart, it guards nothing.
+            request_id = _header(scope, b"x-request-id") or f"{random.getrandbits(128):032x}"
+            line = {
+                "method": scope["method"],
+                "path": path,
+                "status": status,
+                "latency_ms": round(elapsed * 1000, 3),
+                "request_id": request_id,
                 **fields,
-            )
+            }
+            fast_lines = logs.fast_lines()
+            if fast_lines is not None:
+                # The same line as the call below, a few microseconds cheaper (logs.py).
+                fast_lines.info(LOGGER_NAME, "request", line)
+            else:
+                self.log.info("request", **line)
 
 
 async def _answer_cancelled(scope: Scope, receive: Receive, send: Send) -> None:

@@ -12,10 +12,12 @@ Secrets are :class:`~pydantic.SecretStr`: no repr shows one.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from pydantic import SecretStr
+
+from service.signature import key_bytes
 
 # The metric label of the shorthand's account when it is bound to no account id.
 ANY_ACCOUNT_LABEL = "default"
@@ -30,6 +32,12 @@ class Account:
     secrets: tuple[SecretStr, ...]
     api_key: SecretStr | None = None
     name: str | None = None
+    # The secrets as HMAC keys, encoded once here rather than on every request. Never in
+    # a repr, and not compared: they are the secrets again.
+    keys: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", tuple(key_bytes(s) for s in self.secrets))
 
     @property
     def current_secret(self) -> SecretStr:

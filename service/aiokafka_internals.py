@@ -3,15 +3,21 @@
 aiokafka offers no public way to stop a producer from sending without flushing it, to
 drop what it still buffers, or to learn why its sender task died; the service needs all
 three (:mod:`service.producer` retires a producer the broker refuses; :mod:`service.worker`
-reports why a transaction failed). Nothing else in the service touches a private name of
-aiokafka's, so a new aiokafka can break only this module, and
+reports why a transaction failed). Nor a way to add a record without ``send()``'s three
+coroutines, which every ingest request paid (:func:`append_now`). Nothing else in the
+service touches a private name of aiokafka's, so a new aiokafka can break only this
+module, and
 ``tests/test_aiokafka_internals.py`` says so loudly, naming the attribute that changed.
 pyproject.toml bounds aiokafka to the versions that test passed on.
 """
 
 from __future__ import annotations
 
-from aiokafka import AIOKafkaProducer
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 
 async def stop_sender(producer: AIOKafkaProducer) -> None:
@@ -36,3 +42,51 @@ def sender_failure(producer: AIOKafkaProducer) -> BaseException | None:
         return None
     exc: BaseException | None = task.exception()
     return exc
+
+
+def append_now(
+    producer: AIOKafkaProducer,
+    topic: str,
+    key: bytes,
+    value: bytes,
+    headers: Sequence[tuple[str, bytes]],
+    partitioner: Callable[[bytes, list[int], list[int]], int],
+) -> asyncio.Future[Any] | None:
+    """Add a record to ``producer``'s buffer the way ``send()`` does when it has no
+    reason to wait, and return the same delivery future; or None, adding nothing, when
+    ``send()`` would wait or raise (no metadata for the topic yet, a transaction, a
+    closed or failed buffer, a full batch): the caller then calls ``send()``, which
+    does all of that as it always did.
+
+    ``partitioner`` must be the one ``producer`` was built with (it picks the partition
+    ``send()`` would), and the caller checks the record's size against
+    ``max_request_size``, as ``send()`` would. The record goes to the partition's last
+    batch, or to a new batch when it has none, as in ``send()``: same batches, same
+    order, same acknowledgement. What it saves is ``send()``'s coroutines
+    (``send``, ``_wait_on_metadata``, ``add_message``) and its lists of partitions.
+
+    Never raises for want of an attribute: a producer without these internals (a test's
+    stand-in, an aiokafka that moved them) is simply left to ``send()``, and
+    ``tests/test_aiokafka_internals.py`` names whatever moved."""
+    try:
+        partitions = producer.client.cluster.partitions_for_topic(topic)
+        txn = producer._txn_manager
+        accumulator = producer._message_accumulator
+        if (
+            not partitions
+            or (txn is not None and txn.transactional_id is not None)
+            or accumulator._closed
+            or accumulator._exception is not None
+        ):
+            return None
+        tp = TopicPartition(topic, partitioner(key, list(partitions), []))
+        pending = accumulator._batches.get(tp)
+        if pending:
+            batch = pending[-1]
+        else:
+            batch = accumulator._append_batch(accumulator.create_builder(), tp)
+    except AttributeError:
+        return None
+    # None when that batch is full: send() then waits for it to drain, as it must.
+    future: asyncio.Future[Any] | None = batch.append(key, value, None, headers=headers)
+    return future

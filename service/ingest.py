@@ -259,7 +259,7 @@ class Ingest:
             account = body_account(scope, book, raw, fields)
         if signed is not None:
             # The HMACs of this one account's secrets, however many accounts there are.
-            verdict = signature.check_body(signed, raw, account.secrets)
+            verdict = signature.check_body(signed, raw, account.keys)
             if verdict is not signature.Verdict.VALID:
                 raise _signature_refused(verdict)
         # The account the body must name: the one whose secret verified it, or for the

@@ -16,6 +16,7 @@ from aiokafka.errors import ProducerClosed, ProducerFenced
 from packaging.requirements import Requirement
 
 from service import aiokafka_internals
+from service.partitioner import partition_for
 
 ROOT = Path(__file__).resolve().parents[1]
 AIOKAFKA = version("aiokafka")
@@ -101,3 +102,48 @@ async def test_sender_failure_is_the_error_that_ended_the_sender_task(
     producer._sender._sender_task = died  # what Sender.start() sets
     assert producer._sender.sender_task is died, f"{CHANGED}: sender_task is not the task"
     assert isinstance(aiokafka_internals.sender_failure(producer), ProducerFenced), CHANGED
+
+
+def _with_partitions(producer: AIOKafkaProducer, topic: str, partitions: set[int]) -> None:
+    # The metadata a started producer would have fetched for the topic.
+    cluster = producer.client.cluster
+    known = cluster.partitions_for_topic
+    cluster.partitions_for_topic = lambda t: partitions if t == topic else known(t)
+
+
+async def test_append_now_buffers_a_record_where_send_would(producer: AIOKafkaProducer) -> None:
+    for path in ("client.cluster.partitions_for_topic", "_txn_manager", "_message_accumulator"):
+        _require(producer, path)
+    for name in ("_closed", "_exception", "_batches", "_append_batch", "create_builder"):
+        _require(producer._message_accumulator, name)
+    key = b"CA" + b"0123456789abcdef" * 2 + b"01234567"
+    headers = [("ce_id", b"e-1")]
+    # No metadata for the topic yet: left to send(), which waits for it.
+    assert aiokafka_internals.append_now(producer, "t", key, b"v", headers, partition_for) is None
+    _with_partitions(producer, "t", set(range(6)))
+    first = aiokafka_internals.append_now(producer, "t", key, b"v1", headers, partition_for)
+    second = aiokafka_internals.append_now(producer, "t", key, b"v2", headers, partition_for)
+    assert first is not None and second is not None, CHANGED
+    accumulator = producer._message_accumulator
+    # The partition send() picks for the key (test_producer pins it: 3), one batch for both.
+    [(tp, batches)] = accumulator._batches.items()
+    assert (
+        tp == TopicPartition("t", partition_for(key, list(range(6)), [])) == TopicPartition("t", 3)
+    )
+    assert [batch.record_count for batch in batches] == [2], CHANGED
+    assert not first.done() and not second.done()
+    aiokafka_internals.fail_buffered(producer, ProducerClosed())
+    for future in (first, second, batches[0].future):
+        assert isinstance(future.exception(), ProducerClosed), CHANGED
+    # A failed (or closed) buffer is left to send(), which raises its error.
+    assert aiokafka_internals.append_now(producer, "t", key, b"v", headers, partition_for) is None
+
+
+async def test_append_now_leaves_a_full_batch_to_send(producer: AIOKafkaProducer) -> None:
+    _with_partitions(producer, "t", {0})
+    big = b"x" * 10_000  # the default batch holds 16 KiB: the second one does not fit
+    first = aiokafka_internals.append_now(producer, "t", b"k", big, [], partition_for)
+    assert first is not None
+    assert aiokafka_internals.append_now(producer, "t", b"k", big, [], partition_for) is None
+    aiokafka_internals.fail_buffered(producer, ProducerClosed())
+    assert isinstance(first.exception(), ProducerClosed)

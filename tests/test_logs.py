@@ -1,10 +1,21 @@
-"""The log set-up's own logic: repeated library warnings are held back, not lost."""
+"""The log set-up's own logic: repeated library warnings are held back, not lost; the
+access log's fast JSON line is the line structlog writes; batched lines keep their
+order."""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
 import logging
+import re
+import sys
 
-from service.logs import Repeats
+import pytest
+import structlog
+
+from service import logs
+from service.logs import LineWriter, Repeats
 
 
 def _record(name: str, msg: str, level: int = logging.WARNING) -> logging.LogRecord:
@@ -34,3 +45,84 @@ def test_other_templates_levels_and_loggers_are_counted_apart() -> None:
     assert not repeats.filter(_record("aiokafka.cluster", "a"))
     # Our own loggers (and uvicorn's) are never held back.
     assert all(repeats.filter(_record("callstatus.processor", "same")) for _ in range(5))
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_batched_lines_go_out_together_at_the_end_of_the_loop_pass_in_order() -> None:
+    stream = CountingStream()
+    writer = LineWriter(stream)
+    writer.batching = True
+    writer.queue("a\n")
+    writer.queue("b\n")
+    assert stream.getvalue() == ""  # held until the pass ends
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert (stream.getvalue(), stream.writes) == ("a\nb\n", 1)
+    writer.queue("c\n")
+    writer.write("warning\n")  # any other line first writes what is queued
+    assert stream.getvalue() == "a\nb\nc\nwarning\n"
+
+
+def test_without_batching_or_a_loop_a_queued_line_is_written_at_once() -> None:
+    stream = CountingStream()
+    writer = LineWriter(stream)
+    writer.queue("a\n")
+    writer.batching = True
+    writer.queue("b\n")  # no running loop: nobody would flush it later
+    assert stream.getvalue() == "a\nb\n"
+
+
+def test_the_fast_access_line_is_the_line_structlog_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    logs.configure("INFO", "json")
+    try:
+        fields = {"method": "POST", "status": 202, "latency_ms": 0.5, "errors": [{"f": "x"}]}
+        structlog.get_logger(logger_name="callstatus.http").bind().info("request", **fields)
+        lines = logs.fast_lines()
+        assert lines is not None
+        lines.info("callstatus.http", "request", fields)
+        with structlog.testing.capture_logs():
+            assert logs.fast_lines() is None  # a test capturing: through structlog
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    assert logs.fast_lines() is None  # configured otherwise now
+    slow, fast = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert list(slow) == list(fast)  # same keys, same order
+    for line in (slow, fast):  # TimeStamper(fmt="iso", utc=True)'s form
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", line.pop("timestamp"))
+    assert slow == fast
+
+
+def test_the_fast_access_line_is_the_console_line_structlog_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = io.StringIO()  # not a terminal: no colours
+    monkeypatch.setattr(sys, "stderr", stream)
+    logs.configure("INFO", "console")
+    try:
+        fields = {"method": "POST", "status": 202, "callId": "CA1", "outcome": "accepted"}
+        structlog.get_logger(logger_name="callstatus.http").bind().info("request", **fields)
+        lines = logs.fast_lines()
+        assert lines is not None
+        lines.info("callstatus.http", "request", fields)
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    slow, fast = stream.getvalue().splitlines()
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z "
+    assert re.match(stamp, slow) and re.match(stamp, fast)
+    assert slow.split(" ", 1)[1] == fast.split(" ", 1)[1]
+    assert "callId=CA1" in fast and "[callstatus.http]" in fast

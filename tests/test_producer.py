@@ -137,3 +137,27 @@ async def test_an_acknowledged_send_returns_at_once() -> None:
     await stuck.sent.wait()
     stuck.futures[0].set_result(None)
     await asyncio.wait_for(request, 1.0)
+
+
+async def test_each_send_gets_its_own_deadline_from_the_shared_timer() -> None:
+    # One timer for all requests: a send that is never acknowledged still times out at
+    # its own deadline, while the acknowledged ones around it return at once, and the
+    # woken ones leave the deadline queue instead of piling up in it.
+    ingest, stuck = stuck_ingest_producer(0.2)
+    first = asyncio.create_task(ingest.publish(b"k", b"v", []))
+    await stuck.sent.wait()
+    for _ in range(50):
+        stuck.sent.clear()
+        acked = asyncio.create_task(ingest.publish(b"k", b"v", []))
+        await stuck.sent.wait()
+        stuck.futures[-1].set_result(None)
+        await asyncio.wait_for(acked, 1.0)
+    assert not first.done()
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="timeout"):
+        await first
+    assert time.monotonic() - started < 0.2
+    late = asyncio.create_task(ingest.publish(b"k", b"v", []))
+    with pytest.raises(Unavailable, match="timeout"):
+        await asyncio.wait_for(late, 1.0)
+    assert len(ingest._deadlines._queue) <= 1
