@@ -81,7 +81,9 @@ async def send(
     except (TimeoutError, httpx.TimeoutException):
         return Retry("timeout", "timeout", None)
     except httpx.TransportError as exc:
-        log.info(
+        # Debug: the attempt is retried, and a request that fails for good is logged
+        # by the client (freeclimb_api_gave_up) and by its caller.
+        log.debug(
             "freeclimb_api_transport_error",
             account_id=request.account_id,
             path=path_only(request.path),

@@ -177,6 +177,11 @@ class Reconciler:
         # Calls the sweep published, with the revision, until they leave the window: a
         # sweep lists each ended call for the whole window, and one record each suffices.
         self._swept: dict[str, tuple[int | None, float]] = {}
+        # Accounts whose last sweep failed: the warning is logged when a sweep starts
+        # failing and an info line when it works again, not at every retry (an API
+        # away for an hour, or `make run` with no simulate serving the stand-in, would
+        # otherwise write the same warning every few seconds; the metrics count each).
+        self._sweep_failing: set[str] = set()
         self._next_sweep = 0.0
         # After a failed sweep, the next comes sooner than a whole sweep period (the
         # calls it missed are still missing), but backed off: an API that is down is
@@ -370,9 +375,19 @@ class Reconciler:
                 outcome = "failed"
                 metrics.RECONCILE_SWEEPS.labels("failed").inc()
                 metrics.RECONCILE_FETCHES.labels("sweep", "failed").inc()
-                log.warning("sweep failed", account=account, error=str(exc), status=exc.status)
+                if account not in self._sweep_failing:
+                    self._sweep_failing.add(account)
+                    log.warning(
+                        "sweep failed; retried backed off, logged again once it works",
+                        account=account,
+                        error=str(exc),
+                        status=exc.status,
+                    )
                 continue
             metrics.RECONCILE_SWEEPS.labels("ok").inc()
+            if account in self._sweep_failing:
+                self._sweep_failing.discard(account)
+                log.info("sweep works again", account=account)
         return Sweep(outcome, published)
 
 

@@ -342,6 +342,40 @@ async def test_a_sweep_the_api_fails_is_counted_and_tried_again_backed_off(
         assert standin.seen[-1].status == 200 and published == [cid(0).encode()]
 
 
+async def test_a_failing_sweep_warns_once_and_says_when_it_works_again(
+    api: tuple[StandIn, str],
+) -> None:
+    """An API away for a while (or `make run` with no simulate serving the stand-in)
+    gave the same warning at every retried sweep. Now one warning when the account's
+    sweep starts failing, and one info line once it works again; the metrics count
+    each failure."""
+    standin, url = api
+    settings = Settings(verify_signatures=False, freeclimb_api_url=url)
+    ended_calls(standin, 1)
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        pass
+
+    credentials = {ACCOUNT: SecretStr(KEY)}
+    t = [NOW.timestamp()]
+    owner = FakeOwner({0: FakeWorker()}, [0])
+    reconciler = Reconciler(settings, owner, credentials, publish, clock=lambda: t[0])
+    failed = sample("callstatus_reconcile_sweeps_total", outcome="failed")
+    attempts = ClientOptions().max_retries + 1
+    standin.fail_next(500, times=3 * attempts)  # three sweeps in a row fail
+    async with quick_client(url, credentials) as client:
+        with capture_logs() as logs:
+            for _ in range(4):  # three failures, then one that works
+                await reconciler.round(client)
+                t[0] += 31  # past the sweep backoff's cap
+    assert sample("callstatus_reconcile_sweeps_total", outcome="failed") == failed + 3
+    said = [(e["event"], e["log_level"]) for e in logs if e["event"].startswith("sweep")]
+    assert said == [
+        ("sweep failed; retried backed off, logged again once it works", "warning"),
+        ("sweep works again", "info"),
+    ]
+
+
 async def test_a_publish_kafka_refuses_is_counted_and_the_call_tried_again_later(
     api: tuple[StandIn, str],
 ) -> None:
