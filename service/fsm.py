@@ -177,7 +177,7 @@ def decide(state: CallState | None, call: CallLike, event_id: str, at: datetime)
     marks = state.judged if state is not None else b""
     judged = (marks + event_mark)[-MAX_JUDGED * MARK_BYTES :]
     decision = _decide(state, call, at, judged)
-    if decision.outcome is Outcome.ACCEPTED:
+    if decision.outcome is Outcome.ACCEPTED or decision.state is not state:
         return decision  # its state is new, and remembers this event already
     assert state is not None  # only a first event has none, and it is accepted
     # Refused or a duplicate: the state as it was, remembering this event and its time.
@@ -221,7 +221,19 @@ def _decide(state: CallState | None, call: CallLike, at: datetime, judged: bytes
             # resource (the reconciler's fetch, the sweep) confirms a change already
             # published. Accepting it would publish the same change twice (each change
             # exactly once, as rule 3 keeps it when neither side has a revision yet).
-            return Decision(Outcome.DUPLICATE, state)
+            # Its revision is taken in all the same, so the revisions that follow are
+            # still ordered by it: an older one is stale_revision, this one again with
+            # other content conflicting_revision (with the old revision kept, an older
+            # one read as merely out_of_order).
+            confirmed = CallState(
+                current,
+                call.revision,
+                max(state.updated_at, at),
+                current,
+                content_digest(call),
+                judged,
+            )
+            return Decision(Outcome.DUPLICATE, confirmed)
         if new == current or new in REACHABLE[current]:
             return _accept(state, call, at, judged)
         after_last = new == last_status or new in REACHABLE[last_status]

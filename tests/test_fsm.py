@@ -207,11 +207,24 @@ class TestRevisionsAfterACallback:
         # at revision 6. That change is on `changes` already: publishing it again would
         # give the call two inProgress changes (issue 19: each change exactly once).
         state = self.after_callback()
-        d = decide(state, call(S.IN_PROGRESS, 6), "e2", T0)
+        confirming = call(S.IN_PROGRESS, 6)
+        d = decide(state, confirming, "e2", T0)
         assert d.outcome is Outcome.DUPLICATE
-        assert d.state == judged(state, "e2")
+        # Its revision is taken in, so what follows is still ordered by revisions.
+        assert d.state == replace(
+            judged(state, "e2"),
+            revision=6,
+            revised_status=S.IN_PROGRESS,
+            revised_digest=content_digest(confirming),
+        )
+        confirmed = d.state
+        d = decide(confirmed, call(S.RINGING, 5), "e3", T0)
+        assert (d.outcome, d.reason) == (Outcome.REJECTED, RejectReason.STALE_REVISION)
+        d = decide(confirmed, call(S.IN_PROGRESS, 6, to="+15550001111"), "e4", T0)
+        assert (d.outcome, d.reason) == (Outcome.REJECTED, RejectReason.CONFLICTING_REVISION)
+        assert decide(confirmed, confirming, "e5", T0).outcome is Outcome.DUPLICATE
         # Onwards from there is still a change.
-        d = decide(d.state, call(S.COMPLETED, 7), "e3", T0)
+        d = decide(confirmed, call(S.COMPLETED, 7), "e6", T0)
         assert d.outcome is Outcome.ACCEPTED
 
     def test_a_newer_revision_onwards_is_accepted_and_becomes_the_revised_call(self) -> None:
