@@ -140,6 +140,9 @@ class Sweep:
 
     outcome: Literal["done", "failed", "skipped"]
     published: int = 0
+    # The accounts whose listing did not finish (or, Kafka taking no writes, was not
+    # begun): only they are listed again at the backed-off retry.
+    failed: frozenset[str] = frozenset()
 
 
 class Reconciler:
@@ -182,10 +185,13 @@ class Reconciler:
         # away for an hour, or `make run` with no simulate serving the stand-in, would
         # otherwise write the same warning every few seconds; the metrics count each).
         self._sweep_failing: set[str] = set()
-        self._next_sweep = 0.0
-        # After a failed sweep, the next comes sooner than a whole sweep period (the
-        # calls it missed are still missing), but backed off: an API that is down is
-        # not asked every round.
+        self._next_sweep = 0.0  # the next sweep, full or a retry
+        self._next_full = 0.0  # the next sweep of every owned account
+        # After a failed sweep, the accounts that failed are listed again sooner than a
+        # whole sweep period (the calls they missed are still missing), but backed off:
+        # an API that is down is not asked every round. Only those: one account's
+        # rotated key must not have every other account re-listed every few seconds.
+        self._retry: frozenset[str] | None = None
         self._sweep_backoff = Backoff(first=min(5.0, self.tick * 2), cap=30.0)
 
     @property
@@ -205,7 +211,9 @@ class Reconciler:
                 producer = self._producer = IngestProducer(self.settings)
                 await retry_at_start(producer.start, "reconciler producer", math.inf)
                 self._publish = producer.publish
-            self._next_sweep = self.clock() + self.settings.reconcile_sweep_seconds
+            self._next_sweep = self._next_full = (
+                self.clock() + self.settings.reconcile_sweep_seconds
+            )
             await self._rounds()
         except Exception:
             log.exception("reconciler stopped")
@@ -227,14 +235,20 @@ class Reconciler:
         now = self.clock()
         await self.held_round(client, now)
         sweep = self.settings.reconcile_sweep_seconds
-        if sweep and now >= self._next_sweep:
-            result = await self.sweep_round(client, now)
-            if result.outcome == "done":
-                self._sweep_backoff.reset()
-                self._next_sweep = now + sweep
-            elif result.outcome == "failed":
-                self._next_sweep = now + min(sweep, self._sweep_backoff.next_delay())
-            # Skipped: nothing is known to be ours now; due again at the next round.
+        if not sweep or now < self._next_sweep:
+            return
+        full = now >= self._next_full
+        result = await self.sweep_round(client, now, None if full else self._retry)
+        if result.outcome == "skipped":
+            return  # nothing is known to be ours now; due again at the next round
+        if full:
+            self._next_full = now + sweep
+        self._retry = result.failed or None
+        if self._retry is None:
+            self._sweep_backoff.reset()
+            self._next_sweep = self._next_full
+        else:
+            self._next_sweep = min(self._next_full, now + self._sweep_backoff.next_delay())
 
     def _keys_for(self, client: FreeClimbClient) -> Mapping[str, SecretStr]:
         """The keys in use now, handed to ``client`` when they changed (a reload)."""
@@ -258,6 +272,9 @@ class Reconciler:
                 after_s=s.reconcile_after_seconds,
                 sweep_s=s.reconcile_sweep_seconds,
             )
+            if (problem := s.sweep_window_problem()) is not None:
+                # Keys from an accounts file: settings could not refuse it at start.
+                log.warning("the sweep looks back less far than configured: " + problem)
         else:
             say_off(waiting=True)
 
@@ -327,10 +344,13 @@ class Reconciler:
 
     # -- trigger 2: the sweep of recently ended calls --------------------------------
 
-    async def sweep_round(self, client: FreeClimbClient, now: float) -> Sweep:
-        """List each owned account's calls ended within the window and publish those not
-        published since they entered it. Skipped while the partitions are not known (a
-        rebalance): which accounts are ours cannot be told, and "none" would be wrong."""
+    async def sweep_round(
+        self, client: FreeClimbClient, now: float, only: frozenset[str] | None = None
+    ) -> Sweep:
+        """List each owned account's calls ended within the window (of the accounts in
+        ``only``, when given: a retry) and publish those not published since they
+        entered it. Skipped while the partitions are not known (a rebalance): which
+        accounts are ours cannot be told, and "none" would be wrong."""
         credentials = self._keys_for(client)
         partitions = self.owner.ingest_partitions()
         owned = self.owner.owned()
@@ -347,10 +367,15 @@ class Reconciler:
         horizon = start.timestamp()
         self._swept = {c: seen for c, seen in self._swept.items() if seen[1] >= horizon}
         published = 0
-        outcome: Literal["done", "failed"] = "done"
-        for account in sorted(credentials):
-            if partition_for(account.encode(), partitions, partitions) not in owned:
-                continue  # another node's account
+        failed: set[str] = set()
+        ours = [
+            account
+            for account in sorted(credentials)
+            if (only is None or account in only)
+            # Another node's account, else.
+            and partition_for(account.encode(), partitions, partitions) in owned
+        ]
+        for i, account in enumerate(ours):
             try:
                 async for item in client.list_calls(account, start_time=start, end_time=end):
                     if isinstance(item, InvalidCall):
@@ -361,18 +386,21 @@ class Reconciler:
                     if seen is not None and seen[0] == call.revision:
                         continue  # published by an earlier sweep, unchanged since
                     sent = await self._send("sweep", item)
-                    if sent == "published":
-                        self._swept[call.callId] = (call.revision, now)
-                        published += 1
-                    elif sent == "unpublished":
+                    if sent == "unpublished":
                         # Kafka cannot take writes now: each further call would wait
-                        # out the produce timeout too. Stop; the sweep is due again soon.
+                        # out the produce timeout too. Stop; this account and those not
+                        # yet listed are due again soon.
                         metrics.RECONCILE_SWEEPS.labels("failed").inc()
-                        return Sweep("failed", published)
+                        return Sweep("failed", published, frozenset(failed | set(ours[i:])))
+                    # Published, or never publishable (too large, refused for good:
+                    # counted and logged once): not sent again while in the window.
+                    self._swept[call.callId] = (call.revision, now)
+                    if sent == "published":
+                        published += 1
             except FreeClimbError as exc:
                 # Failure: the listing broke off (the client's retries are spent). The
-                # other accounts are still listed; the sweep is due again soon.
-                outcome = "failed"
+                # other accounts are still listed; this one is due again soon.
+                failed.add(account)
                 metrics.RECONCILE_SWEEPS.labels("failed").inc()
                 metrics.RECONCILE_FETCHES.labels("sweep", "failed").inc()
                 if account not in self._sweep_failing:
@@ -388,7 +416,7 @@ class Reconciler:
             if account in self._sweep_failing:
                 self._sweep_failing.discard(account)
                 log.info("sweep works again", account=account)
-        return Sweep(outcome, published)
+        return Sweep("failed" if failed else "done", published, frozenset(failed))
 
 
 async def publish_fetched(

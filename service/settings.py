@@ -314,30 +314,42 @@ class Settings(BaseSettings):
         return self
 
     def _check_sweep_window(self) -> None:
-        """The sweep lists calls back over LOOKBACK + 2 sweeps; each must still have its
-        state then (ended less than the terminal retention ago, less the clock skew and
-        a sweep of slack), or listing it again is a first event: a second change on
-        changes (docs/architecture.md section 12). Checked where a reconciler may run:
-        a processor node with a key (or an accounts file, which may gain one)."""
+        """Refuses a sweep window that the terminal retention would cut short, where a
+        reconciler is sure to run: a processor node with CALLSTATUS_FREECLIMB_API_KEY.
+        With only an accounts file (which may never hold an apiKey) the reconciler
+        warns instead when it turns on: refusing would stop nodes that do not
+        reconcile at all, such as an upgrade that kept a short retention."""
+        problem = self.sweep_window_problem()
+        if problem is not None and self.freeclimb_api_key is not None:
+            raise ValueError(problem)
+
+    def sweep_window_problem(self) -> str | None:
+        """Why the sweep cannot look back as far as configured (None: it can). It lists
+        calls back over LOOKBACK + 2 sweeps; each must still have its state then (ended
+        less than the terminal retention ago, less the clock skew and a sweep of slack),
+        or listing it again would be a first event: a second change on changes. So
+        :func:`service.reconcile.sweep_window` cuts the window to the retention, and
+        calls longer than what is left are found by no sweep (docs/architecture.md
+        section 12)."""
         sweep = self.reconcile_sweep_seconds
-        may_reconcile = self.freeclimb_api_key is not None or self.accounts_file is not None
-        if not (self.role.runs_processor and sweep > 0 and may_reconcile):
-            return
+        if not (self.role.runs_processor and sweep > 0):
+            return None
         window = self.reconcile_sweep_lookback_seconds + 2 * sweep
         bound = self.state_terminal_retention_seconds - self.max_clock_skew_seconds - sweep
-        if window > bound:
-            lookback = _n(self.reconcile_sweep_lookback_seconds)
-            retention = self.state_terminal_retention_seconds
-            raise ValueError(
-                "the reconcile sweep reaches past the calls' retention: "
-                f"CALLSTATUS_RECONCILE_SWEEP_LOOKBACK_SECONDS ({lookback}) + 2 x "
-                f"CALLSTATUS_RECONCILE_SWEEP_SECONDS ({_n(sweep)}) = {_n(window)} s must be "
-                f"at most CALLSTATUS_STATE_TERMINAL_RETENTION_SECONDS ({retention}) - "
-                f"CALLSTATUS_MAX_CLOCK_SKEW_SECONDS ({self.max_clock_skew_seconds}) - "
-                f"CALLSTATUS_RECONCILE_SWEEP_SECONDS = {_n(bound)} s; shorten the lookback or "
-                "the sweep, keep ended calls longer, or set CALLSTATUS_RECONCILE_SWEEP_SECONDS=0 "
-                "to turn the sweep off"
-            )
+        if window <= bound:
+            return None
+        lookback = _n(self.reconcile_sweep_lookback_seconds)
+        retention = self.state_terminal_retention_seconds
+        return (
+            "the reconcile sweep reaches past the calls' retention: "
+            f"CALLSTATUS_RECONCILE_SWEEP_LOOKBACK_SECONDS ({lookback}) + 2 x "
+            f"CALLSTATUS_RECONCILE_SWEEP_SECONDS ({_n(sweep)}) = {_n(window)} s must be "
+            f"at most CALLSTATUS_STATE_TERMINAL_RETENTION_SECONDS ({retention}) - "
+            f"CALLSTATUS_MAX_CLOCK_SKEW_SECONDS ({self.max_clock_skew_seconds}) - "
+            f"CALLSTATUS_RECONCILE_SWEEP_SECONDS = {_n(bound)} s; shorten the lookback or "
+            "the sweep, keep ended calls longer, or set CALLSTATUS_RECONCILE_SWEEP_SECONDS=0 "
+            "to turn the sweep off"
+        )
 
     @property
     def producer_max_request_bytes(self) -> int:

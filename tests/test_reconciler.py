@@ -376,6 +376,44 @@ async def test_a_failing_sweep_warns_once_and_says_when_it_works_again(
     ]
 
 
+async def test_only_the_account_whose_sweep_failed_is_listed_again_at_the_retry(
+    api: tuple[StandIn, str],
+) -> None:
+    """One account's listing refused (its key rotated at FreeClimb, the Secret not
+    updated yet) made the whole sweep due again within seconds, so every other account
+    was listed again at each retry: ten times the API requests. Now the retry lists only
+    the account that failed; the next full sweep lists them all."""
+    standin, url = api
+    other, other_key = "AC" + "5b" * 20, "k2"
+    standin.add_account(other, other_key)
+    settings = Settings(verify_signatures=False, freeclimb_api_url=url)
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        pass
+
+    # The service holds a stale key for ACCOUNT: every listing of it is a 401.
+    credentials = {ACCOUNT: SecretStr("stale"), other: SecretStr(other_key)}
+    t = [NOW.timestamp()]
+    owner = FakeOwner({0: FakeWorker()}, [0])
+    reconciler = Reconciler(settings, owner, credentials, publish, clock=lambda: t[0])
+
+    def listed() -> list[str]:
+        """Whose listings the stand-in answered since the last look, by the path."""
+        out = [ACCOUNT if ACCOUNT in s.path else other for s in standin.seen]
+        standin.seen.clear()
+        return out
+
+    async with quick_client(url, credentials) as client:
+        await reconciler.round(client)
+        assert sorted(set(listed())) == sorted([ACCOUNT, other])
+        t[0] += 31  # past the sweep backoff's cap, well within the sweep period
+        await reconciler.round(client)
+        assert set(listed()) == {ACCOUNT}
+        t[0] += settings.reconcile_sweep_seconds  # the next full sweep
+        await reconciler.round(client)
+        assert sorted(set(listed())) == sorted([ACCOUNT, other])
+
+
 async def test_a_publish_kafka_refuses_is_counted_and_the_call_tried_again_later(
     api: tuple[StandIn, str],
 ) -> None:
@@ -431,7 +469,8 @@ async def test_a_sweep_stops_while_kafka_takes_no_writes_and_publishes_the_rest_
     async with client_for(settings, reconciler.credentials) as client:
         # The first publish fails: the sweep stops there, not one produce timeout per
         # call; nothing is remembered as published.
-        assert await reconciler.sweep_round(client, NOW.timestamp()) == Sweep("failed", 0)
+        failed = await reconciler.sweep_round(client, NOW.timestamp())
+        assert failed == Sweep("failed", 0, frozenset({ACCOUNT}))
         assert len(standin.seen) == 1
         down[0] = False
         assert await reconciler.sweep_round(client, NOW.timestamp() + 5) == Sweep("done", 5)

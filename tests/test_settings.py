@@ -322,3 +322,10 @@ def test_the_reconcile_sweep_window_must_stay_within_the_terminal_retention() ->
     make_settings(**key, reconcile_sweep_seconds=0, state_terminal_retention_seconds=900)
     make_settings(state_terminal_retention_seconds=900)
     make_settings(**key, role="ingest", state_terminal_retention_seconds=900)
+    # Only an accounts file, which may hold no apiKey at all (an upgrade that kept a
+    # short retention): the node starts, and its reconciler warns once a key turns it on.
+    short = make_settings(
+        accounts_file="accounts.yaml", signing_secrets=(), state_terminal_retention_seconds=900
+    )
+    problem = short.sweep_window_problem()
+    assert problem is not None and "reaches past the calls' retention" in problem
