@@ -87,6 +87,9 @@ def append_now(
             batch = accumulator._append_batch(accumulator.create_builder(), tp)
     except AttributeError:
         return None
-    # None when that batch is full: send() then waits for it to drain, as it must.
+    # None when that batch is full: send() then waits for it to drain, as it must. The
+    # C record builder takes headers as a list only (a tuple raises TypeError).
+    if not isinstance(headers, list):
+        headers = list(headers)
     future: asyncio.Future[Any] | None = batch.append(key, value, None, headers=headers)
     return future

@@ -156,15 +156,17 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
 
 
 def record_sizes(settings: Settings) -> dict[str, int]:
-    """The largest record the service writes to each topic. Ingest writes records up to
-    the producer's max request size; a change or a rejection carries the whole call, so
-    the processor's producers are sized the same; a state record is small."""
+    """The largest record batch the service writes to each topic. Ingest writes records
+    up to the producer's max request size; a change or a rejection carries the whole
+    call, so the processor's producers are sized the same; a state record is small, but
+    the processor writes states in batches of up to ``processor_batch_bytes`` that
+    barely compress, and Kafka refuses an oversized batch whole."""
     largest = settings.producer_max_request_bytes
     return {
         settings.topic_ingest: largest,
         settings.topic_changes: largest,
         settings.topic_rejected: largest,
-        settings.topic_state: STATE_RECORD_MAX_BYTES,
+        settings.topic_state: max(STATE_RECORD_MAX_BYTES, settings.processor_batch_bytes),
     }
 
 

@@ -104,7 +104,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
             # outputs go in a few produce requests rather than tens, which took ~10 of
             # ~51 µs CPU per event off. Half, so a batch of several records stays
             # under the topics' max.message.bytes even if it did not compress.
-            "max_batch_size": settings.producer_max_request_bytes // 2,
+            "max_batch_size": settings.processor_batch_bytes,
             "compression_type": (
                 None if settings.processor_compression == "none" else settings.processor_compression
             ),

@@ -153,10 +153,13 @@ class Settings(BaseSettings):
     # Upper bound on the events one fetch carries; each partition's share of it is one
     # transaction. A transaction costs four round trips to the broker whatever its size,
     # so bigger batches amortise them: 500 -> 2,000 took the benchmark's processor from
-    # ~9,400 to ~17,000 events/s, 2,000 -> 6,000 from ~24 to ~23 µs CPU per event (and
-    # 10,000 no further). Batches are only as big as the backlog: at a steady trickle
-    # each holds what arrived since the last, so latency does not grow with it.
-    processor_batch_max: int = Field(default=6000, ge=1)
+    # ~9,400 to ~17,000 events/s. 6,000 took ~1 µs more off per event (and 10,000 no
+    # further), but kept at 2,000: when Kafka refuses an output for good, the batch is
+    # written again one record at a time to find it, one ack after another, and that
+    # must end well inside BATCH_DEADLINE_SECONDS (~4,000 outputs, not ~12,000). Batches
+    # are only as big as the backlog: at a steady trickle each holds what arrived since
+    # the last, so latency does not grow with it.
+    processor_batch_max: int = Field(default=2000, ge=1)
     # Codec of what the processor writes (changes, rejected, state). Compressed, fewer
     # bytes go through the sockets: 20% of the processor's CPU was writing produce
     # requests uncompressed. snappy: a change record costs 1.4 µs to compress to ~175
@@ -360,6 +363,16 @@ class Settings(BaseSettings):
         handler refuses, with 413, the rare body whose record would not fit (numbers that
         grow when written back, such as 1e15 in subresourceUris)."""
         return 2 * self.max_body_bytes + INGEST_RECORD_OVERHEAD
+
+    @property
+    def processor_batch_bytes(self) -> int:
+        """The processor's record batches (per topic partition, per produce request): up
+        to half the largest record, instead of aiokafka's 16 KiB, so a partition batch's
+        outputs go in a few produce requests rather than tens. State records barely
+        compress (marks and digests), so the state topic must take a batch this large,
+        and the start checks it does (service/kafka.py record_sizes): Kafka refuses an
+        oversized batch whole, and aiokafka never splits one."""
+        return self.producer_max_request_bytes // 2
 
     @property
     def max_ingest_value_bytes(self) -> int:

@@ -275,6 +275,9 @@ class PartitionWorker:
                         offset=refused.offset,
                         error=repr(refused.cause),
                     )
+                    # Found: batched again, so the rest is not written one ack at a
+                    # time (another refusal goes back to writing singly).
+                    one_by_one = False
                 continue
             self._adopt(p)
             return True
@@ -296,10 +299,13 @@ class PartitionWorker:
                 results = await asyncio.gather(*(f for _, _, f in sent), return_exceptions=True)
                 errors = [r for r in results if isinstance(r, BaseException)]
                 if errors:
-                    if all(is_refused_for_good(e) for e in errors):
+                    refused = [e for e in errors if is_refused_for_good(e)]
+                    if refused:
                         # A refused produce request fails every record batched with the
-                        # culprit: which one it was, only writing them singly tells.
-                        raise Unwritable(None, errors[0])
+                        # culprit: which one it was, only writing them singly tells. The
+                        # partition's later batches then fail on the sequence numbers
+                        # the refused one used: consequences, not a second cause.
+                        raise Unwritable(None, refused[0])
                     raise errors[0]
                 state_offsets = [
                     meta.offset + count - 1  # a batch's metadata names its first record
