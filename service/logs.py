@@ -127,9 +127,10 @@ class LineWriter:
             self.stream.flush()
 
     def _write_queued(self) -> None:
-        text = "".join(self._queued)
-        self._queued.clear()
-        self.stream.write(text)
+        # Taken before the write: a signal handler that logs in between (re-entering
+        # the lock) then finds nothing queued, rather than writing the same lines twice.
+        queued, self._queued = self._queued, []
+        self.stream.write("".join(queued))
 
 
 class FastLines:

@@ -24,6 +24,7 @@ import math
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from types import FrameType
 
 import structlog
@@ -218,8 +219,14 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         self.node.draining = True
-        log.info("draining before shutdown", seconds=self._delay)
-        asyncio.get_running_loop().call_later(self._delay, super().handle_exit, sig, frame)
+        loop = asyncio.get_running_loop()
+        # Logged from the loop, not from here: a signal handler runs between two
+        # bytecodes of whatever the thread was doing, perhaps inside structlog's write
+        # under its (not re-entrant) lock, and logging here would then deadlock.
+        loop.call_soon_threadsafe(
+            partial(log.info, "draining before shutdown", seconds=self._delay)
+        )
+        loop.call_later(self._delay, super().handle_exit, sig, frame)
 
 
 def build(settings: Settings) -> DrainingServer:
