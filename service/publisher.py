@@ -148,8 +148,8 @@ class SpoolingPublisher:
         return stuck
 
     async def ready(self) -> bool:
-        """Ready while events can be taken: Kafka answers, or the spool has room; but
-        not while the drain is stalled.
+        """Ready while events can be taken: Kafka answers, or the spool has room and its
+        disk takes writes; but not while the drain is stalled.
 
         Why a stalled drain makes the node unready: once anything is spooled, every new
         event queues behind it (per-call order), so on a node whose drain cannot move
@@ -162,7 +162,7 @@ class SpoolingPublisher:
         The alert CallstatusSpoolNotDraining fires on the same condition."""
         if self.stalled():
             return False
-        return self.spool.has_room() or await self.producer.ready()
+        return self.spool.takes_appends(time.monotonic()) or await self.producer.ready()
 
     async def publish(self, key: bytes, value: bytes, headers: Headers) -> None:
         """Return once the event is in Kafka or durable in the spool; raise

@@ -71,6 +71,12 @@ from service.spoolsegments import SegmentFiles, count_disk_error
 log = structlog.get_logger(logger_name="callstatus.spool")
 
 
+# After a write the disk refused, how long readiness reports the spool as not taking
+# appends (service/publisher.py): long enough to take the node out of a load balancer's
+# rotation, short enough that a disk that is back is used again soon.
+DISK_RETRY_SECONDS = 5.0
+
+
 class SpoolFull(Exception):
     """Appending would pass the spool's size cap."""
 
@@ -98,6 +104,7 @@ class Spool(SegmentFiles):
         self.events = 0  # records not yet released
         self.bytes = 0  # their size on disk
         self.oldest_ms: int | None = None
+        self.write_failed_at: float | None = None  # monotonic time of the last failed write
         self._lock_fd = -1
         self._read = Position(0, 0)  # the checkpoint: first record not yet released
         self._pending: list[bytes] = []
@@ -191,6 +198,16 @@ class Spool(SegmentFiles):
     def has_room(self, size: int = 0) -> bool:
         return self.bytes + size <= self.max_bytes
 
+    def takes_appends(self, now: float) -> bool:
+        """Whether an append can be expected to work (for readiness): room under the
+        cap, and no write the disk refused in the last DISK_RETRY_SECONDS (``now`` is
+        time.monotonic()). A full or failing disk under the cap answers every spooled
+        request 503; readiness saying so lets the load balancer send webhooks to nodes
+        that can keep them. After the pause, appends are tried again: a disk that is
+        back heals by itself, one that is not turns the node unready again."""
+        failed = self.write_failed_at
+        return self.has_room() and (failed is None or now - failed >= DISK_RETRY_SECONDS)
+
     async def append(self, key: bytes, value: bytes, headers: Headers) -> None:
         """Return once the event is on disk and fsync'd, or raise :class:`SpoolFull`."""
         record = encode(key, value, headers, int(time.time() * 1000))
@@ -217,6 +234,7 @@ class Spool(SegmentFiles):
             try:
                 await asyncio.to_thread(self._write, b"".join(records))
             except OSError as exc:
+                self.write_failed_at = time.monotonic()
                 self.bytes -= sum(map(len, records))
                 if not self.bytes:
                     self.empty.set()
@@ -225,6 +243,7 @@ class Spool(SegmentFiles):
                     if not waiter.done():
                         waiter.set_exception(exc)
                 continue
+            self.write_failed_at = None
             self.events += len(records)
             if self.oldest_ms is None:
                 self.oldest_ms = received_ms_of(records[0])

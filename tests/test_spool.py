@@ -18,7 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from service import metrics
-from service.spool import Spool, SpoolFull, SpoolLocked
+from service.spool import DISK_RETRY_SECONDS, Spool, SpoolFull, SpoolLocked
 from service.spoolfiles import Position, Sending, store_sending
 from service.spoolformat import encode
 from tests.diskfault import append_only, fill, fsync_failing_disk, small_tmpfs, use_up_inodes
@@ -361,6 +361,11 @@ async def test_a_full_disk_refuses_appends_and_checkpoints_and_heals_by_itself(
         )
         assert all(isinstance(r, OSError) and r.errno == errno.ENOSPC for r in results)
         assert disk_errors("write", "ENOSPC") > before
+        # Readiness hears of it (the cap is far off): unready for a while, then tried.
+        failed_at = spool.write_failed_at
+        assert spool.has_room() and failed_at is not None
+        assert not spool.takes_appends(failed_at + DISK_RETRY_SECONDS / 2)
+        assert spool.takes_appends(failed_at + DISK_RETRY_SECONDS)
         assert segment.stat().st_size == spool._write_offset  # the failed part cut off
         assert spool.events == 3 and values(spool) == [b"kept-%d" % i for i in range(3)]
         assert spool.bytes == segment.stat().st_size
@@ -373,6 +378,7 @@ async def test_a_full_disk_refuses_appends_and_checkpoints_and_heals_by_itself(
 
         filler.unlink()
         await spool.append(b"k", b"healed", [])
+        assert spool.write_failed_at is None and spool.takes_appends(0.0)
         await spool.release(spool.read(2))
         assert values(spool) == [b"kept-2", b"healed"]
         spool.close()
