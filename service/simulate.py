@@ -353,6 +353,7 @@ class Reader:
                         value.get("callId"),
                         CallStatus(value["status"]) if "status" in value else None,
                         Source(value["source"]) if "source" in value else None,
+                        _epoch(value["receivedAt"]) if "receivedAt" in value else 0.0,
                     )
                     run.record(value["eventId"], seen)
 

@@ -57,6 +57,9 @@ class Seen:
     call_id: str | None = None
     status: CallStatus | None = None
     source: Source | None = None
+    # The event's receivedAt (epoch seconds): when ingest took it, so its place in the
+    # call's partition. 0.0: not known (then it is taken to be before everything).
+    received_at: float = 0.0
 
 
 @dataclass
@@ -116,14 +119,14 @@ def outstanding(run: Run) -> int:
     """What is still to come: accepted requests whose predicted message has not been
     read yet (or, for a call the REST API moved, that neither appeared nor repeat one of
     its statuses), and calls whose last change is not their true final status yet."""
-    call_of = {s.event_id: s.delivery for s in run.sent if s.event_id is not None}
+    sent_of = {s.event_id: s for s in run.sent if s.event_id is not None}
     waiting = 0
     for event_id, prediction in run.expected.items():
         if event_id in run.seen:
             continue
-        delivery = call_of[event_id]
-        if run.reconciled(delivery.call_id):
-            waiting += not _repeats_a_change(run, delivery.call_id, delivery.status)
+        sent = sent_of[event_id]
+        if run.reconciled(sent.delivery.call_id):
+            waiting += not _repeats_a_change(run, sent, sent.delivery.status)
         elif prediction.outcome is not Outcome.DUPLICATE:
             waiting += 1
     for call_id, final in run.truth.items():
@@ -132,8 +135,23 @@ def outstanding(run: Run) -> int:
     return waiting
 
 
-def _repeats_a_change(run: Run, call_id: str, status: CallStatus) -> bool:
-    return any(c.status is status for c in run.changes.get(call_id, ()))
+# How much later than a callback's 202 an event may have been received and still have
+# reached the call's partition before it: the two clocks are this host's, and a 202 is
+# sent only once the callback is durable, so a second is generous.
+ORDER_SLACK_S = 1.0
+
+
+def _repeats_a_change(run: Run, sent: Sent, status: CallStatus) -> bool:
+    """Whether an accepted callback that never appeared may be a duplicate of a change of
+    the same status: only of one ingested before the callback was durable (its 202).
+    One received later came after it in the call's partition, so the state machine
+    judged the callback first, and it must have been published itself: a lost end
+    callback then "recovered" by the reconciler is caught, not forgiven."""
+    acked_at = sent.sent_at + sent.answer_s + ORDER_SLACK_S
+    return any(
+        c.status is status and c.received_at <= acked_at
+        for c in run.changes.get(sent.delivery.call_id, ())
+    )
 
 
 @dataclass
@@ -168,7 +186,7 @@ def judge(run: Run) -> Tally:
     # A repeat of an accepted event (same bytes, same eventId) is accounted for by the
     # event it repeats: the processor drops it (rule 0).
     v = Tally(duplicates_dropped=run.repeats, accepted=run.repeats)
-    delivery_of = {s.event_id: s.delivery for s in run.sent if s.event_id is not None}
+    sent_of = {s.event_id: s for s in run.sent if s.event_id is not None}
     v.server_errors = sum(
         n for code, n in run.answers.items() if code.startswith("5") and code != "503"
     )
@@ -183,12 +201,13 @@ def judge(run: Run) -> Tally:
                 v.changes += 1
             else:
                 v.rejections[s.reason.value if s.reason else "?"] += 1
-        delivery = delivery_of[event_id]
+        sent = sent_of[event_id]
+        delivery = sent.delivery
         if run.reconciled(delivery.call_id):
             # A resource moved the call: the prediction no longer holds for it, but an
             # accepted callback that never appeared must repeat a status it reached.
             if not seen:
-                if _repeats_a_change(run, delivery.call_id, delivery.status):
+                if _repeats_a_change(run, sent, delivery.status):
                     v.duplicates_dropped += 1
                 elif delivery.call_id not in run.uncertain_calls:
                     v.missing.append(event_id)

@@ -284,8 +284,15 @@ def _played(plan: Plan, accepted: list[int]) -> Run:
     return run
 
 
-def _change(run: Run, plan: Plan, event_id: str, status: CallStatus, source: Source) -> None:
-    run.record(event_id, Seen("changes", None, 100.5, plan.call_id, status, source))
+def _change(
+    run: Run,
+    plan: Plan,
+    event_id: str,
+    status: CallStatus,
+    source: Source,
+    received_at: float = 100.0,
+) -> None:
+    run.record(event_id, Seen("changes", None, 100.5, plan.call_id, status, source, received_at))
 
 
 OUTBOUND = (S.QUEUED, S.RINGING, S.IN_PROGRESS, S.COMPLETED)
@@ -364,6 +371,28 @@ def test_a_reconciled_call_still_accounts_for_every_accepted_callback() -> None:
     _change(run, plan, "e3", S.COMPLETED, Source.WEBHOOK)
     run.seen["e3"].append(Seen("changes", None, 101.0))  # read twice
     assert judge(run).twice == ["e3"]
+
+
+def test_an_accepted_end_lost_in_the_service_is_not_forgiven_by_the_api() -> None:
+    """The completed callback got its 202 (at 100.0) and never appeared; the reconciler
+    fetched completed later. The resource was ingested after the callback was durable,
+    so the callback came first in the call's partition and must have been published
+    itself: a lost accepted event, whatever the API recovered."""
+    plan = _lifecycle_call(*OUTBOUND)
+    run = _played(plan, [0, 1, 2, 3])
+    for n, status in enumerate(OUTBOUND[:3]):
+        _change(run, plan, f"e{n}", status, Source.WEBHOOK)
+    _change(run, plan, "api-1", S.COMPLETED, Source.API, received_at=115.0)
+    verdict = judge(run)
+    assert verdict.reached == 1 and verdict.missing == ["e3"]
+    assert not verdict.ok
+    # Received before the callback was durable, the resource went first: the callback
+    # was a duplicate of it, rightly dropped.
+    run = _played(plan, [0, 1, 2, 3])
+    for n, status in enumerate(OUTBOUND[:3]):
+        _change(run, plan, f"e{n}", status, Source.WEBHOOK)
+    _change(run, plan, "api-1", S.COMPLETED, Source.API, received_at=99.0)
+    assert judge(run).ok
 
 
 def test_lost_withholds_a_share_of_the_true_callbacks_with_their_copies() -> None:
