@@ -349,10 +349,14 @@ class Spool(SegmentFiles):
         sending them a second time. A failure raises, and the batch is not sent."""
         if not batch:
             return
-        at_ms = int(time.time() * 1000)
+        at_ms, end = int(time.time() * 1000), batch[-1].end
         if self._noted is not None:
+            # Sent again, perhaps fewer records (one at a time after a refusal): what
+            # the first attempt sent may be in Kafka, so keep its time and its reach.
             at_ms = min(at_ms, self._noted.at_ms)
-        note = Sending(batch[-1].end, at_ms)
+            if _reaches(self._noted.end, end):
+                end = self._noted.end
+        note = Sending(end, at_ms)
         try:
             await asyncio.to_thread(store_sending, self.directory, note)
         except OSError as exc:

@@ -122,11 +122,12 @@ async def test_a_batch_sent_again_keeps_the_time_of_its_first_note(tmp_path: Pat
     store_sending(tmp_path, Sending(batch[-1].end, 1_000))  # an old note: run one's
     spool.close()
 
-    again = opened(tmp_path)  # run two finds it unconfirmed, and sends the batch again
-    await again.mark_sending(again.read(2))
+    again = opened(tmp_path)  # run two finds it unconfirmed, and sends it again, one
+    await again.mark_sending(again.read(1))  # record at a time (a refusal among them)
     again.close()
     third = opened(tmp_path)  # run two died too
     assert third.unconfirmed is not None and third.unconfirmed.at_ms == 1_000
+    assert third.unconfirmed.end == batch[-1].end  # and the first attempt's reach
     # Once the checkpoint is past it, the next batch is a first send with its own time.
     await third.release(third.read(2))
     await third.mark_sending(third.read(2))
