@@ -257,6 +257,10 @@ class Reconciler:
         if given is None or given[0] is not client or given[1] is not keys:
             if given is not None and bool(given[1]) != bool(keys):
                 self._say(keys)  # the first key added, or the last one removed
+            if given is not None and given[1] is not keys:
+                # A reload: calls backed off after 401s with the old key would wait out
+                # up to an hour of backoff with the new one; start every count over.
+                self._attempts.clear()
             client.use(keys)
             self._given = (client, keys)
         return keys

@@ -216,6 +216,42 @@ async def test_a_reloaded_accounts_file_rotates_adds_and_removes_api_keys(
         assert await reconciler.held_round(client, now + 10_000) == 0
 
 
+async def test_a_reloaded_key_ends_the_backoff_the_old_key_built_up(
+    api: tuple[StandIn, str], tmp_path: Path
+) -> None:
+    """Fetches refused 401 with a stale key back the call off, doubling each time (up to
+    an hour). Once the Secret carries the new key, the call is fetched at the next
+    round, not when the old backoff runs out."""
+    standin, url = api
+    volume = SecretVolume(tmp_path / "accounts")
+    volume.publish(accounts_text({ACCOUNT: "stale"}))
+    watcher = AccountsWatcher.open(volume.path, 60)
+    settings = Settings(
+        verify_signatures=False,
+        freeclimb_api_url=url,
+        accounts_file=volume.path,
+        reconcile_after_seconds=60,
+    )
+    old = NOW - timedelta(minutes=5)
+    standin.put_call(ACCOUNT, cid(1), S.IN_PROGRESS, at=old)
+    owner = FakeOwner({0: FakeWorker({cid(1): held_state(S.IN_PROGRESS, old)})}, [0])
+    published: list[bytes] = []
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        published.append(key)
+
+    reconciler = Reconciler(settings, owner, BookKeys(watcher), publish)
+    now = NOW.timestamp()
+    async with client_for(settings, reconciler.credentials) as client:
+        assert await reconciler.held_round(client, now) == 1
+        assert [s.status for s in standin.seen] == [401]
+        assert await reconciler.held_round(client, now + 1) == 0  # backed off
+        volume.publish(accounts_text({ACCOUNT: KEY}))
+        assert watcher.poll() is Reload.RELOADED
+        assert await reconciler.held_round(client, now + 2) == 1
+        assert standin.seen[-1].status == 200 and published == [cid(1).encode()]
+
+
 def test_the_node_shares_its_accounts_watcher_with_the_reconciler(tmp_path: Path) -> None:
     volume = SecretVolume(tmp_path / "accounts")
     for role in ("processor", "all"):
