@@ -494,6 +494,7 @@ def test_processor_pods_get_the_api_keys_and_may_reach_the_freeclimb_api(name: s
         assert reaches_api, f"{where}: no egress to FreeClimb's API on 443"
         assert not egress_allows(docs, labels, PRIVATE_ADDRESS, 443), where
         assert not egress_allows(docs, labels, "169.254.169.254", 443), where
+        assert not egress_allows(docs, labels, "100.64.0.10", 443), where  # CGNAT pods
 
 
 # ------------------------------------------------------------------------- hardening
