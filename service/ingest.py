@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
@@ -30,8 +29,8 @@ from pydantic import ValidationError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from schemas.call import Call
-from schemas.messages import RecordTooLarge, Source, event_id_for, ingest_record, normalise_body
+from schemas.call import CallLike
+from schemas.messages import RecordTooLarge, Source, event_id_for, ingest_call, ingest_record
 from service import metrics, problems, signature, strictjson
 from service.accesslog import LOG_FIELDS
 from service.accountbook import Account, AccountBook, canonical_id
@@ -132,9 +131,11 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def validate_body(body: dict[str, Any], fields: dict[str, Any]) -> tuple[Source, str | None, Call]:
+def validate_body(
+    body: dict[str, Any], fields: dict[str, Any]
+) -> tuple[Source, str | None, CallLike]:
     try:
-        return normalise_body(body)
+        return ingest_call(body)
     except ValidationError as exc:
         errors = _field_errors(exc)
         fields["errors"] = errors
@@ -146,6 +147,25 @@ def validate_body(body: dict[str, Any], fields: dict[str, Any]) -> tuple[Source,
 def _accepted_body(event_id: str, call_id: str) -> bytes:
     # Both ids have fixed, JSON-safe shapes (a UUID, CA + hex): no encoder needed.
     return f'{{"eventId":"{event_id}","callId":"{call_id}"}}'.encode()
+
+
+class ReceivedClock:
+    """receivedAt now, as RFC 3339 text in ``format_rfc3339``'s form
+    ("2026-01-01T00:00:05.123Z"): the date and time formatted once per second, only the
+    milliseconds per request. A datetime made and formatted per request cost ~1 µs."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        ns = time.time_ns()
+        second = ns // 1_000_000_000
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        # Milliseconds cut, not rounded, as isoformat(timespec="milliseconds") does.
+        return f"{self._prefix}.{ns // 1_000_000 % 1000:03d}Z"
 
 
 class Ingest:
@@ -192,6 +212,7 @@ class Ingest:
         self._older: dict[str, str] = {}
         entries = settings.replay_cache_entries
         self._recent_half = (entries + 1) // 2
+        self._clock = ReceivedClock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         fields: dict[str, Any] = scope[LOG_FIELDS]
@@ -312,13 +333,13 @@ class Ingest:
         event_id: str,
         source: Source,
         request_type: str | None,
-        call: Call,
+        call: CallLike,
         raw: bytes,
     ) -> None:
         try:
             key, value, headers = ingest_record(
                 event_id,
-                datetime.now(UTC),
+                self._clock.now(),
                 source,
                 request_type,
                 call,
