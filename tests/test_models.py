@@ -31,6 +31,7 @@ from schemas.messages import (
     Source,
     encode_ingest,
     encode_outcome,
+    event_id_for,
     ingest_call,
     normalise_body,
     read_ingest,
@@ -881,3 +882,14 @@ def test_read_ingest_gives_received_at_as_text_in_one_form() -> None:
         view = read_ingest(_record(receivedAt=other))
         assert view.receivedText == "2026-01-01T00:00:05.123Z"
         assert view.receivedAt == datetime(2026, 1, 1, 0, 0, 5, 123000, tzinfo=UTC)
+
+
+def test_event_ids_are_version_8_uuids_pinned_to_the_body_bytes() -> None:
+    # Consumers deduplicate on eventId across releases: its derivation may never drift.
+    import uuid
+
+    assert event_id_for(b"{}") == "44136fa3-55b3-878a-9146-ad16f7e8649e"
+    assert event_id_for(b'{"a":1}') == "015abd7f-5cc5-8a2d-994b-7590f04ad808"
+    for n in range(64):  # every variant digit the hash can give
+        parsed = uuid.UUID(event_id_for(b"%d" % n))
+        assert (parsed.version, parsed.variant) == (8, uuid.RFC_4122)
