@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from schemas.call import (
     AccountId,
     Call,
+    CallDirection,
     CallId,
     CallLike,
     CallStatus,
@@ -54,6 +55,12 @@ class RejectReason(StrEnum):
 UNPROCESSABLE_REASONS = frozenset({RejectReason.UNDECODABLE, RejectReason.UNWRITABLE})
 
 
+# The text of each member of the enums ingest writes per request: a dict lookup costs
+# a fraction of the ``.value`` property (an enum descriptor call), and pydantic-core
+# writes a plain str at a fifth of a member's cost.
+_TEXT: dict[StrEnum, str] = {m: m.value for e in (CallStatus, CallDirection, Source) for m in e}
+
+
 class WebhookBody(BaseModel):
     """What FreeClimb POSTs to a status callback URL (docs/architecture.md, section 2).
 
@@ -77,6 +84,7 @@ class WebhookBody(BaseModel):
     _absent = model_validator(mode="before")(empty_strings_as_absent)
 
     def to_call(self) -> Call:
+        """The callback as a :class:`Call` (ingest's handler uses :meth:`call_view`)."""
         # Validating again costs less than pydantic's pure-Python model_construct.
         return Call.model_validate(
             {
@@ -91,13 +99,53 @@ class WebhookBody(BaseModel):
             }
         )
 
+    def call_view(self) -> CallView:
+        """What :meth:`to_call` gives, as the ingest record needs it: the ids, the status
+        and the call's JSON, written straight from the fields validated here. Building
+        the :class:`Call` and serialising it cost three times as much per request, and
+        cannot refuse what this model accepted: the same field types, and none of the
+        fields ``Call``'s own checks compare. ``tests/test_models.py`` holds the JSON
+        to ``to_call().to_json()``."""
+        # Call's fields in its JSON's order, absent ones left out (Call.to_json's
+        # exclude_none); the enums as their text (_TEXT).
+        fields: dict[str, Any] = {"callId": self.callId}
+        if self.parentCallId is not None:
+            fields["parentCallId"] = self.parentCallId
+        if self.accountId is not None:
+            fields["accountId"] = self.accountId
+        if self.to is not None:
+            fields["to"] = self.to
+        if self.from_ is not None:
+            fields["from"] = self.from_
+        fields["status"] = _TEXT[self.callStatus]
+        if self.callDuration is not None:
+            fields["duration"] = self.callDuration
+        if self.direction is not None:
+            fields["direction"] = _TEXT[self.direction]
+        encoded = pydantic_core.to_json(fields)
+        return CallView(self.callId, self.accountId, self.callStatus, None, encoded)
+
+
+def _is_webhook(body: dict[str, Any]) -> bool:
+    return "requestType" in body or "callStatus" in body
+
 
 def normalise_body(body: dict[str, Any]) -> tuple[Source, str | None, Call]:
     """Read either accepted body shape into one Call. Raises pydantic's ValidationError,
     whose entries name the offending field in the body's own vocabulary."""
-    if "requestType" in body or "callStatus" in body:
+    if _is_webhook(body):
         hook = WebhookBody.model_validate(body)
         return Source.WEBHOOK, hook.requestType, hook.to_call()
+    return Source.RESOURCE, None, Call.model_validate(body)
+
+
+def ingest_call(body: dict[str, Any]) -> tuple[Source, str | None, CallLike]:
+    """:func:`normalise_body` as ingest's handler needs it, per request: the same
+    validation and refusals, a webhook's call as a :class:`CallView`
+    (:meth:`WebhookBody.call_view`) rather than a built :class:`Call`."""
+    if _is_webhook(body):
+        hook = WebhookBody.model_validate(body)
+        return Source.WEBHOOK, hook.requestType, hook.call_view()
     return Source.RESOURCE, None, Call.model_validate(body)
 
 
@@ -215,29 +263,34 @@ def event_id_for(raw: bytes) -> str:
     """The event's id, derived from the signed body bytes alone: a replay, and
     FreeClimb's own retries (same body, new ``t=``), carry the same id, so consumers can
     deduplicate on it. A UUID of version 8 (RFC 9562, custom) over SHA-256."""
-    digest = bytearray(hashlib.sha256(raw).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x80  # version 8
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 9562 variant
-    # str(uuid.UUID(...))'s canonical form, without building a UUID object per request.
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    h = hashlib.sha256(raw).hexdigest()
+    # str(uuid.UUID(...))'s canonical form of the first 16 bytes, written from the hex
+    # digest without building a UUID (or a bytearray to set bits in) per request: the
+    # version nibble (13th digit) set to 8, the variant's two high bits (17th) to 10.
+    return f"{h[:8]}-{h[8:12]}-8{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
+# A hex digit with its two high bits set to 10 (RFC 9562's variant): 0-3 -> 8-b, ...
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 def encode_ingest(
     event_id: str,
-    received_at: datetime,
+    received_at: datetime | str,
     source: Source,
     request_type: str | None,
-    call: Call,
+    call: CallLike,
     raw_body: bytes,
 ) -> bytes:
     """Serialise an :class:`IngestEvent` without re-serialising the body: the raw bytes
-    (already proven to be a JSON object) are spliced in as they came."""
+    (already proven to be a JSON object) are spliced in as they came. ``received_at``
+    may come as RFC 3339 text in :func:`format_rfc3339`'s form already (ingest's
+    handler keeps a clock that writes it)."""
     head = _head(
         {
             "eventId": event_id,
-            "receivedAt": format_rfc3339(received_at),
-            "source": source.value,
+            "receivedAt": _rfc3339(received_at),
+            "source": _TEXT[source],
             "requestType": request_type,
         }
     )
@@ -262,10 +315,10 @@ class RecordTooLarge(ValueError):
 
 def ingest_record(
     event_id: str,
-    received_at: datetime,
+    received_at: datetime | str,
     source: Source,
     request_type: str | None,
-    call: Call,
+    call: CallLike,
     raw_body: bytes,
     max_bytes: int,
     traceparent: bytes | None = None,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
@@ -30,8 +29,15 @@ from pydantic import ValidationError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from schemas.call import Call
-from schemas.messages import RecordTooLarge, Source, event_id_for, ingest_record, normalise_body
+from schemas.call import CallLike
+from schemas.messages import (
+    RecordHeaders,
+    RecordTooLarge,
+    Source,
+    event_id_for,
+    ingest_call,
+    ingest_record,
+)
 from service import metrics, problems, signature, strictjson
 from service.accesslog import LOG_FIELDS
 from service.accountbook import Account, AccountBook, canonical_id
@@ -132,9 +138,11 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def validate_body(body: dict[str, Any], fields: dict[str, Any]) -> tuple[Source, str | None, Call]:
+def validate_body(
+    body: dict[str, Any], fields: dict[str, Any]
+) -> tuple[Source, str | None, CallLike]:
     try:
-        return normalise_body(body)
+        return ingest_call(body)
     except ValidationError as exc:
         errors = _field_errors(exc)
         fields["errors"] = errors
@@ -146,6 +154,25 @@ def validate_body(body: dict[str, Any], fields: dict[str, Any]) -> tuple[Source,
 def _accepted_body(event_id: str, call_id: str) -> bytes:
     # Both ids have fixed, JSON-safe shapes (a UUID, CA + hex): no encoder needed.
     return f'{{"eventId":"{event_id}","callId":"{call_id}"}}'.encode()
+
+
+class ReceivedClock:
+    """receivedAt now, as RFC 3339 text in ``format_rfc3339``'s form
+    ("2026-01-01T00:00:05.123Z"): the date and time formatted once per second, only the
+    milliseconds per request. A datetime made and formatted per request cost ~1 µs."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        ns = time.time_ns()
+        second = ns // 1_000_000_000
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        # Milliseconds cut, not rounded, as isoformat(timespec="milliseconds") does.
+        return f"{self._prefix}.{ns // 1_000_000 % 1000:03d}Z"
 
 
 class Ingest:
@@ -192,6 +219,7 @@ class Ingest:
         self._older: dict[str, str] = {}
         entries = settings.replay_cache_entries
         self._recent_half = (entries + 1) // 2
+        self._clock = ReceivedClock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         fields: dict[str, Any] = scope[LOG_FIELDS]
@@ -282,7 +310,12 @@ class Ingest:
             check_binding(call.accountId, bound, path_id)
         call_id = call.callId
         fields.update(callId=call_id, eventId=event_id)
-        await self._store(headers.get(TRACEPARENT), event_id, source, request_type, call, raw)
+        record = self._record(headers.get(TRACEPARENT), event_id, source, request_type, call, raw)
+        # Awaited here rather than in a helper coroutine: one coroutine less per request.
+        try:
+            await self._publisher.publish(*record)
+        except (Unwritable, Unavailable) as exc:
+            raise self._unstored(event_id, exc) from None
         if self._recent_half:
             self._remember(event_id, prefix + call_id)
         return _accepted_body(event_id, call_id)
@@ -306,19 +339,20 @@ class Ingest:
             raise _signature_refused(parsed)
         return parsed
 
-    async def _store(
+    def _record(
         self,
         traceparent: bytes | None,
         event_id: str,
         source: Source,
         request_type: str | None,
-        call: Call,
+        call: CallLike,
         raw: bytes,
-    ) -> None:
+    ) -> tuple[bytes, bytes, RecordHeaders]:
+        """The event's (key, value, headers) on the ingest topic, or :class:`Refused`."""
         try:
-            key, value, headers = ingest_record(
+            return ingest_record(
                 event_id,
-                datetime.now(UTC),
+                self._clock.now(),
                 source,
                 request_type,
                 call,
@@ -333,32 +367,32 @@ class Ingest:
                 f"stored, this event would exceed {self._max_value} bytes; send fewer or "
                 "shorter fields",
             ) from None
-        try:
-            await self._publisher.publish(key, value, headers)
-        except Unwritable as exc:
+
+    def _unstored(self, event_id: str, exc: Unwritable | Unavailable) -> Refused:
+        """The answer to an event the publisher could not store."""
+        if isinstance(exc, Unwritable):
             # Kafka refuses this event for good (a topic's max.message.bytes lowered while
             # running, a policy): no retry can help, so no Retry-After and no 503. A 5xx
             # the server errors alert sees: an operator must fix the topic.
             log.error("kafka refuses the event for good", eventId=event_id, error=exc.cause)
-            raise Refused(
+            return Refused(
                 problems.UNWRITABLE,
                 f"Kafka refuses this event ({exc.cause}); it was not stored",
-            ) from None
-        except Unavailable as exc:
-            # Say which of the two could not take it: an operator reading the answer
-            # looks at Kafka for one and at the node's spool volume for the other.
-            detail = (
-                "Kafka did not take the event in time and the node's spool could not store "
-                f"it ({'full' if exc.reason == 'spool_full' else 'disk error'}); retry later"
-                if exc.reason.startswith("spool_")
-                else "Kafka did not acknowledge the event in time; retry later"
             )
-            raise Refused(
-                problems.UNAVAILABLE,
-                detail,
-                outcome=f"{problems.UNAVAILABLE.outcome}_{exc.reason}",
-                headers={"Retry-After": self._retry_after},
-            ) from None
+        # Say which of the two could not take it: an operator reading the answer looks at
+        # Kafka for one and at the node's spool volume for the other.
+        detail = (
+            "Kafka did not take the event in time and the node's spool could not store "
+            f"it ({'full' if exc.reason == 'spool_full' else 'disk error'}); retry later"
+            if exc.reason.startswith("spool_")
+            else "Kafka did not acknowledge the event in time; retry later"
+        )
+        return Refused(
+            problems.UNAVAILABLE,
+            detail,
+            outcome=f"{problems.UNAVAILABLE.outcome}_{exc.reason}",
+            headers={"Retry-After": self._retry_after},
+        )
 
 
 def internal_error(exc: Exception) -> Response:

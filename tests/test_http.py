@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 
 from schemas.messages import IngestEnvelope
 from service.app import create_app
-from service.ingest import MAX_DEPTH
+from service.ingest import MAX_DEPTH, ReceivedClock
 from service.producer import Unavailable, Unwritable
 from service.signature import sign
 from tests.conftest import SECRET, make_settings
@@ -772,3 +772,25 @@ async def test_a_bug_behind_the_ingest_fast_path_is_a_plain_500(client: httpx.As
     assert "Traceback" not in response.text and "AssertionError" not in response.text
     assert problem_body["type"] == "urn:callstatus:problem:internal"
     assert http_code(500) == before + 1
+
+
+def test_the_received_clock_writes_format_rfc3339s_form_of_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from schemas.call import format_rfc3339
+
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    clock = ReceivedClock()
+    # Within one second (its prefix cached), across a second, a minute and a year.
+    for ns in (
+        1_767_225_599_000_000_000,
+        1_767_225_599_999_999_999,
+        1_767_225_600_000_999_999,
+        1_767_225_600_123_456_789,
+        1_767_225_661_007_000_000,
+    ):
+        monkeypatch.setattr("time.time_ns", lambda ns=ns: ns)
+        expected = format_rfc3339(epoch + timedelta(microseconds=ns // 1000))
+        assert clock.now() == expected

@@ -31,6 +31,8 @@ from schemas.messages import (
     Source,
     encode_ingest,
     encode_outcome,
+    event_id_for,
+    ingest_call,
     normalise_body,
     read_ingest,
 )
@@ -675,6 +677,71 @@ def test_encode_ingest_is_an_ingest_event_with_the_raw_body_spliced() -> None:
     assert json.loads(encoded)["receivedAt"] == "2024-10-09T15:06:42.123Z"
 
 
+@st.composite
+def webhooks(draw: st.DrawFn) -> dict[str, Any]:
+    """Webhook bodies with every field the call takes from absent, null, empty (read as
+    absent) or set, texts with escapes and non-ASCII, directions in both vocabularies."""
+
+    def maybe(values: st.SearchStrategy[Any]) -> Any:
+        return draw(st.one_of(st.just(_ABSENT), st.none(), st.just(""), values))
+
+    fields: dict[str, Any] = {
+        "requestType": draw(st.sampled_from(["callStatus", "inboundCall", "x"])),
+        "callId": draw(_ids("CA")),
+        "callStatus": draw(st.sampled_from(CallStatus)).value,
+        "accountId": maybe(_ids("AC")),
+        "parentCallId": maybe(_ids("CA")),
+        "to": maybe(st.text()),
+        "from": maybe(st.text()),
+        "direction": maybe(st.sampled_from(["outbound", *(d.value for d in CallDirection)])),
+        "callDuration": maybe(st.one_of(st.integers(0, 2**63 - 1), st.just(7.0))),
+        "callEndedReason": maybe(st.text()),
+        "queueId": maybe(st.text()),
+    }
+    return {k: v for k, v in fields.items() if v is not _ABSENT}
+
+
+_ABSENT = object()
+
+
+@given(webhooks())
+def test_ingest_calls_view_of_a_webhook_is_the_call_normalise_body_builds(
+    body: dict[str, Any],
+) -> None:
+    # The handler's lean path must write the very bytes of the Call it skips building.
+    source, request_type, call = normalise_body(body)
+    lean_source, lean_type, view = ingest_call(body)
+    assert (lean_source, lean_type) == (source, request_type)
+    assert view.to_json() == call.to_json()
+    assert (view.callId, view.accountId, view.status, view.revision) == (
+        call.callId,
+        call.accountId,
+        call.status,
+        call.revision,
+    )
+    at = RECEIVED
+    assert encode_ingest("e", at, lean_source, lean_type, view, b"{}") == encode_ingest(
+        "e", at, source, request_type, call, b"{}"
+    )
+
+
+def test_ingest_call_refuses_what_normalise_body_refuses() -> None:
+    for body in ({"callStatus": "completed"}, {"status": "x", "callId": CALL_ID}):
+        with pytest.raises(ValidationError) as lean:
+            ingest_call(body)
+        with pytest.raises(ValidationError) as full:
+            normalise_body(body)
+        assert lean.value.errors() == full.value.errors()
+
+
+def test_encode_ingest_takes_received_at_as_text_in_the_written_form() -> None:
+    _, _, call = normalise_body(dict(RESOURCE))
+    text = "2024-10-09T15:06:42.123Z"
+    assert encode_ingest("e", text, Source.RESOURCE, None, call, b"{}") == encode_ingest(
+        "e", RECEIVED, Source.RESOURCE, None, call, b"{}"
+    )
+
+
 def test_encode_ingest_of_a_resource_has_null_request_type() -> None:
     raw = json.dumps(RESOURCE, indent=1, ensure_ascii=False).encode()
     source, request_type, call = normalise_body(json.loads(raw))
@@ -815,3 +882,14 @@ def test_read_ingest_gives_received_at_as_text_in_one_form() -> None:
         view = read_ingest(_record(receivedAt=other))
         assert view.receivedText == "2026-01-01T00:00:05.123Z"
         assert view.receivedAt == datetime(2026, 1, 1, 0, 0, 5, 123000, tzinfo=UTC)
+
+
+def test_event_ids_are_version_8_uuids_pinned_to_the_body_bytes() -> None:
+    # Consumers deduplicate on eventId across releases: its derivation may never drift.
+    import uuid
+
+    assert event_id_for(b"{}") == "44136fa3-55b3-878a-9146-ad16f7e8649e"
+    assert event_id_for(b'{"a":1}') == "015abd7f-5cc5-8a2d-994b-7590f04ad808"
+    for n in range(64):  # every variant digit the hash can give
+        parsed = uuid.UUID(event_id_for(b"%d" % n))
+        assert (parsed.version, parsed.variant) == (8, uuid.RFC_4122)
