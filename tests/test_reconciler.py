@@ -554,3 +554,25 @@ async def test_an_accounts_file_without_keys_says_off_until_a_reload_adds_one(
             assert await reconciler.sweep_round(client, NOW.timestamp()) == Sweep("done", 1)
     said = [e["event"].split(":")[0] for e in logs if e["event"].startswith("reconciliation")]
     assert said == ["reconciliation off", "reconciliation on"]
+
+
+def test_a_sweep_window_cut_by_the_retention_is_warned_about_when_keys_come_from_a_file(
+    tmp_path: Path,
+) -> None:
+    """With only an accounts file the settings cannot refuse it (the file may hold no
+    key); the reconciler says so once it turns on, naming the settings."""
+    settings = Settings(
+        verify_signatures=False,
+        accounts_file=tmp_path / "accounts.yaml",
+        state_terminal_retention_seconds=900,
+    )
+    owner = FakeOwner({0: FakeWorker()}, [0])
+
+    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        pass
+
+    reconciler = Reconciler(settings, owner, {ACCOUNT: SecretStr(KEY)}, publish)
+    with capture_logs() as logs:
+        reconciler._say(reconciler.credentials)
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert "CALLSTATUS_STATE_TERMINAL_RETENTION_SECONDS (900)" in warning["event"]

@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from service.cli import main
 from service.frontdoor import GuardedProtocol
-from service.kafka import client_options, topic_specs
+from service.kafka import STATE_RECORD_MAX_BYTES, client_options, record_sizes, topic_specs
 from service.server import build
 from service.settings import Role, Settings, SettingsError, load_settings
 from tests.conftest import SECRET, make_settings
@@ -329,3 +329,14 @@ def test_the_reconcile_sweep_window_must_stay_within_the_terminal_retention() ->
     )
     problem = short.sweep_window_problem()
     assert problem is not None and "reaches past the calls' retention" in problem
+
+
+def test_the_state_topic_must_take_a_whole_batch_of_states() -> None:
+    """The processor writes states in batches of up to processor_batch_bytes that barely
+    compress, and Kafka refuses an oversized batch whole: a state topic that only takes
+    one state (4 KiB) would refuse every full batch, so the start asks for a batch."""
+    settings = make_settings()
+    sizes = record_sizes(settings)
+    assert settings.processor_batch_bytes == settings.producer_max_request_bytes // 2
+    assert sizes[settings.topic_state] == settings.processor_batch_bytes > STATE_RECORD_MAX_BYTES
+    assert sizes[settings.topic_changes] == settings.producer_max_request_bytes
