@@ -66,6 +66,13 @@ async def api() -> AsyncIterator[tuple[StandIn, str]]:
         yield standin, url
 
 
+class Published(list[bytes]):
+    """A publish that keeps each record's key, in order: what the reconciler sent."""
+
+    async def __call__(self, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        self.append(key)
+
+
 def held_state(status: CallStatus, at: datetime, account: str | None = ACCOUNT) -> bytes:
     return pack(CallState(status, None, at), account_bytes(account) if account else NO_ACCOUNT)
 
@@ -128,21 +135,17 @@ async def test_the_sweep_lists_only_owned_accounts_and_publishes_each_call_once(
         standin.put_call(ACCOUNT, cid(n), S.RINGING, at=NOW - timedelta(minutes=10))
         standin.advance(ACCOUNT, cid(n), S.NO_ANSWER, at=NOW - timedelta(minutes=9))
     standin.put_call(ACCOUNT, cid(9), S.RINGING, at=NOW - timedelta(minutes=10))  # going on
-    published: list[bytes] = []
-
-    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        published.append(key)
-
+    published = Published()
     partitions = [0, 1, 2]
     mine = partition_for(ACCOUNT.encode(), partitions, partitions)
     others = FakeOwner({p: FakeWorker() for p in partitions if p != mine}, partitions)
     owner = FakeOwner({mine: FakeWorker()}, partitions)
     credentials = {ACCOUNT: SecretStr(KEY)}
     async with client_for(settings, credentials) as client:
-        elsewhere = Reconciler(settings, others, credentials, publish)
+        elsewhere = Reconciler(settings, others, credentials, published)
         assert await elsewhere.sweep_round(client, NOW.timestamp()) == Sweep("done", 0)
         assert standin.seen == []  # not this node's account: not even listed
-        reconciler = Reconciler(settings, owner, credentials, publish)
+        reconciler = Reconciler(settings, owner, credentials, published)
         assert await reconciler.sweep_round(client, NOW.timestamp()) == Sweep("done", 3)
         assert sorted(published) == sorted(cid(n).encode() for n in range(3))
         assert len(standin.seen) == 2  # two pages of two
@@ -181,13 +184,9 @@ async def test_a_reloaded_accounts_file_rotates_adds_and_removes_api_keys(
     old = NOW - timedelta(minutes=5)
     standin.put_call(ACCOUNT, cid(1), S.IN_PROGRESS, at=old)
     worker = FakeWorker({cid(1): held_state(S.IN_PROGRESS, old)})
-    published: list[bytes] = []
-
-    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        published.append(key)
-
+    published = Published()
     owner = FakeOwner({0: worker}, [0])  # one partition: every account is ours
-    reconciler = Reconciler(settings, owner, BookKeys(watcher), publish)
+    reconciler = Reconciler(settings, owner, BookKeys(watcher), published)
     now = NOW.timestamp()
     async with client_for(settings, reconciler.credentials) as client:
         assert await reconciler.held_round(client, now) == 1
@@ -235,12 +234,8 @@ async def test_a_reloaded_key_ends_the_backoff_the_old_key_built_up(
     old = NOW - timedelta(minutes=5)
     standin.put_call(ACCOUNT, cid(1), S.IN_PROGRESS, at=old)
     owner = FakeOwner({0: FakeWorker({cid(1): held_state(S.IN_PROGRESS, old)})}, [0])
-    published: list[bytes] = []
-
-    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        published.append(key)
-
-    reconciler = Reconciler(settings, owner, BookKeys(watcher), publish)
+    published = Published()
+    reconciler = Reconciler(settings, owner, BookKeys(watcher), published)
     now = NOW.timestamp()
     async with client_for(settings, reconciler.credentials) as client:
         assert await reconciler.held_round(client, now) == 1
@@ -300,14 +295,12 @@ async def test_a_sweep_skipped_mid_rebalance_is_due_again_at_the_next_round(
     standin, url = api
     settings = Settings(verify_signatures=False, freeclimb_api_url=url)
     ended_calls(standin, 1)
-    published: list[bytes] = []
-
-    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        published.append(key)
-
+    published = Published()
     owner = FakeOwner({}, [0])  # mid-rebalance: nothing owned yet
     t = [NOW.timestamp()]
-    reconciler = Reconciler(settings, owner, {ACCOUNT: SecretStr(KEY)}, publish, clock=lambda: t[0])
+    reconciler = Reconciler(
+        settings, owner, {ACCOUNT: SecretStr(KEY)}, published, clock=lambda: t[0]
+    )
     async with client_for(settings, reconciler.credentials) as client:
         await reconciler.round(client)
         assert standin.seen == [] and published == []
@@ -332,15 +325,11 @@ async def test_a_sweep_the_api_fails_is_counted_and_tried_again_backed_off(
     standin, url = api
     settings = Settings(verify_signatures=False, freeclimb_api_url=url)
     ended_calls(standin, 1)
-    published: list[bytes] = []
-
-    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        published.append(key)
-
+    published = Published()
     credentials = {ACCOUNT: SecretStr(KEY)}
     t = [NOW.timestamp()]
     owner = FakeOwner({0: FakeWorker()}, [0])
-    reconciler = Reconciler(settings, owner, credentials, publish, clock=lambda: t[0])
+    reconciler = Reconciler(settings, owner, credentials, published, clock=lambda: t[0])
     sweeps_failed = sample("callstatus_reconcile_sweeps_total", outcome="failed")
     fetches_failed = sample("callstatus_reconcile_fetches_total", trigger="sweep", outcome="failed")
     answered_500 = sample(
@@ -389,13 +378,10 @@ async def test_a_failing_sweep_warns_once_and_says_when_it_works_again(
     settings = Settings(verify_signatures=False, freeclimb_api_url=url)
     ended_calls(standin, 1)
 
-    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        pass
-
     credentials = {ACCOUNT: SecretStr(KEY)}
     t = [NOW.timestamp()]
     owner = FakeOwner({0: FakeWorker()}, [0])
-    reconciler = Reconciler(settings, owner, credentials, publish, clock=lambda: t[0])
+    reconciler = Reconciler(settings, owner, credentials, Published(), clock=lambda: t[0])
     failed = sample("callstatus_reconcile_sweeps_total", outcome="failed")
     attempts = ClientOptions().max_retries + 1
     standin.fail_next(500, times=3 * attempts)  # three sweeps in a row fail
@@ -424,14 +410,11 @@ async def test_only_the_account_whose_sweep_failed_is_listed_again_at_the_retry(
     standin.add_account(other, other_key)
     settings = Settings(verify_signatures=False, freeclimb_api_url=url)
 
-    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        pass
-
     # The service holds a stale key for ACCOUNT: every listing of it is a 401.
     credentials = {ACCOUNT: SecretStr("stale"), other: SecretStr(other_key)}
     t = [NOW.timestamp()]
     owner = FakeOwner({0: FakeWorker()}, [0])
-    reconciler = Reconciler(settings, owner, credentials, publish, clock=lambda: t[0])
+    reconciler = Reconciler(settings, owner, credentials, Published(), clock=lambda: t[0])
 
     def listed() -> list[str]:
         """Whose listings the stand-in answered since the last look, by the path."""
@@ -538,12 +521,10 @@ async def test_an_accounts_file_without_keys_says_off_until_a_reload_adds_one(
     watcher = AccountsWatcher.open(volume.path, 60)
     settings = Settings(verify_signatures=False, freeclimb_api_url=url, accounts_file=volume.path)
     ended_calls(standin, 1)
-    published: list[bytes] = []
-
-    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        published.append(key)
-
-    reconciler = Reconciler(settings, FakeOwner({0: FakeWorker()}, [0]), BookKeys(watcher), publish)
+    published = Published()
+    reconciler = Reconciler(
+        settings, FakeOwner({0: FakeWorker()}, [0]), BookKeys(watcher), published
+    )
     with capture_logs() as logs:
         reconciler._say(reconciler.credentials)  # what run() says first
         async with client_for(settings, reconciler.credentials) as client:
@@ -568,10 +549,7 @@ def test_a_sweep_window_cut_by_the_retention_is_warned_about_when_keys_come_from
     )
     owner = FakeOwner({0: FakeWorker()}, [0])
 
-    async def publish(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        pass
-
-    reconciler = Reconciler(settings, owner, {ACCOUNT: SecretStr(KEY)}, publish)
+    reconciler = Reconciler(settings, owner, {ACCOUNT: SecretStr(KEY)}, Published())
     with capture_logs() as logs:
         reconciler._say(reconciler.credentials)
     [warning] = [e for e in logs if e["log_level"] == "warning"]
