@@ -116,8 +116,19 @@ async def attack(
     if code != 0 or not lines:
         raise RuntimeError(f"wrk failed (exit {code}) against {server.name}: {text[-2000:]}")
     summary = json.loads(lines[-1].removeprefix(_MARK))
+    broken = sum(summary["errors"][k] for k in ("connect", "read", "write"))
     if summary["exhausted_threads"]:
-        raise PoolExhausted(f"{server.name}: {pool:,} requests were not enough")
+        if broken:
+            # wrk takes a new request for every new connection: connections that keep
+            # breaking use up any pool, so a bigger pool would not help.
+            raise RuntimeError(
+                f"wrk's connections to {server.name} kept breaking: {summary['errors']}, "
+                f"{summary['taken']:,} requests taken for {summary['requests']:,} answered"
+            )
+        raise PoolExhausted(
+            f"{server.name}: {pool:,} requests were not enough "
+            f"({summary['taken']:,} taken, {summary['requests']:,} answered)"
+        )
     duration = summary["duration_us"] / 1e6
     requests = summary["requests"]
     codes = {str(k): int(v) for k, v in summary["codes"].items()}

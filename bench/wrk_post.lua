@@ -52,8 +52,9 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests)
-  local codes, exhausted_threads, parts = {}, 0, {}
+  local codes, exhausted_threads, taken, parts = {}, 0, 0, {}
   for _, thread in ipairs(threads) do
+    taken = taken + thread:get("sent")
     for code, count in pairs(thread:get("statuses")) do
       codes[code] = (codes[code] or 0) + count
     end
@@ -66,9 +67,9 @@ function done(summary, latency, requests)
   io.write(string.format(
     'WRK-JSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
     '"errors":{"connect":%d,"read":%d,"write":%d,"timeout":%d,"status":%d},' ..
-    '"latency_us":{"p50":%d,"p99":%d,"max":%d},"codes":{%s},"exhausted_threads":%d}\n',
+    '"latency_us":{"p50":%d,"p99":%d,"max":%d},"codes":{%s},"exhausted_threads":%d,"taken":%d}\n',
     summary.requests, summary.duration, summary.bytes,
     e.connect, e.read, e.write, e.timeout, e.status,
     latency:percentile(50), latency:percentile(99), latency.max,
-    table.concat(parts, ","), exhausted_threads))
+    table.concat(parts, ","), exhausted_threads, taken))
 end
