@@ -79,9 +79,10 @@ def _start(tmp_path: Path) -> Server:
 
 def _round(tmp_path: Path, threads: int, seconds: float) -> tuple[wrk.Round, Server]:
     """One round against a fresh tiny server. It answered up to 179,000 requests in a
-    2 s round here (a CI run's 200,000 ran out), and one thread may take more than its half: a pool that ran out
-    is voided (tested below) and tried again twice the size, as the bench does, with new
-    callIds and a new server, so "nothing twice" is judged on the kept round alone."""
+    2 s round here (a CI run's 200,000 ran out), and one thread may take more than its
+    half: a pool that ran out is voided (tested below) and tried again twice the size,
+    as the bench does, with new callIds and a new server, so "nothing twice" is judged
+    on the kept round alone."""
     pool = 200_000
     for attempt in range(3):
         server = _start(tmp_path / f"try{attempt}")
