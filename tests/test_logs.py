@@ -126,3 +126,41 @@ def test_the_fast_access_line_is_the_console_line_structlog_writes(
     assert re.match(stamp, slow) and re.match(stamp, fast)
     assert slow.split(" ", 1)[1] == fast.split(" ", 1)[1]
     assert "callId=CA1" in fast and "[callstatus.http]" in fast
+
+
+@pytest.mark.parametrize(
+    "event_dict",
+    [
+        {"event": "request", "level": "info", "timestamp": "2026-12-01T18:00:00Z",
+         "logger_name": "callstatus.http", "status": 202, "latency_ms": 0.25,
+         "callId": "CA1", "outcome": "accepted"},
+        {"event": "refused", "level": "warning", "logger_name": "callstatus.http",
+         "errors": [{"field": "callStatus", "message": "bad"}], "detail": "two words",
+         "quote": "it's", "eq": "a=b", "empty": "", "none": None, "flag": True},
+        {"event": "an event name longer than thirty characters", "level": "error",
+         "exception": "Traceback (most recent call last):\n  ...\nValueError: x"},
+        {"event": "stack", "stack": "Stack (most recent call last):\n  ...",
+         "exception": "ValueError: x", "logger": "aiokafka", "n": 1},
+        {"event": "", "level": "critical"},
+    ],
+)  # fmt: skip
+def test_the_plain_console_line_has_structlogs_console_layout(
+    event_dict: dict[str, object],
+) -> None:
+    """Our renderer for console logs off a terminal writes what structlog's
+    ConsoleRenderer(colors=False) writes, column for column (it is only faster)."""
+    ours = logs.plain_console(None, "info", dict(event_dict))
+    theirs = structlog.dev.ConsoleRenderer(colors=False)(None, "info", dict(event_dict))
+    assert ours == theirs
+
+
+def test_console_logs_off_a_terminal_use_the_plain_renderer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    logs.configure("INFO", "console")
+    try:
+        assert structlog.get_config()["processors"][-1] is logs.plain_console
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
