@@ -134,7 +134,8 @@ async def service(
         "spool_dir": log_dir / f"{name}-spool",
     }
     settings = settings_for(bootstrap, unique, role=role, **{**config, **overrides})
-    proc = ServiceProcess(settings, log_dir, name)
+    # Its own log format (testkit makes every other service process log JSON).
+    proc = ServiceProcess(settings, log_dir, name, json_logs=False)
     server = Server(
         name,
         f"http://127.0.0.1:{proc.port}{INGEST}",

@@ -92,15 +92,17 @@ def environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-def settings_env(settings: Settings, port: int) -> dict[str, str]:
+def settings_env(settings: Settings, port: int, json_logs: bool = True) -> dict[str, str]:
     """The environment that makes ``callstatus serve`` run with these settings, on
-    127.0.0.1:``port`` with JSON log lines (:meth:`ServiceProcess.logged` reads them).
-    Relative paths resolve in the process's working directory (its log folder)."""
+    127.0.0.1:``port``, with JSON log lines (:meth:`ServiceProcess.logged` reads them)
+    unless ``json_logs`` is False (the bench: the settings' own format). Relative paths
+    resolve in the process's working directory (its log folder)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
     env.update(environment(settings))
     env[env_name("host")] = "127.0.0.1"
     env[env_name("port")] = str(port)
-    env[env_name("log_format")] = "json"
+    if json_logs:
+        env[env_name("log_format")] = "json"
     return env
 
 
@@ -108,7 +110,12 @@ class ServiceProcess:
     """``callstatus serve`` as a real child process, as it runs in production."""
 
     def __init__(
-        self, settings: Settings, log_dir: Path, name: str, port: int | None = None
+        self,
+        settings: Settings,
+        log_dir: Path,
+        name: str,
+        port: int | None = None,
+        json_logs: bool = True,
     ) -> None:
         # A given port: a node started again where its clients already send.
         self.port = port if port is not None else free_port()
@@ -116,7 +123,7 @@ class ServiceProcess:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [str(ROOT / ".venv" / "bin" / "callstatus"), "serve"],
-            env=settings_env(settings, self.port),
+            env=settings_env(settings, self.port, json_logs),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=log_dir,  # no .callstatus.env there: the environment alone configures it
