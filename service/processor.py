@@ -23,10 +23,8 @@ The reasoning is in docs/architecture.md, sections 5 and 8:
 from __future__ import annotations
 
 import asyncio
-import gc
 from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import cache
 from typing import Any
 
 import structlog
@@ -34,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from service import metrics
+from service import heap, metrics
 from service.assignment import Assignment, close_all, open_all_or_none
 from service.backoff import Backoff, sleep_or_stop
 from service.batch import CE_SOURCE, CE_TYPE_CHANGED, CE_TYPE_REJECTED, Record
@@ -51,16 +49,6 @@ Clock = Callable[[], datetime]
 # for a coordinator that does not answer; past aiokafka's transaction timeout (60 s) the
 # broker aborts the transaction anyway, so waiting longer only hides a stuck producer.
 BATCH_DEADLINE_SECONDS = 90.0
-
-
-@cache  # once per process, however many processors start and rebalance in it
-def _freeze_heap() -> None:
-    """When the first workers are open: what the process holds by then (modules,
-    pydantic's validators, the clients) lives as long as the process, so the
-    collector's full passes need not walk it again. Each batch's records and outputs
-    survive the young passes and keep triggering full ones: walking the whole heap
-    each time was ~8% of the processor's CPU (about 3 µs per event)."""
-    gc.freeze()
 
 
 def utc_now() -> datetime:
@@ -368,7 +356,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
                     # assignment cannot have changed under us.
                     consumer.resume(*(w.tp for w in stayed.values()))
                     self._settled = True
-                    _freeze_heap()
+                    heap.freeze_once("processor")  # once, however often it rebalances
                     kept = sorted(p for p, w in stayed.items() if held.get(p) is w)
                     log.info("partitions assigned", partitions=sorted(stayed), kept=kept)
         except BaseException:

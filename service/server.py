@@ -32,7 +32,7 @@ import uvicorn
 from aiokafka.errors import KafkaError
 from starlette.applications import Starlette
 
-from service import logs
+from service import heap, logs
 from service.accounts import AccountsWatcher, StaticAccounts, open_source
 from service.app import create_app
 from service.frontdoor import FrontDoor
@@ -115,6 +115,7 @@ class Node:
     async def _start_kafka_parts(self, deadline_seconds: float) -> None:
         if self.publisher is not None:
             await retry_at_start(self.publisher.start, "producer", deadline_seconds)
+            heap.freeze_once("publisher")  # the app and the producer are up
         if self.processor is not None:
             self._task = asyncio.create_task(self.processor.run(), name="processor")
             self._task.add_done_callback(self._processor_ended)
