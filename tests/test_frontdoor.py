@@ -235,9 +235,36 @@ async def test_keep_alive_idle_past_the_deadline_is_closed_even_after_a_byte(
         assert head.startswith(b"HTTP/1.1 200")
         await asyncio.wait_for(reader.readexactly(len(b'{"headers": 1}')), 5)
         answered = loop.time()
-        # One byte cancels uvicorn's own keep-alive timer; it must not keep the socket.
+        # One byte of a next head: it must not keep the socket (the door's deadline, not
+        # uvicorn's keep-alive timer, which the guarded protocol does not arm).
         writer.write(b"G")
         await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert loop.time() - answered < 3.0
+    finally:
+        writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order_then_the_idle_socket_closed(
+    server: tuple[int, FrontDoor],
+) -> None:
+    """Three requests in one write: uvicorn queues the later ones until the earlier is
+    answered, and the guarded protocol's own end of a response starts them (it replaces
+    uvicorn's to leave out the keep-alive timer); then the idle socket is closed by the
+    door's deadline alone."""
+    port, _ = server
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        heads = (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-N: 1\r\n" * n + b"\r\n" for n in range(3))
+        writer.write(b"".join(heads))
+        await writer.drain()
+        for n in range(3):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            body = json.dumps({"headers": 1 + n}).encode()  # Host, then n X-N fields
+            assert await asyncio.wait_for(reader.readexactly(len(body)), 5) == body
+        answered = loop.time()
         assert await asyncio.wait_for(reader.read(), 5) == b""
         assert loop.time() - answered < 3.0
     finally:
