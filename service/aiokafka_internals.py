@@ -53,7 +53,8 @@ def append_now(
     partitioner: Callable[[bytes, list[int], list[int]], int],
 ) -> asyncio.Future[Any] | None:
     """Add a record to ``producer``'s buffer the way ``send()`` does when it has no
-    reason to wait, and return the same delivery future; or None, adding nothing, when
+    reason to wait, and return its batch's delivery future (which ends as the record's
+    would: one ack or one failure for the whole batch); or None, adding nothing, when
     ``send()`` would wait or raise (no metadata for the topic yet, a transaction, a
     closed or failed buffer, a full batch): the caller then calls ``send()``, which
     does all of that as it always did.
@@ -87,9 +88,14 @@ def append_now(
             batch = accumulator._append_batch(accumulator.create_builder(), tp)
     except AttributeError:
         return None
-    # None when that batch is full: send() then waits for it to drain, as it must. The
-    # C record builder takes headers as a list only (a tuple raises TypeError).
+    # The C record builder takes headers as a list only (a tuple raises TypeError).
     if not isinstance(headers, list):
         headers = list(headers)
-    future: asyncio.Future[Any] | None = batch.append(key, value, None, headers=headers)
+    # Into the batch's builder, as MessageBatch.append does, but without its future per
+    # record: the batch's own delivery future ends with the same ack or the same failure
+    # at the same moment (done() and failure() set it first), and one future shared by
+    # the batch's requests spares each a future and, at the ack, a RecordMetadata.
+    if batch._builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+        return None  # the batch is full: send() then waits for it to drain, as it must
+    future: asyncio.Future[Any] = batch.future
     return future

@@ -258,13 +258,20 @@ class IngestProducer:
                 self._overdue.append((started, future, producer))
                 metrics.PRODUCE_ERRORS.labels("timeout").inc()
                 raise Unavailable("timeout")
-            future.result()
+            # Read, not raised: the future may be its batch's, shared by every request
+            # in it, and raising one exception object from each would grow its traceback
+            # by each raise (aiokafka copies it per record for that reason).
+            failure = future.exception()
         except KafkaError as exc:
-            # A send() that raised spent no sequence number; a delivery future that did,
-            # was refused by the broker.
-            raise self._failed(exc, producer, headers, sent=future is not None) from None
+            # send() itself refused the record: no sequence number was spent on it.
+            raise self._failed(exc, producer, headers, sent=False) from None
         finally:
             self._inflight -= 1
+        if failure is not None:
+            if not isinstance(failure, KafkaError):
+                raise failure  # a bug, not Kafka's answer: the 500 path logs it
+            # The broker refused a record that spent a sequence number.
+            raise self._failed(failure, producer, headers, sent=True) from None
         self._last_ack = time.monotonic()
 
     def _append_now(

@@ -125,6 +125,10 @@ async def test_append_now_buffers_a_record_where_send_would(producer: AIOKafkaPr
     second = aiokafka_internals.append_now(producer, "t", key, b"v2", headers, partition_for)
     assert first is not None and second is not None, CHANGED
     accumulator = producer._message_accumulator
+    # Both get their batch's delivery future: one ack or one failure ends them together.
+    [[batch]] = accumulator._batches.values()
+    _require(batch, "_builder")
+    assert first is second is batch.future, CHANGED
     # The partition send() picks for the key (test_producer pins it: 3), one batch for both.
     [(tp, batches)] = accumulator._batches.items()
     assert (

@@ -161,3 +161,35 @@ async def test_each_send_gets_its_own_deadline_from_the_shared_timer() -> None:
     with pytest.raises(Unavailable, match="timeout"):
         await asyncio.wait_for(late, 1.0)
     assert len(ingest._deadlines._queue) <= 1
+
+
+class SharedBatchProducer(StuckProducer):
+    """Every send returns the same future, as append_now returns a batch's."""
+
+    def __init__(self, requests: int) -> None:
+        super().__init__()
+        self.left = requests
+
+    async def send(self, topic: str, **_: object) -> asyncio.Future[None]:
+        if not self.futures:
+            self.futures.append(asyncio.get_running_loop().create_future())
+        self.left -= 1
+        if not self.left:
+            self.sent.set()  # every request has its future
+        return self.futures[0]
+
+
+async def test_requests_sharing_a_batch_all_get_its_failure_without_raising_it() -> None:
+    ingest = IngestProducer(make_settings(produce_timeout_seconds=5.0))
+    shared = SharedBatchProducer(3)
+    ingest._producer = cast(AIOKafkaProducer, shared)
+    requests = [asyncio.create_task(ingest.publish(b"k", b"v", [])) for _ in range(3)]
+    await asyncio.wait_for(shared.sent.wait(), 5)
+    refusal = KafkaTimeoutError()
+    shared.futures[0].set_exception(refusal)
+    for request in requests:
+        with pytest.raises(Unavailable, match="KafkaTimeoutError"):
+            await asyncio.wait_for(request, 1.0)
+    # Read, never raised: one raise per request would have grown its traceback.
+    assert refusal.__traceback__ is None
+    assert ingest._inflight == 0
