@@ -1,5 +1,6 @@
 """The exactly-once holes of issue 8, each against the real broker: a record Kafka
-refuses for good, an undecodable record, every Kafka codec, a backlog replayed long
+refuses for good (alone, and ahead of batches that then fail on their sequence numbers),
+an undecodable record, every Kafka codec, a backlog replayed long
 after the events, and another owner's transaction that moves no offset."""
 
 from __future__ import annotations
@@ -126,6 +127,49 @@ async def test_an_unwritable_event_goes_to_rejected_and_loses_nothing_else(uniqu
     # The refused call has no state: its next event starts it afresh.
     assert sorted(r.key for r in states) == [cid(1).encode(), cid(3).encode()]
     assert await committed_offset(settings) == 3
+
+
+async def test_a_refused_batch_among_the_partitions_later_batches_finds_its_one_record(
+    unique: str,
+) -> None:
+    """The refused record opens a transaction whose outputs fill several record batches
+    of one changes partition: Kafka refuses the first, and the batches after it fail too
+    (their sequence numbers follow the refused one's). Those are consequences, not more
+    culprits: the worker writes singly once, finds the one record, and goes back to
+    batches; every other change lands once, the one record is answered on rejected."""
+    # The smallest record batches the settings allow (~9 KiB), so ~60 small changes
+    # after the large one fill more than one; changes takes 12,000 bytes per batch.
+    settings = settings_for(BOOTSTRAP, unique, topic_partitions=1, max_body_bytes=1024)
+    assert settings.processor_batch_bytes < 12_000
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(
+                    settings.topic_changes, 1, 1, topic_configs={"max.message.bytes": "12000"}
+                ),
+                *(NewTopic(t, 1, 1) for t in (settings.topic_ingest, settings.topic_rejected)),
+                NewTopic(settings.topic_state, 1, 1, topic_configs={"cleanup.policy": "compact"}),
+            ]
+        )
+    finally:
+        await admin.close()
+    big = {"recordings": "/Calls/x/Recordings?" + secrets.token_urlsafe(12_000)}  # ~16 KB
+    events = [hook(cid(0), S.RINGING, subresourceUris=big)]
+    # Random fields too, so that compression does not fit them all in one batch.
+    events += [hook(cid(n), S.QUEUED, to=f"+1{secrets.randbelow(10**10):010d}",
+                    subresourceUris={"notes": secrets.token_urlsafe(200)})
+               for n in range(1, 61)]  # fmt: skip
+    async with processor(settings):
+        await produce(BOOTSTRAP, settings.topic_ingest, events)
+        rejected = await read_committed(BOOTSTRAP, settings.topic_rejected, 1)
+        changes = await read_committed(BOOTSTRAP, settings.topic_changes, 60)
+    assert sorted(event_ids(changes)) == sorted(e.event_id for e in events[1:])
+    assert len(changes) == 60  # each once
+    [refused] = [UnprocessableMessage.model_validate_json(r.value or b"") for r in rejected]
+    assert (refused.reason, refused.eventId) == (RejectReason.UNWRITABLE, events[0].event_id)
+    assert await committed_offset(settings) == len(events)
 
 
 async def test_an_undecodable_record_goes_to_rejected_in_the_same_transaction(
