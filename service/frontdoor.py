@@ -277,6 +277,10 @@ class GuardedProtocol(HttpToolsProtocol):
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
         # Keep-alive: the wait for the next head starts now, unless a pipelined request
-        # is already being handled (it rejoins when that one is answered).
-        if self._in_head and self.cycle.response_complete:
+        # is already being handled (it rejoins when that one is answered). Also when the
+        # answer came before the body was all read (a 401, a 413): nothing is owed on the
+        # socket any more, and a client that then goes quiet (or trickles the rest of a
+        # body it declared) must not hold it past the deadline (review finding: with
+        # neither this nor uvicorn's timer, such a socket stayed open for good).
+        if self.cycle.response_complete:
             self.door.wait(self, self.loop.time())

@@ -92,6 +92,12 @@ def test_heads_overdue_are_closed_and_only_those() -> None:
 async def _app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] != "http":
         return
+    if scope["path"] == "/early":  # answered before its body is read, as a 401 is
+        await send(
+            {"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"0")]}
+        )
+        await send({"type": "http.response.body", "body": b""})
+        return
     more = True
     while more:
         message = await receive()
@@ -266,6 +272,39 @@ async def test_pipelined_requests_are_answered_in_order_then_the_idle_socket_clo
             assert await asyncio.wait_for(reader.readexactly(len(body)), 5) == body
         answered = loop.time()
         assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert loop.time() - answered < 3.0
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("trickle", [False, True])
+async def test_a_socket_answered_before_its_body_is_closed_at_the_deadline(
+    server: tuple[int, FrontDoor], trickle: bool
+) -> None:
+    """A 401 before the body: the socket owes nothing more, so a client that goes quiet
+    mid-body, or trickles the body it declared, must not keep it."""
+    port, _ = server
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\nx")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 401")
+        answered = loop.time()
+
+        async def trickling() -> None:
+            while trickle:
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.1)  # the trickle's pace, not a synchronisation
+
+        feeding = asyncio.create_task(trickling())
+        try:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        finally:
+            feeding.cancel()
+        # The deadline is 1 s, checked every 0.1 s.
         assert loop.time() - answered < 3.0
     finally:
         writer.close()
