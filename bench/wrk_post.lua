@@ -54,7 +54,7 @@ end
 function done(summary, latency, requests)
   local codes, exhausted_threads, taken, parts = {}, 0, 0, {}
   for _, thread in ipairs(threads) do
-    taken = taken + thread:get("sent")
+    taken = taken + math.min(thread:get("sent"), thread:get("size"))
     for code, count in pairs(thread:get("statuses")) do
       codes[code] = (codes[code] or 0) + count
     end

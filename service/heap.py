@@ -8,7 +8,9 @@ walking that start-up heap was ~8 % of the processor's CPU (about 3 µs per even
 
 Each part freezes once per process, at the point where it is fully started: freezing
 again later (at every rebalance, say) would also freeze a batch's short-lived objects,
-which then could never be collected.
+which then could never be collected. (A node that started without Kafka, its spool taking
+the webhooks meanwhile, freezes when Kafka is first reached, mid-traffic: what is in
+flight then is frozen too, once, a bounded few requests' worth.)
 """
 
 from __future__ import annotations
@@ -24,5 +26,8 @@ def freeze_once(part: str) -> bool:
     if part in _frozen:
         return False
     _frozen.add(part)
+    # Collected first: cyclic garbage not yet found (a failed start attempt's client,
+    # say) would otherwise be frozen with the rest and never freed.
+    gc.collect()
     gc.freeze()
     return True

@@ -138,6 +138,9 @@ class LineWriter:
 _QUOTED = re.compile(r"[ \t=\r\n\"']")
 
 
+_MISSING = object()
+
+
 def _console_value(value: object) -> str:
     if isinstance(value, str) and not _QUOTED.search(value):
         return value
@@ -154,18 +157,19 @@ def plain_console(_: object, __: str, event_dict: EventDict) -> str:
     stack = event_dict.pop("stack", None)
     exception = event_dict.pop("exception", None)
     head = []
-    timestamp = event_dict.pop("timestamp", None)
-    if timestamp is not None:
+    # A key that is present is shown even when it holds None, as structlog's columns do.
+    timestamp = event_dict.pop("timestamp", _MISSING)
+    if timestamp is not _MISSING and str(timestamp):  # an empty column is left out
         head.append(str(timestamp))
-    level = event_dict.pop("level", None)
-    if level is not None:
-        head.append(f"[{level:<9}]")
-    event = event_dict.pop("event", None)
-    if event is not None:
+    level = event_dict.pop("level", _MISSING)
+    if level is not _MISSING:
+        head.append(f"[{level!s:<9}]")
+    event = event_dict.pop("event", _MISSING)
+    if event is not _MISSING:
         head.append(f"{event!s:<30}")
     for key in ("logger", "logger_name"):
-        logger = event_dict.pop(key, None)
-        if logger is not None:
+        logger = event_dict.pop(key, _MISSING)
+        if logger is not _MISSING:
             head.append(f"[{logger}]")
     head.extend(f"{key}={_console_value(event_dict[key])}" for key in sorted(event_dict))
     text = " ".join(head).rstrip(" ")

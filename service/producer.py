@@ -269,7 +269,9 @@ class IngestProducer:
             self._inflight -= 1
         if failure is not None:
             if not isinstance(failure, KafkaError):
-                raise failure  # a bug, not Kafka's answer: the 500 path logs it
+                # A bug, not Kafka's answer: the 500 path logs it. A new exception, so the
+                # shared one is not raised from every request of the batch.
+                raise RuntimeError("the delivery future failed unexpectedly") from failure
             # The broker refused a record that spent a sequence number.
             raise self._failed(failure, producer, headers, sent=True) from None
         self._last_ack = time.monotonic()

@@ -142,6 +142,8 @@ def test_the_fast_access_line_is_the_console_line_structlog_writes(
         {"event": "stack", "stack": "Stack (most recent call last):\n  ...",
          "exception": "ValueError: x", "logger": "aiokafka", "n": 1},
         {"event": "", "level": "critical"},
+        {"event": None, "timestamp": None, "logger": None, "level": "info"},
+        {"event": "e", "timestamp": "", "level": "debug", "x": None},
     ],
 )  # fmt: skip
 def test_the_plain_console_line_has_structlogs_console_layout(
