@@ -19,6 +19,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
+from service.kafkaerrors import retrieve
+
 
 async def stop_sender(producer: AIOKafkaProducer) -> None:
     """Stop ``producer``'s sender task (cancel it and wait for it), so nothing more of
@@ -29,8 +31,17 @@ async def stop_sender(producer: AIOKafkaProducer) -> None:
 
 def fail_buffered(producer: AIOKafkaProducer, exc: BaseException) -> None:
     """Fail every batch ``producer`` still buffers with ``exc``: their delivery futures
-    end now, and the records are never sent."""
-    producer._message_accumulator.fail_all(exc)
+    end now, and the records are never sent. The futures nobody may be waiting on are
+    marked read, or asyncio would log each as an unretrieved error when it is collected
+    (lines at every producer retirement): a batch's drain waiter, which aiokafka fails
+    for a batch never sent, and the batch's own future, which :func:`append_now` hands
+    out and whose request may have stopped waiting."""
+    accumulator = producer._message_accumulator
+    unsent = [b for batches in accumulator._batches.values() for b in batches]
+    for batch in (*unsent, *accumulator._pending_batches):
+        batch.future.add_done_callback(retrieve)
+        batch._drain_waiter.add_done_callback(retrieve)
+    accumulator.fail_all(exc)
 
 
 def sender_failure(producer: AIOKafkaProducer) -> BaseException | None:

@@ -5,6 +5,7 @@ them fails here, by name, instead of in production. No broker needed."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import tomllib
 from collections.abc import AsyncIterator
 from importlib.metadata import version
@@ -63,6 +64,7 @@ def test_a_producer_has_the_sender_and_the_accumulator_we_reach_into(
     assert asyncio.iscoroutinefunction(_require(producer, "_sender.close")), CHANGED
     _require(producer, "_sender.sender_task")
     assert callable(_require(producer, "_message_accumulator.fail_all")), CHANGED
+    _require(producer, "_message_accumulator._pending_batches")
 
 
 async def test_stop_sender_ends_a_running_sender_task(producer: AIOKafkaProducer) -> None:
@@ -87,6 +89,24 @@ async def test_fail_buffered_fails_every_buffered_send_and_nothing_is_sent_later
     for future in futures + batches:  # each read, so none is logged as unretrieved
         assert future.done(), f"{CHANGED}: fail_buffered left a send pending"
         assert isinstance(future.exception(), ProducerClosed), CHANGED
+
+
+async def test_fail_buffered_leaves_no_batch_future_to_be_logged_unretrieved(
+    producer: AIOKafkaProducer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch filled by send() has nobody waiting on its own future: failed and then
+    collected, asyncio would log it as "never retrieved" (a line per batch each time a
+    producer is retired)."""
+    accumulator = producer._message_accumulator
+    tp = TopicPartition("t", 0)
+    sent = await accumulator.add_message(tp, b"k", b"v", timeout=1)
+    aiokafka_internals.fail_buffered(producer, ProducerClosed())
+    assert isinstance(sent.exception(), ProducerClosed)  # the caller reads its own
+    await asyncio.sleep(0)  # one loop pass: the done-callbacks scheduled above run
+    accumulator._batches.clear()
+    del sent
+    gc.collect()
+    assert "never retrieved" not in caplog.text
 
 
 async def test_sender_failure_is_the_error_that_ended_the_sender_task(
