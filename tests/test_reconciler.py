@@ -168,18 +168,24 @@ def accounts_text(keys: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def watched_accounts(
+    tmp_path: Path, keys: Mapping[str, str], **settings: object
+) -> tuple[SecretVolume, AccountsWatcher, Settings]:
+    """An accounts file (a mounted Secret) with these API keys, its watcher, and settings
+    that read it."""
+    volume = SecretVolume(tmp_path / "accounts")
+    volume.publish(accounts_text(keys))
+    watcher = AccountsWatcher.open(volume.path, 60)
+    values = {"verify_signatures": False, "accounts_file": volume.path, **settings}
+    return volume, watcher, Settings.model_validate(values)
+
+
 async def test_a_reloaded_accounts_file_rotates_adds_and_removes_api_keys(
     api: tuple[StandIn, str], tmp_path: Path
 ) -> None:
     standin, url = api
-    volume = SecretVolume(tmp_path / "accounts")
-    volume.publish(accounts_text({ACCOUNT: KEY}))
-    watcher = AccountsWatcher.open(volume.path, 60)
-    settings = Settings(
-        verify_signatures=False,
-        freeclimb_api_url=url,
-        accounts_file=volume.path,
-        reconcile_after_seconds=60,
+    volume, watcher, settings = watched_accounts(
+        tmp_path, {ACCOUNT: KEY}, freeclimb_api_url=url, reconcile_after_seconds=60
     )
     old = NOW - timedelta(minutes=5)
     standin.put_call(ACCOUNT, cid(1), S.IN_PROGRESS, at=old)
@@ -222,14 +228,8 @@ async def test_a_reloaded_key_ends_the_backoff_the_old_key_built_up(
     an hour). Once the Secret carries the new key, the call is fetched at the next
     round, not when the old backoff runs out."""
     standin, url = api
-    volume = SecretVolume(tmp_path / "accounts")
-    volume.publish(accounts_text({ACCOUNT: "stale"}))
-    watcher = AccountsWatcher.open(volume.path, 60)
-    settings = Settings(
-        verify_signatures=False,
-        freeclimb_api_url=url,
-        accounts_file=volume.path,
-        reconcile_after_seconds=60,
+    volume, watcher, settings = watched_accounts(
+        tmp_path, {ACCOUNT: "stale"}, freeclimb_api_url=url, reconcile_after_seconds=60
     )
     old = NOW - timedelta(minutes=5)
     standin.put_call(ACCOUNT, cid(1), S.IN_PROGRESS, at=old)
@@ -516,10 +516,8 @@ async def test_an_accounts_file_without_keys_says_off_until_a_reload_adds_one(
     api: tuple[StandIn, str], tmp_path: Path
 ) -> None:
     standin, url = api
-    volume = SecretVolume(tmp_path / "accounts")
-    volume.publish(accounts_text({ACCOUNT: ""}))  # what `make run` writes: no apiKey
-    watcher = AccountsWatcher.open(volume.path, 60)
-    settings = Settings(verify_signatures=False, freeclimb_api_url=url, accounts_file=volume.path)
+    # What `make run` writes: no apiKey.
+    volume, watcher, settings = watched_accounts(tmp_path, {ACCOUNT: ""}, freeclimb_api_url=url)
     ended_calls(standin, 1)
     published = Published()
     reconciler = Reconciler(
