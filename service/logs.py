@@ -136,8 +136,7 @@ class LineWriter:
 
 # A console value that would read ambiguously bare: structlog's ConsoleRenderer quotes it.
 _QUOTED = re.compile(r"[ \t=\r\n\"']")
-
-
+# A column's key absent from the event dict (present but None is shown, as "None").
 _MISSING = object()
 
 

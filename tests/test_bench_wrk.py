@@ -135,6 +135,47 @@ def test_a_pool_that_runs_out_voids_the_round(tmp_path: Path) -> None:
         server.proc.wait(30)
 
 
+# Reads each head, then resets the connection (SO_LINGER 0) without an answer.
+RESETTING = r"""
+import socket, struct, sys
+listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+while True:
+    conn, _ = listener.accept()
+    try:
+        conn.recv(65536)
+    except OSError:
+        pass
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+"""
+
+
+def test_connections_that_keep_breaking_are_their_own_error_not_a_small_pool(
+    tmp_path: Path,
+) -> None:
+    """wrk takes a new request for every reconnect: a server that resets every
+    connection uses up any pool, and doubling it would not help."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", RESETTING, str(port)])
+    try:
+        give_up = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < give_up and proc.poll() is None, "no server"
+                time.sleep(0.05)  # polling interval
+        server = Server("resetting", f"http://127.0.0.1:{port}/v1/call-status", proc, tmp_path)
+        prefix = tmp_path / "requests"
+        write_wrk_requests(prefix, f"127.0.0.1:{port}", "/v1/call-status", 500, 1, "r", 0)
+        with pytest.raises(RuntimeError, match="kept breaking"):
+            asyncio.run(wrk.attack(wrk.find(), server, prefix, 500, 1, 2))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_tree_cpu_counts_the_children() -> None:
     """A server that does its work in a child is charged for the child's CPU."""
     # The child burns 0.3 s of CPU, then lives on (a zombie's times are not what we test).

@@ -193,3 +193,23 @@ async def test_requests_sharing_a_batch_all_get_its_failure_without_raising_it()
     # Read, never raised: one raise per request would have grown its traceback.
     assert refusal.__traceback__ is None
     assert ingest._inflight == 0
+
+
+async def test_a_delivery_future_failing_with_no_kafka_error_is_a_new_error_per_request() -> None:
+    """Not Kafka's answer (a bug): each request raises an error of its own, caused by the
+    shared one, never the shared exception object itself."""
+    ingest = IngestProducer(make_settings(produce_timeout_seconds=5.0))
+    shared = SharedBatchProducer(2)
+    ingest._producer = cast(AIOKafkaProducer, shared)
+    requests = [asyncio.create_task(ingest.publish(b"k", b"v", [])) for _ in range(2)]
+    await asyncio.wait_for(shared.sent.wait(), 5)
+    bug = ValueError("not from Kafka")
+    shared.futures[0].set_exception(bug)
+    raised = []
+    for request in requests:
+        with pytest.raises(RuntimeError, match="failed unexpectedly") as caught:
+            await asyncio.wait_for(request, 1.0)
+        assert caught.value.__cause__ is bug
+        raised.append(caught.value)
+    assert raised[0] is not raised[1]
+    assert ingest._inflight == 0
