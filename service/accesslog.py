@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 from prometheus_client import Counter
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs, metrics, problems
@@ -80,40 +81,50 @@ class AccessLog:
                 await _answer_cancelled(scope, receive, send)
             raise
         finally:
-            elapsed = time.perf_counter() - start
-            path: str = scope["path"]
-            route = path if path in self.routes else scope.get(ROUTE, "other")
-            counter = self.counters.get((route, status))
-            if counter is None:
-                counter = metrics.HTTP_REQUESTS.labels(route, str(status))
-                self.counters[route, status] = counter
-            counter.inc()
-            self.latencies[route].observe(elapsed)
-            # A random id of a uuid4's 128 bits, without a UUID object or a getrandom(2)
-            # per request: it tells requests apart, it guards nothing.
-            request_id = _header(scope, b"x-request-id") or f"{random.getrandbits(128):032x}"
-            line = {
-                "method": scope["method"],
-                "path": path,
-                "status": status,
-                "latency_ms": round(elapsed * 1000, 3),
-                "request_id": request_id,
-                **fields,
-            }
-            fast_lines = logs.fast_lines()
-            if fast_lines is not None:
-                # The same line as the call below, a few microseconds cheaper (logs.py).
-                fast_lines.info(LOGGER_NAME, "request", line)
-            else:
-                self.log.info("request", **line)
+            self.finish(scope, status, start, fields)
+
+    def finish(self, scope: Scope, status: int, start: float, fields: dict[str, Any]) -> None:
+        """The request's metrics and line, once it was answered with ``status``; its
+        handling began at ``start`` (``time.perf_counter()``). Also the ingest lane's
+        (``service.lane``), which answers without an ASGI cycle."""
+        elapsed = time.perf_counter() - start
+        path: str = scope["path"]
+        route = path if path in self.routes else scope.get(ROUTE, "other")
+        counter = self.counters.get((route, status))
+        if counter is None:
+            counter = metrics.HTTP_REQUESTS.labels(route, str(status))
+            self.counters[route, status] = counter
+        counter.inc()
+        self.latencies[route].observe(elapsed)
+        # A random id of a uuid4's 128 bits, without a UUID object or a getrandom(2)
+        # per request: it tells requests apart, it guards nothing.
+        request_id = _header(scope, b"x-request-id") or f"{random.getrandbits(128):032x}"
+        line = {
+            "method": scope["method"],
+            "path": path,
+            "status": status,
+            "latency_ms": round(elapsed * 1000, 3),
+            "request_id": request_id,
+            **fields,
+        }
+        fast_lines = logs.fast_lines()
+        if fast_lines is not None:
+            # The same line as the call below, a few microseconds cheaper (logs.py).
+            fast_lines.info(LOGGER_NAME, "request", line)
+        else:
+            self.log.info("request", **line)
+
+
+def cancelled_response() -> Response:
+    """The answer to a request the shutdown gave up on before it was answered."""
+    return problems.CANCELLED.response(
+        "the server is shutting down; retry", headers={"Retry-After": "1"}
+    )
 
 
 async def _answer_cancelled(scope: Scope, receive: Receive, send: Send) -> None:
-    response = problems.CANCELLED.response(
-        "the server is shutting down; retry", headers={"Retry-After": "1"}
-    )
     with contextlib.suppress(OSError):  # the connection may already be gone
-        await response(scope, receive, send)
+        await cancelled_response()(scope, receive, send)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

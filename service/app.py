@@ -27,6 +27,7 @@ from service.accesslog import ROUTE, AccessLog
 from service.accounts import AccountSource, open_source
 from service.binding import ACCOUNT_PATH, ACCOUNT_PATH_PREFIX
 from service.ingest import Ingest, Publisher, internal_error
+from service.lane import IngestLane
 from service.openapi import openapi_document
 from service.problems import problem
 from service.settings import Settings
@@ -84,10 +85,16 @@ class App(Starlette):
     write the same lines and metrics.
     """
 
-    def __init__(self, routes: list[Route], ingest: ASGIApp | None, **kwargs: Any) -> None:
+    def __init__(self, routes: list[Route], ingest: Ingest | None, **kwargs: Any) -> None:
         super().__init__(routes=routes, **kwargs)
         self._logged_routes = frozenset(r.path for r in routes)
-        self._ingest = None if ingest is None else AccessLog(ingest, self._logged_routes)
+        self._ingest: AccessLog | None = None
+        # The same handler and access log without an ASGI cycle, for the HTTP server's
+        # protocol to call (service/lane.py): most ingest requests come that way.
+        self.lane: IngestLane | None = None
+        if ingest is not None:
+            self._ingest = AccessLog(ingest, self._logged_routes)
+            self.lane = IngestLane(ingest, self._ingest)
 
     def build_middleware_stack(self) -> ASGIApp:
         return AccessLog(super().build_middleware_stack(), self._logged_routes)
@@ -139,7 +146,7 @@ def create_app(
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
     draining: Callable[[], bool] = lambda: False,
     accounts: AccountSource | None = None,
-) -> Starlette:
+) -> App:
     """Build the ASGI app; ``publisher`` is None for a processor-only node, and
     ``draining`` tells readiness when a shutdown has begun. ``accounts`` judges the
     signatures (the server passes the one it watches; by default the settings' own,

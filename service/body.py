@@ -25,7 +25,7 @@ async def read_body(receive: Receive, declared: bytes | None, limit: int) -> byt
     body without one is cut off at the first chunk that crosses the limit. Raises
     ``ClientDisconnect`` when the client hangs up first."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+        raise too_large(limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -35,7 +35,7 @@ async def read_body(receive: Receive, declared: bytes | None, limit: int) -> byt
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 # A webhook arrives in one chunk: no join, no copy.
@@ -44,7 +44,7 @@ async def read_body(receive: Receive, declared: bytes | None, limit: int) -> byt
             raise ClientDisconnect()
 
 
-def _too_large(limit: int) -> Refused:
+def too_large(limit: int) -> Refused:
     return Refused(problems.TOO_LARGE, f"the body exceeds {limit} bytes")
 
 
@@ -95,7 +95,7 @@ class BodyReader:
     or :class:`Refused` (too large, too slow, or the client closed the connection)."""
 
     def __init__(self, limit: int, timeout: float) -> None:
-        self._limit = limit
+        self.limit = limit
         self._timeout = timeout
         self._deadlines = ReadDeadlines(timeout)
 
@@ -105,7 +105,7 @@ class BodyReader:
         assert task is not None
         self._deadlines.start(task)
         try:
-            body = await read_body(receive, declared, self._limit)
+            body = await read_body(receive, declared, self.limit)
         except asyncio.CancelledError:
             # Ours only if the deadline cancelled it and nobody else (shutdown) did too.
             if not self._deadlines.finish(task) or task.uncancel() > 0:

@@ -32,13 +32,17 @@ import asyncio
 import functools
 import json
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 import structlog
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service import metrics, problems
+
+if TYPE_CHECKING:  # service.lane imports the handler; this module only calls it
+    from service.lane import IngestLane
 
 log = structlog.get_logger(logger_name="callstatus.frontdoor")
 
@@ -141,13 +145,14 @@ class FrontDoor:
         self.expire(now)
         self.report(now)
 
-    def uvicorn_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``uvicorn.Config``: our protocol bound to this door, in
-        place of uvicorn's ``limit_concurrency`` (which counts idle sockets as busy and
-        would answer real webhooks 503 while they are open), and no WebSocket upgrade
-        (no route takes one)."""
+    def uvicorn_options(self, lane: IngestLane | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``uvicorn.Config``: our protocol bound to this door (and
+        to the ingest lane, ``service.lane``, when the node ingests), in place of
+        uvicorn's ``limit_concurrency`` (which counts idle sockets as busy and would
+        answer real webhooks 503 while they are open), and no WebSocket upgrade (no
+        route takes one)."""
         return {
-            "http": functools.partial(GuardedProtocol, door=self),
+            "http": functools.partial(GuardedProtocol, door=self, lane=lane),
             "ws": "none",
             "limit_concurrency": None,
         }
@@ -176,15 +181,23 @@ def head_refusal(detail: str) -> bytes:
 
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the head deadline, the head caps and the
-    shedding of :class:`FrontDoor`."""
+    shedding of :class:`FrontDoor`, and the way into the ingest lane (``service.lane``,
+    whose docstring says which requests take it)."""
 
-    def __init__(self, *args: Any, door: FrontDoor, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, door: FrontDoor, lane: IngestLane | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.door = door
+        self.lane = lane
         # True from the connect, and from the end of each request's body, until the next
         # head is complete: the bytes meanwhile are head bytes.
         self._in_head = True
         self._head_room = door.max_header_bytes
+        # The body so far of a request the lane may take, from the end of its head to
+        # the end of the read; None otherwise. Its cycle is made at the end of the body
+        # (the lane's) or of the read (uvicorn's, when the body is still coming).
+        self._lane_body: list[bytes] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -208,8 +221,10 @@ class GuardedProtocol(HttpToolsProtocol):
         try:
             self._feed(data)
         except HeadTooLarge as exc:
+            self._lane_body = None
             self._refuse_head(str(exc))
         except httptools.HttpParserError as exc:
+            self._lane_body = None
             if isinstance(exc.__context__, HeadTooLarge):  # raised in a parser callback
                 self._refuse_head(str(exc.__context__))
                 return
@@ -217,7 +232,11 @@ class GuardedProtocol(HttpToolsProtocol):
             self.logger.warning(msg)
             self.send_400_response(msg)
         except httptools.HttpParserUpgrade:
+            self._lane_body = None
             self._unsupported_upgrade_warning()
+        else:
+            if self._lane_body is not None:
+                self._to_uvicorn()
 
     def _feed(self, data: bytes) -> None:
         """Feed the parser, never more than the room left for the current head. When a
@@ -253,11 +272,54 @@ class GuardedProtocol(HttpToolsProtocol):
             raise HeadTooLarge(
                 f"the request head has more than {self.door.max_header_fields} fields"
             )
+        if self.lane is not None and self._lane_may_take():
+            self._lane_body = []  # decided at the end of the body, or of this read
+            return
         super().on_headers_complete()
+
+    def _lane_may_take(self) -> bool:
+        cycle = self.cycle
+        parser = self.parser
+        return (
+            (cycle is None or cycle.response_complete)  # else uvicorn's pipeline queues it
+            and not self.expect_100_continue
+            and parser.get_method() == b"POST"
+            and parser.get_http_version() == "1.1"
+            and not parser.should_upgrade()
+            and self.lane is not None
+            and self.lane.takes(self.url)
+        )
+
+    def _to_uvicorn(self) -> None:
+        """A request the lane may have taken, whose body did not all come in the read
+        its head ended in: uvicorn's, from its head on, with the body so far."""
+        body = self._lane_body or []
+        self._lane_body = None
+        super().on_headers_complete()
+        if body:  # as uvicorn's on_body would have taken it
+            self.cycle.body = bytearray().join(body)
+            if len(body) > HIGH_WATER_LIMIT:
+                self.flow.pause_reading()
+            self.cycle.message_event.set()
+
+    def on_body(self, body: bytes) -> None:
+        if self._lane_body is not None:
+            self._lane_body.append(body)
+            return
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._in_head = True
         self._head_room = self.door.max_header_bytes
+        body = self._lane_body
+        if body is not None and self.lane is not None:
+            self._lane_body = None
+            cycle = self.lane.begin(self, keep_alive=self.parser.should_keep_alive())
+            # Current before the handler runs: it may answer at once, and the answer's
+            # on_response_complete reads it.
+            self.cycle = cycle  # type: ignore[assignment]
+            self.lane.handle(cycle, body[0] if len(body) == 1 else b"".join(body))
+            return
         super().on_message_complete()
         if self.cycle.response_complete:
             # Answered before its body was all read (a 401, a 413): the wait for the

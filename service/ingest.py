@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 from prometheus_client import Counter
@@ -48,7 +50,7 @@ from service.binding import (
     check_binding,
     path_account,
 )
-from service.body import BodyReader
+from service.body import BodyReader, too_large
 from service.problems import Refused, problem
 from service.producer import Unavailable, Unwritable
 from service.settings import Settings
@@ -82,6 +84,20 @@ class Publisher(Protocol):
         self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
     ) -> None: ...
     async def ready(self) -> bool: ...
+
+
+@runtime_checkable
+class CallbackPublisher(Publisher, Protocol):
+    """A publisher that can also store an event without a coroutine (the ingest lane's
+    way; both of ours can). With one that cannot, the lane awaits ``publish`` in a task."""
+
+    def publish_now(
+        self,
+        key: bytes,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]],
+        done: Callable[[Unavailable | RuntimeError | None], None],
+    ) -> bool: ...
 
 
 def ingest_headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
@@ -151,6 +167,50 @@ def validate_body(
         ) from None
 
 
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What the ingest handler learned from a request's head (``Ingest._head``)."""
+
+    book: AccountBook
+    path_id: str | None
+    account: Account | None
+    headers: dict[bytes, bytes]
+    signed: signature.ParsedSignature | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A judged request's event: its record on the ingest topic, and what the replay
+    cache remembers once it is stored (the account prefix, then the callId)."""
+
+    record: tuple[bytes, bytes, RecordHeaders]
+    event_id: str
+    call_id: str
+    answer: str
+
+
+# What a lane request's publish reports: None once stored, else why not.
+Done = Callable[[Exception | None], None]
+
+
+class Reply(Protocol):
+    """A lane request's answer (``service.lane.LaneCycle``): given once."""
+
+    @property
+    def response_complete(self) -> bool: ...
+    def answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None: ...
+    def track(self, task: asyncio.Future[None]) -> None: ...
+
+
+def _answer(reply: Reply, response: Response) -> None:
+    reply.answer(response.status_code, response.raw_headers, bytes(response.body))
+
+
+def _accepted(body: bytes) -> list[tuple[bytes, bytes]]:
+    """The 202's headers."""
+    return [_ACCEPTED_TYPE, (CONTENT_LENGTH, str(len(body)).encode())]
+
+
 def _accepted_body(event_id: str, call_id: str) -> bytes:
     # Both ids have fixed, JSON-safe shapes (a UUID, CA + hex): no encoder needed.
     return f'{{"eventId":"{event_id}","callId":"{call_id}"}}'.encode()
@@ -181,6 +241,9 @@ class Ingest:
 
     def __init__(self, settings: Settings, publisher: Publisher, accounts: AccountSource) -> None:
         self._publisher = publisher
+        self._publish_now = (
+            publisher.publish_now if isinstance(publisher, CallbackPublisher) else None
+        )
         self._accounts: AccountSource = accounts
         if not settings.verify_signatures:
             self._accounts = StaticAccounts(_UNVERIFIED)
@@ -226,35 +289,93 @@ class Ingest:
         try:
             accepted = await self._handle(scope, receive, fields)
         except Refused as refused:
-            fields["outcome"] = refused.outcome
-            self._count(refused.outcome)
-            self._count_account(scope.get(SCOPE_KEY), refused.outcome)
-            await refused.response()(scope, receive, send)
+            await self._refusal(scope, fields, refused)(scope, receive, send)
             return
         except asyncio.CancelledError:
             # Shutdown gave up on this request: its own outcome, never a 500. AccessLog
             # answers for it; the cancellation goes on.
-            fields["outcome"] = problems.CANCELLED.outcome
-            self._count(problems.CANCELLED.outcome)
-            self._count_account(scope.get(SCOPE_KEY), problems.CANCELLED.outcome)
+            self.cancelled(scope, fields)
             raise
         except Exception as exc:
             # What Starlette's exception middleware would answer: never a stack trace.
             await internal_error(exc)(scope, receive, send)
             return
+        self._acceptance(scope, fields)
+        # Two plain messages instead of a Response object: the 202 is the same every
+        # time but for its body.
+        await send({"type": "http.response.start", "status": 202, "headers": _accepted(accepted)})
+        await send({"type": "http.response.body", "body": accepted})
+
+    def take(self, scope: Scope, raw: bytes, reply: Reply) -> None:
+        """The ingest lane's way in (``service.lane``): the request's head and its whole
+        body in hand, and no task. The same steps as the ASGI path, and the same answers;
+        the broker's ack arrives as a callback, and ``reply`` is answered from it. Only
+        an event that cannot go straight into the producer's buffer (the spool's path,
+        a full batch) gets a task, to await what the ASGI path awaits."""
+        fields: dict[str, Any] = scope[LOG_FIELDS]
+        try:
+            head = self._head(scope, fields)
+            if len(raw) > self._body.limit:
+                raise too_large(self._body.limit)
+            event = self._judge(scope, head, raw, fields)
+            if isinstance(event, bytes):  # a replay: answered from the cache
+                self._acceptance(scope, fields)
+                reply.answer(202, _accepted(event), event)
+                return
+            done = partial(self._published, scope, fields, event, reply)
+            now = self._publish_now
+            if now is None or not now(*event.record, done):
+                reply.track(asyncio.ensure_future(self._publish(event, done)))
+        except Refused as refused:
+            _answer(reply, self._refusal(scope, fields, refused))
+        except Exception as exc:
+            _answer(reply, internal_error(exc))
+
+    async def _publish(self, event: Event, done: Done) -> None:
+        try:
+            await self._publisher.publish(*event.record)
+        except Exception as exc:  # every failure must reach done(): it answers
+            done(exc)
+            return
+        done(None)
+
+    def _published(
+        self,
+        scope: Scope,
+        fields: dict[str, Any],
+        event: Event,
+        reply: Reply,
+        failure: Exception | None,
+    ) -> None:
+        """A lane request's event is stored, or ``failure`` says why not."""
+        if reply.response_complete:
+            return  # answered already: the shutdown's grace ran out first
+        if failure is None:
+            answer = self._stored(event)
+            self._acceptance(scope, fields)
+            reply.answer(202, _accepted(answer), answer)
+        elif isinstance(failure, Unavailable):
+            _answer(reply, self._refusal(scope, fields, self._unstored(event.event_id, failure)))
+        else:
+            _answer(reply, internal_error(failure))
+
+    def _refusal(self, scope: Scope, fields: dict[str, Any], refused: Refused) -> Response:
+        fields["outcome"] = refused.outcome
+        self._count(refused.outcome)
+        self._count_account(scope.get(SCOPE_KEY), refused.outcome)
+        return refused.response()
+
+    def _acceptance(self, scope: Scope, fields: dict[str, Any]) -> None:
         outcome = fields.setdefault("outcome", "accepted")
         (self._replayed if outcome == REPLAYED else self._accepted).inc()
         self._count_account(scope.get(SCOPE_KEY), outcome)
-        # Two plain messages instead of a Response object: the 202 is the same every
-        # time but for its body.
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 202,
-                "headers": [_ACCEPTED_TYPE, (CONTENT_LENGTH, str(len(accepted)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": accepted})
+
+    def cancelled(self, scope: Scope, fields: dict[str, Any]) -> None:
+        """Count a request that the shutdown gave up on (its answer is the access
+        log's, ``service.accesslog.cancelled_response``)."""
+        fields["outcome"] = problems.CANCELLED.outcome
+        self._count(problems.CANCELLED.outcome)
+        self._count_account(scope.get(SCOPE_KEY), problems.CANCELLED.outcome)
 
     def _count(self, outcome: str) -> None:
         counter = self._outcomes.get(outcome)
@@ -273,6 +394,21 @@ class Ingest:
 
     async def _handle(self, scope: Scope, receive: Receive, fields: dict[str, Any]) -> bytes:
         """The 202's body once the event is stored, or :class:`Refused`."""
+        head = self._head(scope, fields)
+        raw = await self._body.read(receive, head.headers.get(CONTENT_LENGTH))
+        event = self._judge(scope, head, raw, fields)
+        if isinstance(event, bytes):
+            return event  # a replay: answered from the cache
+        # Awaited here rather than in a helper coroutine: one coroutine less per request.
+        try:
+            await self._publisher.publish(*event.record)
+        except (Unwritable, Unavailable) as exc:
+            raise self._unstored(event.event_id, exc) from None
+        return self._stored(event)
+
+    def _head(self, scope: Scope, fields: dict[str, Any]) -> Head:
+        """What the head alone decides, before a body byte is read: the account the
+        path names, the media type, the signature's grammar and time."""
         # One snapshot for the whole request: a reload while it runs never changes who
         # judges it, so a rotation's swap cannot refuse it.
         book = self._accounts.book
@@ -282,16 +418,22 @@ class Ingest:
         if content_type != b"application/json" and not _is_json(content_type.decode("latin-1")):
             raise Refused(problems.UNSUPPORTED_MEDIA_TYPE, "send the body as application/json")
         signed = self._check_header(headers.get(SIGNATURE_HEADER))
-        raw = await self._body.read(receive, headers.get(CONTENT_LENGTH))
+        return Head(book, path_id, account, headers, signed)
+
+    def _judge(self, scope: Scope, head: Head, raw: bytes, fields: dict[str, Any]) -> Event | bytes:
+        """The body's verdict: the event to store, or the 202's body of a replay (its
+        bytes stored already), or :class:`Refused`."""
+        account = head.account
         if account is None:
-            account = body_account(scope, book, raw, fields)
-        if signed is not None:
+            account = body_account(scope, head.book, raw, fields)
+        if head.signed is not None:
             # The HMACs of this one account's secrets, however many accounts there are.
-            verdict = signature.check_body(signed, raw, account.keys)
+            verdict = signature.check_body(head.signed, raw, account.keys)
             if verdict is not signature.Verdict.VALID:
                 raise _signature_refused(verdict)
         # The account the body must name: the one whose secret verified it, or for the
         # unbound shorthand the path's (None: any, as before accounts existed).
+        path_id = head.path_id
         bound = account.id if account.id is not None else path_id and canonical_id(path_id)
         # Cached answers carry the account they were stored for, then "|": the same bytes
         # signed by another account's secret are judged afresh (and refused), not
@@ -310,15 +452,15 @@ class Ingest:
             check_binding(call.accountId, bound, path_id)
         call_id = call.callId
         fields.update(callId=call_id, eventId=event_id)
-        record = self._record(headers.get(TRACEPARENT), event_id, source, request_type, call, raw)
-        # Awaited here rather than in a helper coroutine: one coroutine less per request.
-        try:
-            await self._publisher.publish(*record)
-        except (Unwritable, Unavailable) as exc:
-            raise self._unstored(event_id, exc) from None
+        traceparent = head.headers.get(TRACEPARENT)
+        record = self._record(traceparent, event_id, source, request_type, call, raw)
+        return Event(record, event_id, call_id, prefix + call_id)
+
+    def _stored(self, event: Event) -> bytes:
+        """The 202's body of an event now stored, remembered for a replay of its bytes."""
         if self._recent_half:
-            self._remember(event_id, prefix + call_id)
-        return _accepted_body(event_id, call_id)
+            self._remember(event.event_id, event.answer)
+        return _accepted_body(event.event_id, event.call_id)
 
     def _remember(self, event_id: str, answer: str) -> None:
         """The stored event's answer, for a replay of its bytes: two plain dicts of

@@ -33,6 +33,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 import structlog
 
@@ -85,6 +86,8 @@ class SpoolingPublisher:
         # False from a direct write Kafka did not acknowledge until the drainer's next
         # acknowledged batch: Kafka is failing, so new events go to the spool at once.
         self._kafka_ok = True
+        # Spool writes of events the ingest lane sent to Kafka first (publish_now).
+        self._spooling: set[asyncio.Task[None]] = set()
         metrics.SPOOL_OLDEST_AGE.set_function(self._oldest_age)
         metrics.SPOOL_DRAIN_STALLED.set_function(lambda: float(self.stalled()))
 
@@ -113,6 +116,10 @@ class SpoolingPublisher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.spool.empty.wait(), self._drain_seconds)
         self._stopping.set()
+        for spooling in list(self._spooling):  # lane events the spool was taking
+            spooling.cancel()
+        if self._spooling:
+            await asyncio.wait(self._spooling)
         if self._drainer is not None:
             self._drainer.cancel()
             await asyncio.wait((self._drainer,))
@@ -177,6 +184,10 @@ class SpoolingPublisher:
                 raise
             except Unavailable:
                 self._kafka_ok = False  # the spool takes it below, and the next ones
+        await self._spool(key, value, headers)
+
+    async def _spool(self, key: bytes, value: bytes, headers: Headers) -> None:
+        """The event into the spool, durable on return; or :class:`Unavailable`."""
         self._spooled[key] += 1
         try:
             await self.spool.append(key, value, headers)
@@ -192,6 +203,55 @@ class SpoolingPublisher:
             log.error("spool append failed", error=repr(exc))
             metrics.PRODUCE_ERRORS.labels("spool_error").inc()
             raise Unavailable("spool_error") from None
+
+    def publish_now(
+        self,
+        key: bytes,
+        value: bytes,
+        headers: Headers,
+        done: Callable[[Unavailable | RuntimeError | None], None],
+    ) -> bool:
+        """:meth:`publish` without a coroutine while the event goes straight to Kafka
+        (see :meth:`IngestProducer.publish_now`). False, having done nothing, when it
+        would go to the spool: the caller then awaits :meth:`publish`. An event that
+        Kafka does not take in time goes to the spool as :meth:`publish` sends it there,
+        in a task of its own, since the spool's write is a coroutine."""
+        if not self._direct(key):
+            return False
+        sent = partial(self._sent, key, value, headers, done)
+        return self.producer.publish_now(key, value, headers, sent)
+
+    def _sent(
+        self,
+        key: bytes,
+        value: bytes,
+        headers: Headers,
+        done: Callable[[Unavailable | RuntimeError | None], None],
+        failure: Unavailable | RuntimeError | None,
+    ) -> None:
+        if failure is None:
+            self._kafka_ok = True
+            done(None)
+        elif isinstance(failure, Unwritable) or not isinstance(failure, Unavailable):
+            done(failure)
+        else:
+            self._kafka_ok = False  # the spool takes it, and the next ones
+            spooling = asyncio.create_task(self._spool(key, value, headers))
+            self._spooling.add(spooling)
+            spooling.add_done_callback(partial(self._spooled_now, done))
+
+    def _spooled_now(
+        self, done: Callable[[Unavailable | RuntimeError | None], None], task: asyncio.Task[None]
+    ) -> None:
+        self._spooling.discard(task)
+        if task.cancelled():  # the publisher is stopping
+            done(Unavailable("cancelled"))
+            return
+        failure = task.exception()
+        if failure is None or isinstance(failure, Unavailable | RuntimeError):
+            done(failure)
+        else:  # a bug: answered as one
+            done(RuntimeError(f"the spool append failed unexpectedly: {failure!r}"))
 
     def _direct(self, key: bytes) -> bool:
         """Whether this call's next event may go to Kafka directly: the spool holds

@@ -260,7 +260,7 @@ def build(settings: Settings) -> DrainingServer:
         # rewrite, so uvicorn's proxy-headers middleware would only cost a layer and a
         # pass over the headers per request (and an IP parse behind a load balancer).
         proxy_headers=False,
-        **door.uvicorn_options(),
+        **door.uvicorn_options(app.lane),
     )
     server = DrainingServer(config, node, settings.drain_delay_seconds, door)
     node.server = server
