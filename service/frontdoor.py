@@ -282,6 +282,10 @@ class GuardedProtocol(HttpToolsProtocol):
         parser = self.parser
         return (
             (cycle is None or cycle.response_complete)  # else uvicorn's pipeline queues it
+            # A client that does not read its answers: uvicorn's pipeline then holds the
+            # rest with reading paused, where the lane would go on answering into the
+            # write buffer (review finding: megabytes, with pipelined refusals).
+            and not self.flow.write_paused
             and not self.expect_100_continue
             and parser.get_method() == b"POST"
             and parser.get_http_version() == "1.1"
@@ -298,7 +302,7 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if body:  # as uvicorn's on_body would have taken it
             self.cycle.body = bytearray().join(body)
-            if len(body) > HIGH_WATER_LIMIT:
+            if len(self.cycle.body) > HIGH_WATER_LIMIT:
                 self.flow.pause_reading()
             self.cycle.message_event.set()
 

@@ -350,14 +350,21 @@ class Ingest:
         """A lane request's event is stored, or ``failure`` says why not."""
         if reply.response_complete:
             return  # answered already: the shutdown's grace ran out first
-        if failure is None:
-            answer = self._stored(event)
-            self._acceptance(scope, fields)
-            reply.answer(202, _accepted(answer), answer)
-        elif isinstance(failure, Unavailable):
-            _answer(reply, self._refusal(scope, fields, self._unstored(event.event_id, failure)))
-        else:
-            _answer(reply, internal_error(failure))
+        try:
+            if failure is None:
+                answer = self._stored(event)
+                self._acceptance(scope, fields)
+                reply.answer(202, _accepted(answer), answer)
+            elif isinstance(failure, Unavailable):
+                refused = self._unstored(event.event_id, failure)
+                _answer(reply, self._refusal(scope, fields, refused))
+            else:
+                _answer(reply, internal_error(failure))
+        except Exception as exc:  # a bug: answered as one, not left hanging
+            if not reply.response_complete:
+                _answer(reply, internal_error(exc))
+            else:
+                raise
 
     def _refusal(self, scope: Scope, fields: dict[str, Any], refused: Refused) -> Response:
         fields["outcome"] = refused.outcome

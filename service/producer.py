@@ -145,9 +145,13 @@ class AnswerDeadlines:
         assert self._loop is not None
         now = self._loop.time()
         queue = self._queue
-        while queue and (queue[0][1].done() or queue[0][0] <= now):
-            _wake(queue.popleft()[1])
-        self._timer = self._loop.call_at(queue[0][0], self._expire) if queue else None
+        try:
+            while queue and (queue[0][1].done() or queue[0][0] <= now):
+                _wake(queue.popleft()[1])
+        finally:
+            # Whatever a waiter did, the next deadline is kept: a timer left pointing at
+            # this one, which has fired, would stop every later deadline.
+            self._timer = self._loop.call_at(queue[0][0], self._expire) if queue else None
 
 
 class _LaneSend:
@@ -180,10 +184,17 @@ class _LaneSend:
         return self._future.get_loop()
 
     def set_result(self, _: None, /) -> None:
-        if not self._over:
-            self._over = True
-            owner = self._owner
-            owner._answered(self._future, self._producer, self._headers, self._started, self._done)
+        if self._over:
+            return
+        self._over = True
+        try:
+            self._owner._answered(
+                self._future, self._producer, self._headers, self._started, self._done
+            )
+        except Exception:
+            # A bug in the answer: logged here, so it cannot stop the deadlines' other
+            # waiters or the batch's other requests (whose callbacks run after this one).
+            log.exception("answering a lane request failed")
 
     def acked(self, _: asyncio.Future[Any]) -> None:
         self.set_result(None)

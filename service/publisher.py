@@ -189,6 +189,10 @@ class SpoolingPublisher:
     async def _spool(self, key: bytes, value: bytes, headers: Headers) -> None:
         """The event into the spool, durable on return; or :class:`Unavailable`."""
         self._spooled[key] += 1
+        await self._append(key, value, headers)
+
+    async def _append(self, key: bytes, value: bytes, headers: Headers) -> None:
+        """:meth:`_spool` once the event is counted in ``_spooled``."""
         try:
             await self.spool.append(key, value, headers)
         except SpoolFull:
@@ -234,9 +238,14 @@ class SpoolingPublisher:
             done(None)
         elif isinstance(failure, Unwritable) or not isinstance(failure, Unavailable):
             done(failure)
+        elif self._stopping.is_set():
+            done(failure)  # a late failure at shutdown: the spool is closing
         else:
             self._kafka_ok = False  # the spool takes it, and the next ones
-            spooling = asyncio.create_task(self._spool(key, value, headers))
+            # Counted now, not when the task first runs: the call's next event, arriving
+            # meanwhile, must queue behind this one in the spool (review finding).
+            self._spooled[key] += 1
+            spooling = asyncio.create_task(self._append(key, value, headers))
             self._spooling.add(spooling)
             spooling.add_done_callback(partial(self._spooled_now, done))
 

@@ -376,3 +376,29 @@ async def test_past_the_grace_a_lane_request_is_answered_503_cancelled() -> None
     assert cancelled._value.get() == before + 1
     [line] = _lines(logs)
     assert (line["status"], line["outcome"]) == (503, "cancelled")
+
+
+async def test_a_client_that_reads_no_answers_cannot_fill_the_servers_memory() -> None:
+    # Pipelined requests answered at once (401: unsigned), and the client never reads:
+    # the lane must stop taking them once the socket's write buffer is full, so that
+    # uvicorn's pipeline holds the rest with reading paused (review finding: the lane
+    # went on answering into the buffer, megabytes of it).
+    unsigned = (
+        b"POST /v1/call-status HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+        b"content-length: 2\r\n\r\n{}"
+    )
+    async with serving(Instant()) as server:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(unsigned * 60_000)
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + 20
+            connections: set[Any] = server.srv.server_state.connections
+            while not any(c.flow.read_paused for c in connections):
+                assert loop.time() < give_up, "the server never stopped reading"
+                await asyncio.sleep(0.01)  # polling interval
+            [protocol] = connections
+            assert protocol.transport.get_write_buffer_size() < 1 << 20
+            assert server.lane_requests > 0
+        finally:
+            writer.close()

@@ -1,4 +1,5 @@
-"""Which errors finish an ingest producer (pure classification, no broker)."""
+"""Which errors finish an ingest producer (pure classification, no broker), and the
+answer deadlines' and lane sends' handling of an answer that fails."""
 
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ from aiokafka.errors import (
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from service import partitioner
 from service.kafkaerrors import is_fatal
-from service.producer import IngestProducer, Unavailable
+from service.producer import AnswerDeadlines, IngestProducer, Unavailable, _LaneSend
 from tests.conftest import make_settings
 
 
@@ -141,8 +143,9 @@ async def test_an_acknowledged_send_returns_at_once() -> None:
 
 async def test_each_send_gets_its_own_deadline_from_the_shared_timer() -> None:
     # One timer for all requests: a send that is never acknowledged still times out at
-    # its own deadline, while the acknowledged ones around it return at once, and the
-    # woken ones leave the deadline queue instead of piling up in it.
+    # its own deadline, before a send begun after it, while the acknowledged ones around
+    # it return at once, and the woken ones leave the deadline queue instead of piling up
+    # in it. (Ordered, not timed: the loop's timers round to the millisecond.)
     ingest, stuck = stuck_ingest_producer(0.2)
     first = asyncio.create_task(ingest.publish(b"k", b"v", []))
     await stuck.sent.wait()
@@ -153,11 +156,13 @@ async def test_each_send_gets_its_own_deadline_from_the_shared_timer() -> None:
         stuck.futures[-1].set_result(None)
         await asyncio.wait_for(acked, 1.0)
     assert not first.done()
-    started = time.monotonic()
+    stuck.sent.clear()
+    late = asyncio.create_task(ingest.publish(b"k", b"v", []))
+    await stuck.sent.wait()
+    done, _ = await asyncio.wait({first, late}, return_when=asyncio.FIRST_COMPLETED)
+    assert first in done
     with pytest.raises(Unavailable, match="timeout"):
         await first
-    assert time.monotonic() - started < 0.2
-    late = asyncio.create_task(ingest.publish(b"k", b"v", []))
     with pytest.raises(Unavailable, match="timeout"):
         await asyncio.wait_for(late, 1.0)
     assert len(ingest._deadlines._queue) <= 1
@@ -213,3 +218,64 @@ async def test_a_delivery_future_failing_with_no_kafka_error_is_a_new_error_per_
         raised.append(caught.value)
     assert raised[0] is not raised[1]
     assert ingest._inflight == 0
+
+
+class _Raising:
+    """A waiter whose wake-up fails, as a lane answer with a bug in it would."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, _: None, /) -> None:
+        raise RuntimeError("a bug in an answer")
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+
+async def test_a_waiter_that_fails_does_not_stop_the_later_deadlines() -> None:
+    loop = asyncio.get_running_loop()
+    failures: list[object] = []
+    loop.set_exception_handler(lambda _, context: failures.append(context.get("exception")))
+    try:
+        deadlines = AnswerDeadlines(0.01)
+        deadlines.watch(_Raising(loop))
+        first: asyncio.Future[None] = loop.create_future()
+        deadlines.watch(first)
+        await asyncio.wait_for(first, 5)
+        later: asyncio.Future[None] = loop.create_future()
+        deadlines.watch(later)  # a new deadline after the failure still fires
+        await asyncio.wait_for(later, 5)
+    finally:
+        loop.set_exception_handler(None)
+    assert [str(f) for f in failures] == ["a bug in an answer"]
+
+
+async def test_a_lane_answer_that_fails_is_logged_and_frees_its_send() -> None:
+    producer = IngestProducer(make_settings(produce_timeout_seconds=0.01))
+    batch: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    sends = [
+        _LaneSend(producer, batch, cast(AIOKafkaProducer, None), [], lambda _: None)
+        for _ in range(2)
+    ]
+
+    def broken(_: object) -> None:
+        raise RuntimeError("a bug in an answer")
+
+    sends[0]._done = broken
+    answered: list[object] = []
+    sends[1]._done = answered.append
+    producer._inflight = 2
+    with capture_logs() as logs:
+        batch.set_result(None)
+        for send in sends:
+            batch.add_done_callback(send.acked)
+        await asyncio.sleep(0)  # the batch future's callbacks run on the next pass
+        await asyncio.sleep(0)
+    assert producer._inflight == 0
+    assert answered == [None], "the batch's other request was not answered"
+    [line] = [e for e in logs if e["event"] == "answering a lane request failed"]
+    assert line["log_level"] == "error"

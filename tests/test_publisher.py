@@ -1,5 +1,6 @@
-"""The spool drainer's supervision without a broker: a drainer that ends with an error
-is logged, counted and started again, and stopping ends it for good."""
+"""The spooling publisher without a broker: the drainer's supervision (a drainer that
+ends with an error is logged, counted and started again, and stopping ends it for good),
+and the ingest lane's fail-over to the spool."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from structlog.testing import capture_logs
 
 from service import metrics
-from service.producer import IngestProducer
+from service.producer import IngestProducer, Unavailable
 from service.publisher import SpoolingPublisher
 from service.spool import Spool
 from tests.conftest import make_settings
@@ -40,3 +41,38 @@ async def test_a_drainer_that_crashes_is_logged_counted_and_restarted(tmp_path: 
     assert metrics.SPOOL_DRAINER_RESTARTS._value.get() == restarts + 1
     [crash] = [e for e in logs if e["event"] == "spool drainer crashed; restarting it"]
     assert "a bug in the drain loop" in crash["error"] and crash["log_level"] == "error"
+
+
+async def test_a_lane_event_that_fails_over_to_the_spool_holds_its_calls_place(
+    tmp_path: Path,
+) -> None:
+    """The lane's send that Kafka did not take goes to the spool by a task; the call's
+    next event, arriving before that task first runs, must queue behind it in the spool,
+    not overtake it to Kafka (review finding: the count was taken by the task)."""
+    spool = Spool(tmp_path, 1 << 20)
+    publisher = SpoolingPublisher(IngestProducer(make_settings()), spool, 1.0)
+    publisher.open()
+    answers: list[Exception | None] = []
+    key = b"CA" + b"1" * 40
+    assert publisher._direct(key)
+    publisher._sent(key, b"{}", [("ce_id", b"e1")], answers.append, Unavailable("timeout"))
+    assert not publisher._direct(key), "the call's next event would overtake it"
+    assert publisher._direct(b"CA" + b"2" * 40) is False  # Kafka is failing: all spool
+    deadline = asyncio.get_running_loop().time() + 10
+    while not answers:
+        assert asyncio.get_running_loop().time() < deadline, "the spool append never ended"
+        await asyncio.sleep(0.01)  # polling interval
+    assert answers == [None] and spool.events == 1
+    await publisher.stop()
+
+
+async def test_past_stopping_a_late_lane_failure_is_not_spooled(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 1 << 20)
+    publisher = SpoolingPublisher(IngestProducer(make_settings()), spool, 1.0)
+    publisher.open()
+    publisher._stopping.set()
+    answers: list[Exception | None] = []
+    failure = Unavailable("timeout")
+    publisher._sent(b"CA" + b"1" * 40, b"{}", [], answers.append, failure)
+    assert answers == [failure] and not publisher._spooling and spool.events == 0
+    spool.close()
