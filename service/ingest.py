@@ -167,7 +167,9 @@ def validate_body(
         ) from None
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__,
+# ~0.5 us more per request for these two.
+@dataclass(slots=True)
 class Head:
     """What the ingest handler learned from a request's head (``Ingest._head``)."""
 
@@ -178,7 +180,7 @@ class Head:
     signed: signature.ParsedSignature | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """A judged request's event: its record on the ingest topic, and what the replay
     cache remembers once it is stored (the account prefix, then the callId)."""

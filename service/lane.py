@@ -63,6 +63,18 @@ class LaneCycle:
     answer the handler gives once (``service.ingest.Reply``)."""
 
     message_event = _NoEvent()
+    __slots__ = (
+        "_pending",
+        "_task",
+        "disconnected",
+        "fields",
+        "keep_alive",
+        "lane",
+        "protocol",
+        "response_complete",
+        "scope",
+        "started",
+    )
 
     def __init__(
         self, protocol: HttpToolsProtocol, lane: IngestLane, scope: Scope, keep_alive: bool
