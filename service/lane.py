@@ -5,8 +5,8 @@ Why: per request, the ASGI way costs a task, a cycle with its event, a chain of
 coroutines (the cycle, the app, the access log, the handler, two publishers) that every
 wake-up resumes, and two send() messages; and the broker's ack wakes each request's task
 on its own. The lane runs the handler's steps straight from the parser's callback up to
-the producer's buffer, and answers from the ack's callback with one write: about 40 %
-of a request's CPU (bench/README.md, "The ingest lane").
+the producer's buffer, and answers from the ack's callback with one write: about a
+fifth of a request's CPU (bench/README.md, "The fourth round").
 
 What takes the lane (``GuardedProtocol`` decides, service/frontdoor.py): HTTP/1.1
 ``POST`` on the ingest path, or under the account path, with no query string and no
@@ -135,8 +135,7 @@ class LaneCycle:
         self.protocol.tasks.discard(pending)
         if pending.cancelled() and not self.response_complete:
             # The shutdown's grace ran out before the answer: what the access log does
-            # for a cancelled task (the event may or may not be stored; FreeClimb's
-            # retry is deduplicated downstream).
+            # for a cancelled task (the event may or may not be stored).
             if self._task is not None:
                 self._task.cancel()
             self.lane.ingest.cancelled(self.scope, self.fields)
