@@ -13,7 +13,10 @@ with the raw body spliced in, and answer. Each step refuses with an entry of ``p
 It is a plain ASGI callable that the app's fast path (``service.app.App``) calls under
 the access log, outside Starlette's middleware, router and ``Request``/``Response``
 objects: those cost about 15 % of a request's CPU (bench/README.md, Findings) and give
-this one route nothing it needs.
+this one route nothing it needs. Most requests do not even come that way: the ingest
+lane (``service.lane``) hands a request that came whole in one read to
+:meth:`Ingest.take`, which runs the same steps (``_head``, ``_judge``, ``_stored``)
+without a coroutine and answers from the broker's ack callback.
 """
 
 from __future__ import annotations
