@@ -51,7 +51,7 @@ test-unit: venv
 
 # Everything: lint, type checks, unit and integration tests against the real broker.
 test: lint kafka-up
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 # The container image built and run for real (root; installs and starts Docker when
 # absent, makes a base image from Debian's packages once): tests/image/check_image.py.

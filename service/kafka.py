@@ -18,6 +18,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     KafkaError,
     TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
     for_code,
 )
 from aiokafka.helpers import create_ssl_context
@@ -178,7 +179,7 @@ async def _check_record_limits(settings: Settings) -> None:
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
-        limits = await _record_limits(admin, role_topics(settings))
+        limits = await record_limits_once_known(admin, role_topics(settings))
     finally:
         await admin.close()
     too_small = []
@@ -197,6 +198,23 @@ async def _check_record_limits(settings: Settings) -> None:
             "--entity-type topics --add-config max.message.bytes=N), or lower "
             "CALLSTATUS_MAX_BODY_BYTES: records are sized 2 x MAX_BODY_BYTES + 16 KiB"
         )
+
+
+async def record_limits_once_known(
+    admin: AIOKafkaAdminClient, topics: list[str], seconds: float = 30.0
+) -> dict[str, tuple[int, str]]:
+    """:func:`_record_limits`, asked again while the broker asked does not know a topic
+    yet: a topic just created is in the controller's metadata before every broker has
+    it, and DescribeConfigs may go to one that has not (seen on a 3-node cluster: the
+    node refused to start, "unknown topic", a moment after creating the topic)."""
+    deadline = Deadline(seconds)
+    while True:
+        try:
+            return await _record_limits(admin, topics)
+        except UnknownTopicOrPartitionError:
+            if deadline.expired:
+                raise
+        await asyncio.sleep(0.2)  # a broker's metadata catches up within moments
 
 
 async def _record_limits(
