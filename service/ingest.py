@@ -55,7 +55,7 @@ from service.binding import (
 )
 from service.body import BodyReader, too_large
 from service.problems import Refused, problem
-from service.producer import Unavailable, Unwritable
+from service.producer import SendDone, Unavailable, Unwritable
 from service.settings import Settings
 
 # One logger name for the whole HTTP shell (app, handler, access log): log queries
@@ -99,7 +99,7 @@ class CallbackPublisher(Publisher, Protocol):
         key: bytes,
         value: bytes,
         headers: Sequence[tuple[str, bytes]],
-        done: Callable[[Unavailable | RuntimeError | None], None],
+        done: SendDone,
     ) -> bool: ...
 
 

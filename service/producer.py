@@ -94,6 +94,11 @@ class BatchResult:
         return is_refused_for_good(self.error)
 
 
+# What a send without a coroutine calls once (publish_now): None when the broker
+# acknowledged, else what publish() would have raised.
+SendDone = Callable[[Unavailable | RuntimeError | None], None]
+
+
 class Waiter(Protocol):
     """What waits for a send's ack or its answer deadline: a request's future, or a
     lane send (:class:`_LaneSend`), which answers when resolved."""
@@ -167,7 +172,7 @@ class _LaneSend:
         future: asyncio.Future[Any],
         producer: AIOKafkaProducer,
         headers: Headers,
-        done: Callable[[Unavailable | RuntimeError | None], None],
+        done: SendDone,
     ) -> None:
         self._owner = owner
         self._future = future
@@ -306,7 +311,7 @@ class IngestProducer:
         key: bytes,
         value: bytes,
         headers: Headers,
-        done: Callable[[Unavailable | RuntimeError | None], None],
+        done: SendDone,
     ) -> bool:
         """:meth:`publish` without a coroutine, for a caller with no task of its own
         (the ingest lane, ``service.lane``): ``done(None)`` once the broker acknowledged,
@@ -335,7 +340,7 @@ class IngestProducer:
         producer: AIOKafkaProducer,
         headers: Headers,
         started: float,
-        done: Callable[[Unavailable | RuntimeError | None], None],
+        done: SendDone,
     ) -> None:
         self._inflight -= 1
         try:

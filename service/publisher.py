@@ -41,7 +41,7 @@ from service import metrics
 from service.backoff import Backoff, sleep_or_stop
 from service.drainer import Drainer
 from service.headers import Headers
-from service.producer import IngestProducer, Unavailable, Unwritable
+from service.producer import IngestProducer, SendDone, Unavailable, Unwritable
 from service.spool import Spool, SpoolFull
 from service.spoolformat import SpooledRecord
 
@@ -213,7 +213,7 @@ class SpoolingPublisher:
         key: bytes,
         value: bytes,
         headers: Headers,
-        done: Callable[[Unavailable | RuntimeError | None], None],
+        done: SendDone,
     ) -> bool:
         """:meth:`publish` without a coroutine while the event goes straight to Kafka
         (see :meth:`IngestProducer.publish_now`). False, having done nothing, when it
@@ -230,7 +230,7 @@ class SpoolingPublisher:
         key: bytes,
         value: bytes,
         headers: Headers,
-        done: Callable[[Unavailable | RuntimeError | None], None],
+        done: SendDone,
         failure: Unavailable | RuntimeError | None,
     ) -> None:
         if failure is None:
@@ -249,9 +249,7 @@ class SpoolingPublisher:
             self._spooling.add(spooling)
             spooling.add_done_callback(partial(self._spooled_now, done))
 
-    def _spooled_now(
-        self, done: Callable[[Unavailable | RuntimeError | None], None], task: asyncio.Task[None]
-    ) -> None:
+    def _spooled_now(self, done: SendDone, task: asyncio.Task[None]) -> None:
         self._spooling.discard(task)
         if task.cancelled():  # the publisher is stopping
             done(Unavailable("cancelled"))
