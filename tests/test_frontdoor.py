@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 
 from service import metrics
 from service.frontdoor import FrontDoor, GuardedProtocol
+from tests.loopback import on_loopback
 
 
 class Conn:
@@ -124,17 +125,8 @@ async def running(door: FrontDoor) -> AsyncIterator[tuple[int, set[object]]]:
         return await original(counter)
 
     srv.on_tick = on_tick  # type: ignore[method-assign]
-    task = asyncio.create_task(srv.serve())
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + 10
-    while not srv.started:
-        assert loop.time() < give_up, "server did not start"
-        await asyncio.sleep(0.01)  # polling interval
-    try:
-        yield srv.servers[0].sockets[0].getsockname()[1], srv.server_state.connections  # type: ignore[misc]
-    finally:
-        srv.should_exit = True
-        await task
+    async with on_loopback(srv) as port:
+        yield port, srv.server_state.connections  # type: ignore[misc]
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from service.lane import LaneCycle
 from service.producer import Unavailable
 from service.signature import sign
 from tests.conftest import SECRET, make_settings
+from tests.loopback import on_loopback
 
 ACCOUNT = "AC" + "cd" * 20
 OTHER = "AC" + "ef" * 20
@@ -139,26 +140,17 @@ async def serving(publisher: Publisher, grace: float = 5.0) -> AsyncIterator[Ser
         **door.uvicorn_options(app.lane),
     )
     srv = uvicorn.Server(config)
-    task = asyncio.create_task(srv.serve())
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + 10
-    while not srv.started:
-        assert loop.time() < give_up, "server did not start"
-        await asyncio.sleep(0.01)  # polling interval
-    server = Server(srv, app, srv.servers[0].sockets[0].getsockname()[1])
     lane = app.lane
     handle = lane.handle
+    async with on_loopback(srv) as port:
+        server = Server(srv, app, port)
 
-    def counted(cycle: LaneCycle, body: bytes) -> None:
-        server.lane_requests += 1
-        handle(cycle, body)
+        def counted(cycle: LaneCycle, body: bytes) -> None:
+            server.lane_requests += 1
+            handle(cycle, body)
 
-    lane.handle = counted  # type: ignore[method-assign]
-    try:
+        lane.handle = counted  # type: ignore[method-assign]
         yield server
-    finally:
-        srv.should_exit = True
-        await task
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
