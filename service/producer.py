@@ -192,10 +192,19 @@ class _LaneSend:
         if self._over:
             return
         self._over = True
+        owner = self._owner
+        owner._inflight -= 1
+        failure: Unavailable | RuntimeError | None = None
         try:
-            self._owner._answered(
-                self._future, self._producer, self._headers, self._started, self._done
-            )
+            owner._outcome(self._future, self._producer, self._headers, self._started)
+        except (Unavailable, RuntimeError) as exc:
+            failure = exc
+        except (asyncio.CancelledError, Exception) as exc:
+            # A bug (only one cancels a delivery future: aiokafka fails them). publish()
+            # would raise it into its request; here nobody would answer: a 500 does.
+            failure = RuntimeError(f"the send's outcome failed unexpectedly: {exc!r}")
+        try:
+            self._done(failure)
         except Exception:
             # A bug in the answer: logged here, so it cannot stop the deadlines' other
             # waiters or the batch's other requests (whose callbacks run after this one).
@@ -333,27 +342,6 @@ class IngestProducer:
         future.add_done_callback(send.acked)
         self._deadlines.watch(send)
         return True
-
-    def _answered(
-        self,
-        future: asyncio.Future[Any],
-        producer: AIOKafkaProducer,
-        headers: Headers,
-        started: float,
-        done: SendDone,
-    ) -> None:
-        self._inflight -= 1
-        try:
-            self._outcome(future, producer, headers, started)
-        except (Unavailable, RuntimeError) as exc:
-            done(exc)
-            return
-        except asyncio.CancelledError:
-            # Only a bug cancels a delivery future (aiokafka fails them); publish() would
-            # raise it into its request. Here nobody would answer: a 500 does.
-            done(RuntimeError("the delivery future was cancelled"))
-            return
-        done(None)
 
     def _admit(self) -> AIOKafkaProducer:
         """The producer a new send goes to, or :class:`Unavailable` without one or with

@@ -255,7 +255,7 @@ class SpoolingPublisher:
             done(Unavailable("cancelled"))
             return
         failure = task.exception()
-        if failure is None or isinstance(failure, Unavailable | RuntimeError):
+        if failure is None or isinstance(failure, Unavailable):
             done(failure)
         else:  # a bug: answered as one
             done(RuntimeError(f"the spool append failed unexpectedly: {failure!r}"))

@@ -279,3 +279,17 @@ async def test_a_lane_answer_that_fails_is_logged_and_frees_its_send() -> None:
     assert answered == [None], "the batch's other request was not answered"
     [line] = [e for e in logs if e["event"] == "answering a lane request failed"]
     assert line["log_level"] == "error"
+
+
+async def test_a_cancelled_delivery_future_is_answered_as_a_bug_not_left_hanging() -> None:
+    producer = IngestProducer(make_settings())
+    batch: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    answered: list[object] = []
+    send = _LaneSend(producer, batch, cast(AIOKafkaProducer, None), [], answered.append)
+    producer._inflight = 1
+    batch.add_done_callback(send.acked)
+    batch.cancel()
+    await asyncio.sleep(0)  # the batch future's callbacks run on the next pass
+    [failure] = answered
+    assert isinstance(failure, RuntimeError) and "unexpectedly" in str(failure)
+    assert producer._inflight == 0
