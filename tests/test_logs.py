@@ -13,6 +13,8 @@ import sys
 
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service import logs
 from service.logs import LineWriter, Repeats
@@ -154,6 +156,61 @@ def test_the_plain_console_line_has_structlogs_console_layout(
     ours = logs.plain_console(None, "info", dict(event_dict))
     theirs = structlog.dev.ConsoleRenderer(colors=False)(None, "info", dict(event_dict))
     assert ours == theirs
+
+
+_VALUES = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["POST", "/v1/call-status", "a b", "it's", "a=b", 'say "hi"', "tab\t", ""]),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+# Keys the access line uses, a few of plain_console's head columns, and any others.
+_KEYS = st.one_of(
+    st.sampled_from(["method", "path", "status", "latency_ms", "request_id", "callId"]),
+    st.sampled_from(["event", "level", "timestamp", "logger", "logger_name", "stack"]),
+    st.text(min_size=1, max_size=8),
+)
+
+
+@given(
+    st.dictionaries(_KEYS, _VALUES, max_size=8),
+    st.sampled_from(["request", "a long event name, past thirty characters"]),
+)
+def test_the_console_access_line_is_plain_consoles_line(
+    fields: dict[str, object], event: str
+) -> None:
+    """The access line written straight from its fields (FastLines._console_line) is
+    the line plain_console renders of the event dict structlog's chain would build; or
+    it steps aside (None) for a field the template cannot place."""
+    lines = logs.FastLines(LineWriter(io.StringIO()), [], logs.plain_console)
+    stamp = "2026-12-01T18:00:00.000001Z"
+    lines._timestamp = lambda: stamp  # type: ignore[method-assign]
+    for _ in range(2):  # the first renders with the key order sorted, the second remembered
+        fast = lines._console_line("callstatus.http", event, fields)
+        event_dict = {"logger_name": "callstatus.http", **fields, "event": event}
+        event_dict.update(level="info", timestamp=stamp)
+        if fast is None:
+            assert logs._HEAD_KEYS.intersection(fields)
+        else:
+            assert fast == logs.plain_console(None, "info", event_dict) + "\n"
+
+
+def test_the_console_access_line_renders_bound_context_variables_the_long_way() -> None:
+    stream = io.StringIO()
+    lines = logs.FastLines(LineWriter(stream), [], logs.plain_console)
+    structlog.contextvars.bind_contextvars(node="ingest-0")
+    try:
+        lines.info("callstatus.http", "request", {"status": 202})
+    finally:
+        structlog.contextvars.clear_contextvars()
+    lines.info("callstatus.http", "request", {"status": 202})
+    bound, unbound = stream.getvalue().splitlines()
+    assert bound.endswith("[callstatus.http] node=ingest-0 status=202")
+    assert unbound.endswith("[callstatus.http] status=202")
 
 
 def test_console_logs_off_a_terminal_use_the_plain_renderer(
