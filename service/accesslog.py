@@ -14,11 +14,11 @@ import time
 from typing import Any
 
 import structlog
-from prometheus_client import Counter
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs, metrics, problems
+from service.hotmetrics import Count
 
 # One logger name for the whole HTTP shell (app, handler, access log): log queries
 # select on it.
@@ -49,7 +49,7 @@ class AccessLog:
         # Bound once: a lazy structlog proxy would re-bind on every request.
         self.log = log.bind()
         # Label children are looked up once per (route, code), not per request.
-        self.counters: dict[tuple[str, int], Counter] = {}
+        self.counters: dict[tuple[str, int], Count] = {}
         self.latencies = {r: metrics.HTTP_LATENCY.labels(r) for r in (*routes, "other")}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -29,7 +29,6 @@ from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
-from prometheus_client import Counter
 from pydantic import ValidationError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -54,6 +53,7 @@ from service.binding import (
     path_account,
 )
 from service.body import BodyReader, too_large
+from service.hotmetrics import Count
 from service.problems import Refused, problem
 from service.producer import SendDone, Unavailable, Unwritable
 from service.settings import Settings
@@ -259,7 +259,7 @@ class Ingest:
         self._retry_after = str(max(1, int(settings.produce_timeout_seconds)))
         # Every outcome the catalogue names exists from the start (at zero), so an alert
         # on a rate sees the series before the first refusal of its kind.
-        self._outcomes: dict[str, Counter] = {
+        self._outcomes: dict[str, Count] = {
             outcome: metrics.INGEST_OUTCOMES.labels(outcome)
             for outcome in (
                 "accepted",
@@ -272,7 +272,7 @@ class Ingest:
         self._replayed = self._outcomes[REPLAYED]
         # callstatus_account_requests_total's children, looked up once per (account,
         # outcome): bounded by the accounts ever configured, never by what requests claim.
-        self._by_account: dict[tuple[str, str], Counter] = {}
+        self._by_account: dict[tuple[str, str], Count] = {}
         # The callIds of the last events stored, by eventId (section 9): a signed
         # request repeated within the tolerance is answered from here, so a replay loop
         # costs no Kafka write and cannot fill the spool during an outage. Only stored

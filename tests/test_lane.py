@@ -354,7 +354,7 @@ async def test_past_the_grace_a_lane_request_is_answered_503_cancelled() -> None
     publisher = Instant()
     publisher.hold = True
     cancelled = metrics.INGEST_OUTCOMES.labels("cancelled")
-    before = cancelled._value.get()
+    before = cancelled.value
     async with serving(publisher, grace=0) as server:
         reader, writer = await _in_flight(server, publisher)
         with capture_logs() as logs:
@@ -365,7 +365,7 @@ async def test_past_the_grace_a_lane_request_is_answered_503_cancelled() -> None
     assert status == 503
     assert headers["retry-after"] == "1"
     assert json.loads(body)["type"].endswith("shutting-down")
-    assert cancelled._value.get() == before + 1
+    assert cancelled.value == before + 1
     [line] = _lines(logs)
     assert (line["status"], line["outcome"]) == (503, "cancelled")
 
