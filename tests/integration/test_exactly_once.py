@@ -54,7 +54,9 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     rng = random.Random(2026)
     events = scenario(rng, calls=240)
 
-    chunks = [events[i : i + 60] for i in range(0, len(events), 60)]
+    # 821 events in chunks of 100: five kills, each at a random moment of its chunk (a
+    # kill and the restart after it cost ~7 s of the suite's budget).
+    chunks = [events[i : i + 100] for i in range(0, len(events), 100)]
     kills = 0
     proc = ServiceProcess(settings, tmp_path, "p0")
     for n, chunk in enumerate(chunks):
