@@ -199,6 +199,11 @@ def test_the_console_access_line_is_plain_consoles_line(
             assert fast == logs.plain_console(None, "info", event_dict) + "\n"
 
 
+@given(st.text(alphabet=st.sampled_from(" \t=\r\n\"'ab\u00e9\u2028")))
+def test_needs_quotes_finds_what_the_console_quotes(text: str) -> None:
+    assert logs._needs_quotes(text) is bool(logs._QUOTED.search(text))
+
+
 def test_the_console_access_line_renders_bound_context_variables_the_long_way() -> None:
     stream = io.StringIO()
     lines = logs.FastLines(LineWriter(stream), [], logs.plain_console)
