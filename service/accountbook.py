@@ -17,7 +17,7 @@ from types import MappingProxyType
 
 from pydantic import SecretStr
 
-from service.signature import key_bytes
+from service.signature import HmacKey, key_bytes
 
 # The metric label of the shorthand's account when it is bound to no account id.
 ANY_ACCOUNT_LABEL = "default"
@@ -32,12 +32,13 @@ class Account:
     secrets: tuple[SecretStr, ...]
     api_key: SecretStr | None = None
     name: str | None = None
-    # The secrets as HMAC keys, encoded once here rather than on every request. Never in
-    # a repr, and not compared: they are the secrets again.
-    keys: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+    # The secrets as HMAC keys, encoded and padded once here rather than on every
+    # request. Never in a repr, and not compared: they are the secrets again.
+    keys: tuple[HmacKey, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "keys", tuple(key_bytes(s) for s in self.secrets))
+        keys = tuple(HmacKey(key_bytes(s)) for s in self.secrets)
+        object.__setattr__(self, "keys", keys)
 
     @property
     def current_secret(self) -> SecretStr:

@@ -13,6 +13,7 @@ constant time, and a malformed header is a verdict, never an exception escaping 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 from collections.abc import Sequence
@@ -88,6 +89,39 @@ def parse_header(value: str) -> ParsedSignature:
     return ParsedSignature(timestamp, tuple(signatures))
 
 
+# HMAC's inner and outer pads (RFC 2104) as translate tables: each key byte XOR 0x36 or 0x5C.
+_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))
+_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
+_BLOCK = 64  # SHA-256's block size
+
+
+class HmacKey:
+    """An HMAC-SHA256 key with its two padded key blocks hashed once (RFC 2104, section
+    4's precomputation): a digest then copies the two hash states and hashes the
+    message and one block more, at half ``hmac.digest``'s cost (~1 us a request), which
+    sets up and hashes both key blocks every time. Equal to ``hmac.digest(key, message,
+    "sha256")`` for every key and message (tests hold it to that)."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > _BLOCK:
+            key = hashlib.sha256(key).digest()
+        block = key.ljust(_BLOCK, b"\0")
+        self._inner = hashlib.sha256(block.translate(_INNER_PAD))
+        self._outer = hashlib.sha256(block.translate(_OUTER_PAD))
+
+    def __repr__(self) -> str:
+        return "HmacKey(...)"  # never the secret, nor a hash state of it
+
+    def hexdigest(self, message: bytes) -> str:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+
 def key_bytes(secret: str | SecretStr) -> bytes:
     """A secret as the HMAC key it is: its UTF-8 bytes."""
     if isinstance(secret, SecretStr):
@@ -134,16 +168,20 @@ def check_header(
 
 
 def check_body(
-    parsed: ParsedSignature, body: bytes, secrets: Sequence[str | SecretStr | bytes]
+    parsed: ParsedSignature, body: bytes, secrets: Sequence[str | SecretStr | bytes | HmacKey]
 ) -> Verdict:
     """VALID when any ``v1`` of the header is the HMAC of ``body`` under any secret
-    (given as text, or as key bytes: the handler passes an account's ready-made keys)."""
+    (given as text, as key bytes, or as an :class:`HmacKey`: the handler passes an
+    account's ready-made keys)."""
     # The message once, not once per secret: it copies the whole body.
     message = signed_message(parsed.timestamp, body)
     for secret in secrets:
-        key = secret if isinstance(secret, bytes) else key_bytes(secret)
-        # hmac.digest: OpenSSL's one-shot HMAC, without hmac.new's Python object.
-        expected = hmac.digest(key, message, "sha256").hex()
+        if isinstance(secret, HmacKey):
+            expected = secret.hexdigest(message)
+        else:
+            key = secret if isinstance(secret, bytes) else key_bytes(secret)
+            # hmac.digest: OpenSSL's one-shot HMAC, without hmac.new's Python object.
+            expected = hmac.digest(key, message, "sha256").hex()
         for candidate in parsed.signatures:
             if hmac.compare_digest(expected, candidate):
                 return Verdict.VALID
@@ -153,7 +191,7 @@ def check_body(
 def verify(
     header: str | None,
     body: bytes,
-    secrets: Sequence[str | SecretStr | bytes],
+    secrets: Sequence[str | SecretStr | bytes | HmacKey],
     now: float,
     tolerance_seconds: int,
 ) -> Verdict:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from service.signature import (
+    HmacKey,
     MalformedSignature,
     ParsedSignature,
     Verdict,
@@ -34,6 +35,22 @@ def test_compute_matches_the_documented_scheme() -> None:
     expected = hmac.new(SECRET.encode(), f"{NOW}.".encode() + BODY, hashlib.sha256).hexdigest()
     assert compute(SECRET, NOW, BODY) == expected
     assert sign(SECRET, NOW, BODY) == f"t={NOW},v1={expected}"
+
+
+@given(st.binary(max_size=200), st.binary(max_size=300))
+def test_a_padded_key_digests_as_hmac_does(key: bytes, message: bytes) -> None:
+    """Keys shorter than, as long as and longer than SHA-256's 64-byte block."""
+    padded = HmacKey(key)
+    expected = hmac.new(key, message, hashlib.sha256).hexdigest()
+    assert padded.hexdigest(message) == expected
+    assert padded.hexdigest(message) == expected  # its hash states are not used up
+
+
+def test_a_padded_key_verifies_and_never_shows_its_secret() -> None:
+    key = HmacKey(SECRET.encode())
+    assert verify(sign(SECRET, NOW, BODY), BODY, (key,), NOW, TOL) is Verdict.VALID
+    assert verify(sign(OTHER, NOW, BODY), BODY, (key,), NOW, TOL) is Verdict.MISMATCH
+    assert SECRET not in repr(key) and "a" * 8 not in repr(key)
 
 
 def test_valid_signature_is_accepted() -> None:
