@@ -319,7 +319,7 @@ async def test_ingest_and_processor_ride_through_broker_restarts_and_a_crash(
         signing_secrets=(SECRET,),
         topic_partitions=3,
         produce_timeout_seconds=2.0,
-        produce_delivery_timeout_seconds=6.0,
+        produce_delivery_timeout_seconds=4.0,
         spool_enabled=spool,
     )
     await ensure_topics(settings)
@@ -360,9 +360,9 @@ async def test_ingest_and_processor_ride_through_broker_restarts_and_a_crash(
                     f"nothing spooled during {fault}",
                 )
                 if n == 0:
-                    # The outage itself: 30 s without a broker, five delivery timeouts (each
+                    # The outage itself: 20 s without a broker, five delivery timeouts (each
                     # retires the producer and builds another) with the spool taking all.
-                    await asyncio.sleep(30)
+                    await asyncio.sleep(20)
             else:
                 await until(partial(traffic.seen_after, began, 503), 60, f"no 503 during {fault}")
             await asyncio.to_thread(kafka, "up", broker)  # returns once it serves clients
