@@ -22,6 +22,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
+import prometheus_client.metrics
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -30,6 +31,12 @@ from prometheus_client.utils import floatToGoString
 
 # How prometheus_client writes a bucket's "le" (untyped there).
 _le = cast(Callable[[float], str], floatToGoString)
+
+
+def _created_series() -> bool:
+    """Whether prometheus_client writes _created series (PROMETHEUS_DISABLE_CREATED_SERIES,
+    ``disable_created_metrics()``): these families follow its switch."""
+    return bool(getattr(prometheus_client.metrics, "_use_created", True))
 
 
 class Count:
@@ -68,7 +75,12 @@ class CounterFamily(Collector):
             raise ValueError(f"{self.name} takes the labels {self.labelnames}")
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = Count()
+            # As prometheus_client does, a label value is its str: a 202 and a "202" are
+            # one child (and the exposition can escape it).
+            values = tuple(str(value) for value in values)
+            child = self._children.get(values)
+            if child is None:
+                child = self._children[values] = Count()
         return child
 
     def describe(self) -> Iterator[Metric]:
@@ -76,8 +88,9 @@ class CounterFamily(Collector):
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        created = _created_series()
         for values, child in list(self._children.items()):
-            family.add_metric(values, child.value, created=child.created)
+            family.add_metric(values, child.value, created=child.created if created else None)
         yield family
 
 
@@ -111,6 +124,8 @@ class HistogramFamily(Collector):
         bounds: Sequence[float],
         registry: CollectorRegistry = REGISTRY,
     ) -> None:
+        if bounds and bounds[-1] == float("inf"):
+            bounds = bounds[:-1]  # +Inf is every histogram's last bucket anyway
         if list(bounds) != sorted(set(bounds)) or not bounds:
             raise ValueError("bucket bounds must be given in increasing order")
         self.name = name
@@ -125,7 +140,10 @@ class HistogramFamily(Collector):
             raise ValueError(f"{self.name} takes the labels {self.labelnames}")
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = Latency(self.bounds)
+            values = tuple(str(value) for value in values)
+            child = self._children.get(values)
+            if child is None:
+                child = self._children[values] = Latency(self.bounds)
         return child
 
     def describe(self) -> Iterator[Metric]:
@@ -134,14 +152,16 @@ class HistogramFamily(Collector):
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         names = [_le(b) for b in (*self.bounds, float("inf"))]
+        created = _created_series()
         for values, child in list(self._children.items()):
             cumulative, buckets = 0, []
             for name, count in zip(names, child.counts, strict=True):
                 cumulative += count
                 buckets.append((name, float(cumulative)))
             family.add_metric(values, buckets, child.sum)
-            # HistogramMetricFamily has no created argument: the sample the exposition
-            # writes as the family's _created series.
-            labels = dict(zip(self.labelnames, values, strict=True))
-            family.samples.append(Sample(f"{self.name}_created", labels, child.created))
+            if created:
+                # HistogramMetricFamily has no created argument: the sample the
+                # exposition writes as the family's _created series.
+                labels = dict(zip(self.labelnames, values, strict=True))
+                family.samples.append(Sample(f"{self.name}_created", labels, child.created))
         yield family

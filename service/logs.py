@@ -246,7 +246,10 @@ class FastLines:
         fields: its head is fixed but for the time, and the keys' order is known once
         their set is (the event dict, its pops and its sort cost ~3 us a line of the
         access log's). None when that does not hold: a field named like a head column,
-        or context variables bound (:func:`info` renders those the long way)."""
+        or context variables bound (:func:`info` renders those the long way). The keys
+        must be plain ``str`` (the access log's literals): the remembered orders are
+        found by equality, which would take ``True`` for ``1`` or a ``str`` enum member
+        for its value."""
         keys = tuple(fields)
         order = self._orders.get(keys)
         if order is None:
@@ -257,7 +260,7 @@ class FastLines:
                 self._orders[keys] = order
         if structlog.contextvars.get_contextvars():
             return None
-        head = f"{self._timestamp()} [info     ] {event:<30} [{logger_name}]"
+        head = f"{self._timestamp()} [info     ] {event!s:<30} [{logger_name!s}]"
         # Each text value bare, checked once for what would make plain_console quote it,
         # all of them together rather than one search per value: a line's texts almost
         # never need quotes.

@@ -114,6 +114,14 @@ class HmacKey:
     def __repr__(self) -> str:
         return "HmacKey(...)"  # never the secret, nor a hash state of it
 
+    # Never changed once made (a digest copies the states): a copy may be this key
+    # itself, so an Account can still be copied (hashlib's states cannot be).
+    def __copy__(self) -> HmacKey:
+        return self
+
+    def __deepcopy__(self, _: object) -> HmacKey:
+        return self
+
     def hexdigest(self, message: bytes) -> str:
         inner = self._inner.copy()
         inner.update(message)

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import re
 
+import prometheus_client.metrics
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from service import hotmetrics
 from service.hotmetrics import CounterFamily, HistogramFamily
 
 BOUNDS = (0.001, 0.0025, 0.01, 0.5, 1, 10)
-_CREATED = re.compile(r"^(\w+_created\{[^}]*\}) \S+$", re.MULTILINE)
+_CREATED = re.compile(r"^(\w+_created(?:\{[^}]*\})?) \S+$", re.MULTILINE)
 
 
 def _exposition(registry: CollectorRegistry) -> str:
@@ -67,3 +69,34 @@ def test_a_child_is_asked_for_with_every_label_and_bounds_must_increase() -> Non
         HistogramFamily("z_seconds", "Z", [], (1, 0.5), registry=registry)
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         CounterFamily("y_total", "Y again", ["a"], registry=registry)
+
+
+def test_a_label_value_is_its_text_as_in_prometheus_client() -> None:
+    registry = CollectorRegistry()
+    family = CounterFamily("codes_total", "Codes", ["code"], registry=registry)
+    family.labels(202).inc()  # type: ignore[arg-type]  # an untyped caller's int
+    family.labels("202").inc()
+    assert registry.get_sample_value("codes_total", {"code": "202"}) == 2
+    assert generate_latest(registry)  # and the exposition still renders
+
+
+def test_a_trailing_infinite_bound_is_the_families_own_inf_bucket() -> None:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    family = HistogramFamily("w_seconds", "W", [], (0.5, float("inf")), registry=ours)
+    histogram = Histogram("w_seconds", "W", buckets=(0.5, float("inf")), registry=theirs)
+    family.labels().observe(0.7)
+    histogram.observe(0.7)
+    assert _exposition(ours) == _exposition(theirs)
+
+
+def test_created_series_follow_prometheus_clients_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prometheus_client.metrics, "_use_created", False)
+    assert not hotmetrics._created_series()
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    CounterFamily("v_total", "V", ["a"], registry=ours).labels("1").inc()
+    Counter("v_total", "V", ["a"], registry=theirs).labels("1").inc()
+    HistogramFamily("u_seconds", "U", ["a"], BOUNDS, registry=ours).labels("1").observe(1)
+    Histogram("u_seconds", "U", ["a"], buckets=BOUNDS, registry=theirs).labels("1").observe(1)
+    text = generate_latest(ours).decode()
+    assert "_created" not in text
+    assert text == generate_latest(theirs).decode()

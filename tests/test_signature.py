@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import hmac
 
@@ -48,6 +49,8 @@ def test_a_padded_key_digests_as_hmac_does(key: bytes, message: bytes) -> None:
 
 def test_a_padded_key_verifies_and_never_shows_its_secret() -> None:
     key = HmacKey(SECRET.encode())
+    # An Account holding it can still be copied: the key is never changed once made.
+    assert copy.deepcopy(key) is key and copy.copy(key) is key
     assert verify(sign(SECRET, NOW, BODY), BODY, (key,), NOW, TOL) is Verdict.VALID
     assert verify(sign(OTHER, NOW, BODY), BODY, (key,), NOW, TOL) is Verdict.MISMATCH
     assert SECRET not in repr(key) and "a" * 8 not in repr(key)

@@ -360,8 +360,9 @@ async def test_ingest_and_processor_ride_through_broker_restarts_and_a_crash(
                     f"nothing spooled during {fault}",
                 )
                 if n == 0:
-                    # The outage itself: 20 s without a broker, five delivery timeouts (each
-                    # retires the producer and builds another) with the spool taking all.
+                    # The outage itself: 20 s without a broker, five times the delivery
+                    # timeout (which retires the producer; its rebuild then fails until
+                    # the broker is back), with the spool taking all.
                     await asyncio.sleep(20)
             else:
                 await until(partial(traffic.seen_after, began, 503), 60, f"no 503 during {fault}")

@@ -54,9 +54,10 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     rng = random.Random(2026)
     events = scenario(rng, calls=240)
 
-    # 821 events in chunks of 100: five kills, each at a random moment of its chunk (a
-    # kill and the restart after it cost ~7 s of the suite's budget).
-    chunks = [events[i : i + 100] for i in range(0, len(events), 100)]
+    # Ten chunks, a kill in every other one: five kills, each at a random moment while a
+    # full chunk flows (a kill and its restart cost ~7 s of the suite's budget).
+    size = -(-len(events) // 10)
+    chunks = [events[i : i + size] for i in range(0, len(events), size)]
     kills = 0
     proc = ServiceProcess(settings, tmp_path, "p0")
     for n, chunk in enumerate(chunks):
@@ -72,7 +73,7 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
             proc = ServiceProcess(settings, tmp_path, f"p{n}")
         else:
             await produce(BOOTSTRAP, settings.topic_ingest, chunk)
-    assert kills >= 4
+    assert kills == 5
     try:
         await check_exactly_once(settings, events)
     finally:
