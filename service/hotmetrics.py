@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import cast
+from typing import Generic, TypeVar, cast
 
 import prometheus_client.metrics
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -33,10 +33,47 @@ from prometheus_client.utils import floatToGoString
 _le = cast(Callable[[float], str], floatToGoString)
 
 
+Child = TypeVar("Child")
+
+
 def _created_series() -> bool:
     """Whether prometheus_client writes _created series (PROMETHEUS_DISABLE_CREATED_SERIES,
     ``disable_created_metrics()``): these families follow its switch."""
     return bool(getattr(prometheus_client.metrics, "_use_created", True))
+
+
+class _Family(Collector, Generic[Child]):
+    """What both families share: a name, its labels, and a child per label values."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], Child] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> Child:
+        """The child of these label values (made at zero the first time)."""
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes the labels {self.labelnames}")
+        child = self._children.get(values)
+        if child is None:
+            # As prometheus_client does, a label value is its str: a 202 and a "202" are
+            # one child (and the exposition can escape it).
+            values = tuple(str(value) for value in values)
+            child = self._children.get(values)
+            if child is None:
+                child = self._children[values] = self._new_child()
+        return child
+
+    def _new_child(self) -> Child:
+        raise NotImplementedError
 
 
 class Count:
@@ -52,7 +89,7 @@ class Count:
         self.value += 1
 
 
-class CounterFamily(Collector):
+class CounterFamily(_Family[Count]):
     """A counter with labels, each child a :class:`Count`, as ``Counter(name, ...)``
     would expose it (``name`` ends in ``_total``)."""
 
@@ -63,25 +100,10 @@ class CounterFamily(Collector):
         labelnames: Sequence[str],
         registry: CollectorRegistry = REGISTRY,
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], Count] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> Count:
-        """The child of these label values (made at zero the first time)."""
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes the labels {self.labelnames}")
-        child = self._children.get(values)
-        if child is None:
-            # As prometheus_client does, a label value is its str: a 202 and a "202" are
-            # one child (and the exposition can escape it).
-            values = tuple(str(value) for value in values)
-            child = self._children.get(values)
-            if child is None:
-                child = self._children[values] = Count()
-        return child
+    def _new_child(self) -> Count:
+        return Count()
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -112,7 +134,7 @@ class Latency:
         self.sum += value
 
 
-class HistogramFamily(Collector):
+class HistogramFamily(_Family[Latency]):
     """A histogram with labels, each child a :class:`Latency`, as ``Histogram(name,
     ..., buckets=bounds)`` would expose it."""
 
@@ -128,23 +150,11 @@ class HistogramFamily(Collector):
             bounds = bounds[:-1]  # +Inf is every histogram's last bucket anyway
         if list(bounds) != sorted(set(bounds)) or not bounds:
             raise ValueError("bucket bounds must be given in increasing order")
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
         self.bounds = tuple(float(b) for b in bounds)
-        self._children: dict[tuple[str, ...], Latency] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> Latency:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes the labels {self.labelnames}")
-        child = self._children.get(values)
-        if child is None:
-            values = tuple(str(value) for value in values)
-            child = self._children.get(values)
-            if child is None:
-                child = self._children[values] = Latency(self.bounds)
-        return child
+    def _new_child(self) -> Latency:
+        return Latency(self.bounds)
 
     def describe(self) -> Iterator[Metric]:
         yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
