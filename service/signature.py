@@ -89,33 +89,22 @@ def parse_header(value: str) -> ParsedSignature:
     return ParsedSignature(timestamp, tuple(signatures))
 
 
-# HMAC's inner and outer pads (RFC 2104) as translate tables: each key byte XOR 0x36 or 0x5C.
-_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))
-_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
-_BLOCK = 64  # SHA-256's block size
-
-
 class HmacKey:
-    """An HMAC-SHA256 key with its two padded key blocks hashed once (RFC 2104, section
-    4's precomputation): a digest then copies the two hash states and hashes the
-    message and one block more, at half ``hmac.digest``'s cost (~1 us a request), which
-    sets up and hashes both key blocks every time. Equal to ``hmac.digest(key, message,
-    "sha256")`` for every key and message (tests hold it to that)."""
+    """An HMAC-SHA256 key set up once: the standard library's HMAC object, keyed (its
+    two padded key blocks hashed) when the account is loaded; each digest copies it and
+    hashes the message. ``hmac.digest`` keys it afresh every time: 2.0 against 1.5 us a
+    request."""
 
-    __slots__ = ("_inner", "_outer")
+    __slots__ = ("_keyed",)
 
     def __init__(self, key: bytes) -> None:
-        if len(key) > _BLOCK:
-            key = hashlib.sha256(key).digest()
-        block = key.ljust(_BLOCK, b"\0")
-        self._inner = hashlib.sha256(block.translate(_INNER_PAD))
-        self._outer = hashlib.sha256(block.translate(_OUTER_PAD))
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
 
     def __repr__(self) -> str:
         return "HmacKey(...)"  # never the secret, nor a hash state of it
 
-    # Never changed once made (a digest copies the states): a copy may be this key
-    # itself, so an Account can still be copied (hashlib's states cannot be).
+    # Never changed once made (a digest works on a copy): a copy may be this key itself,
+    # so an Account can still be copied (OpenSSL's HMAC state cannot be).
     def __copy__(self) -> HmacKey:
         return self
 
@@ -123,11 +112,9 @@ class HmacKey:
         return self
 
     def hexdigest(self, message: bytes) -> str:
-        inner = self._inner.copy()
-        inner.update(message)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.hexdigest()
+        keyed = self._keyed.copy()
+        keyed.update(message)
+        return keyed.hexdigest()
 
 
 def key_bytes(secret: str | SecretStr) -> bytes:
