@@ -28,7 +28,7 @@ from service.accountbook import Account, AccountBook
 from service.accounts import StaticAccounts
 from service.app import App, create_app
 from service.frontdoor import FrontDoor
-from service.ingest import Publisher
+from service.ingest import Ingest, Publisher
 from service.lane import LaneCycle
 from service.producer import Unavailable
 from service.signature import sign
@@ -323,6 +323,26 @@ async def test_a_failed_callback_publish_is_answered_503() -> None:
     assert status == 503
     assert "disk error" in json.loads(body)["detail"]
     assert headers["retry-after"] == "5"
+
+
+async def test_a_bug_in_answering_an_acked_event_is_a_500_not_a_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The answer is built in the ack's callback: a bug there (here the replay cache's
+    step) must still answer the request, as the ASGI path's error handling would."""
+
+    def broken(self: Ingest, event: object) -> bytes:
+        raise RuntimeError("a bug after the ack")
+
+    monkeypatch.setattr(Ingest, "_stored", broken)
+    async with serving(Instant()) as server:
+        with capture_logs() as logs:
+            status, _, body = await exchange(server.port, request(webhook(1)))
+        assert server.lane_requests == 1
+    assert status == 500
+    assert json.loads(body)["type"] == "urn:callstatus:problem:internal"
+    assert "RuntimeError" not in body.decode()
+    assert any(entry["event"] == "unhandled error" for entry in logs)
 
 
 async def _in_flight(server: Server, publisher: Instant) -> tuple[asyncio.StreamReader, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
 from service import metrics
@@ -76,3 +77,26 @@ async def test_past_stopping_a_late_lane_failure_is_not_spooled(tmp_path: Path) 
     publisher._sent(b"CA" + b"1" * 40, b"{}", [], answers.append, failure)
     assert answers == [failure] and not publisher._spooling and spool.events == 0
     spool.close()
+
+
+async def test_a_lane_event_the_spool_is_still_taking_at_stop_is_answered_503(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop cancels a spool append still under way for a lane event: its request is
+    answered (Unavailable, a 503 FreeClimb retries), never left without an answer."""
+    spool = Spool(tmp_path, 1 << 20)
+    publisher = SpoolingPublisher(IngestProducer(make_settings()), spool, 1.0)
+    publisher.open()
+    never = asyncio.Event()
+
+    async def stuck(key: bytes, value: bytes, headers: object) -> None:
+        await never.wait()  # a disk that does not answer before the stop
+
+    monkeypatch.setattr(spool, "append", stuck)
+    answers: list[Exception | None] = []
+    publisher._sent(b"CA" + b"1" * 40, b"{}", [], answers.append, Unavailable("timeout"))
+    assert len(publisher._spooling) == 1 and not answers
+    await publisher.stop()
+    [answer] = answers
+    assert isinstance(answer, Unavailable) and answer.reason == "cancelled"
+    assert not publisher._spooling
