@@ -50,8 +50,10 @@ test-unit: venv
 	$(BIN)/pytest -m "not kafka"
 
 # Everything: lint, type checks, unit and integration tests against the real broker.
+# Four workers: most tests wait more than they compute, and the load tests run one at a
+# time on one of them (tests/conftest.py).
 test: lint kafka-up
-	$(BIN)/pytest --durations=15
+	$(BIN)/pytest -n 4 --durations=15
 
 # The container image built and run for real (root; installs and starts Docker when
 # absent, makes a base image from Debian's packages once): tests/image/check_image.py.

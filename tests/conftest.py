@@ -9,8 +9,10 @@ import sys
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 from service.settings import Settings
 
@@ -44,9 +46,62 @@ def count_fuzz_case(name: str) -> None:
     FUZZ_CASES[name] += 1
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # In a pytest-xdist worker: hand this worker's counts to the controller, which prints.
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fuzz_cases"] = dict(FUZZ_CASES)
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: the controller, a worker done
+def pytest_testnodedown(node: Any, error: object) -> None:
+    FUZZ_CASES.update(getattr(node, "workeroutput", {}).get("fuzz_cases", {}))
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for name, count in sorted(FUZZ_CASES.items()):
         terminalreporter.write_line(f"fuzz: {name}: {count} cases tried")
+
+
+# ``make test`` runs on pytest-xdist workers: most integration tests spend their time
+# waiting (for a broker to start, an outage to pass, a timeout to fire), and one worker
+# left the two cores idle for most of a run. The load modules keep the cores busy with
+# clients sending without pause and assert recovery bounds under that load: they run one
+# at a time, never against each other.
+LOAD_MODULES = frozenset(
+    {
+        "tests/integration/test_bench_smoke.py",
+        "tests/integration/test_broker_faults.py",
+        "tests/integration/test_broker_load.py",
+        "tests/integration/test_exactly_once.py",
+    }
+)
+
+
+class TestScheduling(LoadScopeScheduling):  # type: ignore[misc]  # xdist has no types
+    """What runs together on one worker, in order: the load modules, all of them; each
+    other integration module, as its tests were written to run (a module-scoped fixture
+    such as test_acls.py's broker on its fixed port starts once); each unit test alone."""
+
+    __test__ = False  # not a test class, whatever pytest makes of its name
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = nodeid.partition("::")[0]
+        if module in LOAD_MODULES:
+            return "load"
+        return module if module.startswith("tests/integration/") else nodeid
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: ours for -n's default --dist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> TestScheduling | None:
+    return TestScheduling(config, log) if config.getvalue("dist") == "load" else None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Two tests with one id: pytest-xdist would run only one of them, and say nothing.
+    twice = sorted(n for n, count in Counter(item.nodeid for item in items).items() if count > 1)
+    if twice:
+        raise pytest.UsageError(f"tests share an id: {twice[:5]}")
 
 
 def run_cli(

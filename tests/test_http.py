@@ -344,6 +344,7 @@ async def test_400_duplicate_keys(client: httpx.AsyncClient, body: bytes) -> Non
         (f"t={int(time.time()) - 3600},v1={'0' * 64}", "too_old"),
         (f"t={int(time.time()) + 3600},v1={'0' * 64}", "too_new"),
     ],
+    ids=["missing", "malformed", "too_old", "too_new"],  # no clock in an id: xdist's workers
 )
 async def test_401_without_reading_the_body(
     client: httpx.AsyncClient, header: str | None, verdict: str

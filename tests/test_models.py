@@ -84,7 +84,16 @@ WEBHOOK: dict[str, Any] = json.loads(SDK_WEBHOOK)
 
 MINIMAL: dict[str, Any] = {"callId": CALL_ID, "status": "inProgress"}
 
-_DROP = object()  # in an edit: remove the key
+
+class _Drop:
+    """In an edit: remove the key. Its repr is stable, as test ids must be the same in
+    every pytest-xdist worker."""
+
+    def __repr__(self) -> str:
+        return "<drop>"
+
+
+_DROP = _Drop()
 
 
 def edit(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

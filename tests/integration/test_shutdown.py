@@ -128,7 +128,7 @@ async def test_sigterm_first_turns_readiness_off_while_still_serving(
 async def test_shutdown_is_bounded_when_kafka_is_gone(unique: str, tmp_path: Path) -> None:
     from testkit import kafka, private_broker
 
-    async with private_broker(19792) as broker:
+    async with private_broker(19892) as broker:
         settings = settings_for(broker["address"], unique, role="all", shutdown_grace_seconds=2)
         node = ServiceProcess(settings, tmp_path, "orphan")
         try:
