@@ -177,6 +177,7 @@ class Player:
         self.lost = lost
         self._at: dict[str, int] = {}  # callId -> index in its truth the stand-in shows
         self.ended: set[str] = set()  # calls whose end callback was accepted
+        self._unsent_illegal: set[bytes] = set()  # bodies of illegal steps held back
 
     def play(self, plan: Plan, delivery: Delivery) -> None:
         """FreeClimb updates the call, then sends the callback: the stand-in shows at
@@ -207,10 +208,15 @@ class Player:
         if delivery.body in self.lost:
             run.withheld += 1
             return True
-        if delivery.kind is Kind.ILLEGAL and plan.call_id not in self.ended:
+        # A duplicate or retry of an illegal step held back is that step again: it
+        # waits for the end as the step does (a withheld callback's copies are withheld
+        # too). Sent regardless, it would be the first end the check below prevents.
+        illegal = delivery.kind is Kind.ILLEGAL or delivery.body in self._unsent_illegal
+        if illegal and plan.call_id not in self.ended:
             # A second end "after the end" only tests the state machine when the end
             # got through; in its place it would be a first end, rightly accepted, and
             # the call would end at a status FreeClimb never gave it.
+            self._unsent_illegal.add(delivery.body)
             run.skipped_illegal += 1
             return True
         return False

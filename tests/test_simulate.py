@@ -450,6 +450,27 @@ def test_what_freeclimb_never_sends_is_counted_and_an_illegal_end_waits_for_the_
     assert (run.withheld, run.unaccepted, run.skipped_illegal) == (1, 1, 1)
 
 
+def test_a_copy_of_an_illegal_end_waits_for_the_real_end_as_the_step_does() -> None:
+    """Seen in a run: an illegal step held back (its call's end lost in the outage), its
+    duplicate sent all the same, and taken as the call's first end."""
+    plan = next(
+        p
+        for p in generate_plans(200, Shares(0, 0, 1.0, 0, 0.999), seed=14)
+        if [d.kind for d in p.deliveries[-2:]] == [Kind.ILLEGAL, Kind.DUPLICATE]
+    )
+    *steps, illegal, copy = plan.deliveries
+    assert copy.body == illegal.body
+    run = Run()
+    player = Player(None, frozenset())
+    player.answered(plan, steps[-1], 503, run)  # the end: never accepted
+    assert player.unsent(plan, illegal, run)
+    assert player.unsent(plan, copy, run)
+    assert run.skipped_illegal == 2
+    # Once the end got through, the step and its copies go, to be rejected.
+    player.answered(plan, steps[-1], 202, run)
+    assert not player.unsent(plan, illegal, run) and not player.unsent(plan, copy, run)
+
+
 def test_the_standin_takes_the_api_key_the_service_uses(tmp_path: Path) -> None:
     from service.simulate import target_of
     from tests.conftest import make_settings
