@@ -4,6 +4,7 @@ record per call wins, a tombstone deletes."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -68,10 +69,10 @@ async def restore(
         tps = [TopicPartition(topic, p) for p in partitions]
         reader.assign(tps)
         await reader.seek_to_beginning(*tps)
-        ends = await reader.end_offsets(tps)
+        deadline = Deadline(RESTORE_DEADLINE_SECONDS)
+        ends = await _stable_ends(options, reader, tps, deadline)
         for tp in tps:
             out[tp.partition].end = ends[tp]
-        deadline = Deadline(RESTORE_DEADLINE_SECONDS)
         pending = {tp for tp in tps if ends[tp] > 0}
         while pending:
             if deadline.expired:
@@ -99,6 +100,49 @@ async def restore(
         seconds=round(elapsed, 3),
     )
     return out
+
+
+async def _stable_ends(
+    options: dict[str, Any],
+    reader: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    deadline: Deadline,
+) -> dict[TopicPartition, int]:
+    """The partitions' ends once no transaction is left unfinished on them: their last
+    stable offset (where read_committed stops) equal to their high watermark.
+
+    Fencing should have finished every transaction already (its InitProducerId returns
+    only then), so this normally costs one look. It is checked, not assumed: a
+    transaction whose commit is still landing would be read as absent, its states
+    missed here while its changes become visible a moment later, and the events it
+    judged judged again: their changes published twice. (Seen once: docs/architecture.md,
+    "Fencing".) Only a fenced partition's own producer writes its state partition, so
+    the wait ends when its coordinator finishes the transaction."""
+    probe = AIOKafkaConsumer(**options, enable_auto_commit=False)  # read_uncommitted
+    try:
+        await probe.start()
+        waited_on: list[int] = []
+        while True:
+            stable = await reader.end_offsets(tps)
+            written = await probe.end_offsets(tps)
+            unfinished = sorted(tp.partition for tp in tps if stable[tp] < written[tp])
+            if not unfinished:
+                if waited_on:
+                    log.warning("state partitions finished their transaction", partitions=waited_on)
+                return dict(stable)
+            if deadline.expired:
+                raise TimeoutError(
+                    f"a transaction stays unfinished on state partitions {unfinished}"
+                )
+            if not waited_on:
+                log.warning(
+                    "state partitions hold an unfinished transaction; waiting",
+                    partitions=unfinished,
+                )
+                waited_on = unfinished
+            await asyncio.sleep(0.1)  # polling interval: its coordinator is finishing it
+    finally:
+        await probe.stop()
 
 
 __all__ = ["CorruptState", "Restored", "restore", "state_from_record"]

@@ -189,7 +189,9 @@ class PartitionWorker:
         3. Restore the calls' states from the state partition, read_committed, to its
            end. Aborted transactions (a zombie's, or our own failed batches) are
            skipped by the reader, and after step 1 none is still open, so the end is
-           not held back by one and what we read is everything committed.
+           not held back by one and what we read is everything committed (the restore
+           checks it: it waits while the partition's last stable offset is short of
+           its high watermark, see docs/architecture.md, "Fencing").
 
         A failure at any step (fenced by yet another owner, the broker away, a corrupt
         state, our cancellation by a revocation) closes the producer and raises: no
