@@ -20,6 +20,9 @@ from service.statecodec import BadState, load, peek
 log = structlog.get_logger(logger_name="callstatus.restore")
 
 RESTORE_DEADLINE_SECONDS = 300.0
+# How long the restore waits for a transaction left unfinished on a state partition
+# (_stable_ends) before it gives up: the processor then restarts and waits again.
+STABLE_DEADLINE_SECONDS = 120.0
 
 
 class CorruptState(Exception):
@@ -69,10 +72,10 @@ async def restore(
         tps = [TopicPartition(topic, p) for p in partitions]
         reader.assign(tps)
         await reader.seek_to_beginning(*tps)
-        deadline = Deadline(RESTORE_DEADLINE_SECONDS)
-        ends = await _stable_ends(options, reader, tps, deadline)
+        ends = await _stable_ends(options, reader, tps, Deadline(STABLE_DEADLINE_SECONDS))
         for tp in tps:
             out[tp.partition].end = ends[tp]
+        deadline = Deadline(RESTORE_DEADLINE_SECONDS)
         pending = {tp for tp in tps if ends[tp] > 0}
         while pending:
             if deadline.expired:
@@ -131,8 +134,12 @@ async def _stable_ends(
                     log.warning("state partitions finished their transaction", partitions=waited_on)
                 return dict(stable)
             if deadline.expired:
+                # Another transactional id's transaction (its timeout can be up to 15
+                # minutes), or one the broker left hanging: an operator can find and
+                # abort it with kafka-transactions.sh find-hanging / abort.
                 raise TimeoutError(
-                    f"a transaction stays unfinished on state partitions {unfinished}"
+                    f"a transaction stays unfinished on state partitions {unfinished} of "
+                    f"{tps[0].topic}; kafka-transactions.sh find-hanging lists it"
                 )
             if not waited_on:
                 log.warning(

@@ -7,17 +7,18 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+import structlog.testing
 from aiokafka import AIOKafkaProducer
 
 from schemas.call import CallStatus
 from service.fsm import CallState
 from service.kafka import client_options, ensure_topics
-from service.restore import restore
+from service.restore import Restored, restore
 from service.statecodec import pack
 from testkit import settings_for
 from tests.conftest import BOOTSTRAP
 
-NOT_BEFORE_S = 3.0  # a broken restore returns at once; a sound one waits for the commit
+WAITING = "state partitions hold an unfinished transaction; waiting"
 
 
 async def test_a_state_written_in_an_open_transaction_is_waited_for_not_missed(
@@ -30,16 +31,27 @@ async def test_a_state_written_in_an_open_transaction_is_waited_for_not_missed(
     later = pack(CallState(CallStatus.IN_PROGRESS, None, datetime(2026, 12, 1, tzinfo=UTC)))
     writer = AIOKafkaProducer(**options, transactional_id=f"w-{unique}", acks="all")
     await writer.start()
+    reading: asyncio.Task[dict[int, Restored]] | None = None
     try:
         async with writer.transaction():  # a first state, committed
             await writer.send_and_wait(settings.topic_state, earlier, b"CAcall", partition=0)
         await writer.begin_transaction()  # the next, written and not yet committed
         await writer.send_and_wait(settings.topic_state, later, b"CAcall", partition=0)
-        reading = asyncio.create_task(restore(options, settings.topic_state, [0]))
-        await asyncio.wait([reading], timeout=NOT_BEFORE_S)  # done early only if broken
-        assert not reading.done(), "restore read past a transaction still open"
-        await writer.commit_transaction()
-        restored = (await asyncio.wait_for(reading, 60))[0]
+        with structlog.testing.capture_logs() as logged:
+            reading = asyncio.create_task(restore(options, settings.topic_state, [0]))
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + 60
+            # Until it says it waits, or (broken) returns having read past the open one.
+            while not reading.done() and not any(e["event"] == WAITING for e in logged):
+                assert loop.time() < give_up, "restore neither waited nor returned"
+                await asyncio.sleep(0.05)  # polling interval
+            assert not reading.done(), "restore read past a transaction still open"
+            await writer.commit_transaction()
+            restored = (await asyncio.wait_for(reading, 60))[0]
     finally:
+        if reading is not None and not reading.done():
+            reading.cancel()
+            await asyncio.wait([reading])
         await writer.stop()
     assert restored.states == {"CAcall": later}  # the commit's state, not the one before
+    assert any(e["event"] == "state partitions finished their transaction" for e in logged)
