@@ -97,11 +97,22 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> TestScheduli
     return TestScheduling(config, log) if config.getvalue("dist") == "load" else None
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def _shared_ids(ids: list[str]) -> list[str]:
+    return sorted(n for n, count in Counter(ids).items() if count > 1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Two tests with one id: pytest-xdist would run only one of them, and say nothing.
-    twice = sorted(n for n, count in Counter(item.nodeid for item in items).items() if count > 1)
-    if twice:
+    # In a worker the controller checks (below): a worker's refusal would reach it only
+    # as "no active workers", without this message.
+    if not hasattr(config, "workerinput") and (twice := _shared_ids([i.nodeid for i in items])):
         raise pytest.UsageError(f"tests share an id: {twice[:5]}")
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: the controller, a worker collected
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    if twice := _shared_ids(ids):
+        pytest.exit(f"tests share an id: {twice[:5]}", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def run_cli(
