@@ -50,7 +50,7 @@ class _Family(Collector, Generic[Child]):
         name: str,
         documentation: str,
         labelnames: Sequence[str],
-        registry: CollectorRegistry,
+        registry: CollectorRegistry = REGISTRY,
     ) -> None:
         self.name = name
         self.documentation = documentation
@@ -92,15 +92,6 @@ class Count:
 class CounterFamily(_Family[Count]):
     """A counter with labels, each child a :class:`Count`, as ``Counter(name, ...)``
     would expose it (``name`` ends in ``_total``)."""
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str],
-        registry: CollectorRegistry = REGISTRY,
-    ) -> None:
-        super().__init__(name, documentation, labelnames, registry)
 
     def _new_child(self) -> Count:
         return Count()
