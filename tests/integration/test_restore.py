@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+import pytest
 import structlog.testing
 from aiokafka import AIOKafkaProducer
 
 from schemas.call import CallStatus
+from service import restore as restore_module
 from service.fsm import CallState
 from service.kafka import client_options, ensure_topics
 from service.restore import Restored, restore
@@ -55,3 +57,26 @@ async def test_a_state_written_in_an_open_transaction_is_waited_for_not_missed(
         await writer.stop()
     assert restored.states == {"CAcall": later}  # the commit's state, not the one before
     assert any(e["event"] == "state partitions finished their transaction" for e in logged)
+
+
+async def test_a_transaction_that_stays_open_ends_the_wait_with_its_remedy(unique: str) -> None:
+    """Past its deadline the wait gives up (the processor then restarts and waits again),
+    naming the partition and how an operator finds the transaction."""
+    settings = settings_for(BOOTSTRAP, unique, topic_partitions=1)
+    await ensure_topics(settings)
+    options = client_options(settings)
+    state = pack(CallState(CallStatus.RINGING, None, datetime(2026, 12, 1, tzinfo=UTC)))
+    writer = AIOKafkaProducer(**options, transactional_id=f"w-{unique}", acks="all")
+    await writer.start()
+    try:
+        await writer.begin_transaction()
+        await writer.send_and_wait(settings.topic_state, state, b"CAcall", partition=0)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(restore_module, "STABLE_DEADLINE_SECONDS", 0.5)
+            with pytest.raises(TimeoutError) as exc:
+                await restore(options, settings.topic_state, [0])
+        await writer.abort_transaction()
+    finally:
+        await writer.stop()
+    assert "state partitions [0]" in str(exc.value)
+    assert "kafka-transactions.sh find-hanging" in str(exc.value)
