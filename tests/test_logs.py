@@ -17,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service import logs
-from service.logs import LineWriter, Repeats
+from service.linewriter import LineWriter
+from service.logs import Repeats
 
 
 def _record(name: str, msg: str, level: int = logging.WARNING) -> logging.LogRecord:
