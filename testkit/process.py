@@ -116,6 +116,7 @@ class ServiceProcess:
         name: str,
         port: int | None = None,
         json_logs: bool = True,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         # A given port: a node started again where its clients already send.
         self.port = port if port is not None else free_port()
@@ -123,7 +124,7 @@ class ServiceProcess:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [str(ROOT / ".venv" / "bin" / "callstatus"), "serve"],
-            env=settings_env(settings, self.port, json_logs),
+            env={**settings_env(settings, self.port, json_logs), **(extra_env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=log_dir,  # no .callstatus.env there: the environment alone configures it

@@ -5,13 +5,16 @@ never how fast anything was."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
-from testkit import ROOT
+from testkit import ROOT, compiled
 
 # The harness starts its own private broker here (and on the next port): this range
 # belongs to the benchmark, so it never meets another test's broker.
@@ -40,7 +43,8 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
     assert r["smoke"] is True
 
     servers = {"service ROLE=ingest", "service ROLE=all", "Go peer", "bare Starlette"}
-    assert set(r["closed_loop"]) == servers
+    # The plain-Python service beside the compiled one: closed loop only.
+    assert set(r["closed_loop"]) == servers | {"service ROLE=ingest, plain Python"}
     assert set(r["open_loop"]) == servers
     assert r["config"]["closed_generator"].startswith("wrk")
     for name in servers:
@@ -89,12 +93,43 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
 
     table = (out / "table.md").read_text()
     assert table in run.stdout
-    # header, machine and generators, 4 closed-loop, 4 open-loop, handler, 2 account-cost
-    # rows, then 7 more
-    assert len(table.splitlines()) == 2 + 2 + 4 + 4 + 1 + 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1
+    # header, machine, generators and build, 5 closed-loop, 4 open-loop, handler, 2
+    # account-cost rows, then 7 more
+    assert len(table.splitlines()) == 2 + 3 + 5 + 4 + 1 + 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1
     # The chart needs the bench extra (matplotlib); without it the run still passes and
     # simply writes no chart, which is what `make test` (dev extras only) sees.
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "latency.png").read_bytes().startswith(b"\x89PNG")
     else:
         assert not (out / "latency.png").exists()
+
+
+def test_the_compiled_build_holds_every_listed_module_compiled(tmp_path: Path) -> None:
+    """What the bench measured as compiled is: each module setup.py lists imports from
+    build/compiled as a C extension, the rest of the package as Python. (The smoke run
+    above built it; a build of unchanged sources is a no-op.)"""
+    folder = compiled.build()
+    listed = next(
+        node.value
+        for node in ast.walk(ast.parse((ROOT / "setup.py").read_text()))
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "COMPILED"
+    )
+    modules = [path.removesuffix(".py").replace("/", ".") for path in ast.literal_eval(listed)]
+    assert "service.lane" in modules
+    probe = (
+        "import importlib, json, sys\n"
+        "print(json.dumps({m: importlib.import_module(m).__file__ for m in sys.argv[1:]}))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe, *modules, "service.ingest"],
+        env={**os.environ, **compiled.environ(folder)},
+        cwd=tmp_path,  # not the repository, whose sources `python -c` would find first
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    files = json.loads(run.stdout)
+    for module in modules:
+        assert files[module].startswith(str(folder)), files[module]
+        assert files[module].endswith(tuple(EXTENSION_SUFFIXES)), (module, files[module])
+    assert files["service.ingest"] == str(folder / "service" / "ingest.py")
