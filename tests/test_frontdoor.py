@@ -293,9 +293,13 @@ async def test_a_socket_answered_before_its_body_is_closed_at_the_deadline(
 
         feeding = asyncio.create_task(trickling())
         try:
-            assert await asyncio.wait_for(reader.read(), 5) == b""
+            # A close with the trickled bytes unread reaches the client as a reset, not an
+            # EOF: either way the server let go of the socket.
+            assert await _closed_by_server(reader)
         finally:
             feeding.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await feeding
         # The deadline is 1 s, checked every 0.1 s.
         assert loop.time() - answered < 3.0
     finally:
