@@ -391,7 +391,10 @@ class IngestProducer:
             if not isinstance(failure, KafkaError):
                 # A bug, not Kafka's answer: the 500 path logs it. A new exception, so the
                 # shared one is not raised from every request of the batch.
-                raise RuntimeError("the delivery future failed unexpectedly") from failure
+                error = RuntimeError(f"the delivery future failed unexpectedly: {failure!r}")
+                # Set, not `raise ... from`: mypyc's compiled raise drops that cause.
+                error.__cause__ = failure
+                raise error
             # The broker refused a record that spent a sequence number.
             raise self._failed(failure, producer, headers, sent=True) from None
         self._last_ack = time.monotonic()
