@@ -13,6 +13,7 @@ import subprocess
 import sys
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
+from typing import cast
 
 from testkit import ROOT, compiled
 
@@ -118,18 +119,29 @@ def test_the_compiled_build_holds_every_listed_module_compiled(tmp_path: Path) -
     assert "service.lane" in modules
     probe = (
         "import importlib, json, sys\n"
-        "print(json.dumps({m: importlib.import_module(m).__file__ for m in sys.argv[1:]}))"
+        "files = {m: importlib.import_module(m).__file__ for m in sys.argv[1:]}\n"
+        "server = importlib.import_module('service.server')\n"
+        "print(json.dumps({**files, 'COMPILED': server.COMPILED}))"
     )
-    run = subprocess.run(
-        [sys.executable, "-c", probe, *modules, "service.ingest"],
-        env={**os.environ, **compiled.environ(folder)},
-        cwd=tmp_path,  # not the repository, whose sources `python -c` would find first
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    files = json.loads(run.stdout)
+
+    def probed(env: dict[str, str]) -> dict[str, object]:
+        run = subprocess.run(
+            [sys.executable, "-c", probe, *modules, "service.ingest"],
+            env={**os.environ, **env},
+            cwd=tmp_path,  # not the repository, whose sources `python -c` would find first
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return cast(dict[str, object], json.loads(run.stdout))
+
+    files = probed(compiled.environ(folder))
     for module in modules:
-        assert files[module].startswith(str(folder)), files[module]
-        assert files[module].endswith(tuple(EXTENSION_SUFFIXES)), (module, files[module])
+        assert str(files[module]).startswith(str(folder)), files[module]
+        assert str(files[module]).endswith(tuple(EXTENSION_SUFFIXES)), (module, files[module])
     assert files["service.ingest"] == str(folder / "service" / "ingest.py")
+    # What the service's `started` line says of its build.
+    assert files["COMPILED"] is True
+    plain = probed({})
+    assert plain["service.lane"] == str(ROOT / "service" / "lane.py")
+    assert plain["COMPILED"] is False
