@@ -5,11 +5,15 @@ the dev venv's editable install stays plain Python, so no stale extension ever s
 an edited source file. The bench builds it with :func:`build`, which does nothing while
 the sources are those it was built from.
 
-    python -m testkit.compiled      # build it, or say it is up to date
+    python -m testkit compiled      # build it, or say it is up to date
+    python -m testkit compiled --or-plain
+        # `make run`: the folder to put on PYTHONPATH, or nothing (plain Python) with a
+        # message on stderr when this machine cannot compile it
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -20,43 +24,62 @@ from pathlib import Path
 from testkit.launcher import ROOT
 
 FOLDER = ROOT / "build" / "compiled"
-_STAMP = FOLDER / ".sources"
 # What the build is made of: a change to any of these builds it again.
 _INPUTS = ("setup.py", "pyproject.toml")
 _PACKAGES = ("service", "schemas")
 
 
-def _sources_digest() -> str:
+def _folder(root: Path) -> Path:
+    return root / "build" / "compiled"
+
+
+def _stamp(root: Path) -> Path:
+    """The digest of the sources the folder was built from."""
+    return _folder(root) / ".sources"
+
+
+def _sources_digest(root: Path) -> str:
     digest = hashlib.sha256()
-    files = [ROOT / name for name in _INPUTS]
+    files = [root / name for name in _INPUTS]
     for package in _PACKAGES:
-        files += sorted(p for p in (ROOT / package).rglob("*") if p.suffix in (".py", ".json"))
+        files += sorted(p for p in (root / package).rglob("*") if p.suffix in (".py", ".json"))
     for path in files:
-        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
-def build() -> Path:
-    """``build/compiled`` from the current sources (a minute on two cores, once);
-    RuntimeError with pip's output when it cannot be built (no C compiler, no Python
-    headers)."""
-    digest = _sources_digest()
-    if _STAMP.is_file() and _STAMP.read_text() == digest:
-        return FOLDER
-    shutil.rmtree(FOLDER, ignore_errors=True)
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-build-isolation"]
-    run = subprocess.run(
-        [*pip, "--no-deps", "--target", str(FOLDER), str(ROOT)],
-        env={**os.environ, "CALLSTATUS_COMPILE": "1"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if run.returncode != 0:
-        shutil.rmtree(FOLDER, ignore_errors=True)
-        raise RuntimeError(f"the compiled build failed:\n{run.stdout}{run.stderr}"[-4000:])
-    _STAMP.write_text(digest)
-    return FOLDER
+def up_to_date(root: Path = ROOT) -> bool:
+    stamp = _stamp(root)
+    return stamp.is_file() and stamp.read_text() == _sources_digest(root)
+
+
+def build(root: Path = ROOT) -> Path:
+    """``build/compiled`` of the project at ``root`` from its current sources (a minute
+    on two cores, once); RuntimeError with pip's output when it cannot be built (no C
+    compiler, no Python headers), and then no folder is left behind."""
+    folder = _folder(root)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # One build at a time (test workers, `make run`): another's rmtree must never pull the
+    # folder from under a build, and a second build of the same sources is a no-op.
+    with (folder.parent / "compiled.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if up_to_date(root):
+            return folder
+        shutil.rmtree(folder, ignore_errors=True)
+        pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-build-isolation"]
+        run = subprocess.run(
+            [*pip, "--no-deps", "--target", str(folder), str(root)],
+            env={**os.environ, "CALLSTATUS_COMPILE": "1"},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if run.returncode != 0:
+            # A half-built folder would run as a mix of compiled and plain modules.
+            shutil.rmtree(folder, ignore_errors=True)
+            raise RuntimeError(f"the compiled build failed:\n{run.stdout}{run.stderr}"[-4000:])
+        _stamp(root).write_text(_sources_digest(root))
+        return folder
 
 
 def environ(folder: Path) -> dict[str, str]:
@@ -65,5 +88,27 @@ def environ(folder: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(folder)}
 
 
-if __name__ == "__main__":
-    print(build())
+def test_environ() -> dict[str, str]:
+    """What testkit's ``callstatus serve`` processes run: the compiled build, as the image
+    does (built here once per change of the sources); plain Python when
+    ``CALLSTATUS_TEST_BUILD=plain`` (a machine without a C compiler)."""
+    if os.environ.get("CALLSTATUS_TEST_BUILD") == "plain":
+        return {}
+    return environ(build())
+
+
+def main(argv: list[str], root: Path = ROOT) -> int:
+    if argv[1:] != ["--or-plain"]:
+        print(build(root))
+        return 0
+    if not up_to_date(root):
+        print(
+            "compiling the hot path with mypyc (once per change; about a minute)", file=sys.stderr
+        )
+    try:
+        print(build(root))
+    except RuntimeError as exc:
+        # `make run` must still run where there is no compiler: plain Python behaves the
+        # same, it only costs more CPU per request.
+        print(f"{exc}\nrunning plain Python instead (slower, the same behaviour)", file=sys.stderr)
+    return 0

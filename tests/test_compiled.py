@@ -1,0 +1,86 @@
+"""testkit.compiled, the compiled build of the bench and `make run`, on tiny projects of
+its own: built once per change of the sources, and a failed build leaves nothing behind
+and, for `make run`, falls back to plain Python with a message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from testkit import compiled
+
+PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=69"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "tiny-callstatus"
+version = "0"
+
+[tool.setuptools]
+packages = ["service", "schemas"]
+"""
+
+
+def _project(root: Path, setup_py: str) -> Path:
+    for package in ("service", "schemas"):
+        (root / package).mkdir(parents=True)
+        (root / package / "__init__.py").write_text("")
+    (root / "service" / "lane.py").write_text("WHICH = 1\n")
+    (root / "pyproject.toml").write_text(PYPROJECT)
+    (root / "setup.py").write_text(setup_py)
+    return root
+
+
+def test_a_build_is_made_once_per_change_of_the_sources(tmp_path: Path) -> None:
+    root = _project(tmp_path, "from setuptools import setup\nsetup()\n")
+    folder = compiled.build(root)
+    assert (folder / "service" / "lane.py").read_text() == "WHICH = 1\n"
+    assert compiled.up_to_date(root)
+    # The same sources: no second build (it would start from an empty folder).
+    (folder / "left-by-the-first-build").touch()
+    assert compiled.build(root) == folder
+    assert (folder / "left-by-the-first-build").exists()
+    # An edited module: built again, from scratch.
+    (root / "service" / "lane.py").write_text("WHICH = 2\n")
+    assert not compiled.up_to_date(root)
+    compiled.build(root)
+    assert (folder / "service" / "lane.py").read_text() == "WHICH = 2\n"
+    assert not (folder / "left-by-the-first-build").exists()
+
+
+def test_a_failed_build_says_why_and_leaves_no_folder(tmp_path: Path) -> None:
+    root = _project(tmp_path, "raise SystemExit('error: no C compiler on this machine')\n")
+    with pytest.raises(RuntimeError, match="no C compiler on this machine") as failed:
+        compiled.build(root)
+    assert str(failed.value).startswith("the compiled build failed")
+    assert not (root / "build" / "compiled").exists()
+    assert not compiled.up_to_date(root)
+
+
+def test_make_run_falls_back_to_plain_python_when_it_cannot_compile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _project(tmp_path, "raise SystemExit('error: no C compiler on this machine')\n")
+    assert compiled.main(["compiled", "--or-plain"], root) == 0
+    out, err = capsys.readouterr()
+    # Nothing on stdout: `make run` puts it on PYTHONPATH, and empty means plain Python.
+    assert out == ""
+    assert "no C compiler on this machine" in err
+    assert "running plain Python instead" in err
+
+
+def test_make_run_gets_the_folder_when_it_compiles(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _project(tmp_path, "from setuptools import setup\nsetup()\n")
+    assert compiled.main(["compiled", "--or-plain"], root) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(root / "build" / "compiled")
+    assert "compiling the hot path" in err
+    # Built already: said nothing, the folder again.
+    compiled.main(["compiled", "--or-plain"], root)
+    out, err = capsys.readouterr()
+    assert (out.strip(), err) == (str(root / "build" / "compiled"), "")
