@@ -1,13 +1,14 @@
 """The package's build. Plain Python by default; with ``CALLSTATUS_COMPILE=1`` the
 modules every ingest request runs through are compiled to C extensions by mypyc (part of
 mypy; the code is the same, already ``mypy --strict``): about a tenth less CPU per
-request in an A/B with wrk (bench/README.md, "The sixth round"). ``testkit.compiled``
-builds it so for the bench; the image and ``make run`` do not yet (issue 21's note says
-what is left). The dev venv's editable install stays plain Python, so an edit takes
-effect at once.
+request in an A/B with wrk (bench/README.md, "The sixth round"). The image's build
+stage builds it so (the Dockerfile), and in a checkout ``testkit.compiled`` does, for
+``make run``, the bench and the integration tests (README, "The compiled build"). The dev
+venv's editable install stays plain Python, so an edit takes effect at once.
 
-Compiling needs a C compiler, Python's headers and mypy in the build environment (pip's
-``--no-build-isolation``, with the dev extra installed)."""
+Compiling needs a C compiler, Python's headers, and mypy with the runtime set's stubs in
+the build environment (pip's ``--no-build-isolation``: the dev extra, or the image's
+requirements-build.lock)."""
 
 from __future__ import annotations
 

@@ -144,7 +144,9 @@ async def service(
     settings = settings_for(bootstrap, unique, role=role, **{**config, **overrides})
     # Its own log format (testkit makes every other service process log JSON).
     extra = compiled_env(compiled) if compiled is not None else None
-    proc = ServiceProcess(settings, log_dir, name, json_logs=False, extra_env=extra)
+    proc = ServiceProcess(
+        settings, log_dir, name, json_logs=False, extra_env=extra, test_build=False
+    )
     server = Server(
         name,
         f"http://127.0.0.1:{proc.port}{INGEST}",

@@ -14,6 +14,7 @@ the sources are those it was built from.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -56,29 +57,42 @@ def up_to_date(root: Path = ROOT) -> bool:
 def build(root: Path = ROOT) -> Path:
     """``build/compiled`` of the project at ``root`` from its current sources (a minute
     on two cores, once); RuntimeError with pip's output when it cannot be built (no C
-    compiler, no Python headers), and then no folder is left behind."""
+    compiler, no Python headers), and then no folder is left behind. It is built beside
+    the folder and renamed into place, so a process running the earlier build keeps
+    what it imported."""
     folder = _folder(root)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # One build at a time (test workers, `make run`): another's rmtree must never pull the
-    # folder from under a build, and a second build of the same sources is a no-op.
+    # One build at a time (test workers, `make run`): two must not fill one scratch
+    # folder, and the second build of the same sources is a no-op.
     with (folder.parent / "compiled.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if up_to_date(root):
+        digest = _sources_digest(root)
+        if _stamp(root).is_file() and _stamp(root).read_text() == digest:
             return folder
-        shutil.rmtree(folder, ignore_errors=True)
+        scratch = folder.with_name("compiled.new")
+        shutil.rmtree(scratch, ignore_errors=True)
         pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-build-isolation"]
         run = subprocess.run(
-            [*pip, "--no-deps", "--target", str(folder), str(root)],
+            [*pip, "--no-deps", "--target", str(scratch), str(root)],
             env={**os.environ, "CALLSTATUS_COMPILE": "1"},
             capture_output=True,
             text=True,
             check=False,
         )
         if run.returncode != 0:
-            # A half-built folder would run as a mix of compiled and plain modules.
+            # Neither half a build nor one of older sources is left to run by mistake.
+            shutil.rmtree(scratch, ignore_errors=True)
             shutil.rmtree(folder, ignore_errors=True)
             raise RuntimeError(f"the compiled build failed:\n{run.stdout}{run.stderr}"[-4000:])
-        _stamp(root).write_text(_sources_digest(root))
+        (scratch / ".sources").write_text(digest)
+        # Swapped in whole, by renames: a service still running from the folder keeps the
+        # modules it loaded (open files survive the rename), and none sees half a build.
+        old = folder.with_name("compiled.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        scratch.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
         return folder
 
 
@@ -88,13 +102,16 @@ def environ(folder: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(folder)}
 
 
-def test_environ() -> dict[str, str]:
-    """What testkit's ``callstatus serve`` processes run: the compiled build, as the image
-    does (built here once per change of the sources); plain Python when
-    ``CALLSTATUS_TEST_BUILD=plain`` (a machine without a C compiler)."""
+@functools.cache
+def test_build() -> Path | None:
+    """What testkit's ``callstatus serve`` processes run: the compiled build's folder, as
+    the image runs it; None, plain Python, when ``CALLSTATUS_TEST_BUILD=plain`` (a
+    machine without a C compiler). Built once per test process: a source edited during a
+    run neither stalls the run's next service start for a rebuild nor mixes two builds
+    in one test."""
     if os.environ.get("CALLSTATUS_TEST_BUILD") == "plain":
-        return {}
-    return environ(build())
+        return None
+    return build()
 
 
 def main(argv: list[str], root: Path = ROOT) -> int:

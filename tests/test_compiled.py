@@ -60,6 +60,17 @@ def test_a_failed_build_says_why_and_leaves_no_folder(tmp_path: Path) -> None:
     assert not compiled.up_to_date(root)
 
 
+def test_a_failed_rebuild_leaves_no_build_of_older_sources_to_run(tmp_path: Path) -> None:
+    root = _project(tmp_path, "from setuptools import setup\nsetup()\n")
+    folder = compiled.build(root)
+    (root / "setup.py").write_text("raise SystemExit('error: no C compiler on this machine')\n")
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        compiled.build(root)
+    assert not folder.exists()
+    # Nor the scratch folder it was being built in (setuptools' own bdist/lib may stay).
+    assert sorted(p.name for p in folder.parent.glob("compiled*")) == ["compiled.lock"]
+
+
 def test_make_run_falls_back_to_plain_python_when_it_cannot_compile(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
