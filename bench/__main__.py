@@ -296,9 +296,9 @@ class Bench:
                 "open_loop_connections": load.OPEN_LOOP_CONNECTIONS,
                 "kafka": "private single-node broker (deploy/local/kafka), same machine",
                 "service_build": (
-                    "compiled: setup.py's hot-path modules by mypyc (testkit/compiled.py; "
-                    "the image and `make run` do not compile yet); the plain-Python row is "
-                    "the dev venv's editable install, closed loop only"
+                    "compiled, as the image and `make run` run it: setup.py's hot-path "
+                    "modules by mypyc (testkit/compiled.py); the plain-Python row is the "
+                    "dev venv's editable install, closed loop only"
                 ),
             },
             "closed_loop": {},
