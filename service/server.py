@@ -113,23 +113,17 @@ class Node:
                 )
                 self._connecting = asyncio.create_task(self._connect(), name="kafka-connect")
                 self._connecting.add_done_callback(self._connect_ended)
-                log.info(
-                    "started",
-                    role=settings.role.value,
-                    port=settings.port,
-                    kafka=False,
-                    compiled=COMPILED,
-                )
+                self._say_started(kafka=False)
                 return
         else:
             await retry_at_start(lambda: ensure_topics(settings), "topics")
         await self._start_kafka_parts(deadline_seconds=60.0)
+        self._say_started(kafka=True)
+
+    def _say_started(self, kafka: bool) -> None:
+        settings = self.settings
         log.info(
-            "started",
-            role=settings.role.value,
-            port=settings.port,
-            kafka=True,
-            compiled=COMPILED,
+            "started", role=settings.role.value, port=settings.port, kafka=kafka, compiled=COMPILED
         )
 
     async def _start_kafka_parts(self, deadline_seconds: float) -> None:

@@ -13,6 +13,7 @@ the sources are those it was built from.
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import functools
 import hashlib
@@ -28,6 +29,16 @@ FOLDER = ROOT / "build" / "compiled"
 # What the build is made of: a change to any of these builds it again.
 _INPUTS = ("setup.py", "pyproject.toml")
 _PACKAGES = ("service", "schemas")
+
+
+def listed(root: Path = ROOT) -> list[Path]:
+    """The modules setup.py's ``COMPILED`` lists (read from its source: importing
+    setup.py would run setup())."""
+    tree = ast.parse((root / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "COMPILED":
+            return [root / path for path in ast.literal_eval(node.value)]
+    raise LookupError("setup.py has no COMPILED list")
 
 
 def _folder(root: Path) -> Path:
@@ -71,6 +82,12 @@ def build(root: Path = ROOT) -> Path:
             return folder
         scratch = folder.with_name("compiled.new")
         shutil.rmtree(scratch, ignore_errors=True)
+        # setuptools' own staging folders keep what an earlier build made, and it would
+        # ship a module compiled then but no longer listed beside the new ones.
+        for staged in folder.parent.glob("*"):
+            name = staged.name
+            if staged.is_dir() and (name == "lib" or name.startswith(("lib.", "temp.", "bdist."))):
+                shutil.rmtree(staged)
         pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-build-isolation"]
         run = subprocess.run(
             [*pip, "--no-deps", "--target", str(scratch), str(root)],

@@ -4,6 +4,7 @@ and, for `make run`, falls back to plain Python with a message."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,18 @@ def test_a_build_is_made_once_per_change_of_the_sources(tmp_path: Path) -> None:
     assert not (folder / "left-by-the-first-build").exists()
 
 
+def test_a_module_removed_from_the_sources_is_gone_from_the_rebuild(tmp_path: Path) -> None:
+    """setuptools' staging folder (build/lib.*) keeps what an earlier build made: a
+    module compiled then, no longer listed, must not ship beside the new build."""
+    root = _project(tmp_path, "from setuptools import setup\nsetup()\n")
+    (root / "service" / "gone.py").write_text("")
+    folder = compiled.build(root)
+    assert (folder / "service" / "gone.py").exists()
+    (root / "service" / "gone.py").unlink()
+    compiled.build(root)
+    assert not (folder / "service" / "gone.py").exists()
+
+
 def test_a_failed_build_says_why_and_leaves_no_folder(tmp_path: Path) -> None:
     root = _project(tmp_path, "raise SystemExit('error: no C compiler on this machine')\n")
     with pytest.raises(RuntimeError, match="no C compiler on this machine") as failed:
@@ -95,3 +108,18 @@ def test_make_run_gets_the_folder_when_it_compiles(
     compiled.main(["compiled", "--or-plain"], root)
     out, err = capsys.readouterr()
     assert (out.strip(), err) == (str(root / "build" / "compiled"), "")
+
+
+def test_no_compiled_module_has_a_coroutine() -> None:
+    """mypyc's compiled coroutines are not safe to cancel (setup.py says what crashed):
+    the compiled build holds synchronous code only, which the lane's callbacks are."""
+    modules = compiled.listed()
+    assert any(path.name == "lane.py" for path in modules)
+    for path in modules:
+        tree = ast.parse(path.read_text())
+        coroutines = [
+            getattr(node, "name", type(node).__name__)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.AsyncFunctionDef, ast.Await, ast.AsyncFor, ast.AsyncWith))
+        ]
+        assert not coroutines, f"{path.name} is compiled and has {coroutines}"
