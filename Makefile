@@ -81,7 +81,7 @@ schemas: venv
 	$(BIN)/python -m service.accountsfile
 
 # The image's pinned runtime set: what `pip install .` resolves to in a clean venv; and
-# its build stage's compiler set (mypy, setuptools), likewise.
+# its build stage's compiler set (mypy, setuptools, the stubs mypy reads), likewise.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet .

@@ -392,7 +392,7 @@ class IngestProducer:
                 # A bug, not Kafka's answer: the 500 path logs it. A new exception, so the
                 # shared one is not raised from every request of the batch.
                 error = RuntimeError(f"the delivery future failed unexpectedly: {failure!r}")
-                # Set, not `raise ... from`: mypyc's compiled raise drops that cause.
+                # Set, not `raise ... from`: compiled by mypyc, that raise drops the cause.
                 error.__cause__ = failure
                 raise error
             # The broker refused a record that spent a sequence number.
