@@ -8,6 +8,4 @@ import sys
 
 from testkit import compiled
 
-if sys.argv[1:2] != ["compiled"]:
-    sys.exit("usage: python -m testkit compiled [--or-plain]")
 sys.exit(compiled.main(sys.argv[1:]))

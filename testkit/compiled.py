@@ -25,7 +25,6 @@ from pathlib import Path
 
 from testkit.launcher import ROOT
 
-FOLDER = ROOT / "build" / "compiled"
 # What the build is made of: a change to any of these builds it again.
 _INPUTS = ("setup.py", "pyproject.toml")
 _PACKAGES = ("service", "schemas")
@@ -60,9 +59,14 @@ def _sources_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def up_to_date(root: Path = ROOT) -> bool:
+def _built_from(root: Path) -> str | None:
+    """The digest of the sources the folder holds a build of, if it holds one."""
     stamp = _stamp(root)
-    return stamp.is_file() and stamp.read_text() == _sources_digest(root)
+    return stamp.read_text() if stamp.is_file() else None
+
+
+def up_to_date(root: Path = ROOT) -> bool:
+    return _built_from(root) == _sources_digest(root)
 
 
 def build(root: Path = ROOT) -> Path:
@@ -78,7 +82,7 @@ def build(root: Path = ROOT) -> Path:
     with (folder.parent / "compiled.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         digest = _sources_digest(root)
-        if _stamp(root).is_file() and _stamp(root).read_text() == digest:
+        if _built_from(root) == digest:
             return folder
         scratch = folder.with_name("compiled.new")
         shutil.rmtree(scratch, ignore_errors=True)
@@ -131,8 +135,15 @@ def test_build() -> Path | None:
     return build()
 
 
+USAGE = "usage: python -m testkit compiled [--or-plain]"
+
+
 def main(argv: list[str], root: Path = ROOT) -> int:
-    if argv[1:] != ["--or-plain"]:
+    """``python -m testkit``'s arguments: ``compiled``, then ``--or-plain`` or nothing."""
+    if argv[:1] != ["compiled"] or argv[1:] not in ([], ["--or-plain"]):
+        print(USAGE, file=sys.stderr)
+        return 2
+    if not argv[1:]:
         print(build(root))
         return 0
     if not up_to_date(root):

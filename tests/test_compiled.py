@@ -5,11 +5,14 @@ and, for `make run`, falls back to plain Python with a message."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from testkit import compiled
+from testkit import ROOT, compiled
 
 PYPROJECT = """\
 [build-system]
@@ -25,6 +28,11 @@ packages = ["service", "schemas"]
 """
 
 
+# setup.py of a project that builds, and of one whose build fails as without a compiler.
+BUILDS = "from setuptools import setup\nsetup()\n"
+NO_COMPILER = "raise SystemExit('error: no C compiler on this machine')\n"
+
+
 def _project(root: Path, setup_py: str) -> Path:
     for package in ("service", "schemas"):
         (root / package).mkdir(parents=True)
@@ -36,7 +44,7 @@ def _project(root: Path, setup_py: str) -> Path:
 
 
 def test_a_build_is_made_once_per_change_of_the_sources(tmp_path: Path) -> None:
-    root = _project(tmp_path, "from setuptools import setup\nsetup()\n")
+    root = _project(tmp_path, BUILDS)
     folder = compiled.build(root)
     assert (folder / "service" / "lane.py").read_text() == "WHICH = 1\n"
     assert compiled.up_to_date(root)
@@ -55,7 +63,7 @@ def test_a_build_is_made_once_per_change_of_the_sources(tmp_path: Path) -> None:
 def test_a_module_removed_from_the_sources_is_gone_from_the_rebuild(tmp_path: Path) -> None:
     """setuptools' staging folder (build/lib.*) keeps what an earlier build made: a
     module compiled then, no longer listed, must not ship beside the new build."""
-    root = _project(tmp_path, "from setuptools import setup\nsetup()\n")
+    root = _project(tmp_path, BUILDS)
     (root / "service" / "gone.py").write_text("")
     folder = compiled.build(root)
     assert (folder / "service" / "gone.py").exists()
@@ -65,7 +73,7 @@ def test_a_module_removed_from_the_sources_is_gone_from_the_rebuild(tmp_path: Pa
 
 
 def test_a_failed_build_says_why_and_leaves_no_folder(tmp_path: Path) -> None:
-    root = _project(tmp_path, "raise SystemExit('error: no C compiler on this machine')\n")
+    root = _project(tmp_path, NO_COMPILER)
     with pytest.raises(RuntimeError, match="no C compiler on this machine") as failed:
         compiled.build(root)
     assert str(failed.value).startswith("the compiled build failed")
@@ -74,9 +82,9 @@ def test_a_failed_build_says_why_and_leaves_no_folder(tmp_path: Path) -> None:
 
 
 def test_a_failed_rebuild_leaves_no_build_of_older_sources_to_run(tmp_path: Path) -> None:
-    root = _project(tmp_path, "from setuptools import setup\nsetup()\n")
+    root = _project(tmp_path, BUILDS)
     folder = compiled.build(root)
-    (root / "setup.py").write_text("raise SystemExit('error: no C compiler on this machine')\n")
+    (root / "setup.py").write_text(NO_COMPILER)
     with pytest.raises(RuntimeError, match="no C compiler"):
         compiled.build(root)
     assert not folder.exists()
@@ -87,7 +95,7 @@ def test_a_failed_rebuild_leaves_no_build_of_older_sources_to_run(tmp_path: Path
 def test_make_run_falls_back_to_plain_python_when_it_cannot_compile(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = _project(tmp_path, "raise SystemExit('error: no C compiler on this machine')\n")
+    root = _project(tmp_path, NO_COMPILER)
     assert compiled.main(["compiled", "--or-plain"], root) == 0
     out, err = capsys.readouterr()
     # Nothing on stdout: `make run` puts it on PYTHONPATH, and empty means plain Python.
@@ -99,7 +107,7 @@ def test_make_run_falls_back_to_plain_python_when_it_cannot_compile(
 def test_make_run_gets_the_folder_when_it_compiles(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = _project(tmp_path, "from setuptools import setup\nsetup()\n")
+    root = _project(tmp_path, BUILDS)
     assert compiled.main(["compiled", "--or-plain"], root) == 0
     out, err = capsys.readouterr()
     assert out.strip() == str(root / "build" / "compiled")
@@ -123,3 +131,31 @@ def test_no_compiled_module_has_a_coroutine() -> None:
             if isinstance(node, (ast.AsyncFunctionDef, ast.Await, ast.AsyncFor, ast.AsyncWith))
         ]
         assert not coroutines, f"{path.name} is compiled and has {coroutines}"
+
+
+def test_the_command_refuses_what_it_does_not_know(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in ([], ["compile"], ["compiled", "--or-plan"], ["compiled", "--or-plain", "x"]):
+        assert compiled.main(argv, Path("/nonexistent")) == 2  # refused before any build
+        assert capsys.readouterr().err.strip() == compiled.USAGE
+
+
+def test_a_run_meant_for_the_compiled_build_refuses_the_plain_modules() -> None:
+    """tests/integration/test_compiled_units.py's guard (tests/conftest.py): without the
+    build on PYTHONPATH, the run stops before any test instead of passing on plain code."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "pytest"),
+            *("-q", "-p", "no:cacheprovider", "--import-mode=importlib"),
+            "tests/test_signature.py",
+        ],
+        env={**env, "TESTKIT_EXPECT_COMPILED": "1"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
+    assert "not the compiled build" in run.stderr
+    assert " passed" not in run.stdout

@@ -476,12 +476,9 @@ async def run_container(bootstrap: str) -> None:
         run([docker(), "exec", app.name, "sh", "-c", 'test -w "$CALLSTATUS_SPOOL_DIR"'])
         passed("the spool directory is writable under the read-only root")
         # The hot path runs as the build stage compiled it, and no compiler came along.
-        started = [
-            line
-            for line in app.logs(tail="all").splitlines()
-            if line.startswith("{") and json.loads(line).get("event") == "started"
-        ]
-        if not started or json.loads(started[0]).get("compiled") is not True:
+        lines = [json.loads(line) for line in app.logs(tail="all").splitlines() if line[:1] == "{"]
+        started = [line for line in lines if line.get("event") == "started"]
+        if not started or started[0].get("compiled") is not True:
             raise Failed(f"the `started` line does not say compiled=true: {started}")
         gcc = run([docker(), "exec", app.name, "sh", "-c", "command -v gcc cc || true"]).strip()
         if gcc:
