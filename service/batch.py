@@ -183,6 +183,53 @@ def plan_batch(
     return out
 
 
+@dataclass(slots=True)
+class Narrowing:
+    """Which records of a partition's fetched batch the next transaction takes, while
+    Kafka refuses one of their outputs for good and does not say which.
+
+    A refused produce request fails every record batched with the culprit, so a
+    refusal only says "somewhere in this transaction". Writing the whole batch again
+    one output at a time would find it, but one acknowledgement after another: ~12,000
+    outputs for a batch of 6,000 events, long past a batch's deadline on a slow link.
+    Instead the transaction takes half as many records after each such refusal, and
+    keeps that size as it commits its way forward; at one record its few outputs are
+    written singly, which names the culprit. So about 2 log2(n) short transactions find
+    it (cutting a backlog differently never changes a decision: tests/test_batch.py),
+    and the rest go on in whole batches once it is known.
+
+    Pure: the worker reports each outcome, this says what to try next."""
+
+    rest: int  # records not committed yet
+    take: int = 0  # records the next transaction takes; 0: all of ``rest``
+    singly: bool = False  # write the next transaction's outputs one at a time
+
+    @property
+    def size(self) -> int:
+        return self.take or self.rest
+
+    def refused(self) -> None:
+        """A transaction of batched outputs was refused, culprit unknown: fewer records,
+        down to one, whose outputs are then written singly."""
+        if self.size <= 1:
+            self.singly = True
+        else:
+            self.take = self.size // 2
+
+    def found(self) -> None:
+        """The culprit is known (and answered as unwritable from now on): whole batches."""
+        self.take, self.singly = 0, False
+
+    def committed(self) -> None:
+        """The transaction committed: its records are done, and a search goes on at the
+        same size over the rest. Unless its outputs went singly: then each fitted and
+        only their batching was refused (a topic's limit lowered under a record batch),
+        so whole batches again; the next refusal narrows again."""
+        self.rest -= self.size
+        self.take = 0 if self.singly else min(self.take, self.rest)
+        self.singly = False
+
+
 def _clamped(watermark: datetime | None, swept_at: datetime | None, bound: datetime) -> BatchPlan:
     """An empty plan holding the partition's clock as given, but never past ``bound``.
 
@@ -414,4 +461,4 @@ def _sweep(out: BatchPlan, states: Mapping[str, bytes], target: Target, r: Reten
         )
 
 
-__all__ = ["NO_RECORD", "BatchPlan", "Output", "Retention", "Target", "plan_batch"]
+__all__ = ["NO_RECORD", "BatchPlan", "Narrowing", "Output", "Retention", "Target", "plan_batch"]

@@ -12,10 +12,11 @@ reasoning is in docs/architecture.md, sections 5 and 8:
 * Every output of a batch is awaited before the offsets go in: aiokafka commits after
   a flush that ignores delivery errors, so an unchecked refusal would commit the offset
   without the output.
-* A record Kafka refuses for good (too large) is found by writing the batch again one
-  output at a time, and then answered with an ``unwritable`` rejection instead: the
-  partition neither stalls nor loses it. Memory changes only after a commit, so after
-  an abort it still equals what Kafka holds and the batch is simply planned again.
+* A record Kafka refuses for good (too large) is found by transactions of ever fewer
+  of the batch's records, down to one whose outputs go singly (:class:`Narrowing`), and
+  then answered with an ``unwritable`` rejection instead: the partition neither stalls
+  nor loses it. Memory changes only after a commit, so after an abort it still equals
+  what Kafka holds and the records are simply planned again.
 * Any other error is raised: the processor (:mod:`service.processor`) restarts from
   what Kafka committed.
 """
@@ -41,7 +42,16 @@ from prometheus_client import Counter
 from service import metrics
 from service.aheadofclock import AheadOfClock
 from service.aiokafka_internals import sender_failure
-from service.batch import NO_RECORD, BatchPlan, Output, Record, Retention, Target, plan_batch
+from service.batch import (
+    NO_RECORD,
+    BatchPlan,
+    Narrowing,
+    Output,
+    Record,
+    Retention,
+    Target,
+    plan_batch,
+)
 from service.kafkaerrors import REFUSED_FOR_GOOD, is_refused_for_good, retrieve
 from service.restore import restore
 from service.settings import Settings
@@ -239,12 +249,21 @@ class PartitionWorker:
         return bool(ends[state_tp] == self.state_end)
 
     async def process(self, records: list[Record], processed_at: datetime) -> bool:
-        """Judge a batch and commit its effects in one transaction; True if it did."""
+        """Judge a batch and commit its effects, in one transaction unless Kafka refuses
+        an output for good (then in several, see :class:`~service.batch.Narrowing`);
+        True if anything committed."""
+        position = self.next_offset
+        # Fetched before a rebalance re-seeked us: already committed. Records come in
+        # offset order, so the new ones are a tail.
+        first = next((i for i, r in enumerate(records) if r.offset >= position), len(records))
+        rest = records[first:]
         unwritable: set[int] = set()
-        one_by_one = False
+        search = Narrowing(len(rest))
+        progressed = False
         while True:
+            part = rest[: search.size]
             p = plan_batch(
-                records,
+                part,
                 self.states,
                 position=self.next_offset,
                 watermark=self.watermark,
@@ -256,15 +275,15 @@ class PartitionWorker:
             )
             if p.empty:
                 self._take_time(p)
-                return False
+                return progressed
             try:
-                await self._commit(p, one_by_one)
+                await self._commit(p, search.singly)
             except Unwritable as refused:
                 await self._renew_producer(type(refused.cause).__name__)
                 if refused.offset is None or refused.offset == NO_RECORD:
-                    if one_by_one:  # a tombstone refused: nothing we can answer for
+                    if search.singly:  # a tombstone refused: nothing we can answer for
                         raise refused.cause from None
-                    one_by_one = True  # which record? write one output at a time
+                    search.refused()  # which record? fewer at a time until one
                 elif refused.offset in unwritable:
                     # Even the cut rejection is refused (a rejected topic that takes
                     # less than ~2 KiB): nothing smaller to write, so stop and say so.
@@ -277,12 +296,14 @@ class PartitionWorker:
                         offset=refused.offset,
                         error=repr(refused.cause),
                     )
-                    # Found: batched again, so the rest is not written one ack at a
-                    # time (another refusal goes back to writing singly).
-                    one_by_one = False
+                    search.found()  # the rest in whole batches again
                 continue
             self._adopt(p)
-            return True
+            progressed = True
+            search.committed()
+            rest = rest[len(part) :]
+            if not rest:
+                return True
 
     async def _commit(self, p: BatchPlan, one_by_one: bool) -> None:
         started = time.perf_counter()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import math
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from aiokafka import ConsumerRecord
@@ -20,7 +22,7 @@ from schemas.messages import (
     UnprocessableMessage,
     encode_ingest,
 )
-from service.batch import NO_RECORD, BatchPlan, Retention, Target, plan_batch
+from service.batch import NO_RECORD, BatchPlan, Narrowing, Retention, Target, plan_batch
 from service.fsm import CallState, mark
 from service.statecodec import pack, unpack
 
@@ -442,3 +444,62 @@ def test_every_record_gets_one_verdict_and_only_events_within_the_bound_move_tim
         elif offset not in received:
             assert rejected_for[offset] is RejectReason.UNDECODABLE
     assert p.next_offset == (len(records) or None)
+
+
+Kafka = Callable[[int, int, bool, set[int]], int | None]
+
+
+def _search(n: int, refuses: Kafka) -> tuple[list[int], int]:
+    """Drive a :class:`Narrowing` over ``n`` records as the worker does. ``refuses(start,
+    size, singly, blamed)`` is Kafka: None to commit, -1 for a refusal that names nobody,
+    else the offset it names (written singly); ``blamed`` records are answered as
+    unwritable, which Kafka takes. The offsets committed, in order, and how many
+    transactions it took."""
+    search, start, transactions = Narrowing(n), 0, 0
+    done: list[int] = []
+    blamed: set[int] = set()
+    while start < n:
+        transactions += 1
+        assert transactions < 10 * n + 10, "the search does not end"
+        size = search.size
+        assert search.singly <= (size == 1)  # outputs go singly only for one record
+        offset = refuses(start, size, search.singly, blamed)
+        if offset is not None:
+            if offset == -1:
+                search.refused()
+            else:
+                blamed.add(offset)
+                search.found()
+            continue
+        done += range(start, start + size)
+        start += size
+        search.committed()
+    return done, transactions
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 6000), st.data())
+def test_a_refused_record_is_found_in_about_two_log2_n_transactions(
+    n: int, data: st.DataObject
+) -> None:
+    culprit = data.draw(st.integers(0, n - 1))
+
+    def kafka(start: int, size: int, singly: bool, blamed: set[int]) -> int | None:
+        if culprit in blamed or not start <= culprit < start + size:
+            return None
+        return culprit if singly else -1
+
+    done, transactions = _search(n, kafka)
+    assert done == list(range(n))  # each record committed once, in order
+    # Whole batch, then at most two tries a halving, the single write, the rest.
+    assert transactions <= 2 * math.ceil(math.log2(n)) + 3
+
+
+@given(st.integers(2, 3000), st.integers(1, 50))
+def test_refused_batching_of_records_that_each_fit_still_gets_everything_through(
+    n: int, limit: int
+) -> None:
+    """A topic's limit lowered under a record batch: every transaction of more than
+    ``limit`` records is refused, yet each record alone fits."""
+    done, _ = _search(n, lambda start, size, singly, blamed: -1 if size > limit else None)
+    assert done == list(range(n))

@@ -135,8 +135,9 @@ async def test_a_refused_batch_among_the_partitions_later_batches_finds_its_one_
     """The refused record opens a transaction whose outputs fill several record batches
     of one changes partition: Kafka refuses the first, and the batches after it fail too
     (their sequence numbers follow the refused one's). Those are consequences, not more
-    culprits: the worker writes singly once, finds the one record, and goes back to
-    batches; every other change lands once, the one record is answered on rejected."""
+    culprits: the worker narrows the transaction by halves down to the one record,
+    writes its outputs singly, finds it, and goes back to whole batches; every other
+    change lands once, the one record is answered on rejected."""
     # The smallest record batches the settings allow (~9 KiB), so ~60 small changes
     # after the large one fill more than one; changes takes 12,000 bytes per batch.
     settings = settings_for(BOOTSTRAP, unique, topic_partitions=1, max_body_bytes=1024)
