@@ -7,10 +7,9 @@
 #     -e CALLSTATUS_KAFKA_BOOTSTRAP_SERVERS=kafka:9092 \
 #     -e CALLSTATUS_SIGNING_SECRETS=... callstatus:0.1.0
 #
-# Two stages: `build` compiles the hot path's modules to C extensions (mypyc; setup.py
-# lists them) and installs the project and its dependencies into a virtualenv at
+# Two stages: `build` installs the project and its dependencies into a virtualenv at
 # /opt/venv; `runtime` copies only that virtualenv onto a clean slim image, so no
-# compiler, build tools, sources, pip caches or build artefacts reach the final image.
+# build tools, sources, pip caches or build artefacts reach the final image.
 # Both stages MUST use the same base image: the venv's interpreter is a symlink to the
 # base image's python3.11 (/usr/local/bin in the official image).
 #
@@ -26,45 +25,24 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# mypyc's C compiler, and Python's headers where the base lacks them (the official image
-# has them in /usr/local/include; a base of Debian's python3 needs python3-dev). This
-# stage only. Versions: the base's Debian release, like the rest of its packages.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
-    && if [ ! -f "$(python -c 'import sysconfig; print(sysconfig.get_path("include"))')/Python.h" ]; then \
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-dev; \
-    fi \
-    && rm -rf /var/lib/apt/lists/*
-
 RUN python -m venv /opt/venv
 ENV PATH="/opt/venv/bin:${PATH}"
 
 WORKDIR /src
-# The pinned dependency sets first (requirements.lock and requirements-build.lock,
-# `make lock`), in layers of their own: a change to the sources alone rebuilds from the
-# next COPY on and reuses them. The compiler (mypy, setuptools) gets a venv of its own,
-# /opt/build, which never reaches the runtime stage.
-COPY requirements.lock requirements-build.lock ./
+# The pinned dependency set first (requirements.lock, `make lock`), in a layer of its
+# own: a change to the sources alone rebuilds from the next COPY on and reuses it.
+COPY requirements.lock ./
 RUN pip install --no-cache-dir -r requirements.lock
-# mypy type-checks what it compiles, so the runtime set is in there too.
-RUN python -m venv /opt/build \
-    && /opt/build/bin/pip install --no-cache-dir -r requirements.lock -r requirements-build.lock
 
-# .dockerignore lets in only what the package build needs (pyproject.toml, setup.py,
-# README, service/, schemas/, the two locks).
+# .dockerignore lets in only what the package build needs (pyproject.toml, README,
+# service/, schemas/, requirements.lock).
 COPY . .
 
-# The wheel is built compiled (CALLSTATUS_COMPILE=1, by /opt/build's mypyc, without
-# pip's build isolation, so the pinned compiler is the one used), then installed with
-# `--no-deps`, so nothing unpinned gets in. pip compiles .pyc files at install time, so
-# the read-only runtime never needs to. The last check fails the build if the hot path
-# came out as plain Python after all (`-P`: the installed package, not /src's sources).
-RUN CALLSTATUS_COMPILE=1 /opt/build/bin/pip wheel --no-cache-dir --no-build-isolation \
-        --no-deps --wheel-dir /tmp/wheels . \
-    && pip install --no-cache-dir --no-deps /tmp/wheels/callstatus-*.whl \
+# `pip install --no-deps .` adds only the project, so nothing unpinned gets in.
+# pip compiles .pyc files at install time, so the read-only runtime never needs to.
+RUN pip install --no-cache-dir --no-deps . \
     && pip check \
-    && python -P -c "import schemas, service.server as s; assert s.COMPILED, 'not compiled'"
+    && python -c "import service, schemas"
 
 
 FROM ${BASE_IMAGE} AS runtime

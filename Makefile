@@ -35,12 +35,8 @@ kafka-reset:
 # FreeClimb API stand-in `callstatus simulate` runs on 127.0.0.1:8082 (after 20 s, a
 # sweep every 15 s), so `callstatus simulate --lost 0.1` shows lost callbacks recovered.
 # A .callstatus.env from before (the SIGNING_SECRETS shorthand) is kept and still works.
-# It runs the hot path compiled, as the image does (build/compiled, testkit/compiled.py,
-# built once per change of the sources), or plain Python, saying so, where this machine
-# has no C compiler; the `started` line says which (compiled=True/False).
 run: venv kafka-up
 	$(BIN)/callstatus local-secret
-	PYTHONPATH=$$($(BIN)/python -m testkit compiled --or-plain) \
 	CALLSTATUS_LOG_FORMAT=$${CALLSTATUS_LOG_FORMAT:-console} \
 	CALLSTATUS_SPOOL_DIR=$${CALLSTATUS_SPOOL_DIR:-deploy/local/.data/spool} $(BIN)/callstatus serve
 
@@ -80,20 +76,13 @@ schemas: venv
 	$(BIN)/python -m schemas.export
 	$(BIN)/python -m service.accountsfile
 
-# The image's pinned runtime set: what `pip install .` resolves to in a clean venv; and
-# its build stage's compiler set (mypy, setuptools, the stubs mypy reads), likewise.
+# The image's pinned runtime set: what `pip install .` resolves to in a clean venv.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet .
 	{ echo "# Runtime dependency set of the container image, pinned. Regenerate with \`make lock\`"; \
 	  echo "# (a clean venv, pip install ., pip freeze); tests/test_lock.py checks it."; \
 	  .lock-venv/bin/pip freeze --exclude callstatus; } > requirements.lock
-	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install --quiet mypy setuptools types-PyYAML
-	{ echo "# What the image's build stage compiles the hot path with (setup.py, CALLSTATUS_COMPILE=1;"; \
-	  echo "# the Dockerfile; mypy also reads the stubs of the runtime set), pinned. Regenerate"; \
-	  echo "# with \`make lock\`; tests/test_lock.py checks it."; \
-	  .lock-venv/bin/pip freeze --all --exclude pip; } > requirements-build.lock
 	rm -rf .lock-venv build callstatus.egg-info
 
 clean:

@@ -36,7 +36,6 @@ from typing import Any
 
 import httpx
 
-import testkit.compiled
 from bench import e2e, load, processor_run, report, restore_run, servers, wrk
 from bench.data import write_targets, write_wrk_requests
 from bench.kafka_loop import send_loop
@@ -244,10 +243,7 @@ class Bench:
         return rep
 
     async def measure_servers(
-        self,
-        starts: list[Callable[[], Awaitable[servers.Server]]],
-        results: dict[str, Any],
-        closed_only: frozenset[str] | set[str] = frozenset(),
+        self, starts: list[Callable[[], Awaitable[servers.Server]]], results: dict[str, Any]
     ) -> None:
         """All servers run at once (idle ones cost nothing) and are measured in turns,
         round after round (A, B, C, D, A, B, ...), so a busy minute on the shared machine
@@ -267,10 +263,9 @@ class Bench:
                 for server in running:
                     rounds[server.name].append(await self.closed_loop(server, round_))
             results["closed_loop"] = {n: wrk.summarise(reps) for n, reps in rounds.items()}
-            opened = [s for s in running if s.name not in closed_only]
-            results["open_loop"] = {s.name: [] for s in opened}
+            results["open_loop"] = {s.name: [] for s in running}
             for fraction in self.plan.fractions:
-                for server in opened:
+                for server in running:
                     rate = max(1.0, results["closed_loop"][server.name]["throughput"] * fraction)
                     rep = await self.attack(server, self.plan.open_s, rate)
                     await self.settle(server)
@@ -295,11 +290,6 @@ class Bench:
                 "open_generator": f"vegeta {load.VEGETA_MODULE.rpartition('@')[2]}",
                 "open_loop_connections": load.OPEN_LOOP_CONNECTIONS,
                 "kafka": "private single-node broker (deploy/local/kafka), same machine",
-                "service_build": (
-                    "compiled, as the image and `make run` run it: setup.py's hot-path "
-                    "modules by mypyc (testkit/compiled.py); the plain-Python row is the "
-                    "dev venv's editable install, closed loop only"
-                ),
             },
             "closed_loop": {},
             "open_loop": {},
@@ -312,14 +302,10 @@ class Bench:
         results["kafka_loop_msgs_per_s"] = await send_loop(bootstrap, loop_topic, plan.kafka_loop_s)
         progress(f"bare aiokafka loop: {results['kafka_loop_msgs_per_s']:,.0f} msg/s")
 
-        compiled = await asyncio.to_thread(testkit.compiled.build)
-
-        def service(role: Role, plain: bool = False) -> Callable[[], Awaitable[servers.Server]]:
+        def service(role: Role) -> Callable[[], Awaitable[servers.Server]]:
             unique = f"bench-{role.value}-{uuid.uuid4().hex[:8]}"
             name = report.SERVICE_INGEST if role is Role.INGEST else report.SERVICE_ALL
-            if plain:
-                return lambda: servers.service(report.SERVICE_PLAIN, bootstrap, unique, role, work)
-            return lambda: servers.service(name, bootstrap, unique, role, work, compiled)
+            return lambda: servers.service(name, bootstrap, unique, role, work)
 
         async def go_peer() -> servers.Server:
             topic = f"bench-peer-{uuid.uuid4().hex[:8]}"
@@ -330,15 +316,7 @@ class Bench:
             return await servers.bare_starlette(work)
 
         await self.measure_servers(
-            [
-                service(Role.INGEST),
-                service(Role.INGEST, plain=True),
-                service(Role.ALL),
-                go_peer,
-                bare,
-            ],
-            results,
-            closed_only={report.SERVICE_PLAIN},
+            [service(Role.INGEST), service(Role.ALL), go_peer, bare], results
         )
 
         rounds = []

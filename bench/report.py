@@ -17,9 +17,6 @@ from typing import Any
 GENERATOR_LIMIT_SHARE = 0.7
 SERVICE_INGEST = "service ROLE=ingest"
 SERVICE_ALL = "service ROLE=all"
-# The same ROLE=ingest service as the dev venv's editable install runs it: no module
-# compiled (setup.py). Closed loop only: what the compiled build buys.
-SERVICE_PLAIN = "service ROLE=ingest, plain Python"
 GO_PEER = "Go peer"
 BARE = "bare Starlette"
 
@@ -94,13 +91,6 @@ def context(r: dict[str, Any]) -> list[Row]:
             f"open loop: {c.get('open_generator', 'vegeta')}, at most "
             f"{c.get('open_loop_connections', '?')} connections",
         ),
-        Row(
-            "the service's build",
-            c.get(
-                "service_build",
-                "plain Python (the run predates the compiled build)",
-            ),
-        ),
     ]
 
 
@@ -109,17 +99,11 @@ def rows(r: dict[str, Any]) -> list[Row]:
     closed = r["closed_loop"]
     go, bare = closed[GO_PEER], closed[BARE]
     go_cpu = go.get("cpu_us_per_request") or math.nan
-    names = (SERVICE_INGEST, SERVICE_PLAIN, SERVICE_ALL, GO_PEER, BARE)
-    for name in (n for n in names if n in closed):
+    for name in (SERVICE_INGEST, SERVICE_ALL, GO_PEER, BARE):
         rep = closed[name]
         cpu = rep.get("cpu_us_per_request") or math.nan
         ratio, target = "", ""
-        if name == SERVICE_PLAIN:
-            ratio = (
-                f"CPU/request {_ratio(cpu, go_cpu, GO_PEER)}, "
-                f"{_ratio(cpu, closed[SERVICE_INGEST]['cpu_us_per_request'], 'compiled')}"
-            )
-        elif name in (SERVICE_INGEST, SERVICE_ALL):
+        if name in (SERVICE_INGEST, SERVICE_ALL):
             ratio = (
                 f"CPU/request {_ratio(cpu, go_cpu, GO_PEER)}; req/s "
                 f"{_ratio(rep['throughput'], go['throughput'], GO_PEER)}, "
@@ -129,7 +113,7 @@ def rows(r: dict[str, Any]) -> list[Row]:
             ratio = f"req/s {_ratio(rep['throughput'], go['throughput'], GO_PEER)}"
         if name == SERVICE_INGEST:
             target = _verdict(cpu <= 2 * go_cpu, "CPU/request ≤ 2x Go peer")
-        label = f"{name} (`make run` config)" if name.startswith("service") else name
+        label = f"{name} (`make run` config)" if name in (SERVICE_INGEST, SERVICE_ALL) else name
         rounds = len(rep.get("rounds", [])) or 1
         value = (
             f"{_spread(rep, 'throughput', 'req/s')}, "

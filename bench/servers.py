@@ -15,7 +15,6 @@ import httpx
 from bench.data import ACCOUNT_ID, SECRET
 from service.settings import Role
 from testkit import ServiceProcess, free_port, settings_for
-from testkit.compiled import environ as compiled_env
 
 INGEST = "/v1/call-status"
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,20 +115,13 @@ async def _wait_ready(server: Server, deadline_s: float = 90) -> None:
 
 
 async def service(
-    name: str,
-    bootstrap: str,
-    unique: str,
-    role: Role,
-    log_dir: Path,
-    compiled: Path | None = None,
-    **overrides: object,
+    name: str, bootstrap: str, unique: str, role: Role, log_dir: Path, **overrides: object
 ) -> Server:
     """``callstatus serve`` as installed and as ``make run`` configures it: a
     one-account accounts file (``callstatus local-secret``'s, bound to the bodies'
     account), signatures checked, console logs (its CALLSTATUS_LOG_FORMAT default) with
     the access line of every request, the spool on in a folder of its own (two nodes
-    started from one folder must not share it). ``compiled``: the compiled build's
-    folder (``testkit.compiled``), which the image runs; None, the dev venv's."""
+    started from one folder must not share it)."""
     accounts = log_dir / f"{name}-accounts.yaml".replace(" ", "-").replace("=", "-")
     accounts.write_text(
         f"accounts:\n  {ACCOUNT_ID}:\n    name: bench\n    signingSecrets: [{SECRET!r}]\n"
@@ -143,10 +135,7 @@ async def service(
     }
     settings = settings_for(bootstrap, unique, role=role, **{**config, **overrides})
     # Its own log format (testkit makes every other service process log JSON).
-    extra = compiled_env(compiled) if compiled is not None else None
-    proc = ServiceProcess(
-        settings, log_dir, name, json_logs=False, extra_env=extra, test_build=False
-    )
+    proc = ServiceProcess(settings, log_dir, name, json_logs=False)
     server = Server(
         name,
         f"http://127.0.0.1:{proc.port}{INGEST}",

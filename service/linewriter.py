@@ -1,9 +1,5 @@
 """Where all of the process's log lines go: one :class:`LineWriter` (``service.logs``
 makes it), which a running server lets write a pass of the event loop's lines at once.
-
-A module of its own, left out of the compiled build (setup.py): structlog keeps a lock
-per output file in a ``WeakKeyDictionary``, and a class compiled by mypyc cannot be
-weakly referenced.
 """
 
 from __future__ import annotations

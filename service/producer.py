@@ -392,9 +392,7 @@ class IngestProducer:
                 # A bug, not Kafka's answer: the 500 path logs it. A new exception, so the
                 # shared one is not raised from every request of the batch.
                 error = RuntimeError(f"the delivery future failed unexpectedly: {failure!r}")
-                # Set, not `raise ... from`: compiled by mypyc, that raise drops the cause.
-                error.__cause__ = failure
-                raise error
+                raise error from failure
             # The broker refused a record that spent a sequence number.
             raise self._failed(failure, producer, headers, sent=True) from None
         self._last_ack = time.monotonic()

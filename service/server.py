@@ -20,7 +20,6 @@ committed truth; a processor that dies anyway ends the process, so the superviso
 from __future__ import annotations
 
 import asyncio
-import importlib.machinery
 import math
 import signal
 from collections.abc import AsyncIterator
@@ -46,13 +45,6 @@ from service.settings import Role, Settings
 from service.spool import Spool
 
 log = structlog.get_logger(logger_name="callstatus.server")
-
-# Whether the hot path runs as mypyc's C extensions (setup.py's CALLSTATUS_COMPILE=1, as
-# the image builds it) or as plain Python (the dev venv): said in the `started` line, so
-# that an operator comparing CPU figures knows which build they are looking at.
-COMPILED = logs.__file__ is not None and logs.__file__.endswith(
-    tuple(importlib.machinery.EXTENSION_SUFFIXES)
-)
 
 # After the grace period, how long Kafka clients get to close before the process exits
 # anyway (deploy/k8s's terminationGracePeriodSeconds budgets for it).
@@ -113,18 +105,12 @@ class Node:
                 )
                 self._connecting = asyncio.create_task(self._connect(), name="kafka-connect")
                 self._connecting.add_done_callback(self._connect_ended)
-                self._say_started(kafka=False)
+                log.info("started", role=settings.role.value, port=settings.port, kafka=False)
                 return
         else:
             await retry_at_start(lambda: ensure_topics(settings), "topics")
         await self._start_kafka_parts(deadline_seconds=60.0)
-        self._say_started(kafka=True)
-
-    def _say_started(self, kafka: bool) -> None:
-        settings = self.settings
-        log.info(
-            "started", role=settings.role.value, port=settings.port, kafka=kafka, compiled=COMPILED
-        )
+        log.info("started", role=settings.role.value, port=settings.port, kafka=True)
 
     async def _start_kafka_parts(self, deadline_seconds: float) -> None:
         if self.publisher is not None:

@@ -18,7 +18,6 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import NoDecode
 
 from service.settings import Settings
-from testkit import compiled
 from testkit.launcher import ROOT
 
 PREFIX: str = Settings.model_config.get("env_prefix") or ""
@@ -117,24 +116,14 @@ class ServiceProcess:
         name: str,
         port: int | None = None,
         json_logs: bool = True,
-        extra_env: dict[str, str] | None = None,
-        test_build: bool = True,
     ) -> None:
         # A given port: a node started again where its clients already send.
         self.port = port if port is not None else free_port()
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")
-        env = {**settings_env(settings, self.port, json_logs), **(extra_env or {})}
-        # The build the image ships (the hot path compiled; testkit.compiled), so that the
-        # faults the integration tests inflict prove what users run. In front of a
-        # PYTHONPATH of the test's own (one that hides a module); ``test_build=False``
-        # for a caller that chooses the build itself (the bench).
-        folder = compiled.test_build() if test_build else None
-        if folder is not None:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
             [str(ROOT / ".venv" / "bin" / "callstatus"), "serve"],
-            env=env,
+            env=settings_env(settings, self.port, json_logs),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=log_dir,  # no .callstatus.env there: the environment alone configures it
@@ -168,16 +157,10 @@ class ServiceProcess:
 
     def logged(self, event: str) -> bool:
         """Whether the process wrote a JSON log line with this event."""
-        return self.log_line(event) is not None
-
-    def log_line(self, event: str) -> dict[str, object] | None:
-        """The first JSON log line the process wrote with this event, if any."""
         for line in self.log_path.read_text().splitlines():
-            if line.startswith("{"):
-                fields: dict[str, object] = json.loads(line)
-                if fields.get("event") == event:
-                    return fields
-        return None
+            if line.startswith("{") and json.loads(line).get("event") == event:
+                return True
+        return False
 
     async def wait_ready(self, deadline_s: float = 60) -> None:
         """Poll /readyz until the node says it is ready (for a processor: partitions

@@ -32,18 +32,6 @@ def make_settings(**overrides: object) -> Settings:
     return Settings.model_validate(values)
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    # tests/integration/test_compiled_units.py runs unit tests against the compiled
-    # build: a run that silently imported the plain modules instead would prove nothing.
-    if os.environ.get("TESTKIT_EXPECT_COMPILED") == "1":
-        from importlib.machinery import EXTENSION_SUFFIXES
-
-        from service import signature
-
-        if not (signature.__file__ or "").endswith(tuple(EXTENSION_SUFFIXES)):
-            raise pytest.UsageError(f"not the compiled build: {signature.__file__}")
-
-
 @pytest.fixture
 def unique() -> str:
     """A short unique suffix for topic and group names, so tests never share state."""

@@ -20,11 +20,10 @@ CI runs it as its own step after ``make test``. Steps:
    image's own non-root user (checked: 10001:10001), all capabilities dropped, no new
    privileges, host network, against a private broker of this test (port 20300, the
    launcher in deploy/local/).
-   Its ``started`` line must say ``compiled: true`` (the build stage's mypyc), and no C
-   compiler may be in it. A signed callback gets 202 and its change is read back
-   (read_committed). Then traffic flows while ``docker stop`` drains the container: it
-   must exit 0, no answer may be a 5xx other than 503, and after a restart every event
-   that got a 202 appears on the changes topic exactly once.
+   A signed callback gets 202 and its change is read back (read_committed). Then traffic
+   flows while ``docker stop`` drains the container: it must exit 0, no answer may be a
+   5xx other than 503, and after a restart every event that got a 202 appears on the
+   changes topic exactly once.
 """
 
 from __future__ import annotations
@@ -357,9 +356,9 @@ class Container:
         state: dict[str, object] = json.loads(out)
         return state
 
-    def logs(self, tail: str = "60") -> str:
+    def logs(self) -> str:
         proc = subprocess.run(
-            [docker(), "logs", "--tail", tail, self.name],
+            [docker(), "logs", "--tail", "60", self.name],
             capture_output=True,
             check=False,
             timeout=60,
@@ -475,15 +474,6 @@ async def run_container(bootstrap: str) -> None:
         # The ingest spool's directory (the image's volume) is writable by that user.
         run([docker(), "exec", app.name, "sh", "-c", 'test -w "$CALLSTATUS_SPOOL_DIR"'])
         passed("the spool directory is writable under the read-only root")
-        # The hot path runs as the build stage compiled it, and no compiler came along.
-        lines = [json.loads(line) for line in app.logs(tail="all").splitlines() if line[:1] == "{"]
-        started = [line for line in lines if line.get("event") == "started"]
-        if not started or started[0].get("compiled") is not True:
-            raise Failed(f"the `started` line does not say compiled=true: {started}")
-        gcc = run([docker(), "exec", app.name, "sh", "-c", "command -v gcc cc || true"]).strip()
-        if gcc:
-            raise Failed(f"a C compiler reached the runtime image: {gcc}")
-        passed("the hot path runs compiled (mypyc), and the runtime image has no compiler")
         first = await first_event(app, bootstrap)
 
         step("traffic flowing while `docker stop` drains the container")

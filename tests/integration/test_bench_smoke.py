@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
-from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
-from typing import cast
 
-from testkit import ROOT, compiled
+from testkit import ROOT
 
 # The harness starts its own private broker here (and on the next port): this range
 # belongs to the benchmark, so it never meets another test's broker.
@@ -43,8 +40,7 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
     assert r["smoke"] is True
 
     servers = {"service ROLE=ingest", "service ROLE=all", "Go peer", "bare Starlette"}
-    # The plain-Python service beside the compiled one: closed loop only.
-    assert set(r["closed_loop"]) == servers | {"service ROLE=ingest, plain Python"}
+    assert set(r["closed_loop"]) == servers
     assert set(r["open_loop"]) == servers
     assert r["config"]["closed_generator"].startswith("wrk")
     for name in servers:
@@ -93,49 +89,12 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
 
     table = (out / "table.md").read_text()
     assert table in run.stdout
-    # header, machine, generators and build, 5 closed-loop, 4 open-loop, handler, 2
-    # account-cost rows, then 7 more
-    assert len(table.splitlines()) == 2 + 3 + 5 + 4 + 1 + 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1
+    # header, machine and generators, 4 closed-loop, 4 open-loop, handler, 2 account-cost
+    # rows, then 7 more
+    assert len(table.splitlines()) == 2 + 2 + 4 + 4 + 1 + 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1
     # The chart needs the bench extra (matplotlib); without it the run still passes and
     # simply writes no chart, which is what `make test` (dev extras only) sees.
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "latency.png").read_bytes().startswith(b"\x89PNG")
     else:
         assert not (out / "latency.png").exists()
-
-
-def test_the_compiled_build_holds_every_listed_module_compiled(tmp_path: Path) -> None:
-    """What the bench measured as compiled is: each module setup.py lists imports from
-    build/compiled as a C extension, the rest of the package as Python. (The smoke run
-    above built it; a build of unchanged sources is a no-op.)"""
-    folder = compiled.build()
-    modules = [".".join(path.relative_to(ROOT).with_suffix("").parts) for path in compiled.listed()]
-    assert "service.lane" in modules
-    probe = (
-        "import importlib, json, sys\n"
-        "files = {m: importlib.import_module(m).__file__ for m in sys.argv[1:]}\n"
-        "server = importlib.import_module('service.server')\n"
-        "print(json.dumps({**files, 'COMPILED': server.COMPILED}))"
-    )
-
-    def probed(env: dict[str, str]) -> dict[str, object]:
-        run = subprocess.run(
-            [sys.executable, "-c", probe, *modules, "service.ingest"],
-            env={**os.environ, **env},
-            cwd=tmp_path,  # not the repository, whose sources `python -c` would find first
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return cast(dict[str, object], json.loads(run.stdout))
-
-    files = probed(compiled.environ(folder))
-    for module in modules:
-        assert str(files[module]).startswith(str(folder)), files[module]
-        assert str(files[module]).endswith(tuple(EXTENSION_SUFFIXES)), (module, files[module])
-    assert files["service.ingest"] == str(folder / "service" / "ingest.py")
-    # What the service's `started` line says of its build.
-    assert files["COMPILED"] is True
-    plain = probed({})
-    assert plain["service.lane"] == str(ROOT / "service" / "lane.py")
-    assert plain["COMPILED"] is False

@@ -21,7 +21,6 @@ from service.settings import Settings
 from service.signature import sign
 from testkit import (
     ServiceProcess,
-    compiled,
     kafka,
     private_broker,
     read_committed,
@@ -174,9 +173,6 @@ async def test_service_started_before_kafka_waits_for_it(unique: str, tmp_path: 
     async with private_broker(port):
         try:
             await node.wait_ready(deadline_s=90)
-            started = node.log_line("started")
-            assert started is not None
-            # The build the image ships, unless CALLSTATUS_TEST_BUILD=plain asked otherwise.
-            assert started["compiled"] is (compiled.test_build() is not None)
+            assert node.logged("started")
         finally:
             assert node.terminate()
