@@ -15,7 +15,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -49,14 +49,23 @@ async def own_broker() -> AsyncIterator[dict[str, str]]:
         yield broker
 
 
+def endless_scenarios(rng: random.Random) -> Iterator[list[Event]]:
+    """Chunks of 10 events, from one 500-call scenario after another (fresh call ids in
+    each), for as long as they are asked for: the load must outlast the faults however
+    slowly the broker comes back on a given machine, so no fixed supply of events."""
+    while True:
+        events = scenario(rng, calls=500)
+        for i in range(0, len(events), 10):
+            yield events[i : i + 10]
+
+
 async def keep_writing(
-    bootstrap: str, topic: str, events: list[Event], enough: asyncio.Event
+    bootstrap: str, topic: str, chunks: Iterator[list[Event]], enough: asyncio.Event
 ) -> list[Event]:
-    """Write ``events`` in small chunks until ``enough`` is set (or all are in); a chunk
-    that fails (broker away, a producer that lost its sequence) is written again by a
-    fresh producer. Returns the events written (acknowledged)."""
+    """Write ``chunks`` until ``enough`` is set; a chunk that fails (broker away, a
+    producer that lost its sequence) is written again by a fresh producer. Returns the
+    events written (acknowledged)."""
     done: list[Event] = []
-    chunks = [events[i : i + 10] for i in range(0, len(events), 10)]
     for chunk in chunks:
         if enough.is_set():
             break
@@ -127,13 +136,13 @@ async def test_broker_restart_and_sigkill_under_load(
     bootstrap = own_broker["address"]
     settings = settings_for(bootstrap, unique, topic_partitions=3, processor_batch_max=20)
     await ensure_topics(settings)
-    events = scenario(random.Random(77), calls=3000)  # more than the run will write
     restarts_before = restart_count()
+    chunks = endless_scenarios(random.Random(77))
 
     processor = Processor(settings)
     task = asyncio.create_task(processor.run())
     enough = asyncio.Event()
-    writer = asyncio.create_task(keep_writing(bootstrap, settings.topic_ingest, events, enough))
+    writer = asyncio.create_task(keep_writing(bootstrap, settings.topic_ingest, chunks, enough))
     try:
         await wait_for_progress(processor, 0, "before the faults")
         # A graceful restart (what a rolling upgrade does), while events flow.
