@@ -148,11 +148,18 @@ def _trace(record: Record) -> bytes | None:
     return None
 
 
+def unprocessed(records: Sequence[Record], position: int) -> Sequence[Record]:
+    """The records at or after ``position``: those before it were fetched before a
+    rebalance re-seeked us, and are already committed. Records come in offset order,
+    so the new ones are a tail."""
+    first = next((i for i, r in enumerate(records) if r.offset >= position), len(records))
+    return records[first:]
+
+
 def plan_batch(
     records: Iterable[Record],
     states: Mapping[str, bytes],
     *,
-    position: int,
     watermark: datetime | None,
     swept_at: datetime | None,
     target: Target,
@@ -160,7 +167,7 @@ def plan_batch(
     processed_at: datetime,
     unwritable: Set[int] = frozenset(),
 ) -> BatchPlan:
-    """Judge the records at or after ``position`` against ``states`` (packed, left
+    """Judge ``records`` (from :func:`unprocessed`) against ``states`` (packed, left
     untouched).
 
     ``unwritable`` holds offsets whose outputs Kafka refused for good on an earlier try
@@ -173,8 +180,6 @@ def plan_batch(
     judge = _Judge(out, states, target, retention, processed_at, unwritable)
     last: int | None = None
     for record in records:
-        if record.offset < position:
-            continue  # fetched before a rebalance re-seeked us; already committed
         last = record.offset
         judge.record(record)
     judge.write_states()
@@ -461,4 +466,13 @@ def _sweep(out: BatchPlan, states: Mapping[str, bytes], target: Target, r: Reten
         )
 
 
-__all__ = ["NO_RECORD", "BatchPlan", "Narrowing", "Output", "Retention", "Target", "plan_batch"]
+__all__ = [
+    "NO_RECORD",
+    "BatchPlan",
+    "Narrowing",
+    "Output",
+    "Retention",
+    "Target",
+    "plan_batch",
+    "unprocessed",
+]

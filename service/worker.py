@@ -51,6 +51,7 @@ from service.batch import (
     Retention,
     Target,
     plan_batch,
+    unprocessed,
 )
 from service.kafkaerrors import REFUSED_FOR_GOOD, is_refused_for_good, retrieve
 from service.restore import restore
@@ -252,11 +253,7 @@ class PartitionWorker:
         """Judge a batch and commit its effects, in one transaction unless Kafka refuses
         an output for good (then in several, see :class:`~service.batch.Narrowing`);
         True if anything committed."""
-        position = self.next_offset
-        # Fetched before a rebalance re-seeked us: already committed. Records come in
-        # offset order, so the new ones are a tail.
-        first = next((i for i, r in enumerate(records) if r.offset >= position), len(records))
-        rest = records[first:]
+        rest = unprocessed(records, self.next_offset)
         unwritable: set[int] = set()
         search = Narrowing(len(rest))
         progressed = False
@@ -265,7 +262,6 @@ class PartitionWorker:
             p = plan_batch(
                 part,
                 self.states,
-                position=self.next_offset,
                 watermark=self.watermark,
                 swept_at=self.swept_at,
                 target=self.target,

@@ -22,7 +22,15 @@ from schemas.messages import (
     UnprocessableMessage,
     encode_ingest,
 )
-from service.batch import NO_RECORD, BatchPlan, Narrowing, Retention, Target, plan_batch
+from service.batch import (
+    NO_RECORD,
+    BatchPlan,
+    Narrowing,
+    Retention,
+    Target,
+    plan_batch,
+    unprocessed,
+)
 from service.fsm import CallState, mark
 from service.statecodec import pack, unpack
 
@@ -74,7 +82,6 @@ def run(
     **kw: object,
 ) -> BatchPlan:
     args: dict[str, object] = {
-        "position": 0,
         "watermark": None,
         "swept_at": None,
         "target": TARGET,
@@ -113,9 +120,9 @@ def test_accepted_events_write_a_change_and_a_state_rejected_ones_a_rejection() 
 
 
 def test_records_before_the_position_are_skipped() -> None:
-    p = run([event(0, cid(1), S.RINGING, T), event(1, cid(2), S.RINGING, T)], position=1)
-    assert topics(p) == [("changes", 1), ("state", 1)]
-    assert run([event(0, cid(1), S.RINGING, T)], position=1).empty
+    records = [event(0, cid(1), S.RINGING, T), event(1, cid(2), S.RINGING, T)]
+    assert [r.offset for r in unprocessed(records, 1)] == [1]
+    assert unprocessed(records, 0) == records and unprocessed(records, 2) == []
 
 
 def test_the_input_states_are_not_touched() -> None:
@@ -190,16 +197,16 @@ def test_a_batch_cut_differently_decides_the_same() -> None:
     whole = run(records)
     states: dict[str, bytes] = {}
     parts: list[BatchPlan] = []
-    position, watermark, swept = 0, None, None
+    watermark, swept = None, None
     for r in records:
-        p = run([r], states, position=position, watermark=watermark, swept_at=swept)
+        p = run([r], states, watermark=watermark, swept_at=swept)
         parts.append(p)
         for k, v in p.states.items():
             if v is None:
                 states.pop(k, None)
             else:
                 states[k] = v
-        position, watermark, swept = p.next_offset or position, p.watermark, p.swept_at
+        watermark, swept = p.watermark, p.swept_at
 
     # The verdicts (changes, rejections) are the same, and so is the state they leave;
     # how many state records carry it depends on the cut (one per call per batch).
@@ -226,7 +233,7 @@ def test_the_sweep_tombstones_expired_states_once_the_watermark_moved_on() -> No
     )
     assert p.states[cid(1)] is None and p.swept_at == T + 2 * HOUR
     # Not again until the watermark moved sweep_every further.
-    q = run([event(1, cid(3), S.QUEUED, T + 2 * HOUR)], old, swept_at=p.swept_at, position=1)
+    q = run([event(1, cid(3), S.QUEUED, T + 2 * HOUR)], old, swept_at=p.swept_at)
     assert [o.topic for o in q.outputs] == ["changes", "state"]
 
 
@@ -264,12 +271,11 @@ def test_how_a_backlog_is_cut_into_batches_never_changes_a_decision(
     ) -> tuple[list[tuple[str, int, bytes | None]], dict[str, bytes]]:
         states: dict[str, bytes] = {}
         out: list[tuple[str, int, bytes | None]] = []
-        position, watermark, swept = 0, None, None
+        watermark, swept = None, None
         for lo, hi in itertools.pairwise(bounds):
             p = run(
                 records[lo:hi],
                 states,
-                position=position,
                 watermark=watermark,
                 swept_at=swept,
                 retention=retention,
@@ -281,7 +287,7 @@ def test_how_a_backlog_is_cut_into_batches_never_changes_a_decision(
                 for o in p.outputs
                 if o.offset != NO_RECORD and o.topic != "state"
             ]
-            position, watermark, swept = p.next_offset or position, p.watermark, p.swept_at
+            watermark, swept = p.watermark, p.swept_at
         return out, states
 
     whole = judged([0, len(records)])
@@ -374,7 +380,7 @@ def test_a_record_from_the_far_future_does_not_move_the_watermark() -> None:
     packed = p.states[cid(2)]
     assert packed is not None and unpack(packed).updated_at == NOW + SKEW
     # A replay of the finished call's event afterwards is still dropped by rule 0.
-    replay = run([event(1, cid(1), S.COMPLETED, NOW, event_id="done")], done, position=1,
+    replay = run([event(1, cid(1), S.COMPLETED, NOW, event_id="done")], done,
                  watermark=p.watermark, swept_at=p.swept_at)  # fmt: skip
     assert replay.events == {("webhook", "duplicate", ""): 1} and replay.outputs == []
 

@@ -198,7 +198,6 @@ def _plan_one(value: bytes) -> BatchPlan:
     return plan_batch(
         [_consumer_record(0, value)],
         {},
-        position=0,
         watermark=None,
         swept_at=None,
         target=Target("in", "changes", "rejected", "state", 0),
@@ -230,7 +229,6 @@ def test_an_event_without_an_account_keeps_the_states_account() -> None:
     plan = plan_batch(
         [_consumer_record(0, value)],
         {CALL: before},
-        position=0,
         watermark=T0,
         swept_at=T0,
         target=Target("in", "changes", "rejected", "state", 0),
